@@ -1,0 +1,13 @@
+//! What every Trellis service shares: configuration, telemetry, Redis access,
+//! the audit log, and graceful shutdown.
+pub mod audit;
+pub mod config;
+pub mod keys;
+pub mod local_redis;
+pub mod redis_conn;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use config::Config;
+pub use shutdown::Shutdown;

@@ -1,0 +1,141 @@
+//! A `redis-server` child process on a free loopback port: what `trellis up`
+//! runs when no Redis URL is configured, and what tests start. Killed when
+//! dropped, so a test that fails never leaves a server behind.
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRedisError {
+    #[error(
+        "cannot start redis-server ({0}); install it (Debian: apt-get install redis-server) or set redis.url / TRELLIS_REDIS__URL"
+    )]
+    Spawn(std::io::Error),
+    #[error("no free loopback port: {0}")]
+    NoPort(std::io::Error),
+    #[error("redis-server on port {port} did not answer PING within {secs} s (log: {log})")]
+    NotReady { port: u16, secs: u64, log: String },
+    #[error("cannot prepare the redis data directory {dir}: {source}")]
+    DataDir { dir: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug)]
+pub struct LocalRedis {
+    child: Child,
+    port: u16,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Where the server keeps its data: a directory kept across runs (with
+/// append-only persistence) or a throwaway one for tests.
+pub enum RedisData<'a> {
+    Persistent(&'a Path),
+    Ephemeral,
+}
+
+impl LocalRedis {
+    pub fn start(data: RedisData<'_>) -> Result<Self, LocalRedisError> {
+        let port = free_port().map_err(LocalRedisError::NoPort)?;
+        Self::start_on(port, data)
+    }
+
+    /// Starts on a given port (a restarted test server keeps its address).
+    pub fn start_on(port: u16, data: RedisData<'_>) -> Result<Self, LocalRedisError> {
+        let (dir, tmp, persist) = match data {
+            RedisData::Persistent(dir) => (dir.to_path_buf(), None, true),
+            RedisData::Ephemeral => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("trellis-redis-")
+                    .tempdir()
+                    .map_err(|source| LocalRedisError::DataDir {
+                        dir: std::env::temp_dir(),
+                        source,
+                    })?;
+                (tmp.path().to_path_buf(), Some(tmp), false)
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(|source| LocalRedisError::DataDir { dir: dir.clone(), source })?;
+        let log = dir.join("redis.log");
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg(if persist { "yes" } else { "no" })
+            .arg("--protected-mode")
+            .arg("yes")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(LocalRedisError::Spawn)?;
+        let server = LocalRedis { child, port, _tmp: tmp };
+        server.wait_ready(Duration::from_secs(10), &log)?;
+        Ok(server)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_ready(&self, within: Duration, log: &Path) -> Result<(), LocalRedisError> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if ping(self.port) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(LocalRedisError::NotReady {
+            port: self.port,
+            secs: within.as_secs(),
+            log: log.display().to_string(),
+        })
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// A free TCP port on 127.0.0.1 (bind to port 0, read it, release it).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+

@@ -1,0 +1,80 @@
+//! Redis access: one auto-reconnecting connection manager per service, and
+//! the key names every service agrees on (one place, so two services never
+//! spell a key differently).
+use redis::aio::ConnectionManager;
+
+pub type Redis = ConnectionManager;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis url {url:?} is not valid: {source}")]
+    BadUrl { url: String, source: redis::RedisError },
+    #[error("cannot reach redis at {url}: {source}")]
+    Unreachable { url: String, source: redis::RedisError },
+}
+
+/// Connects with a connection manager that reconnects by itself when Redis
+/// goes away and comes back.
+pub async fn connect(url: &str) -> Result<Redis, RedisError> {
+    let client = redis::Client::open(url).map_err(|source| RedisError::BadUrl {
+        url: url.to_string(),
+        source,
+    })?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_number_of_retries(3);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|source| RedisError::Unreachable {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Key names. Every record carries the organisation from the start, so
+/// multi-organisation support does not need a data migration.
+pub mod keys {
+    pub const DEFAULT_ORG: &str = "default";
+
+    /// Hash: the device registry record (keyvault).
+    pub fn device(device_id: &str) -> String {
+        format!("trellis:device:{device_id}")
+    }
+    /// Set of all registered device ids.
+    pub const DEVICE_INDEX: &str = "trellis:devices";
+    /// Hash: an unknown device's offered key, kept, never trusted.
+    pub fn pending_device(device_id: &str) -> String {
+        format!("trellis:pending:{device_id}")
+    }
+    /// String: the sealed cloud key record.
+    pub const CLOUD_KEY: &str = "trellis:cloudkey:v1";
+    /// Stream: the audit log.
+    pub const AUDIT: &str = "trellis:audit";
+    /// Hash: who owns a device's session (gateway, epoch, peer, since).
+    pub fn session(device_id: &str) -> String {
+        format!("trellis:session:{device_id}")
+    }
+    /// Counter: the device's session epoch; only grows.
+    pub fn session_epoch(device_id: &str) -> String {
+        format!("trellis:epoch:{device_id}")
+    }
+    /// Hash: the device's last reported state (Hello, Describe).
+    pub fn device_state(device_id: &str) -> String {
+        format!("trellis:state:{device_id}")
+    }
+    /// Stream: device events (capped).
+    pub const EVENTS: &str = "trellis:events";
+    /// Stream: commands for the devices a gateway owns.
+    pub fn gateway_commands(gateway_id: &str) -> String {
+        format!("trellis:gw:{gateway_id}:commands")
+    }
+    /// List: the answer to one routed command.
+    pub fn command_reply(request_id: &str) -> String {
+        format!("trellis:reply:{request_id}")
+    }
+    /// Pub/sub channel: tells a gateway to close a superseded session now.
+    pub fn gateway_control(gateway_id: &str) -> String {
+        format!("trellis:gw:{gateway_id}:control")
+    }
+}
