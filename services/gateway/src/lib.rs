@@ -1,1 +1,225 @@
-//! trellis-gateway
+//! The edge gateway: terminates device TCP sessions (handshake through
+//! keyvault, then the encrypted message loop), records who owns which device
+//! in Redis, and serves the operator's `DeviceService` for every device,
+//! routing to the owning gateway when it is not this one. It keeps no state
+//! another gateway could not rebuild.
+pub mod device_state;
+mod grpc;
+pub mod handshake;
+pub mod local;
+pub mod ownership;
+pub mod routing;
+pub mod session;
+
+use anyhow::Context;
+use local::LocalSessions;
+use routing::Router;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_core::config::{Config, GatewayConfig};
+use trellis_core::redis_conn::{self, Redis};
+use trellis_core::Shutdown;
+use trellis_proto::v1::device_service_server::DeviceServiceServer;
+use trellis_proto::v1::key_vault_client::KeyVaultClient;
+
+/// Shared by every session and RPC of one gateway.
+pub struct Gateway {
+    pub id: String,
+    pub region: String,
+    pub config: GatewayConfig,
+    pub redis: Redis,
+    pub redis_url: String,
+    pub keyvault: KeyVaultClient<Channel>,
+    pub local: Arc<LocalSessions>,
+    pub router: Arc<Router>,
+}
+
+/// Addresses the gateway actually listens on (ports may have been 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub devices: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+/// Binds the configured device and gRPC addresses and serves until shutdown.
+pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let devices = TcpListener::bind(&config.gateway.device_listen)
+        .await
+        .with_context(|| format!("cannot listen for devices on {}", config.gateway.device_listen))?;
+    let grpc = TcpListener::bind(&config.gateway.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.gateway.grpc_listen))?;
+    serve_with_listeners(config, devices, grpc, shutdown).await
+}
+
+pub async fn serve_with_listeners(
+    config: Config,
+    devices: TcpListener,
+    grpc: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let redis_url = config
+        .redis
+        .url
+        .clone()
+        .context("the gateway needs redis.url (TRELLIS_REDIS__URL)")?;
+    let redis = redis_conn::connect(&redis_url).await?;
+    let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
+        .with_context(|| format!("gateway.keyvault_url {:?} is not a URL", config.gateway.keyvault_url))?
+        .connect_timeout(Duration::from_secs(5));
+    // Lazy: the gateway starts even while keyvault is still starting.
+    let keyvault = KeyVaultClient::new(keyvault_endpoint.connect_lazy());
+    let id = config.gateway.effective_id();
+    let local = Arc::new(LocalSessions::default());
+    let router = Arc::new(Router::new(id.clone(), redis.clone(), Arc::clone(&local)));
+    let gw = Arc::new(Gateway {
+        id: id.clone(),
+        region: config.region.clone(),
+        config: config.gateway.clone(),
+        redis,
+        redis_url: redis_url.clone(),
+        keyvault,
+        local,
+        router: Arc::clone(&router),
+    });
+    let addrs = BoundAddrs {
+        devices: devices.local_addr()?,
+        grpc: grpc.local_addr()?,
+    };
+    tracing::info!(gateway = %id, devices = %addrs.devices, grpc = %addrs.grpc, region = %gw.region, "gateway listening");
+
+    let inbox = tokio::spawn(router.run_inbox(redis_url, shutdown.clone()));
+    let grpc_task = {
+        let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
+        let mut sd = shutdown.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+                    sd.wait().await
+                })
+                .await
+        })
+    };
+    accept_devices(Arc::clone(&gw), devices, shutdown).await;
+    inbox.abort();
+    match grpc_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "gRPC task failed"),
+    }
+    tracing::info!(gateway = %id, "gateway stopped");
+    Ok(())
+}
+
+async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: Shutdown) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let span = tracing::info_span!("device.session", gateway = %gw.id, %peer, device = tracing::field::Empty);
+                    sessions.spawn(connection(Arc::clone(&gw), stream, peer, shutdown.clone()).instrument(span));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    gw.local.close_all("gateway shutting down");
+    let drain = async { while sessions.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        sessions.abort_all();
+    }
+}
+
+/// One device connection from TCP accept to close.
+async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+    let established = {
+        let hs_span = tracing::info_span!("device.handshake", gateway = %gw.id, %peer);
+        match handshake::run(&gw, &mut stream, peer).instrument(hs_span).await {
+            Ok(e) => e,
+            Err(failure) => {
+                tracing::info!(gateway = %gw.id, %peer, outcome = failure.label(), error = %failure, "handshake refused");
+                if let handshake::HandshakeFailure::Malformed(_) = failure {
+                    let record = AuditRecord::new(&gw.id, "handshake", "", failure.label())
+                        .with("peer", peer.to_string())
+                        .with("error", failure.to_string());
+                    let mut redis = gw.redis.clone();
+                    let _ = audit::append(&mut redis, &record).await;
+                }
+                return;
+            }
+        }
+    };
+    let device_id = established.device_id.clone();
+    tracing::Span::current().record("device", device_id.as_str());
+
+    let mut redis = gw.redis.clone();
+    let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
+    let claim = match ownership::claim(&mut redis, &device_id, &gw.id, &peer.to_string(), ttl).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(device = %device_id, error = %e, "cannot record session ownership; closing");
+            return;
+        }
+    };
+    if let Some(prev) = &claim.previous {
+        let record = AuditRecord::new(&gw.id, "duplicate_session", &device_id, "previous_closed")
+            .with("old_peer", prev.peer_addr.clone())
+            .with("old_gateway", prev.gateway_id.clone())
+            .with("old_epoch", prev.epoch.to_string())
+            .with("new_peer", peer.to_string())
+            .with("new_gateway", gw.id.clone())
+            .with("new_epoch", claim.epoch.to_string());
+        if let Err(e) = audit::append(&mut redis, &record).await {
+            tracing::warn!(error = %e, "audit write failed");
+        }
+        tracing::info!(device = %device_id, old_peer = %prev.peer_addr, old_gateway = %prev.gateway_id, "duplicate session: closing the older one");
+        if prev.gateway_id != gw.id {
+            gw.router
+                .close_remote(&prev.gateway_id, &device_id, prev.epoch, "superseded by a newer session")
+                .await;
+        }
+    }
+    if let Err(e) =
+        device_state::record_connect(&mut redis, &device_id, &gw.id, &peer.to_string(), established.product_id).await
+    {
+        tracing::warn!(device = %device_id, error = %e, "could not record the connection");
+    }
+
+    let (tx, rx) = mpsc::channel(32);
+    gw.local.insert(&device_id, claim.epoch, tx);
+    tracing::info!(device = %device_id, epoch = claim.epoch, "session open");
+    let session = session::Session::new(
+        Arc::clone(&gw),
+        device_id.clone(),
+        claim.epoch,
+        peer,
+        stream,
+        established.cipher,
+    );
+    let end = session.run(rx, shutdown).await;
+    gw.local.remove(&device_id, claim.epoch);
+    let _ = ownership::release(&mut redis, &device_id, claim.epoch).await;
+    if end.is_violation() {
+        session::Session::audit_end(&gw, &device_id, peer, &end).await;
+        tracing::warn!(device = %device_id, reason = end.label(), error = %end, "session closed: protocol violation");
+    } else {
+        tracing::info!(device = %device_id, reason = end.label(), detail = %end, "session closed");
+    }
+}

@@ -1,1 +1,84 @@
-//! trellis-keyvault
+//! trellis-keyvault: the only holder of private keys.
+//!
+//! It registers device public keys, keeps the cloud key sealed under a
+//! master key, does the handshake's private-key operations for gateways on a
+//! bounded pool of threads, and audits every use of a key.
+//!
+//! - [`master_key`]: the one secret not kept in Redis;
+//! - [`cloud_key`]: the RSA-2048 cloud key, sealed in Redis;
+//! - [`backend`]: which RSA library does the private operations (OpenSSL);
+//! - [`pool`]: the threads and bounded queue those operations run on;
+//! - [`session`]: OpenSession (handshake steps 3 and 4);
+//! - [`registry`]: device records;
+//! - [`service`]: the gRPC edge.
+pub mod backend;
+pub mod cloud_key;
+pub mod error;
+pub mod master_key;
+pub mod pool;
+pub mod registry;
+pub mod service;
+pub mod session;
+
+use anyhow::Context;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use trellis_core::{Config, Shutdown};
+
+pub use error::KeyvaultError;
+pub use master_key::{MasterKey, ensure_dev_master_key};
+pub use pool::Pool;
+pub use service::KeyVaultService;
+
+/// Binds `config.keyvault.listen` and serves until `shutdown` fires.
+pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&config.keyvault.listen)
+        .await
+        .with_context(|| format!("keyvault cannot listen on {} (keyvault.listen)", config.keyvault.listen))?;
+    serve_with_listener(config, listener, shutdown).await
+}
+
+/// Serves on a listener the caller bound (tests and `trellis up` bind port 0).
+pub async fn serve_with_listener(config: Config, listener: TcpListener, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let service = build(&config).await?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        listen = ?addr,
+        backend = service.pool().backend_name(),
+        workers = service.pool().workers(),
+        queue_depth = service.pool().capacity(),
+        "keyvault serving"
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(trellis_proto::v1::key_vault_server::KeyVaultServer::new(service))
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
+        .await
+        .context("keyvault gRPC server failed")?;
+    tracing::info!("keyvault stopped");
+    Ok(())
+}
+
+/// Everything but the listener: master key, Redis, cloud key, pool.
+pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
+    let master = MasterKey::from_config(&config.keyvault)?;
+    let url = config.redis.url.as_deref().context(
+        "keyvault needs Redis: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/)",
+    )?;
+    let mut redis = trellis_core::redis_conn::connect(url).await?;
+    let cloud = cloud_key::load_or_create(&mut redis, &master).await?;
+    drop(master);
+    let backend = backend::OpensslBackend::from_pkcs8_der(cloud.private_pkcs8_der())?;
+    let public = service::CloudPublic::from(&cloud);
+    drop(cloud);
+    tracing::info!(key_id = %public.key_id, version = public.version, "cloud key loaded");
+    let pool = Pool::new(Arc::new(backend), config.keyvault.workers, config.keyvault.queue_depth)
+        .context("cannot start keyvault's private-key worker threads")?;
+    Ok(KeyVaultService::new(pool, redis, public))
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn os_random(buf: &mut [u8]) -> Result<(), rand::rngs::SysError> {
+    use rand::TryRng;
+    rand::rngs::SysRng.try_fill_bytes(buf)
+}

@@ -1,0 +1,201 @@
+//! Encrypted framing after the handshake: `u16 length || AES-128-CBC(PKCS#7)`
+//! with spark's IV chaining (each direction's next IV is the FIRST ciphertext
+//! block of its last message). The decoder accepts any read boundary, even
+//! inside the length, and refuses a hostile length before buffering it.
+
+use aes::Aes128;
+use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit, block_padding::Pkcs7};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::FrameError;
+use crate::handshake::SessionMaterial;
+
+const BLOCK: usize = 16;
+/// The largest plaintext whose padded ciphertext still fits a u16 length.
+pub const MAX_PLAINTEXT_LEN: usize = (u16::MAX as usize / BLOCK) * BLOCK - 1;
+
+type Enc = cbc::Encryptor<Aes128>;
+type Dec = cbc::Decryptor<Aes128>;
+
+fn first_block(ciphertext: &[u8]) -> Option<[u8; BLOCK]> {
+    ciphertext.get(..BLOCK).and_then(|b| <[u8; BLOCK]>::try_from(b).ok())
+}
+
+/// The sending half of a session.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct FrameEncoder {
+    key: [u8; 16],
+    iv: [u8; 16],
+}
+
+impl FrameEncoder {
+    pub fn new(key: [u8; 16], iv: [u8; 16]) -> Self {
+        FrameEncoder { key, iv }
+    }
+
+    /// The IV the next message will be encrypted with.
+    pub fn iv(&self) -> [u8; 16] {
+        self.iv
+    }
+
+    /// Encrypts and frames one message.
+    ///
+    /// # Panics
+    /// If `plaintext` is longer than [`MAX_PLAINTEXT_LEN`] (65 519 bytes): that
+    /// is a caller bug (no protocol message is that large); use
+    /// [`FrameEncoder::try_encode`] when the size comes from elsewhere.
+    pub fn encode(&mut self, plaintext: &[u8]) -> Vec<u8> {
+        match self.try_encode(plaintext) {
+            Ok(frame) => frame,
+            Err(e) => panic!("FrameEncoder::encode: {e}"),
+        }
+    }
+
+    /// Encrypts and frames one message, refusing one that cannot be framed.
+    pub fn try_encode(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, FrameError> {
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(FrameError::PlaintextTooLong { len: plaintext.len(), max: MAX_PLAINTEXT_LEN });
+        }
+        let ciphertext = Enc::new(&self.key.into(), &self.iv.into()).encrypt_padded_vec::<Pkcs7>(plaintext);
+        // PKCS#7 always adds at least one block, so both of these hold; fall
+        // back to errors rather than panics all the same.
+        let len = u16::try_from(ciphertext.len())
+            .map_err(|_| FrameError::PlaintextTooLong { len: plaintext.len(), max: MAX_PLAINTEXT_LEN })?;
+        self.iv = first_block(&ciphertext).ok_or(FrameError::Empty)?;
+        let mut frame = Vec::with_capacity(2 + ciphertext.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&ciphertext);
+        Ok(frame)
+    }
+}
+
+/// The receiving half of a session: push bytes as they arrive, pull messages.
+///
+/// Memory bound: a frame header declaring more than `max_frame_len` is
+/// refused as soon as its two bytes are in, and from then on input is
+/// discarded, so a hostile length never causes an allocation. Otherwise the
+/// buffer holds the frame in progress plus whatever the caller pushed beyond
+/// it in the same `push` (one socket read); callers drain with
+/// [`FrameDecoder::next_message`] after every push.
+pub struct FrameDecoder {
+    key: [u8; 16],
+    iv: [u8; 16],
+    max_frame_len: usize,
+    buf: Vec<u8>,
+    failed: Option<FrameError>,
+}
+
+impl Drop for FrameDecoder {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.iv.zeroize();
+        self.buf.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for FrameDecoder {}
+
+impl FrameDecoder {
+    pub fn new(key: [u8; 16], iv: [u8; 16], max_frame_len: usize) -> Self {
+        FrameDecoder { key, iv, max_frame_len, buf: Vec::new(), failed: None }
+    }
+
+    /// The IV the next message will be decrypted with.
+    pub fn iv(&self) -> [u8; 16] {
+        self.iv
+    }
+
+    /// Bytes received but not yet returned as a message.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    fn check_header(&self) -> Result<Option<usize>, FrameError> {
+        let (Some(&hi), Some(&lo)) = (self.buf.first(), self.buf.get(1)) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > self.max_frame_len {
+            return Err(FrameError::TooLong { len, max: self.max_frame_len });
+        }
+        if len % BLOCK != 0 {
+            return Err(FrameError::NotBlockAligned { len });
+        }
+        Ok(Some(len))
+    }
+
+    fn fail(&mut self, e: FrameError) -> FrameError {
+        self.buf.zeroize();
+        self.buf = Vec::new();
+        self.failed = Some(e.clone());
+        e
+    }
+
+    /// Appends bytes from the stream, cut at any boundary.
+    pub fn push(&mut self, input: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.buf.len() < 2 {
+            // Only take what completes the header, check it, then the rest:
+            // this is what keeps a hostile length from being buffered.
+            let need = (2 - self.buf.len()).min(input.len());
+            self.buf.extend_from_slice(&input[..need]);
+            if let Err(e) = self.check_header() {
+                self.fail(e);
+                return;
+            }
+            self.buf.extend_from_slice(&input[need..]);
+        } else {
+            self.buf.extend_from_slice(input);
+        }
+    }
+
+    /// The next complete message, `Ok(None)` while one is still arriving.
+    /// Any error is final: the session must end.
+    pub fn next_message(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let len = match self.check_header() {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let Some(ciphertext) = self.buf.get(2..2 + len) else {
+            return Ok(None);
+        };
+        let Some(next_iv) = first_block(ciphertext) else {
+            return Err(self.fail(FrameError::Empty));
+        };
+        let plaintext = match Dec::new(&self.key.into(), &self.iv.into()).decrypt_padded_vec::<Pkcs7>(ciphertext) {
+            Ok(p) => p,
+            Err(_) => return Err(self.fail(FrameError::BadPadding)),
+        };
+        self.iv = next_iv;
+        self.buf.drain(..2 + len);
+        Ok(Some(plaintext))
+    }
+}
+
+/// Both directions of one session, each starting at the session IV.
+pub struct SessionCipher {
+    pub encoder: FrameEncoder,
+    pub decoder: FrameDecoder,
+}
+
+impl SessionCipher {
+    pub fn new(material: &SessionMaterial, max_frame_len: usize) -> Self {
+        SessionCipher {
+            encoder: FrameEncoder::new(material.key, material.iv),
+            decoder: FrameDecoder::new(material.key, material.iv, max_frame_len),
+        }
+    }
+}

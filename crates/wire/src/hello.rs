@@ -1,0 +1,99 @@
+//! The Hello payload, which grew over firmware generations (4, 6, 8, 22
+//! bytes) and gained Trellis extensions; one parser accepts every prefix so a
+//! gateway can talk to all of them.
+
+use crate::error::MessageError;
+use crate::id::DeviceId;
+use crate::DEVICE_ID_LEN;
+
+/// Hello flag bit 0: running an update applied since the last session.
+pub const FLAG_UPDATED: u8 = 1;
+/// Extension type carrying the SHA-256 of the running image.
+pub const EXT_FIRMWARE_SHA256: u8 = 0x01;
+
+/// A device's (or the server's) Hello. A field the sender cut short reads as
+/// zero / `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hello {
+    pub product_id: u16,
+    pub firmware_version: u16,
+    pub reserved: u8,
+    pub flags: u8,
+    pub platform_id: u16,
+    pub device_id: Option<DeviceId>,
+    pub firmware_sha256: Option<[u8; 32]>,
+}
+
+fn be16(p: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]))
+}
+
+impl Hello {
+    pub fn parse(payload: &[u8]) -> Result<Self, MessageError> {
+        let mut h = Hello {
+            product_id: be16(payload, 0).unwrap_or(0),
+            firmware_version: be16(payload, 2).unwrap_or(0),
+            reserved: payload.get(4).copied().unwrap_or(0),
+            flags: payload.get(5).copied().unwrap_or(0),
+            platform_id: be16(payload, 6).unwrap_or(0),
+            device_id: None,
+            firmware_sha256: None,
+        };
+        let Some(id_len) = be16(payload, 8) else { return Ok(h) };
+        let id_len = usize::from(id_len);
+        if id_len != DEVICE_ID_LEN {
+            return Err(MessageError::HelloDeviceIdLength { len: id_len });
+        }
+        let Some(id) = payload.get(10..10 + DEVICE_ID_LEN).and_then(DeviceId::from_slice) else {
+            return Ok(h);
+        };
+        h.device_id = Some(id);
+
+        let mut at = 10 + DEVICE_ID_LEN;
+        while at < payload.len() {
+            let available = payload.len() - at;
+            if available < 2 {
+                return Err(MessageError::HelloExtensionTruncated { offset: at, needed: 2, available });
+            }
+            let ext_type = payload[at];
+            let len = usize::from(payload[at + 1]);
+            let Some(value) = payload.get(at + 2..at + 2 + len) else {
+                return Err(MessageError::HelloExtensionTruncated { offset: at, needed: 2 + len, available });
+            };
+            if ext_type == EXT_FIRMWARE_SHA256 {
+                let sha = <[u8; 32]>::try_from(value)
+                    .map_err(|_| MessageError::HelloExtensionLength { ext_type, len, expected: 32 })?;
+                h.firmware_sha256 = Some(sha);
+            }
+            at += 2 + len;
+        }
+        Ok(h)
+    }
+
+    /// The 8-byte spark layout, 22 bytes with a device id, the full Trellis
+    /// layout when the firmware hash is known. A hash without an id is sent
+    /// with an all-zero id, since extensions only follow the id.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(22 + 34);
+        out.extend_from_slice(&self.product_id.to_be_bytes());
+        out.extend_from_slice(&self.firmware_version.to_be_bytes());
+        out.push(self.reserved);
+        out.push(self.flags);
+        out.extend_from_slice(&self.platform_id.to_be_bytes());
+        if self.device_id.is_none() && self.firmware_sha256.is_none() {
+            return out;
+        }
+        out.extend_from_slice(&(DEVICE_ID_LEN as u16).to_be_bytes());
+        out.extend_from_slice(&self.device_id.unwrap_or_default().0);
+        if let Some(sha) = &self.firmware_sha256 {
+            out.push(EXT_FIRMWARE_SHA256);
+            out.push(32);
+            out.extend_from_slice(sha);
+        }
+        out
+    }
+
+    pub fn updated(&self) -> bool {
+        self.flags & FLAG_UPDATED != 0
+    }
+}

@@ -1,0 +1,110 @@
+//! A device's last reported state (Hello, Describe, where it is connected),
+//! kept in Redis so any gateway can answer `device list` for any device.
+use std::collections::HashMap;
+use trellis_core::redis_conn::{Redis, keys};
+use trellis_core::time::now_ms;
+use trellis_wire::hello::Hello;
+
+pub async fn record_connect(
+    redis: &mut Redis,
+    device_id: &str,
+    gateway_id: &str,
+    peer: &str,
+    product_id: u32,
+) -> redis::RedisResult<()> {
+    let now = now_ms().to_string();
+    redis::cmd("HSET")
+        .arg(keys::device_state(device_id))
+        .arg(&[
+            ("gateway", gateway_id),
+            ("peer", peer),
+            ("product", &product_id.to_string()),
+            ("connected_at", &now),
+            ("last_seen", &now),
+        ])
+        .query_async(redis)
+        .await
+}
+
+pub async fn record_hello(redis: &mut Redis, device_id: &str, hello: &Hello) -> redis::RedisResult<()> {
+    let sha = hello.firmware_sha256.map(hex::encode).unwrap_or_default();
+    redis::cmd("HSET")
+        .arg(keys::device_state(device_id))
+        .arg(&[
+            ("hello_product", hello.product_id.to_string()),
+            ("firmware_version", hello.firmware_version.to_string()),
+            ("platform", hello.platform_id.to_string()),
+            ("hello_flags", hello.flags.to_string()),
+            ("firmware_sha256", sha),
+            ("last_seen", now_ms().to_string()),
+        ])
+        .query_async(redis)
+        .await
+}
+
+pub async fn record_describe(
+    redis: &mut Redis,
+    device_id: &str,
+    functions: &[String],
+    variables: &[(String, String)],
+) -> redis::RedisResult<()> {
+    let vars: HashMap<&str, &str> = variables.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    redis::cmd("HSET")
+        .arg(keys::device_state(device_id))
+        .arg(&[
+            ("functions", serde_json::to_string(functions).unwrap_or_default()),
+            ("variables", serde_json::to_string(&vars).unwrap_or_default()),
+        ])
+        .query_async(redis)
+        .await
+}
+
+pub async fn touch(redis: &mut Redis, device_id: &str) -> redis::RedisResult<()> {
+    redis::cmd("HSET")
+        .arg(keys::device_state(device_id))
+        .arg("last_seen")
+        .arg(now_ms())
+        .query_async(redis)
+        .await
+}
+
+/// Appends a device event to the capped events stream.
+#[allow(clippy::too_many_arguments)]
+pub async fn append_event(
+    redis: &mut Redis,
+    max_len: usize,
+    device_id: &str,
+    gateway_id: &str,
+    name: &str,
+    data: &[u8],
+    public: bool,
+) -> redis::RedisResult<String> {
+    redis::cmd("XADD")
+        .arg(keys::EVENTS)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg("device")
+        .arg(device_id)
+        .arg("name")
+        .arg(name)
+        .arg("data")
+        .arg(data)
+        .arg("public")
+        .arg(if public { "1" } else { "0" })
+        .arg("time_ms")
+        .arg(now_ms())
+        .arg("gateway")
+        .arg(gateway_id)
+        .query_async(redis)
+        .await
+}
+
+/// A state hash as field -> value.
+pub async fn load(redis: &mut Redis, device_id: &str) -> redis::RedisResult<HashMap<String, String>> {
+    redis::cmd("HGETALL")
+        .arg(keys::device_state(device_id))
+        .query_async(redis)
+        .await
+}

@@ -1,0 +1,254 @@
+//! The operator's `DeviceService`, served by every gateway for every device.
+use crate::routing::{Action, Failure, FailureKind, Output};
+use crate::{Gateway, device_state, ownership};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use trellis_core::redis_conn::keys;
+use trellis_proto::v1::device_service_server::DeviceService;
+use trellis_proto::v1::variable_value::Value;
+use trellis_proto::v1::*;
+use trellis_wire::DeviceId;
+
+pub struct DeviceApi {
+    gw: Arc<Gateway>,
+}
+
+impl DeviceApi {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        Self { gw }
+    }
+
+    fn timeout(&self, requested_ms: u32) -> Duration {
+        let ms = if requested_ms == 0 {
+            self.gw.config.command_timeout_ms
+        } else {
+            u64::from(requested_ms).min(120_000)
+        };
+        Duration::from_millis(ms)
+    }
+
+    async fn state_of(&self, device: Option<&Device>, device_id: &str) -> Result<DeviceState, Status> {
+        let mut redis = self.gw.redis.clone();
+        let state = device_state::load(&mut redis, device_id).await.map_err(redis_status)?;
+        let owner = ownership::current(&mut redis, device_id).await.map_err(redis_status)?;
+        Ok(build_state(device, device_id, &state, owner.as_ref()))
+    }
+}
+
+fn redis_status(e: redis::RedisError) -> Status {
+    Status::unavailable(format!("redis unavailable: {e}"))
+}
+
+fn parse_device_id(id: &str) -> Result<String, Status> {
+    id.parse::<DeviceId>()
+        .map(|d| d.to_string())
+        .map_err(|e| Status::invalid_argument(format!("device id {id:?}: {e}")))
+}
+
+fn failure_status(f: Failure) -> Status {
+    match f.kind {
+        FailureKind::Offline => Status::unavailable(f.message),
+        FailureKind::NotFound => Status::not_found(f.message),
+        FailureKind::Timeout => Status::deadline_exceeded(f.message),
+        FailureKind::SessionLost => Status::unavailable(f.message),
+        FailureKind::Internal => Status::internal(f.message),
+    }
+}
+
+fn build_state(
+    device: Option<&Device>,
+    device_id: &str,
+    state: &HashMap<String, String>,
+    owner: Option<&ownership::Owner>,
+) -> DeviceState {
+    let get = |k: &str| state.get(k).cloned().unwrap_or_default();
+    let num = |k: &str| state.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    DeviceState {
+        device_id: device_id.to_string(),
+        product_id: device
+            .map(|d| d.product_id)
+            .unwrap_or_else(|| u32::try_from(num("product")).unwrap_or(0)),
+        online: owner.is_some(),
+        gateway_id: owner.map(|o| o.gateway_id.clone()).unwrap_or_default(),
+        epoch: owner.map(|o| o.epoch).unwrap_or(0),
+        firmware_version: u32::try_from(num("firmware_version")).unwrap_or(0),
+        firmware_sha256: get("firmware_sha256"),
+        platform_id: u32::try_from(num("platform")).unwrap_or(0),
+        peer_addr: owner.map(|o| o.peer_addr.clone()).unwrap_or_else(|| get("peer")),
+        connected_at_ms: owner.map(|o| o.since_ms).unwrap_or_else(|| num("connected_at")),
+        last_seen_ms: num("last_seen"),
+        revoked: device.is_some_and(|d| d.revoked),
+        functions: serde_json::from_str(&get("functions")).unwrap_or_default(),
+        variables: serde_json::from_str(&get("variables")).unwrap_or_default(),
+    }
+}
+
+fn decode_value(raw: &[u8], var_type: &str) -> Option<Value> {
+    match var_type {
+        "bool" => raw.first().map(|b| Value::BoolValue(*b != 0)),
+        "int32" => <[u8; 4]>::try_from(raw).ok().map(|b| Value::IntValue(i32::from_be_bytes(b))),
+        // Doubles are the one little-endian value on the wire (PROTOCOL.md).
+        "double" => <[u8; 8]>::try_from(raw).ok().map(|b| Value::DoubleValue(f64::from_le_bytes(b))),
+        "string" => Some(Value::StringValue(String::from_utf8_lossy(raw).into_owned())),
+        _ => None,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<DeviceEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DeviceService for DeviceApi {
+    #[tracing::instrument(name = "rpc.list_devices", skip_all)]
+    async fn list_devices(
+        &self,
+        request: Request<ListDeviceStatesRequest>,
+    ) -> Result<Response<ListDeviceStatesResponse>, Status> {
+        let req = request.into_inner();
+        let mut keyvault = self.gw.keyvault.clone();
+        let registry = keyvault
+            .list_devices(ListDevicesRequest {
+                product_id: req.product_id,
+            })
+            .await?
+            .into_inner();
+        let mut devices = Vec::with_capacity(registry.devices.len());
+        for d in &registry.devices {
+            let state = self.state_of(Some(d), &d.device_id).await?;
+            if req.online_only && !state.online {
+                continue;
+            }
+            devices.push(state);
+        }
+        Ok(Response::new(ListDeviceStatesResponse { devices }))
+    }
+
+    #[tracing::instrument(name = "rpc.get_device_state", skip_all)]
+    async fn get_device_state(&self, request: Request<GetDeviceStateRequest>) -> Result<Response<DeviceState>, Status> {
+        let id = parse_device_id(&request.into_inner().device_id)?;
+        let mut keyvault = self.gw.keyvault.clone();
+        let device = keyvault
+            .get_device(GetDeviceRequest { device_id: id.clone() })
+            .await?
+            .into_inner();
+        Ok(Response::new(self.state_of(Some(&device), &id).await?))
+    }
+
+    #[tracing::instrument(name = "rpc.call_function", skip_all, fields(device, function))]
+    async fn call_function(
+        &self,
+        request: Request<CallFunctionRequest>,
+    ) -> Result<Response<CallFunctionResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_device_id(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
+        tracing::Span::current().record("function", req.function.as_str());
+        if req.function.is_empty() || req.function.len() > 64 {
+            return Err(Status::invalid_argument("function name must be 1 to 64 bytes"));
+        }
+        if req.argument.len() > 622 {
+            return Err(Status::invalid_argument("function argument is limited to 622 bytes"));
+        }
+        let action = Action::CallFunction {
+            name: req.function,
+            argument: req.argument,
+        };
+        match self.gw.router.execute(&id, action, self.timeout(req.timeout_ms)).await {
+            Ok(Output::FunctionReturn(v)) => Ok(Response::new(CallFunctionResponse {
+                return_value: v,
+                gateway_id: self.gw.id.clone(),
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(f) => Err(failure_status(f)),
+        }
+    }
+
+    #[tracing::instrument(name = "rpc.get_variable", skip_all, fields(device, variable))]
+    async fn get_variable(&self, request: Request<GetVariableRequest>) -> Result<Response<GetVariableResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_device_id(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
+        tracing::Span::current().record("variable", req.name.as_str());
+        if req.name.is_empty() || req.name.len() > 64 {
+            return Err(Status::invalid_argument("variable name must be 1 to 64 bytes"));
+        }
+        let action = Action::GetVariable { name: req.name };
+        match self.gw.router.execute(&id, action, self.timeout(req.timeout_ms)).await {
+            Ok(Output::Variable { raw, var_type }) => Ok(Response::new(GetVariableResponse {
+                value: Some(VariableValue {
+                    value: decode_value(&raw, &var_type),
+                }),
+                raw,
+                r#type: var_type,
+                gateway_id: self.gw.id.clone(),
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(f) => Err(failure_status(f)),
+        }
+    }
+
+    type StreamEventsStream = EventStream;
+
+    async fn stream_events(&self, request: Request<StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let device_filter = if req.device_id.is_empty() {
+            None
+        } else {
+            Some(parse_device_id(&req.device_id)?)
+        };
+        let client = redis::Client::open(self.gw.redis_url.as_str()).map_err(redis_status)?;
+        // Blocking reads get their own connection (see routing.rs).
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(redis_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let prefix = req.prefix;
+        let mut last_id = if req.from_start { "0".to_string() } else { "$".to_string() };
+        tokio::spawn(async move {
+            loop {
+                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(500)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(keys::EVENTS)
+                    .arg(&last_id)
+                    .query_async(&mut conn)
+                    .await;
+                let reply = match reply {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(redis_status(e))).await;
+                        return;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                    last_id = entry.id.clone();
+                    let event = DeviceEvent {
+                        id: entry.id.clone(),
+                        device_id: entry.get("device").unwrap_or_default(),
+                        name: entry.get("name").unwrap_or_default(),
+                        data: entry.get::<Vec<u8>>("data").unwrap_or_default(),
+                        public: entry.get::<String>("public").is_some_and(|p| p == "1"),
+                        time_ms: entry.get("time_ms").unwrap_or_default(),
+                        gateway_id: entry.get("gateway").unwrap_or_default(),
+                    };
+                    if device_filter.as_ref().is_some_and(|d| *d != event.device_id)
+                        || !event.name.starts_with(&prefix)
+                    {
+                        continue;
+                    }
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

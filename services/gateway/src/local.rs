@@ -1,0 +1,123 @@
+//! The sessions this gateway holds right now, by device id, each with the
+//! epoch it was granted. Delivery checks the epoch at the last moment: a
+//! command addressed to an older or newer session than ours is refused, so
+//! a gateway that lost a device can never deliver to it.
+use crate::routing::{Action, Failure, FailureKind, Outcome};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the rest of the gateway can ask of a live session.
+#[derive(Debug)]
+pub enum SessionCommand {
+    Execute {
+        action: Action,
+        timeout: Duration,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Close {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Handle {
+    epoch: u64,
+    tx: mpsc::Sender<SessionCommand>,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalSessions {
+    sessions: Mutex<HashMap<String, Handle>>,
+}
+
+impl LocalSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session; an older local session of the same device (same
+    /// gateway, reconnect) is told to close.
+    pub fn insert(&self, device_id: &str, epoch: u64, tx: mpsc::Sender<SessionCommand>) {
+        let old = self.lock().insert(device_id.to_string(), Handle { epoch, tx });
+        if let Some(old) = old
+            && old.epoch < epoch
+        {
+            let _ = old.tx.try_send(SessionCommand::Close {
+                reason: "superseded by a newer session".into(),
+            });
+        }
+    }
+
+    /// Removes the entry only if it is still this epoch's.
+    pub fn remove(&self, device_id: &str, epoch: u64) {
+        let mut map = self.lock();
+        if map.get(device_id).is_some_and(|h| h.epoch == epoch) {
+            map.remove(device_id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn close(&self, device_id: &str, epoch: u64, reason: &str) {
+        let handle = self.lock().get(device_id).cloned();
+        if let Some(h) = handle
+            && h.epoch <= epoch
+        {
+            let _ = h.tx.try_send(SessionCommand::Close { reason: reason.into() });
+        }
+    }
+
+    /// Closes every session (drain on shutdown).
+    pub fn close_all(&self, reason: &str) {
+        for h in self.lock().values() {
+            let _ = h.tx.try_send(SessionCommand::Close { reason: reason.into() });
+        }
+    }
+
+    pub async fn execute(&self, device_id: &str, epoch: u64, action: Action, timeout: Duration) -> Outcome {
+        let handle = self.lock().get(device_id).cloned();
+        let Some(handle) = handle else {
+            return Err(Failure::new(
+                FailureKind::SessionLost,
+                format!("device {device_id} has no session on this gateway any more"),
+            ));
+        };
+        if handle.epoch != epoch {
+            return Err(Failure::new(
+                FailureKind::SessionLost,
+                format!(
+                    "device {device_id}'s session moved (epoch {epoch} asked, {} held here)",
+                    handle.epoch
+                ),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let cmd = SessionCommand::Execute {
+            action,
+            timeout,
+            reply: tx,
+        };
+        if handle.tx.send(cmd).await.is_err() {
+            return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
+        }
+        match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(Failure::new(
+                FailureKind::SessionLost,
+                "the session ended before the device answered",
+            )),
+            Err(_) => Err(Failure::new(
+                FailureKind::Timeout,
+                format!("device {device_id} did not answer within {} ms", timeout.as_millis()),
+            )),
+        }
+    }
+}

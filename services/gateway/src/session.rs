@@ -1,0 +1,472 @@
+//! One device's encrypted session after the handshake: Hello, Describe,
+//! keepalive, events, and the operator's function calls and variable reads.
+//! The loop owns the socket, the frame codec and both message counters, so
+//! nothing else can write to the device out of order.
+use crate::local::SessionCommand;
+use crate::routing::{Action, Failure, FailureKind, Outcome, Output};
+use crate::{Gateway, device_state, ownership};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use trellis_core::Shutdown;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_wire::coap::{CoapMessage, MessageType, code};
+use trellis_wire::counter::{IncomingCounter, OutgoingCounter};
+use trellis_wire::frame::SessionCipher;
+use trellis_wire::hello::Hello;
+use trellis_wire::message::{self, Describe, Incoming, Request};
+
+/// Why a session ended: logged, and audited when it is the device's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("device closed the connection")]
+    DeviceClosed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no message for {0} s (keepalive timeout)")]
+    Silent(u64),
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+    #[error("not a CoAP message: {0}")]
+    BadCoap(String),
+    #[error("message id out of sequence: {0}")]
+    Counter(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("closed by the cloud: {0}")]
+    Closed(String),
+    #[error("gateway shutting down")]
+    Shutdown,
+}
+
+impl SessionEnd {
+    /// Violations are the device's fault and go to the audit log.
+    pub fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            Self::BadFrame(_) | Self::BadCoap(_) | Self::Counter(_) | Self::Protocol(_)
+        )
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::DeviceClosed => "device_closed",
+            Self::Io(_) => "io",
+            Self::Silent(_) => "keepalive_timeout",
+            Self::BadFrame(_) => "bad_frame",
+            Self::BadCoap(_) => "bad_coap",
+            Self::Counter(_) => "bad_message_id",
+            Self::Protocol(_) => "protocol_violation",
+            Self::Closed(_) => "closed_by_cloud",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+enum Pending {
+    Describe,
+    Function {
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
+    Variable {
+        name: String,
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
+}
+
+pub struct Session {
+    gw: Arc<Gateway>,
+    device_id: String,
+    epoch: u64,
+    peer: SocketAddr,
+    stream: TcpStream,
+    cipher: SessionCipher,
+    incoming: IncomingCounter,
+    outgoing: OutgoingCounter,
+    hello_seen: bool,
+    next_token: u8,
+    pending: HashMap<u8, Pending>,
+    describe: Option<Describe>,
+    last_received: Instant,
+    last_refresh: Instant,
+}
+
+impl Session {
+    pub fn new(
+        gw: Arc<Gateway>,
+        device_id: String,
+        epoch: u64,
+        peer: SocketAddr,
+        stream: TcpStream,
+        cipher: SessionCipher,
+    ) -> Self {
+        Self {
+            gw,
+            device_id,
+            epoch,
+            peer,
+            stream,
+            cipher,
+            incoming: IncomingCounter::new(),
+            // The server's counter starts at a random value (PROTOCOL.md).
+            outgoing: OutgoingCounter::new(rand::random()),
+            hello_seen: false,
+            next_token: 1,
+            pending: HashMap::new(),
+            describe: None,
+            last_received: Instant::now(),
+            last_refresh: Instant::now(),
+        }
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<SessionCommand>, mut shutdown: Shutdown) -> SessionEnd {
+        let end = self.event_loop(&mut commands, &mut shutdown).await;
+        // Whatever is still waiting learns that the session is gone.
+        for (_, p) in self.pending.drain() {
+            if let Pending::Function { reply, .. } | Pending::Variable { reply, .. } = p {
+                let _ = reply.send(Err(Failure::new(
+                    FailureKind::SessionLost,
+                    format!("session ended before the device answered: {end}"),
+                )));
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        end
+    }
+
+    async fn event_loop(
+        &mut self,
+        commands: &mut mpsc::Receiver<SessionCommand>,
+        shutdown: &mut Shutdown,
+    ) -> SessionEnd {
+        let keepalive = Duration::from_secs(self.gw.config.keepalive_secs.max(1));
+        let silence_limit = keepalive * 3;
+        let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut buf = vec![0u8; 4096];
+        loop {
+            tokio::select! {
+                read = self.stream.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) => return SessionEnd::DeviceClosed,
+                        Ok(n) => n,
+                        Err(e) => return SessionEnd::Io(e),
+                    };
+                    self.last_received = Instant::now();
+                    self.cipher.decoder.push(&buf[..n]);
+                    loop {
+                        match self.cipher.decoder.next_message() {
+                            Ok(Some(plain)) => {
+                                if let Err(end) = self.handle_message(&plain).await {
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return SessionEnd::BadFrame(e.to_string()),
+                        }
+                    }
+                }
+                cmd = commands.recv() => match cmd {
+                    Some(SessionCommand::Execute { action, timeout, reply }) => {
+                        if let Err(end) = self.start_command(action, timeout, reply).await {
+                            return end;
+                        }
+                    }
+                    Some(SessionCommand::Close { reason }) => return SessionEnd::Closed(reason),
+                    None => return SessionEnd::Shutdown,
+                },
+                _ = tick.tick() => {
+                    let silent = self.last_received.elapsed();
+                    if !self.hello_seen && silent > hello_deadline {
+                        return SessionEnd::Protocol("no Hello after the handshake".into());
+                    }
+                    if silent > silence_limit {
+                        return SessionEnd::Silent(silent.as_secs());
+                    }
+                    self.expire_pending();
+                    if self.last_refresh.elapsed() >= keepalive / 2
+                        && let Err(end) = self.refresh_ownership().await
+                    {
+                        return end;
+                    }
+                }
+                _ = shutdown.wait() => return SessionEnd::Shutdown,
+            }
+        }
+    }
+
+    async fn send(&mut self, msg: &CoapMessage) -> Result<(), SessionEnd> {
+        let frame = self.cipher.encoder.encode(&msg.encode());
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    fn take_token(&mut self) -> u8 {
+        // One-byte tokens, as the original server; skip those in flight.
+        for _ in 0..=u8::MAX {
+            let t = self.next_token;
+            self.next_token = self.next_token.wrapping_add(1).max(1);
+            if !self.pending.contains_key(&t) {
+                return t;
+            }
+        }
+        self.next_token
+    }
+
+    async fn handle_message(&mut self, plain: &[u8]) -> Result<(), SessionEnd> {
+        let msg = CoapMessage::decode(plain).map_err(|e| SessionEnd::BadCoap(e.to_string()))?;
+        let is_request_flow = matches!(msg.mtype, MessageType::Confirmable | MessageType::NonConfirmable);
+        if is_request_flow {
+            if !self.hello_seen {
+                let Ok(Incoming::Request(Request::Hello(hello))) = message::classify(&msg) else {
+                    return Err(SessionEnd::Protocol("the first message must be Hello".into()));
+                };
+                self.incoming.start(msg.message_id);
+                return self.on_hello(hello).await;
+            }
+            self.incoming
+                .check(msg.message_id)
+                .map_err(|e| SessionEnd::Counter(e.to_string()))?;
+        } else if !self.hello_seen {
+            return Err(SessionEnd::Protocol("the first message must be Hello".into()));
+        }
+        let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
+        match incoming {
+            Incoming::Request(req) => self.on_request(&msg, req).await,
+            Incoming::Response => {
+                self.on_response(&msg).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_hello(&mut self, hello: Hello) -> Result<(), SessionEnd> {
+        self.hello_seen = true;
+        tracing::info!(device = %self.device_id, firmware = hello.firmware_version, product = hello.product_id, "hello");
+        let mut redis = self.gw.redis.clone();
+        if let Err(e) = device_state::record_hello(&mut redis, &self.device_id, &hello).await {
+            tracing::warn!(device = %self.device_id, error = %e, "could not store the device's Hello");
+        }
+        let token = self.take_token();
+        let id = self.outgoing.next();
+        self.send(&message::hello_server(id, token)).await?;
+        // The original server asks Describe before the first call; asking
+        // now means the device's functions are known before anyone calls.
+        let token = self.take_token();
+        self.pending.insert(token, Pending::Describe);
+        let id = self.outgoing.next();
+        self.send(&message::describe(id, token)).await
+    }
+
+    async fn on_request(&mut self, msg: &CoapMessage, req: Request) -> Result<(), SessionEnd> {
+        let confirmable = msg.mtype == MessageType::Confirmable;
+        match req {
+            Request::Hello(_) => return Err(SessionEnd::Protocol("a second Hello in one session".into())),
+            Request::Ping => {
+                return self.send(&message::ping_ack(msg.message_id, &msg.token)).await;
+            }
+            Request::Event { public, name, data } => {
+                let mut redis = self.gw.redis.clone();
+                let gw_id = self.gw.id.clone();
+                let max = self.gw.config.events_max_len;
+                if let Err(e) =
+                    device_state::append_event(&mut redis, max, &self.device_id, &gw_id, &name, &data, public).await
+                {
+                    tracing::warn!(device = %self.device_id, error = %e, "event not stored");
+                }
+                tracing::debug!(device = %self.device_id, event = %name, bytes = data.len(), "event");
+            }
+            Request::GetTime => {
+                let now = u32::try_from(trellis_core::time::now_ms() / 1000).unwrap_or(u32::MAX);
+                return self.send(&message::time_reply(msg.message_id, &msg.token, now)).await;
+            }
+            Request::Subscribe { .. } => {
+                return self.send(&message::ping_ack(msg.message_id, &msg.token)).await;
+            }
+            other => {
+                // Server-side requests (Describe, calls, OTA steps) coming
+                // from a device are not ours to answer; acknowledge so the
+                // device does not retransmit, and note it.
+                tracing::debug!(device = %self.device_id, request = ?std::mem::discriminant(&other), "unexpected request from device");
+            }
+        }
+        if confirmable {
+            self.send(&message::empty_ack(msg.message_id)).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_response(&mut self, msg: &CoapMessage) {
+        // An empty ACK only says "received"; the answer follows separately.
+        if msg.code == code::EMPTY {
+            return;
+        }
+        let Some(&token) = msg.token.first() else {
+            return;
+        };
+        let Some(pending) = self.pending.remove(&token) else {
+            tracing::debug!(device = %self.device_id, token, "answer to nothing we asked");
+            return;
+        };
+        let failed = msg.code >= code::BAD_REQUEST;
+        match pending {
+            Pending::Describe => {
+                if failed {
+                    tracing::warn!(device = %self.device_id, code = msg.code, "device refused Describe");
+                    return;
+                }
+                match Describe::from_json(&msg.payload) {
+                    Ok(d) => {
+                        let functions = d.functions.clone();
+                        let variables: Vec<(String, String)> = d
+                            .variables
+                            .iter()
+                            .map(|(n, t)| (n.clone(), t.name().to_string()))
+                            .collect();
+                        let mut redis = self.gw.redis.clone();
+                        if let Err(e) =
+                            device_state::record_describe(&mut redis, &self.device_id, &functions, &variables).await
+                        {
+                            tracing::warn!(device = %self.device_id, error = %e, "could not store Describe");
+                        }
+                        self.describe = Some(d);
+                    }
+                    Err(e) => tracing::warn!(device = %self.device_id, error = %e, "unreadable Describe"),
+                }
+            }
+            Pending::Function { reply, .. } => {
+                let outcome = if failed {
+                    Err(Failure::new(FailureKind::NotFound, format!("device answered {}", code_text(msg.code))))
+                } else {
+                    match <[u8; 4]>::try_from(msg.payload.as_slice()) {
+                        Ok(b) => Ok(Output::FunctionReturn(i32::from_be_bytes(b))),
+                        Err(_) => Err(Failure::new(
+                            FailureKind::Internal,
+                            format!("function return of {} bytes, expected 4", msg.payload.len()),
+                        )),
+                    }
+                };
+                let _ = reply.send(outcome);
+            }
+            Pending::Variable { name, reply, .. } => {
+                let outcome = if failed {
+                    Err(Failure::new(FailureKind::NotFound, format!("device answered {}", code_text(msg.code))))
+                } else {
+                    let var_type = self
+                        .describe
+                        .as_ref()
+                        .and_then(|d| d.variables.iter().find(|(n, _)| *n == name))
+                        .map(|(_, t)| t.name().to_string())
+                        .unwrap_or_default();
+                    Ok(Output::Variable {
+                        raw: msg.payload.clone(),
+                        var_type,
+                    })
+                };
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    async fn start_command(
+        &mut self,
+        action: Action,
+        timeout: Duration,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), SessionEnd> {
+        let deadline = Instant::now() + timeout;
+        let token = self.take_token();
+        let id = self.outgoing.next();
+        let (msg, pending) = match &action {
+            Action::CallFunction { name, argument } => (
+                message::function_call(id, token, name, argument.as_bytes()),
+                Pending::Function { reply, deadline },
+            ),
+            Action::GetVariable { name } => (
+                message::variable_request(id, token, name),
+                Pending::Variable {
+                    name: name.clone(),
+                    reply,
+                    deadline,
+                },
+            ),
+        };
+        tracing::debug!(device = %self.device_id, ?action, token, "command to device");
+        self.pending.insert(token, pending);
+        self.send(&msg).await
+    }
+
+    fn expire_pending(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u8> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Function { deadline, .. } | Pending::Variable { deadline, .. } => *deadline <= now,
+                Pending::Describe => false,
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in expired {
+            if let Some(Pending::Function { reply, .. } | Pending::Variable { reply, .. }) = self.pending.remove(&t) {
+                let _ = reply.send(Err(Failure::new(
+                    FailureKind::Timeout,
+                    format!("device {} did not answer in time", self.device_id),
+                )));
+            }
+        }
+    }
+
+    /// Keeps our ownership record alive, and fences this session off the
+    /// moment another session of the device holds a newer epoch.
+    async fn refresh_ownership(&mut self) -> Result<(), SessionEnd> {
+        self.last_refresh = Instant::now();
+        let ttl = ownership::session_ttl_secs(self.gw.config.keepalive_secs);
+        let mut redis = self.gw.redis.clone();
+        match ownership::refresh(&mut redis, &self.device_id, self.epoch, ttl).await {
+            Ok(current) if current == self.epoch => {
+                let _ = device_state::touch(&mut redis, &self.device_id).await;
+                Ok(())
+            }
+            Ok(current) if current > self.epoch => Err(SessionEnd::Closed(format!(
+                "superseded: epoch {current} is newer than ours ({})",
+                self.epoch
+            ))),
+            Ok(_) => {
+                // Our record expired (Redis restarted or we were paused):
+                // claim again only if nobody else holds the device.
+                Err(SessionEnd::Closed("ownership record lost".into()))
+            }
+            Err(e) => {
+                // Redis away: keep the session (devices should not pay for
+                // our outage); the next refresh decides.
+                tracing::warn!(device = %self.device_id, error = %e, "ownership refresh failed");
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn audit_end(gw: &Gateway, device_id: &str, peer: SocketAddr, end: &SessionEnd) {
+        let record = AuditRecord::new(&gw.id, "protocol_violation", device_id, end.label())
+            .with("peer", peer.to_string())
+            .with("error", end.to_string());
+        let mut redis = gw.redis.clone();
+        if let Err(e) = audit::append(&mut redis, &record).await {
+            tracing::warn!(error = %e, "audit write failed");
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+fn code_text(code: u8) -> String {
+    format!("{}.{:02}", code >> 5, code & 0x1f)
+}

@@ -1,0 +1,40 @@
+//! keyvault's errors, and how each becomes a gRPC status at the edge. The
+//! messages say what to fix; none carries key material.
+use crate::pool::PoolError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyvaultError {
+    /// The caller sent something malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well formed but conflicts with what is stored.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("redis is unavailable ({0}); keyvault reconnects by itself, retry shortly")]
+    Redis(#[from] redis::RedisError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<KeyvaultError> for Status {
+    fn from(e: KeyvaultError) -> Self {
+        let message = e.to_string();
+        match e {
+            KeyvaultError::InvalidArgument(_) => Status::invalid_argument(message),
+            KeyvaultError::NotFound(_) => Status::not_found(message),
+            KeyvaultError::FailedPrecondition(_) => Status::failed_precondition(message),
+            KeyvaultError::Pool(PoolError::Full { .. }) => Status::resource_exhausted(message),
+            KeyvaultError::Pool(PoolError::Stopped) => Status::unavailable(message),
+            KeyvaultError::Pool(PoolError::Backend(_)) => Status::internal(message),
+            KeyvaultError::Redis(_) => Status::unavailable(message),
+            KeyvaultError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+pub type Result<T, E = KeyvaultError> = std::result::Result<T, E>;

@@ -1,0 +1,276 @@
+//! The bounded pool for RSA private-key operations. An RSA-2048 private
+//! operation takes about a millisecond of CPU; run on the async runtime it
+//! would stall every other RPC during a reconnect storm. So they run on
+//! dedicated OS threads, fed through a bounded queue: when the queue is full
+//! a new handshake is refused at once (RESOURCE_EXHAUSTED, and the gateway
+//! turns the device away) instead of waiting for ever.
+//!
+//! Two classes of work share the threads. A decryption starts a handshake
+//! (an *admission*); a signature finishes one that was already admitted (a
+//! *continuation*). Workers always take continuations first, so under
+//! overload the pool finishes the handshakes it started instead of starting
+//! new ones it cannot finish. Both queues are bounded.
+use crate::backend::{BackendError, PrivateOps};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "keyvault is at capacity: {queued} private-key operations are already waiting \
+         (keyvault.queue_depth = {depth}); turn the device away and let it retry"
+    )]
+    Full { queued: usize, depth: usize },
+    #[error("keyvault's private-key workers have stopped (shutting down)")]
+    Stopped,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+type Job = Box<dyn FnOnce(&dyn PrivateOps) + Send + 'static>;
+
+struct Queues {
+    admissions: VecDeque<Job>,
+    continuations: VecDeque<Job>,
+    stopping: bool,
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    ready: Condvar,
+    backend: Arc<dyn PrivateOps>,
+    depth: usize,
+    continuation_depth: usize,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        // A job never panics while the lock is held (jobs run outside it), so
+        // a poisoned lock still holds consistent queues.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Threads {
+    shared: Arc<Shared>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.shared.lock().stopping = true;
+        self.shared.ready.notify_all();
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Cheap to clone; the threads stop when the last clone is dropped (after
+/// finishing the jobs already queued).
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+    _threads: Arc<Threads>,
+    workers: usize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("backend", &self.shared.backend.name())
+            .field("workers", &self.workers)
+            .field("depth", &self.shared.depth)
+            .field("queued", &self.queue_depth())
+            .finish()
+    }
+}
+
+enum Class {
+    Admission,
+    Continuation,
+}
+
+impl Pool {
+    /// `workers` threads (0: one per core) and room for `queue_depth` waiting
+    /// admissions (at least 1).
+    pub fn new(backend: Arc<dyn PrivateOps>, workers: usize, queue_depth: usize) -> std::io::Result<Self> {
+        let workers = if workers == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            workers
+        };
+        let depth = queue_depth.max(1);
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues {
+                admissions: VecDeque::with_capacity(depth),
+                continuations: VecDeque::new(),
+                stopping: false,
+            }),
+            ready: Condvar::new(),
+            backend,
+            depth,
+            // Every continuation comes from an admitted handshake; this bound
+            // only matters if Redis stalls while admissions keep arriving.
+            continuation_depth: depth + workers,
+            rejected: AtomicU64::new(0),
+        });
+        let mut threads = Threads {
+            shared: shared.clone(),
+            handles: Vec::with_capacity(workers),
+        };
+        for i in 0..workers {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("keyvault-rsa-{i}"))
+                .spawn(move || worker(&shared))?;
+            threads.handles.push(handle);
+        }
+        Ok(Self {
+            shared,
+            _threads: Arc::new(threads),
+            workers,
+        })
+    }
+
+    /// Private-key operations waiting for a worker now (for metrics).
+    pub fn queue_depth(&self) -> usize {
+        let q = self.shared.lock();
+        q.admissions.len() + q.continuations.len()
+    }
+
+    /// The configured bound on waiting admissions.
+    pub fn capacity(&self) -> usize {
+        self.shared.depth
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Requests refused because the queue was full, since start.
+    pub fn rejected(&self) -> u64 {
+        self.shared.rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.shared.backend.name()
+    }
+
+    /// Decrypts a handshake ciphertext (an admission: refused when full).
+    pub async fn decrypt(&self, ciphertext: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, PoolError> {
+        self.run(Class::Admission, move |ops| ops.decrypt(&ciphertext)).await
+    }
+
+    /// Signs for an admitted handshake (a continuation: served first).
+    pub async fn sign_raw(&self, data: Vec<u8>) -> Result<Vec<u8>, PoolError> {
+        self.run(Class::Continuation, move |ops| ops.sign_raw(&data)).await
+    }
+
+    async fn run<T, F>(&self, class: Class, op: F) -> Result<T, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn PrivateOps) -> Result<T, BackendError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |ops| {
+            // The caller gave up (RPC cancelled): skip the work.
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tx.send(op(ops));
+        });
+        {
+            let mut q = self.shared.lock();
+            if q.stopping {
+                return Err(PoolError::Stopped);
+            }
+            let (queue, bound) = match class {
+                Class::Admission => (&mut q.admissions, self.shared.depth),
+                Class::Continuation => (&mut q.continuations, self.shared.continuation_depth),
+            };
+            if queue.len() >= bound {
+                let queued = queue.len();
+                drop(q);
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Full {
+                    queued,
+                    depth: self.shared.depth,
+                });
+            }
+            queue.push_back(job);
+        }
+        self.shared.ready.notify_one();
+        match rx.await {
+            Ok(result) => result.map_err(PoolError::from),
+            Err(_) => Err(PoolError::Stopped),
+        }
+    }
+}
+
+fn worker(shared: &Shared) {
+    loop {
+        let job = {
+            let mut q = shared.lock();
+            loop {
+                if let Some(job) = q.continuations.pop_front().or_else(|| q.admissions.pop_front()) {
+                    break job;
+                }
+                if q.stopping {
+                    return;
+                }
+                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        job(shared.backend.as_ref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A backend that takes its time, to fill the queue.
+    struct Slow;
+    impl PrivateOps for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn decrypt(&self, c: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(Zeroizing::new(c.to_vec()))
+        }
+        fn sign_raw(&self, d: &[u8]) -> Result<Vec<u8>, BackendError> {
+            Ok(d.to_vec())
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses_at_once_and_the_rest_complete() {
+        let pool = Pool::new(Arc::new(Slow), 1, 1).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..10u8 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move { pool.decrypt(vec![i]).await }));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut ok = 0;
+        let mut full = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(PoolError::Full { .. }) => full += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(ok >= 2 && full >= 1, "ok {ok}, full {full}");
+        assert_eq!(pool.rejected(), full);
+        assert_eq!(pool.queue_depth(), 0);
+        assert_eq!(pool.sign_raw(vec![1, 2]).await.unwrap(), vec![1, 2]);
+    }
+}

@@ -1,0 +1,332 @@
+//! The device registry: which public key belongs to which device id, for
+//! which product, and whether it is revoked. One Redis hash per device
+//! (`keys::device(id)`) plus the index set `keys::DEVICE_INDEX`.
+//!
+//! Registration rules, kept simple on purpose:
+//! - a new id is stored;
+//! - the same id with the same key (and product) again is a no-op that
+//!   returns the stored record (factories retry);
+//! - the same id with a different key is refused (FAILED_PRECONDITION):
+//!   silently replacing a key would let anyone who can call the API take
+//!   over a device. Revoke it first;
+//! - a revoked device may be registered again with a *new* key (re-keyed at
+//!   the factory), which clears the revocation; its old key is never
+//!   trusted again, so re-registering the revoked key itself is refused.
+//!
+//! Every change is audited with actor "operator".
+use crate::error::{KeyvaultError, Result};
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_core::redis_conn::{Redis, keys};
+use trellis_core::time::now_ms;
+use trellis_proto::v1 as pb;
+use trellis_wire::DeviceId;
+
+pub const OPERATOR: &str = "operator";
+/// Device keys are RSA-1024 (PROTOCOL.md, "Keys").
+pub const DEVICE_KEY_BITS: usize = 1024;
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub organization: String,
+    pub product_id: u32,
+    pub public_key_der: Vec<u8>,
+    pub revoked: bool,
+    pub registered_at_ms: i64,
+    pub revoked_at_ms: i64,
+    pub revoke_reason: String,
+}
+
+impl DeviceRecord {
+    pub fn to_proto(&self) -> pb::Device {
+        pb::Device {
+            device_id: self.device_id.clone(),
+            organization: self.organization.clone(),
+            product_id: self.product_id,
+            public_key_der: self.public_key_der.clone(),
+            revoked: self.revoked,
+            registered_at_ms: self.registered_at_ms,
+            revoked_at_ms: self.revoked_at_ms,
+        }
+    }
+
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("device_id", self.device_id.clone()),
+            ("organization", self.organization.clone()),
+            ("product_id", self.product_id.to_string()),
+            ("public_key_der", hex::encode(&self.public_key_der)),
+            ("revoked", if self.revoked { "1" } else { "0" }.to_string()),
+            ("registered_at_ms", self.registered_at_ms.to_string()),
+            ("revoked_at_ms", self.revoked_at_ms.to_string()),
+            ("revoke_reason", self.revoke_reason.clone()),
+        ]
+    }
+
+    fn from_fields(id: &str, map: &HashMap<String, String>) -> Result<Self> {
+        let damaged = |what: &str| {
+            KeyvaultError::Internal(format!(
+                "the registry record {} is damaged ({what}); re-register the device",
+                keys::device(id)
+            ))
+        };
+        let get = |k: &str| map.get(k).map(String::as_str).unwrap_or_default();
+        Ok(Self {
+            device_id: id.to_string(),
+            organization: match get("organization") {
+                "" => keys::DEFAULT_ORG.to_string(),
+                org => org.to_string(),
+            },
+            product_id: get("product_id").parse().map_err(|_| damaged("product_id"))?,
+            public_key_der: hex::decode(get("public_key_der")).map_err(|_| damaged("public_key_der"))?,
+            revoked: get("revoked") == "1",
+            registered_at_ms: get("registered_at_ms").parse().unwrap_or(0),
+            revoked_at_ms: get("revoked_at_ms").parse().unwrap_or(0),
+            revoke_reason: get("revoke_reason").to_string(),
+        })
+    }
+}
+
+/// Checks and normalises a device id (24 hex characters, stored lowercase).
+pub fn parse_device_id(input: &str) -> Result<String> {
+    input
+        .trim()
+        .parse::<DeviceId>()
+        .map(|id| id.to_string())
+        .map_err(|e| KeyvaultError::InvalidArgument(format!("device_id {input:?}: {e}")))
+}
+
+/// The record for an id, if registered.
+pub async fn get(redis: &mut Redis, device_id: &str) -> Result<Option<DeviceRecord>> {
+    let map: HashMap<String, String> = redis.hgetall(keys::device(device_id)).await?;
+    if map.is_empty() {
+        return Ok(None);
+    }
+    DeviceRecord::from_fields(device_id, &map).map(Some)
+}
+
+// Writes a record only if the stored state is still the one the caller saw:
+// ARGV[1] = "" (no record) or the public key hex of a revoked record.
+static PUT_IF_UNCHANGED: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUT_IF_UNCHANGED_LUA));
+const PUT_IF_UNCHANGED_LUA: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'public_key_der')
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+else
+  if current ~= ARGV[1] or redis.call('HGET', KEYS[1], 'revoked') ~= '1' then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"#;
+
+pub async fn register(redis: &mut Redis, req: pb::RegisterDeviceRequest) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(&req.device_id)?;
+    if req.public_key.is_empty() {
+        return Err(KeyvaultError::InvalidArgument(
+            "public_key is empty: give the device's RSA public key as SubjectPublicKeyInfo DER or PEM \
+             (\"-----BEGIN PUBLIC KEY-----\")"
+                .into(),
+        ));
+    }
+    let key = trellis_core::keys::parse_public_key(&req.public_key)
+        .map_err(|e| KeyvaultError::InvalidArgument(format!("public_key: {e}")))?;
+    // The reply carries the session material encrypted to the device key in
+    // exactly 128 bytes (PROTOCOL.md): only RSA-1024 device keys can work.
+    let bits = rsa::traits::PublicKeyParts::size(&key) * 8;
+    if bits != DEVICE_KEY_BITS {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "public_key is RSA-{bits}; device keys are RSA-{DEVICE_KEY_BITS} (protocol version 1)"
+        )));
+    }
+    let der = trellis_core::keys::public_key_der(&req.public_key)
+        .map_err(|e| KeyvaultError::InvalidArgument(format!("public_key: {e}")))?;
+    let organization = match req.organization.trim() {
+        "" => keys::DEFAULT_ORG.to_string(),
+        org => org.to_string(),
+    };
+    let existing = get(redis, &device_id).await?;
+    let expected = match &existing {
+        None => String::new(),
+        Some(rec) if rec.public_key_der == der && rec.revoked => {
+            return Err(KeyvaultError::FailedPrecondition(format!(
+                "device {device_id} was revoked with this key, and a revoked key is never trusted again; \
+                 register the device with a new key"
+            )));
+        }
+        Some(rec) if rec.public_key_der == der => {
+            if rec.product_id != req.product_id || rec.organization != organization {
+                return Err(KeyvaultError::FailedPrecondition(format!(
+                    "device {device_id} is already registered with this key for product {} in organization \
+                     {:?}; it cannot move to product {} / {:?} by registering again",
+                    rec.product_id, rec.organization, req.product_id, organization
+                )));
+            }
+            return Ok(rec.clone());
+        }
+        Some(rec) if !rec.revoked => {
+            return Err(KeyvaultError::FailedPrecondition(format!(
+                "device {device_id} is already registered with a different public key (key id {}); \
+                 revoke it first if the device was re-keyed",
+                trellis_core::keys::key_id(&rec.public_key_der)
+            )));
+        }
+        Some(rec) => hex::encode(&rec.public_key_der),
+    };
+    let record = DeviceRecord {
+        device_id: device_id.clone(),
+        organization,
+        product_id: req.product_id,
+        public_key_der: der,
+        revoked: false,
+        registered_at_ms: now_ms(),
+        revoked_at_ms: 0,
+        revoke_reason: String::new(),
+    };
+    let mut script = PUT_IF_UNCHANGED.prepare_invoke();
+    script
+        .key(keys::device(&device_id))
+        .key(keys::DEVICE_INDEX)
+        .arg(&expected)
+        .arg(&device_id);
+    for (k, v) in record.fields() {
+        script.arg(k).arg(v);
+    }
+    let written: i64 = script.invoke_async(redis).await?;
+    if written != 1 {
+        return Err(KeyvaultError::FailedPrecondition(format!(
+            "device {device_id} was changed by another request at the same time; look at it \
+             (GetDevice) and retry"
+        )));
+    }
+    let outcome = if existing.is_some() { "replaced_revoked" } else { "ok" };
+    audit_write(
+        redis,
+        AuditRecord::new(OPERATOR, "register", &device_id, outcome)
+            .with("product_id", record.product_id.to_string())
+            .with("key_id", trellis_core::keys::key_id(&record.public_key_der)),
+    )
+    .await;
+    tracing::info!(device_id = %device_id, product_id = record.product_id, "device registered");
+    Ok(record)
+}
+
+pub async fn get_device(redis: &mut Redis, device_id: &str) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(device_id)?;
+    get(redis, &device_id)
+        .await?
+        .ok_or_else(|| KeyvaultError::NotFound(format!("device {device_id} is not registered")))
+}
+
+/// All devices (or those of one product, `product_id` != 0), sorted by id.
+pub async fn list(redis: &mut Redis, product_id: u32) -> Result<Vec<DeviceRecord>> {
+    let mut ids: Vec<String> = redis.smembers(keys::DEVICE_INDEX).await?;
+    ids.sort();
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.hgetall(keys::device(id));
+        }
+        let maps: Vec<HashMap<String, String>> = pipe.query_async(redis).await?;
+        for (id, map) in chunk.iter().zip(maps) {
+            if map.is_empty() {
+                continue;
+            }
+            let rec = DeviceRecord::from_fields(id, &map)?;
+            if product_id == 0 || rec.product_id == product_id {
+                out.push(rec);
+            }
+        }
+    }
+    Ok(out)
+}
+
+// Marks a record revoked if it exists; returns 0 if there is none.
+static REVOKE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKE_LUA));
+const REVOKE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'revoked') == '1' then return 2 end
+redis.call('HSET', KEYS[1], 'revoked', '1', 'revoked_at_ms', ARGV[1], 'revoke_reason', ARGV[2])
+return 1
+"#;
+
+/// Revokes a device: it can no longer open a session; the record is kept.
+/// Revoking a revoked device is a no-op.
+pub async fn revoke(redis: &mut Redis, device_id: &str, reason: &str) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(device_id)?;
+    let result: i64 = REVOKE
+        .key(keys::device(&device_id))
+        .arg(now_ms())
+        .arg(reason)
+        .invoke_async(redis)
+        .await?;
+    if result == 0 {
+        return Err(KeyvaultError::NotFound(format!("device {device_id} is not registered")));
+    }
+    if result == 1 {
+        audit_write(
+            redis,
+            AuditRecord::new(OPERATOR, "revoke", &device_id, "ok").with("reason", reason),
+        )
+        .await;
+        tracing::info!(device_id = %device_id, reason, "device revoked");
+    }
+    get_device(redis, &device_id).await
+}
+
+/// Keeps an unknown device's offered key, never trusted: an operator can
+/// look at it and register the device. Expires after 30 days so unknown ids
+/// cannot fill Redis for ever.
+pub async fn keep_pending(
+    redis: &mut Redis,
+    device_id: &str,
+    public_key_der: &[u8],
+    gateway_id: &str,
+    peer_addr: &str,
+) -> Result<()> {
+    const TTL_SECS: i64 = 30 * 24 * 3600;
+    let key = keys::pending_device(device_id);
+    let now = now_ms().to_string();
+    let _: () = redis::pipe()
+        .atomic()
+        .hset_multiple(
+            &key,
+            &[
+                ("device_id", device_id),
+                ("public_key_der", &hex::encode(public_key_der)),
+                ("last_seen_ms", &now),
+                ("gateway_id", gateway_id),
+                ("peer_addr", peer_addr),
+            ],
+        )
+        .ignore()
+        .hset_nx(&key, "first_seen_ms", &now)
+        .ignore()
+        .hincr(&key, "attempts", 1)
+        .ignore()
+        .expire(&key, TTL_SECS)
+        .ignore()
+        .query_async(redis)
+        .await?;
+    Ok(())
+}
+
+/// Appends an audit record; a failure is logged loudly but does not fail the
+/// request (the change itself is already stored).
+pub async fn audit_write(redis: &mut Redis, record: AuditRecord) {
+    if let Err(e) = audit::append(redis, &record).await {
+        tracing::error!(
+            error = %e,
+            action = %record.action,
+            device_id = %record.device_id,
+            outcome = %record.outcome,
+            "audit record not written"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! The gRPC edge: the `KeyVault` service, one tracing span per RPC, typed
+//! errors turned into statuses here and nowhere else.
+use crate::cloud_key::CloudKey;
+use crate::error::KeyvaultError;
+use crate::pool::Pool;
+use crate::registry;
+use crate::session;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, field};
+use trellis_core::redis_conn::Redis;
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::key_vault_server::KeyVault;
+
+/// Audit records ListAudit returns when the request does not say.
+const DEFAULT_AUDIT_LIMIT: usize = 100;
+const MAX_AUDIT_LIMIT: usize = 10_000;
+
+/// The public facts about the cloud key (the private part stays in the pool).
+#[derive(Debug, Clone)]
+pub struct CloudPublic {
+    pub public_der: Vec<u8>,
+    pub key_id: String,
+    pub version: u32,
+}
+
+impl From<&CloudKey> for CloudPublic {
+    fn from(k: &CloudKey) -> Self {
+        Self {
+            public_der: k.public_der.clone(),
+            key_id: k.key_id.clone(),
+            version: k.version,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct KeyVaultService {
+    pool: Pool,
+    redis: Redis,
+    cloud: Arc<CloudPublic>,
+}
+
+impl KeyVaultService {
+    pub fn new(pool: Pool, redis: Redis, cloud: CloudPublic) -> Self {
+        Self {
+            pool,
+            redis,
+            cloud: Arc::new(cloud),
+        }
+    }
+
+    /// The private-key pool (queue depth for metrics).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+fn status(e: KeyvaultError) -> Status {
+    match &e {
+        KeyvaultError::Redis(_) | KeyvaultError::Internal(_) | KeyvaultError::Pool(_) => {
+            tracing::warn!(error = %e, "request failed")
+        }
+        _ => tracing::debug!(error = %e, "request refused"),
+    }
+    e.into()
+}
+
+#[tonic::async_trait]
+impl KeyVault for KeyVaultService {
+    async fn register_device(
+        &self,
+        request: Request<pb::RegisterDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.register_device", device_id = %req.device_id, product_id = req.product_id);
+        let mut redis = self.redis.clone();
+        async move {
+            registry::register(&mut redis, req)
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Result<Response<pb::Device>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("keyvault.get_device", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            registry::get_device(&mut redis, &req.device_id)
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("keyvault.list_devices", product_id = req.product_id);
+        let mut redis = self.redis.clone();
+        async move {
+            let devices = registry::list(&mut redis, req.product_id).await.map_err(status)?;
+            Ok(Response::new(pb::ListDevicesResponse {
+                devices: devices.iter().map(|d| d.to_proto()).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn revoke_device(&self, request: Request<pb::RevokeDeviceRequest>) -> Result<Response<pb::Device>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.revoke_device", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            registry::revoke(&mut redis, &req.device_id, &req.reason)
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_cloud_public_key(
+        &self,
+        _request: Request<pb::GetCloudPublicKeyRequest>,
+    ) -> Result<Response<pb::CloudPublicKey>, Status> {
+        Ok(Response::new(pb::CloudPublicKey {
+            public_key_der: self.cloud.public_der.clone(),
+            key_id: self.cloud.key_id.clone(),
+            version: self.cloud.version,
+        }))
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.open_session",
+            gateway_id = %req.gateway_id,
+            peer_addr = %req.peer_addr,
+            device_id = field::Empty,
+            outcome = field::Empty,
+        );
+        let mut redis = self.redis.clone();
+        let pool = self.pool.clone();
+        async move {
+            let result = session::open_session(&pool, &mut redis, &req).await;
+            let span = tracing::Span::current();
+            match result {
+                Ok((response, outcome, device_id)) => {
+                    span.record("device_id", device_id.as_str());
+                    span.record("outcome", outcome.as_str());
+                    registry::audit_write(&mut redis, session::audit_record(&req, &device_id, outcome)).await;
+                    if outcome == session::Outcome::Ok {
+                        tracing::debug!("session granted");
+                    } else {
+                        tracing::info!("session refused");
+                    }
+                    Ok(Response::new(response))
+                }
+                Err(e) => {
+                    span.record("outcome", "error");
+                    Err(status(e))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => DEFAULT_AUDIT_LIMIT,
+            n => n.min(MAX_AUDIT_LIMIT),
+        };
+        let device = (!req.device_id.is_empty())
+            .then(|| registry::parse_device_id(&req.device_id))
+            .transpose()
+            .map_err(status)?;
+        let mut redis = self.redis.clone();
+        let records = trellis_core::audit::recent(&mut redis, limit, device.as_deref())
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records
+                .into_iter()
+                .map(|r| pb::AuditRecord {
+                    id: r.id,
+                    time_ms: r.time_ms,
+                    actor: r.actor,
+                    action: r.action,
+                    device_id: r.device_id,
+                    outcome: r.outcome,
+                    detail: r.detail.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+}

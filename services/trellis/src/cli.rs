@@ -1,0 +1,185 @@
+//! Command-line surface. Every command and flag is documented in the README.
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about = "Trellis device cloud: services, operator CLI and device simulator")]
+pub struct Cli {
+    /// Configuration file (default: ./trellis.toml if it exists).
+    #[arg(long, global = true, env = "TRELLIS_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the operator commands find the services.
+#[derive(Debug, Clone, Args)]
+pub struct Endpoints {
+    /// Any gateway's gRPC endpoint.
+    #[arg(long, global = true, env = "TRELLIS_GATEWAY_URL", default_value = "http://127.0.0.1:7200")]
+    pub gateway_url: String,
+    /// Keyvault's gRPC endpoint.
+    #[arg(long, global = true, env = "TRELLIS_KEYVAULT_URL", default_value = "http://127.0.0.1:7100")]
+    pub keyvault_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run keyvault and gateway(s) in one process (the embedded default).
+    Up(UpArgs),
+    /// Run the key vault service.
+    Keyvault,
+    /// Run an edge gateway.
+    Gateway,
+    /// Run a simulated device fleet against any protocol-v1 server.
+    Sim(SimArgs),
+    /// Provision, register, inspect, call and revoke devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Device events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Also provision N devices, run them simulated and show what happens.
+    #[arg(long, value_name = "N")]
+    pub demo: Option<usize>,
+    /// Gateways to run (each on the next device and gRPC port). The demo
+    /// uses two, so its function call crosses gateways.
+    #[arg(long)]
+    pub gateways: Option<usize>,
+    /// Stop once the demo has shown a handshake, an event and a routed call
+    /// (for scripts and CI); without it, run until Ctrl-C.
+    #[arg(long)]
+    pub exit_after_demo: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// How many devices to run (the first N keys in --keys).
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Directory with <id>.pem, <id>.pub.pem and cloud.pub.pem.
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// Gateway address(es) host:port, tried in order.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:5683")]
+    pub gateway: Vec<String>,
+    /// The cloud public key the devices trust (default: DIR/cloud.pub.pem).
+    #[arg(long)]
+    pub cloud_key: Option<PathBuf>,
+    /// Product id reported in Hello.
+    #[arg(long, default_value_t = 1)]
+    pub product: u16,
+    /// Firmware version reported in Hello.
+    #[arg(long, default_value_t = 1)]
+    pub firmware_version: u16,
+    /// Seconds between events published by each device (0: none).
+    #[arg(long, default_value_t = 30)]
+    pub event_interval: u64,
+    /// Seconds between keepalive pings.
+    #[arg(long, default_value_t = 15)]
+    pub keepalive: u64,
+    /// Stop after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub duration: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Make a device key pair, register it, write it with the cloud key.
+    Provision {
+        #[arg(long)]
+        product: u32,
+        /// Device id (24 hex characters); random if omitted.
+        #[arg(long)]
+        id: Option<String>,
+        /// How many devices (random ids) to provision.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Directory to write <id>.pem, <id>.pub.pem and cloud.pub.pem into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Register a public key made on the device (the normal case for hardware).
+    Register {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        product: u32,
+        /// PEM or DER SubjectPublicKeyInfo.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// Every registered device with online state and firmware.
+    List {
+        #[arg(long, default_value_t = 0)]
+        product: u32,
+        #[arg(long)]
+        online: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device's state.
+    Show { id: String },
+    /// Call a function on a device (through any gateway).
+    Call {
+        id: String,
+        function: String,
+        #[arg(default_value = "")]
+        argument: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u32,
+    },
+    /// Read a variable from a device.
+    Get {
+        id: String,
+        variable: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u32,
+    },
+    /// Revoke a device: it can no longer open a session.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Follow device events.
+    Tail {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only events whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Start with what the stream still holds.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest audit records.
+    Tail {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        device: Option<String>,
+    },
+}

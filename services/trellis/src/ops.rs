@@ -1,0 +1,287 @@
+//! Operator commands: thin gRPC clients of keyvault and any gateway.
+use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand};
+use anyhow::{Context, bail};
+use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
+use std::path::Path;
+use tonic::transport::Channel;
+use trellis_proto::v1::device_service_client::DeviceServiceClient;
+use trellis_proto::v1::key_vault_client::KeyVaultClient;
+use trellis_proto::v1::variable_value::Value;
+use trellis_proto::v1::*;
+use trellis_wire::DeviceId;
+
+pub async fn keyvault_client(url: &str) -> anyhow::Result<KeyVaultClient<Channel>> {
+    KeyVaultClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("cannot reach keyvault at {url} (is `trellis up` running? set --keyvault-url)"))
+}
+
+pub async fn gateway_client(url: &str) -> anyhow::Result<DeviceServiceClient<Channel>> {
+    DeviceServiceClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("cannot reach a gateway at {url} (is `trellis up` running? set --gateway-url)"))
+}
+
+/// gRPC errors as an operator should read them.
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+/// Makes a key pair, registers the public half, writes both and the cloud
+/// key to `out`. Returns the new device ids.
+pub async fn provision(
+    keyvault: &mut KeyVaultClient<Channel>,
+    product: u32,
+    ids: Vec<DeviceId>,
+    out: &Path,
+) -> anyhow::Result<Vec<DeviceId>> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cloud = keyvault
+        .get_cloud_public_key(GetCloudPublicKeyRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let cloud_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der).context("keyvault's cloud key")?;
+    trellis_device::identity::write_cloud_key(out, &cloud_key)?;
+    let mut made = Vec::with_capacity(ids.len());
+    for id in ids {
+        let private_key = trellis_device::identity::generate_device_key(&mut rand::rng())?;
+        let public_der = private_key
+            .to_public_key()
+            .to_public_key_der()
+            .context("encoding the device public key")?;
+        keyvault
+            .register_device(RegisterDeviceRequest {
+                device_id: id.to_string(),
+                product_id: product,
+                public_key: public_der.as_bytes().to_vec(),
+                organization: String::new(),
+            })
+            .await
+            .map_err(status)?;
+        let identity = trellis_device::identity::DeviceIdentity {
+            device_id: id,
+            private_key,
+            cloud_public_key: cloud_key.clone(),
+        };
+        trellis_device::identity::write_identity(out, &identity)?;
+        made.push(id);
+    }
+    Ok(made)
+}
+
+pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCommand::Provision { product, id, count, out } => {
+            let ids: Vec<DeviceId> = match id {
+                Some(id) if count == 1 => vec![id.parse().map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?],
+                Some(_) => bail!("--id names one device; drop it or use --count 1"),
+                None => (0..count).map(|_| DeviceId(rand::random())).collect(),
+            };
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            for id in provision(&mut kv, product, ids, &out).await? {
+                println!("{id}");
+            }
+            eprintln!("keys and cloud.pub.pem written to {}", out.display());
+        }
+        DeviceCommand::Register { id, product, public_key } => {
+            let key = std::fs::read(&public_key).with_context(|| format!("cannot read {}", public_key.display()))?;
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let device = kv
+                .register_device(RegisterDeviceRequest {
+                    device_id: id,
+                    product_id: product,
+                    public_key: key,
+                    organization: String::new(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("registered {} (product {})", device.device_id, device.product_id);
+        }
+        DeviceCommand::List { product, online, json } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let list = gw
+                .list_devices(ListDeviceStatesRequest {
+                    product_id: product,
+                    online_only: online,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = list.devices.iter().map(state_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24}  {:>7}  {:<7}  {:>8}  {:<16}  FIRMWARE SHA-256",
+                    "DEVICE", "PRODUCT", "ONLINE", "FIRMWARE", "GATEWAY"
+                );
+                for d in &list.devices {
+                    println!(
+                        "{:<24}  {:>7}  {:<7}  {:>8}  {:<16}  {}",
+                        d.device_id,
+                        d.product_id,
+                        if d.revoked {
+                            "revoked"
+                        } else if d.online {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        d.firmware_version,
+                        d.gateway_id,
+                        d.firmware_sha256
+                    );
+                }
+            }
+        }
+        DeviceCommand::Show { id } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let state = gw
+                .get_device_state(GetDeviceStateRequest { device_id: id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", serde_json::to_string_pretty(&state_json(&state))?);
+        }
+        DeviceCommand::Call {
+            id,
+            function,
+            argument,
+            timeout_ms,
+        } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let r = gw
+                .call_function(CallFunctionRequest {
+                    device_id: id,
+                    function,
+                    argument,
+                    timeout_ms,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", r.return_value);
+        }
+        DeviceCommand::Get {
+            id,
+            variable,
+            timeout_ms,
+        } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let r = gw
+                .get_variable(GetVariableRequest {
+                    device_id: id,
+                    name: variable,
+                    timeout_ms,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", format_value(&r));
+        }
+        DeviceCommand::Revoke { id, reason } => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let d = kv
+                .revoke_device(RevokeDeviceRequest { device_id: id, reason })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("revoked {}", d.device_id);
+        }
+    }
+    Ok(())
+}
+
+pub fn format_value(r: &GetVariableResponse) -> String {
+    match r.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::StringValue(s)) => s.clone(),
+        None => format!("0x{} (type {:?})", hex::encode(&r.raw), r.r#type),
+    }
+}
+
+fn state_json(d: &DeviceState) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": d.device_id,
+        "product_id": d.product_id,
+        "online": d.online,
+        "revoked": d.revoked,
+        "gateway": d.gateway_id,
+        "epoch": d.epoch,
+        "firmware_version": d.firmware_version,
+        "firmware_sha256": d.firmware_sha256,
+        "platform_id": d.platform_id,
+        "peer": d.peer_addr,
+        "connected_at_ms": d.connected_at_ms,
+        "last_seen_ms": d.last_seen_ms,
+        "functions": d.functions,
+        "variables": d.variables,
+    })
+}
+
+pub async fn events(endpoints: &Endpoints, cmd: EventsCommand) -> anyhow::Result<()> {
+    let EventsCommand::Tail {
+        device,
+        prefix,
+        from_start,
+        count,
+    } = cmd;
+    let mut gw = gateway_client(&endpoints.gateway_url).await?;
+    let mut stream = gw
+        .stream_events(StreamEventsRequest {
+            device_id: device.unwrap_or_default(),
+            prefix,
+            from_start,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut seen = 0usize;
+    while let Some(event) = stream.message().await.map_err(status)? {
+        println!(
+            "{}  {}  {}{}  {}",
+            event.id,
+            event.device_id,
+            if event.public { "" } else { "(private) " },
+            event.name,
+            String::from_utf8_lossy(&event.data)
+        );
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(endpoints: &Endpoints, cmd: AuditCommand) -> anyhow::Result<()> {
+    let AuditCommand::Tail { limit, device } = cmd;
+    let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+    let records = kv
+        .list_audit(ListAuditRequest {
+            limit,
+            device_id: device.unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .records;
+    for r in records {
+        let detail: Vec<String> = r.detail.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{}  {:<18} {:<20} {:<24} {:<16} {}",
+            r.id,
+            r.actor,
+            r.action,
+            r.device_id,
+            r.outcome,
+            detail.join(" ")
+        );
+    }
+    Ok(())
+}
+

@@ -1,0 +1,86 @@
+//! `trellis sim`: a simulated fleet from a directory of device keys, against
+//! any server that speaks protocol v1 (ours or the original).
+use crate::cli::SimArgs;
+use anyhow::Context;
+use std::time::Duration;
+use trellis_core::Shutdown;
+use trellis_device::sim::{DeviceReport, SimConfig, run_fleet};
+
+pub fn sim_config(args: &SimArgs) -> SimConfig {
+    SimConfig {
+        product_id: args.product,
+        firmware_version: args.firmware_version,
+        event_interval: (args.event_interval > 0).then(|| Duration::from_secs(args.event_interval)),
+        keepalive: Duration::from_secs(args.keepalive.max(1)),
+        ..SimConfig::default()
+    }
+}
+
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    let identities = trellis_device::identity::load_fleet(&args.keys, Some(args.devices), args.cloud_key.as_deref())
+        .with_context(|| format!("loading device keys from {}", args.keys.display()))?;
+    if identities.len() < args.devices {
+        eprintln!(
+            "note: {} holds keys for {} devices; running those",
+            args.keys.display(),
+            identities.len()
+        );
+    }
+    let (trigger, shutdown) = Shutdown::on_signals();
+    if args.duration > 0 {
+        let secs = args.duration;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            trigger.trigger();
+        });
+    } else {
+        std::mem::forget(trigger);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let fleet = tokio::spawn(run_fleet(
+        identities,
+        sim_config(&args),
+        args.gateway.clone(),
+        shutdown_watch(shutdown),
+        tx,
+    ));
+    while let Some(report) = rx.recv().await {
+        print_report(&report);
+    }
+    let _ = fleet.await;
+    Ok(())
+}
+
+/// The device crate takes a watch receiver that turns true on shutdown.
+pub fn shutdown_watch(mut shutdown: Shutdown) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.wait().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub fn print_report(report: &DeviceReport) {
+    match report {
+        DeviceReport::Connected {
+            device_id,
+            endpoint,
+            handshake,
+        } => println!("device {device_id}: handshake with {endpoint} done in {} ms", handshake.as_millis()),
+        DeviceReport::HandshakeFailed {
+            device_id,
+            endpoint,
+            error,
+        } => println!("device {device_id}: handshake with {endpoint} failed: {error}"),
+        DeviceReport::Disconnected { device_id, reason } => println!("device {device_id}: disconnected ({reason})"),
+        DeviceReport::EventPublished { device_id, name } => println!("device {device_id}: published event {name}"),
+        DeviceReport::FunctionCalled {
+            device_id,
+            name,
+            argument,
+            result,
+        } => println!("device {device_id}: function {name}({argument}) -> {result}"),
+        DeviceReport::VariableRead { device_id, name } => println!("device {device_id}: variable {name} read"),
+    }
+}

@@ -1,0 +1,258 @@
+//! `trellis up`: every service in one process, the embedded default. Like
+//! Tempo's single-binary mode it is a list of services, not a second
+//! implementation of them: it fills in loopback addresses and a local Redis
+//! where microservices mode takes them from configuration.
+use crate::cli::UpArgs;
+use crate::{ops, sim};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::{Config, Shutdown};
+use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
+use trellis_wire::DeviceId;
+
+pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    let _redis = match &config.redis.url {
+        Some(url) => {
+            println!("redis: {url} (configured)");
+            None
+        }
+        None => {
+            let dir = config.data_dir.join("redis");
+            let server = LocalRedis::start(RedisData::Persistent(&dir))?;
+            println!("redis: started redis-server on {} (data in {})", server.url(), dir.display());
+            config.redis.url = Some(server.url());
+            Some(server)
+        }
+    };
+    if config.keyvault.master_key.is_none() && config.keyvault.master_key_file.is_none() {
+        let path = trellis_keyvault::ensure_dev_master_key(&config.data_dir)?;
+        println!(
+            "keyvault: no master key configured; using the DEVELOPMENT key {} (production: set keyvault.master_key_file)",
+            path.display()
+        );
+        config.keyvault.master_key_file = Some(path);
+    }
+
+    let (trigger, shutdown) = Shutdown::on_signals();
+    let kv_listener = TcpListener::bind(&config.keyvault.listen)
+        .await
+        .with_context(|| format!("keyvault cannot listen on {}", config.keyvault.listen))?;
+    let kv_addr = kv_listener.local_addr()?;
+    config.gateway.keyvault_url = format!("http://{kv_addr}");
+    let keyvault = tokio::spawn(trellis_keyvault::serve_with_listener(
+        config.clone(),
+        kv_listener,
+        shutdown.clone(),
+    ));
+    println!("keyvault: gRPC on {kv_addr}");
+
+    let gateway_count = args.gateways.unwrap_or(if args.demo.is_some() { 2 } else { 1 }).max(1);
+    let mut gateways = Vec::new();
+    let mut device_addrs = Vec::new();
+    let mut grpc_addrs = Vec::new();
+    for n in 0..gateway_count {
+        let mut gw_config = config.clone();
+        let device_listen = offset_port(&config.gateway.device_listen, n)?;
+        let grpc_listen = offset_port(&config.gateway.grpc_listen, n)?;
+        if gw_config.gateway.id.is_empty() {
+            gw_config.gateway.id = format!("gw-{}", n + 1);
+        } else if gateway_count > 1 {
+            gw_config.gateway.id = format!("{}-{}", gw_config.gateway.id, n + 1);
+        }
+        let devices = TcpListener::bind(device_listen)
+            .await
+            .with_context(|| format!("gateway cannot listen for devices on {device_listen}"))?;
+        let grpc = TcpListener::bind(grpc_listen)
+            .await
+            .with_context(|| format!("gateway cannot listen for gRPC on {grpc_listen}"))?;
+        println!(
+            "gateway {}: devices on {}, gRPC on {}",
+            gw_config.gateway.id,
+            devices.local_addr()?,
+            grpc.local_addr()?
+        );
+        device_addrs.push(devices.local_addr()?);
+        grpc_addrs.push(grpc.local_addr()?);
+        gateways.push(tokio::spawn(trellis_gateway::serve_with_listeners(
+            gw_config,
+            devices,
+            grpc,
+            shutdown.clone(),
+        )));
+    }
+    println!("trellis is up. Ctrl-C stops it.");
+
+    if let Some(n) = args.demo {
+        let demo = demo(&config, n, &device_addrs, &grpc_addrs, kv_addr, shutdown.clone());
+        let result = demo.await;
+        if let Err(e) = &result {
+            eprintln!("demo failed: {e:#}");
+        }
+        if args.exit_after_demo {
+            trigger.trigger();
+            result?;
+        }
+    }
+
+    let mut wait = shutdown.clone();
+    wait.wait().await;
+    println!("shutting down");
+    for g in gateways {
+        if let Ok(Err(e)) = g.await {
+            eprintln!("gateway: {e:#}");
+        }
+    }
+    if let Ok(Err(e)) = keyvault.await {
+        eprintln!("keyvault: {e:#}");
+    }
+    drop(trigger);
+    Ok(())
+}
+
+/// `host:port` with the port moved up by `n` (port 0 stays 0).
+fn offset_port(addr: &str, n: usize) -> anyhow::Result<SocketAddr> {
+    let mut a: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{addr:?} is not an address host:port"))?;
+    if a.port() != 0 {
+        let port = usize::from(a.port()) + n;
+        a.set_port(u16::try_from(port).context("port out of range")?);
+    }
+    Ok(a)
+}
+
+/// Provisions N devices, runs them against the first gateway, and sends a
+/// function call and a variable read through the LAST gateway, so the
+/// request crosses gateways through Redis.
+async fn demo(
+    config: &Config,
+    n: usize,
+    device_addrs: &[SocketAddr],
+    grpc_addrs: &[SocketAddr],
+    kv_addr: SocketAddr,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let dir = config.data_dir.join("demo-devices");
+    let mut kv = connect_keyvault(kv_addr).await?;
+    let existing = trellis_device::identity::load_fleet(&dir, Some(n), None).unwrap_or_default();
+    if existing.len() < n {
+        let ids: Vec<DeviceId> = (existing.len()..n).map(|_| DeviceId(rand::random())).collect();
+        println!("demo: provisioning {} devices into {}", ids.len(), dir.display());
+        ops::provision(&mut kv, 1, ids, &dir).await?;
+    }
+    let identities = trellis_device::identity::load_fleet(&dir, Some(n), None)?;
+    let ids: Vec<String> = identities.iter().map(|i| i.device_id.to_string()).collect();
+    let first = device_addrs.first().context("no gateway")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sim_args = crate::cli::SimArgs {
+        devices: n,
+        keys: dir.clone(),
+        gateway: vec![first.to_string()],
+        cloud_key: None,
+        product: 1,
+        firmware_version: 1,
+        event_interval: 5,
+        keepalive: config.gateway.keepalive_secs.max(1),
+        duration: 0,
+    };
+    let fleet_config = sim::sim_config(&sim_args);
+    tokio::spawn(trellis_device::sim::run_fleet(
+        identities,
+        fleet_config,
+        sim_args.gateway.clone(),
+        sim::shutdown_watch(shutdown.clone()),
+        tx,
+    ));
+    tokio::spawn(async move {
+        while let Some(report) = rx.recv().await {
+            sim::print_report(&report);
+        }
+    });
+
+    // Wait until every demo device is in session, then call across gateways.
+    let last_grpc = grpc_addrs.last().context("no gateway")?;
+    let mut gw = ops::gateway_client(&format!("http://{last_grpc}")).await?;
+    let started = std::time::Instant::now();
+    loop {
+        let online = gw
+            .list_devices(trellis_proto::v1::ListDeviceStatesRequest {
+                product_id: 0,
+                online_only: true,
+            })
+            .await
+            .map(|r| r.into_inner().devices.iter().filter(|d| ids.contains(&d.device_id)).count())
+            .unwrap_or(0);
+        if online >= n {
+            println!("demo: all {n} devices in session after {:.1} s", started.elapsed().as_secs_f64());
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60 + n as u64) {
+            anyhow::bail!("only {online} of {n} demo devices came online");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let target = ids.first().context("no demo device")?.clone();
+    let via = grpc_addrs.len();
+    let r = gw
+        .call_function(CallFunctionRequest {
+            device_id: target.clone(),
+            function: "add".into(),
+            argument: "2,3".into(),
+            timeout_ms: 0,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("demo call failed: {}", e.message()))?
+        .into_inner();
+    println!(
+        "demo: operator called add(2,3) on {target} through gateway {} of {via} (the device is on gateway 1): returned {}",
+        r.gateway_id, r.return_value
+    );
+    let v = gw
+        .get_variable(GetVariableRequest {
+            device_id: target.clone(),
+            name: "temp".into(),
+            timeout_ms: 0,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("demo variable read failed: {}", e.message()))?
+        .into_inner();
+    println!("demo: variable temp on {target} = {}", ops::format_value(&v));
+    // Show one event arriving.
+    let mut events = gw
+        .stream_events(trellis_proto::v1::StreamEventsRequest {
+            device_id: String::new(),
+            prefix: String::new(),
+            from_start: true,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("demo events failed: {}", e.message()))?
+        .into_inner();
+    if let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(15), events.message()).await {
+        println!(
+            "demo: event {} from {}: {}",
+            e.name,
+            e.device_id,
+            String::from_utf8_lossy(&e.data)
+        );
+    }
+    println!("demo: done");
+    Ok(())
+}
+
+async fn connect_keyvault(
+    addr: SocketAddr,
+) -> anyhow::Result<trellis_proto::v1::key_vault_client::KeyVaultClient<tonic::transport::Channel>> {
+    let url = format!("http://{addr}");
+    for _ in 0..50 {
+        if let Ok(c) = ops::keyvault_client(&url).await {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ops::keyvault_client(&url).await
+}
