@@ -32,10 +32,10 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
     let image = b"firmware image v7".to_vec();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&image));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(run_fleet(on_a, sim_config(&image), vec![cluster.gateways[0].devices.to_string()], stop_rx.clone(), tx.clone()));
-    tokio::spawn(run_fleet(on_b, sim_config(&image), vec![cluster.gateways[1].devices.to_string()], stop_rx.clone(), tx));
+    tokio::spawn(run_fleet(on_a, sim_config(&image), vec![cluster.gateways[0].devices.to_string()], stop.clone(), tx.clone()));
+    tokio::spawn(run_fleet(on_b, sim_config(&image), vec![cluster.gateways[1].devices.to_string()], stop.clone(), tx));
 
     let mut gw_a = cluster.gateway_client(0).await?;
     let mut gw_b = cluster.gateway_client(1).await?;
@@ -129,7 +129,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
         }
     }
     assert!(connected >= 6, "{connected} handshakes reported");
-    let _ = stop_tx.send(true);
+    stop.cancel();
     cluster.stop().await;
     Ok(())
 }

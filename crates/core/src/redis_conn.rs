@@ -32,6 +32,22 @@ pub async fn connect(url: &str) -> Result<Redis, RedisError> {
         })
 }
 
+/// A connection of its own for blocking reads (XREAD BLOCK): on a shared
+/// multiplexed connection a blocking call would stall every command queued
+/// behind it. The response timeout stays above the longest block we issue
+/// (`BLOCKING_READ_MS`), so a Redis that vanishes is still noticed.
+pub async fn connect_blocking(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(std::time::Duration::from_millis(BLOCKING_READ_MS + 5_000)));
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// How long one blocking stream read waits before it returns empty.
+pub const BLOCKING_READ_MS: u64 = 1_000;
+
 /// Key names. Every record carries the organisation from the start, so
 /// multi-organisation support does not need a data migration.
 pub mod keys {

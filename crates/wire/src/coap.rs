@@ -106,16 +106,28 @@ pub struct CoapMessage {
 
 /// Reads an extended delta or length (RFC 7252 §3.1): nibble 13 adds one byte
 /// (+13), 14 adds two (+269), 15 is reserved and reported by the caller.
-fn read_extended(buf: &[u8], idx: &mut usize, nibble: u8, what: &'static str) -> Result<u32, CoapError> {
+fn read_extended(
+    buf: &[u8],
+    idx: &mut usize,
+    nibble: u8,
+    what: &'static str,
+) -> Result<u32, CoapError> {
     match nibble {
         13 => {
-            let b = *buf.get(*idx).ok_or(CoapError::Truncated { what, offset: *idx })?;
+            let b = *buf
+                .get(*idx)
+                .ok_or(CoapError::Truncated { what, offset: *idx })?;
             *idx += 1;
             Ok(u32::from(b) + 13)
         }
         14 => {
-            let hi = *buf.get(*idx).ok_or(CoapError::Truncated { what, offset: *idx })?;
-            let lo = *buf.get(*idx + 1).ok_or(CoapError::Truncated { what, offset: *idx + 1 })?;
+            let hi = *buf
+                .get(*idx)
+                .ok_or(CoapError::Truncated { what, offset: *idx })?;
+            let lo = *buf.get(*idx + 1).ok_or(CoapError::Truncated {
+                what,
+                offset: *idx + 1,
+            })?;
             *idx += 2;
             Ok(u32::from(u16::from_be_bytes([hi, lo])) + 269)
         }
@@ -140,7 +152,14 @@ fn extended_parts(value: usize) -> (u8, Vec<u8>) {
 impl CoapMessage {
     /// A message with no token, options or payload.
     pub fn new(mtype: MessageType, code: u8, message_id: u16) -> Self {
-        CoapMessage { mtype, code, message_id, token: Vec::new(), options: Vec::new(), payload: Vec::new() }
+        CoapMessage {
+            mtype,
+            code,
+            message_id,
+            token: Vec::new(),
+            options: Vec::new(),
+            payload: Vec::new(),
+        }
     }
 
     /// Parses one message. Deliberately lenient in two ways real peers need:
@@ -164,7 +183,10 @@ impl CoapMessage {
         let message_id = u16::from_be_bytes([buf[2], buf[3]]);
         let token = buf
             .get(4..4 + tkl)
-            .ok_or(CoapError::Truncated { what: "token", offset: buf.len() })?
+            .ok_or(CoapError::Truncated {
+                what: "token",
+                offset: buf.len(),
+            })?
             .to_vec();
 
         let mut idx = 4 + tkl;
@@ -189,15 +211,26 @@ impl CoapMessage {
             let delta = read_extended(buf, &mut idx, delta_nibble, "option delta")?;
             let len = read_extended(buf, &mut idx, len_nibble, "option length")? as usize;
             number += delta;
-            let option_number = u16::try_from(number).map_err(|_| CoapError::OptionNumberOverflow { offset: start })?;
+            let option_number = u16::try_from(number)
+                .map_err(|_| CoapError::OptionNumberOverflow { offset: start })?;
             let value = buf
                 .get(idx..idx + len)
-                .ok_or(CoapError::Truncated { what: "option value", offset: buf.len() })?
+                .ok_or(CoapError::Truncated {
+                    what: "option value",
+                    offset: buf.len(),
+                })?
                 .to_vec();
             idx += len;
             options.push((option_number, value));
         }
-        Ok(CoapMessage { mtype, code, message_id, token, options, payload })
+        Ok(CoapMessage {
+            mtype,
+            code,
+            message_id,
+            token,
+            options,
+            payload,
+        })
     }
 
     /// Serialises the message. Options are written in ascending number order
@@ -205,7 +238,8 @@ impl CoapMessage {
     /// 8 token bytes are written.
     pub fn encode(&self) -> Vec<u8> {
         let token = &self.token[..self.token.len().min(8)];
-        let mut out = Vec::with_capacity(4 + token.len() + self.payload.len() + 8 * self.options.len() + 1);
+        let mut out =
+            Vec::with_capacity(4 + token.len() + self.payload.len() + 8 * self.options.len() + 1);
         out.push((1 << 6) | (self.mtype.bits() << 4) | token.len() as u8);
         out.push(self.code);
         out.extend_from_slice(&self.message_id.to_be_bytes());
@@ -232,7 +266,11 @@ impl CoapMessage {
 
     /// Values of every option with this number, in order.
     pub fn option_values(&self, number: u16) -> Vec<&[u8]> {
-        self.options.iter().filter(|(n, _)| *n == number).map(|(_, v)| v.as_slice()).collect()
+        self.options
+            .iter()
+            .filter(|(n, _)| *n == number)
+            .map(|(_, v)| v.as_slice())
+            .collect()
     }
 
     pub fn uri_path(&self) -> Vec<&[u8]> {

@@ -6,7 +6,9 @@ use thiserror::Error;
 /// Failures of the RSA handshake, on either side.
 #[derive(Debug, Error)]
 pub enum HandshakeError {
-    #[error("handshake plaintext is {len} bytes; at least 52 (nonce 40 + device id 12) are required")]
+    #[error(
+        "handshake plaintext is {len} bytes; at least 52 (nonce 40 + device id 12) are required"
+    )]
     PlaintextTooShort { len: usize },
     #[error("nonce is {len} bytes, expected 40")]
     NonceLength { len: usize },
@@ -18,7 +20,9 @@ pub enum HandshakeError {
     Incomplete { have: usize },
     #[error("handshake ciphertext is {len} bytes, expected 256 (is the cloud key RSA-2048?)")]
     CiphertextLength { len: usize },
-    #[error("encrypted session material is {len} bytes, expected 128 (is the device key RSA-1024?)")]
+    #[error(
+        "encrypted session material is {len} bytes, expected 128 (is the device key RSA-1024?)"
+    )]
     EncryptedMaterialLength { len: usize },
     #[error("server signature is {len} bytes, expected 256 (is the cloud key RSA-2048?)")]
     SignatureLength { len: usize },
@@ -32,7 +36,9 @@ pub enum HandshakeError {
     Decrypt(rsa::Error),
     #[error("RSA signing failed: {0}")]
     Sign(rsa::Error),
-    #[error("server reply signature does not verify under the cloud public key (wrong cloud key or tampered reply)")]
+    #[error(
+        "server reply signature does not verify under the cloud public key (wrong cloud key or tampered reply)"
+    )]
     BadSignature,
     #[error("handshake step out of order: {0}")]
     OutOfOrder(&'static str),
@@ -77,10 +83,20 @@ pub enum CoapError {
 pub enum MessageError {
     #[error("Hello carries device-id length {len}, expected 12")]
     HelloDeviceIdLength { len: usize },
-    #[error("Hello extension at byte {offset} is cut short: {needed} bytes needed, {available} left")]
-    HelloExtensionTruncated { offset: usize, needed: usize, available: usize },
+    #[error(
+        "Hello extension at byte {offset} is cut short: {needed} bytes needed, {available} left"
+    )]
+    HelloExtensionTruncated {
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
     #[error("Hello extension {ext_type:#04x} has length {len}, expected {expected}")]
-    HelloExtensionLength { ext_type: u8, len: usize, expected: usize },
+    HelloExtensionLength {
+        ext_type: u8,
+        len: usize,
+        expected: usize,
+    },
     #[error("UpdateBegin payload is {len} bytes, at least 12 are required")]
     UpdateBeginTooShort { len: usize },
     #[error("UpdateBegin manifest declares {declared} bytes, only {available} follow")]
@@ -100,13 +116,22 @@ pub enum MessageError {
     #[error("empty message (code 0.00) of type {mtype} is not a request")]
     UnexpectedEmpty { mtype: &'static str },
     #[error("no request is {mtype} code {class}.{detail:02} with Uri-Path {path:?}")]
-    UnknownRequest { mtype: &'static str, class: u8, detail: u8, path: String },
+    UnknownRequest {
+        mtype: &'static str,
+        class: u8,
+        detail: u8,
+        path: String,
+    },
     #[error("code {class}.{detail:02} is in a reserved class")]
     ReservedCode { class: u8, detail: u8 },
     #[error("variable type {0} is unknown (1 bool, 2 int32, 4 string, 9 double)")]
     UnknownVariableType(u8),
     #[error("{ty} value is {got} bytes, expected {expected}")]
-    VariableValueLength { ty: &'static str, expected: usize, got: usize },
+    VariableValueLength {
+        ty: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("Describe JSON is invalid: {0}")]
     DescribeJson(String),
 }

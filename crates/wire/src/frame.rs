@@ -18,7 +18,9 @@ type Enc = cbc::Encryptor<Aes128>;
 type Dec = cbc::Decryptor<Aes128>;
 
 fn first_block(ciphertext: &[u8]) -> Option<[u8; BLOCK]> {
-    ciphertext.get(..BLOCK).and_then(|b| <[u8; BLOCK]>::try_from(b).ok())
+    ciphertext
+        .get(..BLOCK)
+        .and_then(|b| <[u8; BLOCK]>::try_from(b).ok())
 }
 
 /// The sending half of a session.
@@ -54,13 +56,19 @@ impl FrameEncoder {
     /// Encrypts and frames one message, refusing one that cannot be framed.
     pub fn try_encode(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, FrameError> {
         if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(FrameError::PlaintextTooLong { len: plaintext.len(), max: MAX_PLAINTEXT_LEN });
+            return Err(FrameError::PlaintextTooLong {
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT_LEN,
+            });
         }
-        let ciphertext = Enc::new(&self.key.into(), &self.iv.into()).encrypt_padded_vec::<Pkcs7>(plaintext);
+        let ciphertext =
+            Enc::new(&self.key.into(), &self.iv.into()).encrypt_padded_vec::<Pkcs7>(plaintext);
         // PKCS#7 always adds at least one block, so both of these hold; fall
         // back to errors rather than panics all the same.
-        let len = u16::try_from(ciphertext.len())
-            .map_err(|_| FrameError::PlaintextTooLong { len: plaintext.len(), max: MAX_PLAINTEXT_LEN })?;
+        let len = u16::try_from(ciphertext.len()).map_err(|_| FrameError::PlaintextTooLong {
+            len: plaintext.len(),
+            max: MAX_PLAINTEXT_LEN,
+        })?;
         self.iv = first_block(&ciphertext).ok_or(FrameError::Empty)?;
         let mut frame = Vec::with_capacity(2 + ciphertext.len());
         frame.extend_from_slice(&len.to_be_bytes());
@@ -97,7 +105,13 @@ impl ZeroizeOnDrop for FrameDecoder {}
 
 impl FrameDecoder {
     pub fn new(key: [u8; 16], iv: [u8; 16], max_frame_len: usize) -> Self {
-        FrameDecoder { key, iv, max_frame_len, buf: Vec::new(), failed: None }
+        FrameDecoder {
+            key,
+            iv,
+            max_frame_len,
+            buf: Vec::new(),
+            failed: None,
+        }
     }
 
     /// The IV the next message will be decrypted with.
@@ -123,7 +137,10 @@ impl FrameDecoder {
             return Err(FrameError::Empty);
         }
         if len > self.max_frame_len {
-            return Err(FrameError::TooLong { len, max: self.max_frame_len });
+            return Err(FrameError::TooLong {
+                len,
+                max: self.max_frame_len,
+            });
         }
         if len % BLOCK != 0 {
             return Err(FrameError::NotBlockAligned { len });
@@ -175,7 +192,9 @@ impl FrameDecoder {
         let Some(next_iv) = first_block(ciphertext) else {
             return Err(self.fail(FrameError::Empty));
         };
-        let plaintext = match Dec::new(&self.key.into(), &self.iv.into()).decrypt_padded_vec::<Pkcs7>(ciphertext) {
+        let plaintext = match Dec::new(&self.key.into(), &self.iv.into())
+            .decrypt_padded_vec::<Pkcs7>(ciphertext)
+        {
             Ok(p) => p,
             Err(_) => return Err(self.fail(FrameError::BadPadding)),
         };

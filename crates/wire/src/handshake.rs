@@ -19,8 +19,8 @@ use crate::error::HandshakeError;
 use crate::frame::SessionCipher;
 use crate::id::DeviceId;
 use crate::{
-    DEFAULT_MAX_FRAME_LEN, DEVICE_ID_LEN, ENCRYPTED_MATERIAL_LEN, HANDSHAKE_CIPHERTEXT_LEN, NONCE_LEN,
-    SERVER_REPLY_LEN, SESSION_MATERIAL_LEN, SIGNATURE_LEN,
+    DEFAULT_MAX_FRAME_LEN, DEVICE_ID_LEN, ENCRYPTED_MATERIAL_LEN, HANDSHAKE_CIPHERTEXT_LEN,
+    NONCE_LEN, SERVER_REPLY_LEN, SESSION_MATERIAL_LEN, SIGNATURE_LEN,
 };
 
 /// The 40 secret bytes the server hands the device: key || IV || salt.
@@ -42,7 +42,11 @@ impl SessionMaterial {
         if bytes.len() != SESSION_MATERIAL_LEN {
             return Err(HandshakeError::MaterialLength { len: bytes.len() });
         }
-        let mut m = SessionMaterial { key: [0; 16], iv: [0; 16], salt: [0; 8] };
+        let mut m = SessionMaterial {
+            key: [0; 16],
+            iv: [0; 16],
+            salt: [0; 8],
+        };
         m.key.copy_from_slice(&bytes[..16]);
         m.iv.copy_from_slice(&bytes[16..32]);
         m.salt.copy_from_slice(&bytes[32..40]);
@@ -60,7 +64,11 @@ impl SessionMaterial {
     pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
         let mut bytes = Zeroizing::new([0u8; SESSION_MATERIAL_LEN]);
         rng.fill_bytes(&mut bytes[..]);
-        let mut m = SessionMaterial { key: [0; 16], iv: [0; 16], salt: [0; 8] };
+        let mut m = SessionMaterial {
+            key: [0; 16],
+            iv: [0; 16],
+            salt: [0; 8],
+        };
         m.key.copy_from_slice(&bytes[..16]);
         m.iv.copy_from_slice(&bytes[16..32]);
         m.salt.copy_from_slice(&bytes[32..40]);
@@ -86,7 +94,10 @@ impl fmt::Debug for HandshakePlaintext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandshakePlaintext")
             .field("device_id", &self.device_id)
-            .field("public_key_der_len", &self.public_key_der.as_ref().map(Vec::len))
+            .field(
+                "public_key_der_len",
+                &self.public_key_der.as_ref().map(Vec::len),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -150,12 +161,19 @@ pub fn encrypt_session_material<R: CryptoRng + ?Sized>(
 }
 
 /// Concatenates `C` (128 bytes) and `S` (256 bytes) into the server reply.
-pub fn assemble_server_reply(encrypted: &[u8], signature: &[u8]) -> Result<[u8; SERVER_REPLY_LEN], HandshakeError> {
+pub fn assemble_server_reply(
+    encrypted: &[u8],
+    signature: &[u8],
+) -> Result<[u8; SERVER_REPLY_LEN], HandshakeError> {
     if encrypted.len() != ENCRYPTED_MATERIAL_LEN {
-        return Err(HandshakeError::EncryptedMaterialLength { len: encrypted.len() });
+        return Err(HandshakeError::EncryptedMaterialLength {
+            len: encrypted.len(),
+        });
     }
     if signature.len() != SIGNATURE_LEN {
-        return Err(HandshakeError::SignatureLength { len: signature.len() });
+        return Err(HandshakeError::SignatureLength {
+            len: signature.len(),
+        });
     }
     let mut reply = [0u8; SERVER_REPLY_LEN];
     reply[..ENCRYPTED_MATERIAL_LEN].copy_from_slice(encrypted);
@@ -166,8 +184,13 @@ pub fn assemble_server_reply(encrypted: &[u8], signature: &[u8]) -> Result<[u8; 
 /// The raw PKCS#1 v1.5 type-1 signature over the HMAC, with no DigestInfo
 /// prefix, as spark-protocol makes it. A pure-Rust reference for tests and
 /// the simulator; keyvault signs with its own backend.
-pub fn sign_session_hmac(cloud_key: &RsaPrivateKey, hmac: &[u8; 20]) -> Result<Vec<u8>, HandshakeError> {
-    cloud_key.sign(Pkcs1v15Sign::new_unprefixed(), hmac).map_err(HandshakeError::Sign)
+pub fn sign_session_hmac(
+    cloud_key: &RsaPrivateKey,
+    hmac: &[u8; 20],
+) -> Result<Vec<u8>, HandshakeError> {
+    cloud_key
+        .sign(Pkcs1v15Sign::new_unprefixed(), hmac)
+        .map_err(HandshakeError::Sign)
 }
 
 /// The device's check of the 384-byte reply: decrypt `C` with its own key,
@@ -181,7 +204,11 @@ pub fn verify_server_reply(
     // rsa 0.10 uses implicit rejection: a bad ciphertext yields a synthetic
     // plaintext, not an error, so the HMAC/signature check below is what
     // catches tampering (and a wrong length is caught by from_bytes).
-    let plaintext = Zeroizing::new(device_priv.decrypt(Pkcs1v15Encrypt, encrypted).map_err(HandshakeError::Decrypt)?);
+    let plaintext = Zeroizing::new(
+        device_priv
+            .decrypt(Pkcs1v15Encrypt, encrypted)
+            .map_err(HandshakeError::Decrypt)?,
+    );
     let material = SessionMaterial::from_bytes(&plaintext)?;
     let hmac = session_hmac(&material, encrypted);
     cloud_pub
@@ -201,7 +228,11 @@ pub struct ServerHandshake {
 
 impl ServerHandshake {
     pub fn new(nonce: [u8; NONCE_LEN]) -> Self {
-        ServerHandshake { nonce, received: Vec::with_capacity(HANDSHAKE_CIPHERTEXT_LEN), max_frame_len: DEFAULT_MAX_FRAME_LEN }
+        ServerHandshake {
+            nonce,
+            received: Vec::with_capacity(HANDSHAKE_CIPHERTEXT_LEN),
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
     }
 
     /// Sets the frame-length limit of the session cipher `accept` returns.
@@ -217,9 +248,14 @@ impl ServerHandshake {
 
     /// Feeds bytes from the device; returns the whole ciphertext once all 256
     /// bytes are in. The device may not send anything else before our reply.
-    pub fn receive(&mut self, input: &[u8]) -> Result<Option<[u8; HANDSHAKE_CIPHERTEXT_LEN]>, HandshakeError> {
+    pub fn receive(
+        &mut self,
+        input: &[u8],
+    ) -> Result<Option<[u8; HANDSHAKE_CIPHERTEXT_LEN]>, HandshakeError> {
         let total = self.received.len() + input.len();
-        if total > HANDSHAKE_CIPHERTEXT_LEN || (self.received.len() == HANDSHAKE_CIPHERTEXT_LEN && !input.is_empty()) {
+        if total > HANDSHAKE_CIPHERTEXT_LEN
+            || (self.received.len() == HANDSHAKE_CIPHERTEXT_LEN && !input.is_empty())
+        {
             return Err(HandshakeError::TooMuchInput { len: total });
         }
         self.received.extend_from_slice(input);
@@ -233,14 +269,23 @@ impl ServerHandshake {
 
     /// Completes the handshake with the material the caller chose and the
     /// reply it built (`C || S`).
-    pub fn accept(self, material: SessionMaterial, reply: &[u8]) -> Result<(Vec<u8>, SessionCipher), HandshakeError> {
+    pub fn accept(
+        self,
+        material: SessionMaterial,
+        reply: &[u8],
+    ) -> Result<(Vec<u8>, SessionCipher), HandshakeError> {
         if self.received.len() != HANDSHAKE_CIPHERTEXT_LEN {
-            return Err(HandshakeError::Incomplete { have: self.received.len() });
+            return Err(HandshakeError::Incomplete {
+                have: self.received.len(),
+            });
         }
         if reply.len() != SERVER_REPLY_LEN {
             return Err(HandshakeError::ReplyLength { len: reply.len() });
         }
-        Ok((reply.to_vec(), SessionCipher::new(&material, self.max_frame_len)))
+        Ok((
+            reply.to_vec(),
+            SessionCipher::new(&material, self.max_frame_len),
+        ))
     }
 }
 
@@ -260,8 +305,19 @@ pub struct DeviceHandshake {
 }
 
 impl DeviceHandshake {
-    pub fn new(device_id: DeviceId, device_key: RsaPrivateKey, cloud_key: RsaPublicKey, send_public_key: bool) -> Self {
-        DeviceHandshake { device_id, device_key, cloud_key, send_public_key, state: DeviceState::AwaitingNonce }
+    pub fn new(
+        device_id: DeviceId,
+        device_key: RsaPrivateKey,
+        cloud_key: RsaPublicKey,
+        send_public_key: bool,
+    ) -> Self {
+        DeviceHandshake {
+            device_id,
+            device_key,
+            cloud_key,
+            send_public_key,
+            state: DeviceState::AwaitingNonce,
+        }
     }
 
     pub fn device_id(&self) -> DeviceId {
@@ -270,12 +326,17 @@ impl DeviceHandshake {
 
     /// Answers the server's nonce with the 256 bytes to send in ONE write
     /// (spark-protocol decrypts only its first read).
-    pub fn on_nonce<R: CryptoRng + ?Sized>(&mut self, nonce: &[u8], rng: &mut R) -> Result<Vec<u8>, HandshakeError> {
+    pub fn on_nonce<R: CryptoRng + ?Sized>(
+        &mut self,
+        nonce: &[u8],
+        rng: &mut R,
+    ) -> Result<Vec<u8>, HandshakeError> {
         if !matches!(self.state, DeviceState::AwaitingNonce) {
             return Err(HandshakeError::OutOfOrder("nonce received twice"));
         }
-        let nonce: [u8; NONCE_LEN] =
-            nonce.try_into().map_err(|_| HandshakeError::NonceLength { len: nonce.len() })?;
+        let nonce: [u8; NONCE_LEN] = nonce
+            .try_into()
+            .map_err(|_| HandshakeError::NonceLength { len: nonce.len() })?;
         let public_key_der = if self.send_public_key {
             let der = self
                 .device_key
@@ -286,13 +347,21 @@ impl DeviceHandshake {
         } else {
             None
         };
-        let plaintext = HandshakePlaintext { nonce, device_id: self.device_id, public_key_der };
+        let plaintext = HandshakePlaintext {
+            nonce,
+            device_id: self.device_id,
+            public_key_der,
+        };
         let ciphertext = self
             .cloud_key
             .encrypt(rng, Pkcs1v15Encrypt, &plaintext.to_bytes())
             .map_err(HandshakeError::Encrypt)?;
-        if ciphertext.len() != HANDSHAKE_CIPHERTEXT_LEN || self.cloud_key.size() != HANDSHAKE_CIPHERTEXT_LEN {
-            return Err(HandshakeError::CiphertextLength { len: ciphertext.len() });
+        if ciphertext.len() != HANDSHAKE_CIPHERTEXT_LEN
+            || self.cloud_key.size() != HANDSHAKE_CIPHERTEXT_LEN
+        {
+            return Err(HandshakeError::CiphertextLength {
+                len: ciphertext.len(),
+            });
         }
         self.state = DeviceState::AwaitingReply;
         Ok(ciphertext)
@@ -301,12 +370,17 @@ impl DeviceHandshake {
     /// Checks the server's 384-byte reply and returns the session material.
     pub fn on_reply(&mut self, reply: &[u8]) -> Result<SessionMaterial, HandshakeError> {
         match self.state {
-            DeviceState::AwaitingNonce => return Err(HandshakeError::OutOfOrder("server reply before the nonce")),
-            DeviceState::Done => return Err(HandshakeError::OutOfOrder("server reply received twice")),
+            DeviceState::AwaitingNonce => {
+                return Err(HandshakeError::OutOfOrder("server reply before the nonce"));
+            }
+            DeviceState::Done => {
+                return Err(HandshakeError::OutOfOrder("server reply received twice"));
+            }
             DeviceState::AwaitingReply => {}
         }
-        let reply: &[u8; SERVER_REPLY_LEN] =
-            reply.try_into().map_err(|_| HandshakeError::ReplyLength { len: reply.len() })?;
+        let reply: &[u8; SERVER_REPLY_LEN] = reply
+            .try_into()
+            .map_err(|_| HandshakeError::ReplyLength { len: reply.len() })?;
         let material = verify_server_reply(&self.cloud_key, &self.device_key, reply)?;
         self.state = DeviceState::Done;
         Ok(material)

@@ -2,9 +2,9 @@
 //! bytes) and gained Trellis extensions; one parser accepts every prefix so a
 //! gateway can talk to all of them.
 
+use crate::DEVICE_ID_LEN;
 use crate::error::MessageError;
 use crate::id::DeviceId;
-use crate::DEVICE_ID_LEN;
 
 /// Hello flag bit 0: running an update applied since the last session.
 pub const FLAG_UPDATED: u8 = 1;
@@ -39,12 +39,17 @@ impl Hello {
             device_id: None,
             firmware_sha256: None,
         };
-        let Some(id_len) = be16(payload, 8) else { return Ok(h) };
+        let Some(id_len) = be16(payload, 8) else {
+            return Ok(h);
+        };
         let id_len = usize::from(id_len);
         if id_len != DEVICE_ID_LEN {
             return Err(MessageError::HelloDeviceIdLength { len: id_len });
         }
-        let Some(id) = payload.get(10..10 + DEVICE_ID_LEN).and_then(DeviceId::from_slice) else {
+        let Some(id) = payload
+            .get(10..10 + DEVICE_ID_LEN)
+            .and_then(DeviceId::from_slice)
+        else {
             return Ok(h);
         };
         h.device_id = Some(id);
@@ -53,16 +58,29 @@ impl Hello {
         while at < payload.len() {
             let available = payload.len() - at;
             if available < 2 {
-                return Err(MessageError::HelloExtensionTruncated { offset: at, needed: 2, available });
+                return Err(MessageError::HelloExtensionTruncated {
+                    offset: at,
+                    needed: 2,
+                    available,
+                });
             }
             let ext_type = payload[at];
             let len = usize::from(payload[at + 1]);
             let Some(value) = payload.get(at + 2..at + 2 + len) else {
-                return Err(MessageError::HelloExtensionTruncated { offset: at, needed: 2 + len, available });
+                return Err(MessageError::HelloExtensionTruncated {
+                    offset: at,
+                    needed: 2 + len,
+                    available,
+                });
             };
             if ext_type == EXT_FIRMWARE_SHA256 {
-                let sha = <[u8; 32]>::try_from(value)
-                    .map_err(|_| MessageError::HelloExtensionLength { ext_type, len, expected: 32 })?;
+                let sha = <[u8; 32]>::try_from(value).map_err(|_| {
+                    MessageError::HelloExtensionLength {
+                        ext_type,
+                        len,
+                        expected: 32,
+                    }
+                })?;
                 h.firmware_sha256 = Some(sha);
             }
             at += 2 + len;

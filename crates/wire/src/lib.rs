@@ -18,9 +18,8 @@ pub use counter::{IncomingCounter, OutgoingCounter};
 pub use error::{CoapError, CounterError, FrameError, HandshakeError, MessageError, WireError};
 pub use frame::{FrameDecoder, FrameEncoder, SessionCipher};
 pub use handshake::{
-    DeviceHandshake, HandshakePlaintext, ServerHandshake, SessionMaterial,
-    assemble_server_reply, encrypt_session_material, nonce_matches, session_hmac,
-    sign_session_hmac, verify_server_reply,
+    DeviceHandshake, HandshakePlaintext, ServerHandshake, SessionMaterial, assemble_server_reply,
+    encrypt_session_material, nonce_matches, session_hmac, sign_session_hmac, verify_server_reply,
 };
 pub use hello::Hello;
 pub use id::{DeviceId, DeviceIdError};

@@ -17,12 +17,16 @@ const ACK: MessageType = MessageType::Acknowledgement;
 
 /// Device → server Hello: NON POST `h`, no token.
 pub fn hello_device(id: u16, hello: &Hello) -> CoapMessage {
-    CoapMessage::new(NON, code::POST, id).with_option(OPTION_URI_PATH, b"h").with_payload(&hello.encode())
+    CoapMessage::new(NON, code::POST, id)
+        .with_option(OPTION_URI_PATH, b"h")
+        .with_payload(&hello.encode())
 }
 
 /// Server → device Hello: NON POST `h`, one-byte token, no payload.
 pub fn hello_server(id: u16, token: u8) -> CoapMessage {
-    CoapMessage::new(NON, code::POST, id).with_token(&[token]).with_option(OPTION_URI_PATH, b"h")
+    CoapMessage::new(NON, code::POST, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"h")
 }
 
 /// CON EMPTY: keepalive.
@@ -47,12 +51,16 @@ pub fn event_slowdown(id: u16) -> CoapMessage {
 
 /// CON GET `d`.
 pub fn describe(id: u16, token: u8) -> CoapMessage {
-    CoapMessage::new(CON, code::GET, id).with_token(&[token]).with_option(OPTION_URI_PATH, b"d")
+    CoapMessage::new(CON, code::GET, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"d")
 }
 
 /// NON CHANGED carrying the Describe JSON.
 pub fn describe_reply(id: u16, token: &[u8], json: &[u8]) -> CoapMessage {
-    CoapMessage::new(NON, code::CHANGED, id).with_token(token).with_payload(json)
+    CoapMessage::new(NON, code::CHANGED, id)
+        .with_token(token)
+        .with_payload(json)
 }
 
 /// CON POST `f/<name>`, the argument split on `&` into Uri-Query options.
@@ -71,7 +79,9 @@ pub fn function_call(id: u16, token: u8, name: &str, argument: &[u8]) -> CoapMes
 
 /// NON CHANGED with the i32 result, big-endian.
 pub fn function_return(id: u16, token: &[u8], value: i32) -> CoapMessage {
-    CoapMessage::new(NON, code::CHANGED, id).with_token(token).with_payload(&value.to_be_bytes())
+    CoapMessage::new(NON, code::CHANGED, id)
+        .with_token(token)
+        .with_payload(&value.to_be_bytes())
 }
 
 /// CON GET `v/<name>`.
@@ -84,7 +94,9 @@ pub fn variable_request(id: u16, token: u8, name: &str) -> CoapMessage {
 
 /// ACK CONTENT piggybacked on the request's id.
 pub fn variable_value(request_id: u16, token: &[u8], value: &[u8]) -> CoapMessage {
-    CoapMessage::new(ACK, code::CONTENT, request_id).with_token(token).with_payload(value)
+    CoapMessage::new(ACK, code::CONTENT, request_id)
+        .with_token(token)
+        .with_payload(value)
 }
 
 /// NON POST `e/<name>` (public) or `E/<name>` (private): the whole name,
@@ -106,12 +118,16 @@ pub fn subscribe(id: u16, token: u8, prefix: &str) -> CoapMessage {
 
 /// CON GET `t`.
 pub fn get_time(id: u16, token: u8) -> CoapMessage {
-    CoapMessage::new(CON, code::GET, id).with_token(&[token]).with_option(OPTION_URI_PATH, b"t")
+    CoapMessage::new(CON, code::GET, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"t")
 }
 
 /// ACK CONTENT with the u32 unix time.
 pub fn time_reply(request_id: u16, token: &[u8], unix: u32) -> CoapMessage {
-    CoapMessage::new(ACK, code::CONTENT, request_id).with_token(token).with_payload(&unix.to_be_bytes())
+    CoapMessage::new(ACK, code::CONTENT, request_id)
+        .with_token(token)
+        .with_payload(&unix.to_be_bytes())
 }
 
 /// CON POST `u`.
@@ -155,7 +171,9 @@ pub fn chunk_missed(id: u16, token: u8, indexes: &[u16]) -> CoapMessage {
 
 /// CON PUT `u`: the image is complete.
 pub fn update_done(id: u16, token: u8) -> CoapMessage {
-    CoapMessage::new(CON, code::PUT, id).with_token(&[token]).with_option(OPTION_URI_PATH, b"u")
+    CoapMessage::new(CON, code::PUT, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"u")
 }
 
 /// ACK CHANGED for UpdateDone, as the firmware sends it.
@@ -169,10 +187,21 @@ pub enum Request {
     Hello(Hello),
     Ping,
     Describe,
-    FunctionCall { name: String, argument: Vec<u8> },
-    VariableRequest { name: String },
-    Event { public: bool, name: String, data: Vec<u8> },
-    Subscribe { prefix: String },
+    FunctionCall {
+        name: String,
+        argument: Vec<u8>,
+    },
+    VariableRequest {
+        name: String,
+    },
+    Event {
+        public: bool,
+        name: String,
+        data: Vec<u8>,
+    },
+    Subscribe {
+        prefix: String,
+    },
     GetTime,
     UpdateBegin(UpdateBegin),
     Chunk(Chunk),
@@ -222,7 +251,9 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
     if m.code == code::EMPTY {
         return match m.mtype {
             MessageType::Confirmable => Ok(Incoming::Request(Request::Ping)),
-            other => Err(MessageError::UnexpectedEmpty { mtype: other.name() }),
+            other => Err(MessageError::UnexpectedEmpty {
+                mtype: other.name(),
+            }),
         };
     }
     let path = m.uri_path();
@@ -234,14 +265,20 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
             name: name_after_first(&path, "function")?,
             argument: join_queries(m),
         },
-        (code::GET, b"v") => Request::VariableRequest { name: name_after_first(&path, "variable")? },
+        (code::GET, b"v") => Request::VariableRequest {
+            name: name_after_first(&path, "variable")?,
+        },
         (code::POST, b"e") | (code::POST, b"E") => Request::Event {
             public: first == b"e",
             name: name_after_first(&path, "event")?,
             data: m.payload.clone(),
         },
         (code::GET, b"e") => Request::Subscribe {
-            prefix: if path.len() > 1 { name_after_first(&path, "subscription")? } else { String::new() },
+            prefix: if path.len() > 1 {
+                name_after_first(&path, "subscription")?
+            } else {
+                String::new()
+            },
         },
         (code::GET, b"t") => Request::GetTime,
         (code::POST, b"u") => Request::UpdateBegin(UpdateBegin::parse(&m.payload)?),
@@ -249,16 +286,27 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
         (code::POST, b"c") => Request::Chunk(parse_chunk(m)?),
         (code::GET, b"c") => {
             if !m.payload.len().is_multiple_of(2) {
-                return Err(MessageError::ChunkMissedLength { len: m.payload.len() });
+                return Err(MessageError::ChunkMissedLength {
+                    len: m.payload.len(),
+                });
             }
-            Request::ChunkMissed(m.payload.chunks_exact(2).map(|p| u16::from_be_bytes([p[0], p[1]])).collect())
+            Request::ChunkMissed(
+                m.payload
+                    .chunks_exact(2)
+                    .map(|p| u16::from_be_bytes([p[0], p[1]]))
+                    .collect(),
+            )
         }
         _ => {
             return Err(MessageError::UnknownRequest {
                 mtype: m.mtype.name(),
                 class,
                 detail,
-                path: path.iter().map(|s| String::from_utf8_lossy(s)).collect::<Vec<_>>().join("/"),
+                path: path
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s))
+                    .collect::<Vec<_>>()
+                    .join("/"),
             });
         }
     };
@@ -268,14 +316,20 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
 fn parse_chunk(m: &CoapMessage) -> Result<Chunk, MessageError> {
     let queries = m.uri_query();
     let crc_bytes = queries.first().ok_or(MessageError::ChunkMissingCrc)?;
-    let crc = <[u8; 4]>::try_from(*crc_bytes).map_err(|_| MessageError::ChunkCrcLength { len: crc_bytes.len() })?;
+    let crc = <[u8; 4]>::try_from(*crc_bytes).map_err(|_| MessageError::ChunkCrcLength {
+        len: crc_bytes.len(),
+    })?;
     let index = match queries.get(1) {
         None => None,
         Some(b) => Some(u16::from_be_bytes(
             <[u8; 2]>::try_from(*b).map_err(|_| MessageError::ChunkIndexLength { len: b.len() })?,
         )),
     };
-    Ok(Chunk { crc: u32::from_be_bytes(crc), index, data: m.payload.clone() })
+    Ok(Chunk {
+        crc: u32::from_be_bytes(crc),
+        index,
+        data: m.payload.clone(),
+    })
 }
 
 /// A variable's type as Describe announces it.
@@ -349,7 +403,11 @@ impl fmt::Display for VariableValue {
 }
 
 fn fixed<const N: usize>(ty: VariableType, bytes: &[u8]) -> Result<[u8; N], MessageError> {
-    <[u8; N]>::try_from(bytes).map_err(|_| MessageError::VariableValueLength { ty: ty.name(), expected: N, got: bytes.len() })
+    <[u8; N]>::try_from(bytes).map_err(|_| MessageError::VariableValueLength {
+        ty: ty.name(),
+        expected: N,
+        got: bytes.len(),
+    })
 }
 
 /// Decodes a variable's wire value (double is little-endian, as devices send it).
@@ -387,20 +445,29 @@ fn json_string(s: &str) -> String {
 impl Describe {
     pub fn to_json(&self) -> Vec<u8> {
         let f: Vec<String> = self.functions.iter().map(|n| json_string(n)).collect();
-        let v: Vec<String> =
-            self.variables.iter().map(|(n, t)| format!("{}:{}", json_string(n), t.code())).collect();
+        let v: Vec<String> = self
+            .variables
+            .iter()
+            .map(|(n, t)| format!("{}:{}", json_string(n), t.code()))
+            .collect();
         format!("{{\"f\":[{}],\"v\":{{{}}}}}", f.join(","), v.join(",")).into_bytes()
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, MessageError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let d = de.deserialize_map(DescribeVisitor).map_err(|e| MessageError::DescribeJson(e.to_string()))?;
-        de.end().map_err(|e| MessageError::DescribeJson(e.to_string()))?;
+        let d = de
+            .deserialize_map(DescribeVisitor)
+            .map_err(|e| MessageError::DescribeJson(e.to_string()))?;
+        de.end()
+            .map_err(|e| MessageError::DescribeJson(e.to_string()))?;
         Ok(d)
     }
 
     pub fn variable_type(&self, name: &str) -> Option<VariableType> {
-        self.variables.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+        self.variables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
     }
 }
 
@@ -435,7 +502,8 @@ impl<'de> Visitor<'de> for DescribeVisitor {
 
 impl<'de> de::Deserialize<'de> for VariablesInOrder {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(VariablesVisitor)
+        // `any`, not `map`: some firmware sends `[]` for no variables.
+        d.deserialize_any(VariablesVisitor)
     }
 }
 

@@ -24,12 +24,20 @@ impl UpdateBegin {
         let rest = &payload[12..];
         let manifest = match rest {
             [] => None,
-            [_] => return Err(MessageError::ManifestTruncated { declared: 2, available: 1 }),
+            [_] => {
+                return Err(MessageError::ManifestTruncated {
+                    declared: 2,
+                    available: 1,
+                });
+            }
             [hi, lo, body @ ..] => {
                 let declared = usize::from(u16::from_be_bytes([*hi, *lo]));
                 let m = body
                     .get(..declared)
-                    .ok_or(MessageError::ManifestTruncated { declared, available: body.len() })?;
+                    .ok_or(MessageError::ManifestTruncated {
+                        declared,
+                        available: body.len(),
+                    })?;
                 Some(m.to_vec())
             }
         };
@@ -88,7 +96,11 @@ pub struct Chunk {
 impl Chunk {
     /// A chunk with its CRC computed over `data`.
     pub fn new(index: Option<u16>, data: Vec<u8>) -> Self {
-        Chunk { crc: chunk_crc(&data), index, data }
+        Chunk {
+            crc: chunk_crc(&data),
+            index,
+            data,
+        }
     }
 
     pub fn crc_ok(&self) -> bool {

@@ -11,19 +11,26 @@ use serde_json::Value;
 use trellis_wire::coap::{CoapMessage, code};
 use trellis_wire::frame::{FrameDecoder, FrameEncoder};
 use trellis_wire::handshake::{
-    HandshakePlaintext, SessionMaterial, assemble_server_reply, session_hmac, sign_session_hmac, verify_server_reply,
+    HandshakePlaintext, SessionMaterial, assemble_server_reply, session_hmac, sign_session_hmac,
+    verify_server_reply,
 };
-use trellis_wire::message::{self, Describe, Incoming, Request, VariableType, VariableValue, classify, decode_value};
+use trellis_wire::message::{
+    self, Describe, Incoming, Request, VariableType, VariableValue, classify, decode_value,
+};
 use trellis_wire::ota::{UpdateBegin, chunk_crc, padded_chunks};
 use trellis_wire::{DeviceId, Hello};
 
 fn load(name: &str) -> Option<Value> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors");
     if !dir.is_dir() {
-        eprintln!("!!!!! SKIPPING VECTOR TEST: {} does not exist !!!!!", dir.display());
+        eprintln!(
+            "!!!!! SKIPPING VECTOR TEST: {} does not exist !!!!!",
+            dir.display()
+        );
         return None;
     }
-    let text = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+    let text =
+        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
     Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {name}: {e}")))
 }
 
@@ -37,7 +44,9 @@ fn arr<const N: usize>(v: &Value) -> [u8; N] {
 
 fn private_key(pem: &Value) -> PrivateKey {
     let pem = pem.as_str().expect("pem");
-    PrivateKey::from_pkcs8_pem(pem).or_else(|_| PrivateKey::from_pkcs1_pem(pem)).expect("private key")
+    PrivateKey::from_pkcs8_pem(pem)
+        .or_else(|_| PrivateKey::from_pkcs1_pem(pem))
+        .expect("private key")
 }
 
 fn public_key(pem: &Value) -> PublicKey {
@@ -46,7 +55,14 @@ fn public_key(pem: &Value) -> PublicKey {
 
 /// Encodes the CoAP bytes with the given IV, checks the frame and the next
 /// IV, then decodes the frame and checks the CoAP message re-encodes exactly.
-fn check_frame(key: [u8; 16], iv: [u8; 16], coap: &[u8], frame: &[u8], next_iv: [u8; 16], what: &str) -> CoapMessage {
+fn check_frame(
+    key: [u8; 16],
+    iv: [u8; 16],
+    coap: &[u8],
+    frame: &[u8],
+    next_iv: [u8; 16],
+    what: &str,
+) -> CoapMessage {
     let mut enc = FrameEncoder::new(key, iv);
     assert_eq!(enc.encode(coap), frame, "{what}: frame");
     assert_eq!(enc.iv(), next_iv, "{what}: encoder IV after");
@@ -65,7 +81,9 @@ fn check_frame(key: [u8; 16], iv: [u8; 16], coap: &[u8], frame: &[u8], next_iv: 
 
 #[test]
 fn protocol_v1_handshake() {
-    let Some(v) = load("protocol-v1.json") else { return };
+    let Some(v) = load("protocol-v1.json") else {
+        return;
+    };
     let cloud_priv = private_key(&v["cloud_private_pem"]);
     let cloud_pub = public_key(&v["cloud_public_pem"]);
     let device_priv = private_key(&v["device_private_pem"]);
@@ -77,13 +95,19 @@ fn protocol_v1_handshake() {
     let plaintext = h(&v["device_plaintext"]);
     let parsed = HandshakePlaintext::parse(&plaintext).expect("plaintext");
     assert_eq!(parsed.nonce, arr::<40>(&v["nonce"]));
-    assert_eq!(parsed.device_id.to_string(), v["device_id"].as_str().expect("id"));
+    assert_eq!(
+        parsed.device_id.to_string(),
+        v["device_id"].as_str().expect("id")
+    );
     assert_eq!(parsed.to_bytes(), plaintext);
     let der = rsa::pkcs8::EncodePublicKey::to_public_key_der(&device_pub).expect("der");
     assert_eq!(parsed.public_key_der.as_deref(), Some(der.as_bytes()));
     let ct = h(&v["device_ciphertext"]);
     assert_eq!(ct.len(), 256);
-    assert_eq!(cloud_priv.decrypt(Pkcs1v15Encrypt, &ct).expect("decrypt"), plaintext);
+    assert_eq!(
+        cloud_priv.decrypt(Pkcs1v15Encrypt, &ct).expect("decrypt"),
+        plaintext
+    );
 
     // Step 4: material, HMAC, the deterministic signature, the reply.
     let material = SessionMaterial::from_bytes(&h(&v["session_material"])).expect("material");
@@ -91,7 +115,10 @@ fn protocol_v1_handshake() {
     assert_eq!(material.iv, arr::<16>(&v["session_iv"]));
     assert_eq!(material.salt, arr::<8>(&v["session_salt"]));
     let c = h(&v["session_ciphertext"]);
-    assert_eq!(device_priv.decrypt(Pkcs1v15Encrypt, &c).expect("decrypt C"), h(&v["session_material"]));
+    assert_eq!(
+        device_priv.decrypt(Pkcs1v15Encrypt, &c).expect("decrypt C"),
+        h(&v["session_material"])
+    );
     let hmac = session_hmac(&material, &c);
     assert_eq!(hmac.to_vec(), h(&v["session_hmac_sha1"]));
     let sig = sign_session_hmac(&cloud_priv, &hmac).expect("sign");
@@ -104,7 +131,9 @@ fn protocol_v1_handshake() {
 
 #[test]
 fn protocol_v1_conversation() {
-    let Some(v) = load("protocol-v1.json") else { return };
+    let Some(v) = load("protocol-v1.json") else {
+        return;
+    };
     let key = arr::<16>(&v["session_key"]);
     let device_id: DeviceId = v["device_id"].as_str().expect("id").parse().expect("id");
     let sha = arr::<32>(&v["image_sha256"]);
@@ -114,7 +143,14 @@ fn protocol_v1_conversation() {
     for (i, m) in conv.iter().enumerate() {
         let what = format!("#{i} {}", m["what"]);
         let coap = h(&m["coap"]);
-        let msg = check_frame(key, arr(&m["iv_before"]), &coap, &h(&m["frame"]), arr(&m["iv_after"]), &what);
+        let msg = check_frame(
+            key,
+            arr(&m["iv_before"]),
+            &coap,
+            &h(&m["frame"]),
+            arr(&m["iv_after"]),
+            &what,
+        );
         messages.push((coap, msg));
     }
     // Each direction chains from its own previous frame.
@@ -144,7 +180,10 @@ fn protocol_v1_conversation() {
             &[2],
             &Describe {
                 functions: vec!["led".into(), "add".into()],
-                variables: vec![("uptime".into(), VariableType::Int), ("temp".into(), VariableType::Double)],
+                variables: vec![
+                    ("uptime".into(), VariableType::Int),
+                    ("temp".into(), VariableType::Double),
+                ],
             }
             .to_json(),
         ),
@@ -152,7 +191,11 @@ fn protocol_v1_conversation() {
         message::function_call(40002, 3, "add", b"2,3"),
         message::function_return(1003, &[3], 5),
         message::variable_request(40003, 4, "temp"),
-        message::variable_value(40003, &[4], &trellis_wire::message::encode_value(&VariableValue::Double(21.5))),
+        message::variable_value(
+            40003,
+            &[4],
+            &trellis_wire::message::encode_value(&VariableValue::Double(21.5)),
+        ),
         message::ping(1004),
         message::ping_ack(1004, &[]),
     ];
@@ -161,18 +204,36 @@ fn protocol_v1_conversation() {
         assert_eq!(decoded, b, "decoded #{i}");
     }
 
-    let kinds: Vec<Incoming> = messages.iter().map(|(_, m)| classify(m).expect("classify")).collect();
+    let kinds: Vec<Incoming> = messages
+        .iter()
+        .map(|(_, m)| classify(m).expect("classify"))
+        .collect();
     assert_eq!(kinds[0], Incoming::Request(Request::Hello(hello)));
     assert!(matches!(kinds[1], Incoming::Request(Request::Hello(_))));
     assert_eq!(kinds[2], Incoming::Request(Request::Describe));
     assert_eq!(kinds[3], Incoming::Response);
     assert_eq!(
         kinds[4],
-        Incoming::Request(Request::Event { public: true, name: "temperature".into(), data: b"21.5".to_vec() })
+        Incoming::Request(Request::Event {
+            public: true,
+            name: "temperature".into(),
+            data: b"21.5".to_vec()
+        })
     );
-    assert_eq!(kinds[5], Incoming::Request(Request::FunctionCall { name: "add".into(), argument: b"2,3".to_vec() }));
+    assert_eq!(
+        kinds[5],
+        Incoming::Request(Request::FunctionCall {
+            name: "add".into(),
+            argument: b"2,3".to_vec()
+        })
+    );
     assert_eq!(kinds[6], Incoming::Response);
-    assert_eq!(kinds[7], Incoming::Request(Request::VariableRequest { name: "temp".into() }));
+    assert_eq!(
+        kinds[7],
+        Incoming::Request(Request::VariableRequest {
+            name: "temp".into()
+        })
+    );
     assert_eq!(kinds[8], Incoming::Response);
     assert_eq!(kinds[9], Incoming::Request(Request::Ping));
     assert_eq!(kinds[10], Incoming::Response);
@@ -180,12 +241,17 @@ fn protocol_v1_conversation() {
     let d = Describe::from_json(&messages[3].1.payload).expect("describe");
     assert_eq!(d.to_json(), messages[3].1.payload);
     assert_eq!(messages[6].1.payload, 5i32.to_be_bytes());
-    assert_eq!(decode_value(VariableType::Double, &messages[8].1.payload).expect("double"), VariableValue::Double(21.5));
+    assert_eq!(
+        decode_value(VariableType::Double, &messages[8].1.payload).expect("double"),
+        VariableValue::Double(21.5)
+    );
 }
 
 #[test]
 fn spark_0_1_6_handshake() {
-    let Some(v) = load("spark-protocol-0.1.6.json") else { return };
+    let Some(v) = load("spark-protocol-0.1.6.json") else {
+        return;
+    };
     let hs = &v["handshake"];
     let server_priv = private_key(&v["keys"]["server_private"]);
     let server_pub = public_key(&v["keys"]["server_public"]);
@@ -195,9 +261,17 @@ fn spark_0_1_6_handshake() {
     let plaintext = h(&hs["device_plaintext"]["hex"]);
     let parsed = HandshakePlaintext::parse(&plaintext).expect("plaintext");
     assert_eq!(parsed.nonce, arr::<40>(&hs["nonce"]));
-    assert_eq!(parsed.device_id.to_string(), hs["device_id"].as_str().expect("id"));
+    assert_eq!(
+        parsed.device_id.to_string(),
+        hs["device_id"].as_str().expect("id")
+    );
     assert_eq!(parsed.public_key_der, Some(h(&hs["device_public_key_der"])));
-    assert_eq!(server_priv.decrypt(Pkcs1v15Encrypt, &h(&hs["device_ciphertext"]["hex"])).expect("dec"), plaintext);
+    assert_eq!(
+        server_priv
+            .decrypt(Pkcs1v15Encrypt, &h(&hs["device_ciphertext"]["hex"]))
+            .expect("dec"),
+        plaintext
+    );
 
     // The 52-byte form of the first Spark Cores.
     let short = HandshakePlaintext::parse(&plaintext[..52]).expect("52 bytes");
@@ -206,7 +280,10 @@ fn spark_0_1_6_handshake() {
     let material = SessionMaterial::from_bytes(&h(&hs["session"]["hex"])).expect("material");
     let reply = &hs["server_reply"];
     let c = h(&reply["ciphertext"]);
-    assert_eq!(device_priv.decrypt(Pkcs1v15Encrypt, &c).expect("C"), h(&hs["session"]["hex"]));
+    assert_eq!(
+        device_priv.decrypt(Pkcs1v15Encrypt, &c).expect("C"),
+        h(&hs["session"]["hex"])
+    );
     let hmac = session_hmac(&material, &c);
     assert_eq!(hmac.to_vec(), h(&reply["hmac"]["hex"]));
     let sig = sign_session_hmac(&server_priv, &hmac).expect("sign");
@@ -219,7 +296,9 @@ fn spark_0_1_6_handshake() {
 
 #[test]
 fn spark_0_1_6_transcript() {
-    let Some(v) = load("spark-protocol-0.1.6.json") else { return };
+    let Some(v) = load("spark-protocol-0.1.6.json") else {
+        return;
+    };
     let session = h(&v["handshake"]["session"]["hex"]);
     let material = SessionMaterial::from_bytes(&session).expect("material");
     let mut ivs = [material.iv, material.iv]; // device->server, server->device
@@ -229,11 +308,22 @@ fn spark_0_1_6_transcript() {
         let dir = usize::from(t["dir"] != "device->server");
         assert_eq!(arr::<16>(&t["iv"]), ivs[dir], "{what}: IV chain");
         let coap = h(&t["coap"]);
-        let m = check_frame(material.key, arr(&t["iv"]), &coap, &h(&t["frame"]), arr(&t["next_iv"]), &what);
+        let m = check_frame(
+            material.key,
+            arr(&t["iv"]),
+            &coap,
+            &h(&t["frame"]),
+            arr(&t["next_iv"]),
+            &what,
+        );
         ivs[dir] = arr(&t["next_iv"]);
         // Header fields as the original decoded them.
         let d = &t["coap_decoded"];
-        assert_eq!(u64::from(m.message_id), d["id"].as_u64().expect("id"), "{what}");
+        assert_eq!(
+            u64::from(m.message_id),
+            d["id"].as_u64().expect("id"),
+            "{what}"
+        );
         assert_eq!(m.token, h(&d["token"]), "{what}");
         assert_eq!(m.payload, h(&d["payload"]), "{what}");
         let opts: Vec<(u16, Vec<u8>)> = d["options"]
@@ -246,26 +336,55 @@ fn spark_0_1_6_transcript() {
         msgs.push((t["name"].as_str().expect("name").to_owned(), m));
     }
 
-    let by = |n: &str| &msgs.iter().find(|(name, _)| name == n).unwrap_or_else(|| panic!("{n}")).1;
+    let by = |n: &str| {
+        &msgs
+            .iter()
+            .find(|(name, _)| name == n)
+            .unwrap_or_else(|| panic!("{n}"))
+            .1
+    };
     let cls = |n: &str| classify(by(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
 
     assert_eq!(
         cls("Hello"),
-        Incoming::Request(Request::Hello(Hello::parse(&[0, 6, 0, 1, 0, 0, 0, 6]).expect("hello")))
+        Incoming::Request(Request::Hello(
+            Hello::parse(&[0, 6, 0, 1, 0, 0, 0, 6]).expect("hello")
+        ))
     );
     assert_eq!(by("Hello").message_id, 58412);
-    assert!(matches!(cls("Hello (server)"), Incoming::Request(Request::Hello(_))));
+    assert!(matches!(
+        cls("Hello (server)"),
+        Incoming::Request(Request::Hello(_))
+    ));
     assert_eq!(
         cls("PublicEvent"),
-        Incoming::Request(Request::Event { public: true, name: "interop/temp".into(), data: b"21.5".to_vec() })
+        Incoming::Request(Request::Event {
+            public: true,
+            name: "interop/temp".into(),
+            data: b"21.5".to_vec()
+        })
     );
-    assert_eq!(cls("EventSlowdown (reply to the event)"), Incoming::Response);
+    assert_eq!(
+        cls("EventSlowdown (reply to the event)"),
+        Incoming::Response
+    );
     assert_eq!(cls("Describe"), Incoming::Request(Request::Describe));
     assert_eq!(cls("DescribeReturn"), Incoming::Response);
-    assert_eq!(cls("FunctionCall"), Incoming::Request(Request::FunctionCall { name: "led".into(), argument: b"on".to_vec() }));
+    assert_eq!(
+        cls("FunctionCall"),
+        Incoming::Request(Request::FunctionCall {
+            name: "led".into(),
+            argument: b"on".to_vec()
+        })
+    );
     assert_eq!(cls("FunctionCall ACK (empty)"), Incoming::Response);
     assert_eq!(cls("FunctionReturn"), Incoming::Response);
-    assert_eq!(cls("VariableRequest"), Incoming::Request(Request::VariableRequest { name: "temp".into() }));
+    assert_eq!(
+        cls("VariableRequest"),
+        Incoming::Request(Request::VariableRequest {
+            name: "temp".into()
+        })
+    );
     assert_eq!(cls("VariableValue"), Incoming::Response);
     assert_eq!(cls("Ping"), Incoming::Request(Request::Ping));
     assert_eq!(cls("PingAck"), Incoming::Response);
@@ -273,22 +392,46 @@ fn spark_0_1_6_transcript() {
     assert_eq!(cls("UpdateDone ACK (2.04, token)"), Incoming::Response);
 
     // Builders reproduce what the original and the firmware sent.
-    assert_eq!(message::hello_device(58412, &Hello::parse(&[0, 6, 0, 1, 0, 0, 0, 6]).expect("h")).encode(), by("Hello").encode());
+    assert_eq!(
+        message::hello_device(58412, &Hello::parse(&[0, 6, 0, 1, 0, 0, 0, 6]).expect("h")).encode(),
+        by("Hello").encode()
+    );
     assert_eq!(message::hello_server(31249, 1), *by("Hello (server)"));
-    assert_eq!(message::event(58413, true, "interop/temp", b"21.5"), *by("PublicEvent"));
-    assert_eq!(message::event_slowdown(58413), *by("EventSlowdown (reply to the event)"));
+    assert_eq!(
+        message::event(58413, true, "interop/temp", b"21.5"),
+        *by("PublicEvent")
+    );
+    assert_eq!(
+        message::event_slowdown(58413),
+        *by("EventSlowdown (reply to the event)")
+    );
     assert_eq!(message::describe(31250, 2), *by("Describe"));
-    assert_eq!(message::function_call(31251, 3, "led", b"on"), *by("FunctionCall"));
+    assert_eq!(
+        message::function_call(31251, 3, "led", b"on"),
+        *by("FunctionCall")
+    );
     assert_eq!(message::empty_ack(31251), *by("FunctionCall ACK (empty)"));
-    assert_eq!(message::function_return(58414, &[3], 1), *by("FunctionReturn"));
-    assert_eq!(message::variable_request(31252, 4, "temp"), *by("VariableRequest"));
-    assert_eq!(message::variable_value(31252, &[4], &21.5f64.to_le_bytes()), *by("VariableValue"));
+    assert_eq!(
+        message::function_return(58414, &[3], 1),
+        *by("FunctionReturn")
+    );
+    assert_eq!(
+        message::variable_request(31252, 4, "temp"),
+        *by("VariableRequest")
+    );
+    assert_eq!(
+        message::variable_value(31252, &[4], &21.5f64.to_le_bytes()),
+        *by("VariableValue")
+    );
     assert_eq!(message::ping(58415), *by("Ping"));
     assert_eq!(message::ping_ack(58415, &[0]), *by("PingAck"));
     assert_eq!(message::update_ready(58416, &[5]), *by("UpdateReady"));
     assert_eq!(message::empty_ack(31253), *by("UpdateBegin ACK (empty)"));
     assert_eq!(message::update_done(31256, 8), *by("UpdateDone"));
-    assert_eq!(message::update_done_ack(31256, &[8]), *by("UpdateDone ACK (2.04, token)"));
+    assert_eq!(
+        message::update_done_ack(31256, &[8]),
+        *by("UpdateDone ACK (2.04, token)")
+    );
     assert_eq!(by("FunctionCall ACK (empty)").code, code::EMPTY);
 
     let d = Describe::from_json(&by("DescribeReturn").payload).expect("describe");
@@ -297,34 +440,57 @@ fn spark_0_1_6_transcript() {
     assert_eq!(d.to_json(), by("DescribeReturn").payload);
     assert_eq!(
         decode_value(VariableType::Double, &by("VariableValue").payload).expect("double"),
-        VariableValue::Double(v["api_results"]["get_temp"]["result"].as_f64().expect("temp"))
+        VariableValue::Double(
+            v["api_results"]["get_temp"]["result"]
+                .as_f64()
+                .expect("temp")
+        )
     );
 
     // OTA: UpdateBegin, chunk CRCs, padding, the chunk messages.
     let ota = &v["ota"];
     let image = h(&ota["firmware_hex"]);
     let begin_msg = by("UpdateBegin");
-    let Incoming::Request(Request::UpdateBegin(begin)) = cls("UpdateBegin") else { panic!("UpdateBegin") };
+    let Incoming::Request(Request::UpdateBegin(begin)) = cls("UpdateBegin") else {
+        panic!("UpdateBegin")
+    };
     assert_eq!(
         begin,
-        UpdateBegin { flags: 0, chunk_size: 256, file_size: image.len() as u32, destination: 0, address: 0, manifest: None }
+        UpdateBegin {
+            flags: 0,
+            chunk_size: 256,
+            file_size: image.len() as u32,
+            destination: 0,
+            address: 0,
+            manifest: None
+        }
     );
     assert_eq!(begin.encode(), begin_msg.payload);
     assert_eq!(message::update_begin(31253, 5, &begin), *begin_msg);
     let chunks: Vec<Vec<u8>> = padded_chunks(&image, usize::from(begin.chunk_size)).collect();
-    let crcs: Vec<u64> = ota["chunk_crc32"].as_array().expect("crcs").iter().map(|c| c.as_u64().expect("crc")).collect();
+    let crcs: Vec<u64> = ota["chunk_crc32"]
+        .as_array()
+        .expect("crcs")
+        .iter()
+        .map(|c| c.as_u64().expect("crc"))
+        .collect();
     assert_eq!(chunks.len(), crcs.len());
     for (i, (data, crc)) in chunks.iter().zip(&crcs).enumerate() {
         assert_eq!(u64::from(chunk_crc(data)), *crc, "chunk {i} CRC");
         let name = format!("Chunk {i}");
-        let Incoming::Request(Request::Chunk(c)) = cls(&name) else { panic!("{name}") };
+        let Incoming::Request(Request::Chunk(c)) = cls(&name) else {
+            panic!("{name}")
+        };
         assert_eq!(&c.data, data, "{name} data");
         assert_eq!(u64::from(c.crc), *crc, "{name} CRC option");
         assert!(c.crc_ok());
         assert_eq!(c.index, None);
         let token = 6 + i as u8;
         assert_eq!(message::chunk(31254 + i as u16, token, &c), *by(&name));
-        assert_eq!(message::empty_ack(31254 + i as u16), *by(&format!("Chunk {i} ACK (empty)")));
+        assert_eq!(
+            message::empty_ack(31254 + i as u16),
+            *by(&format!("Chunk {i} ACK (empty)"))
+        );
         assert_eq!(
             message::chunk_received(58417 + i as u16, &[token], true),
             *by(&format!("ChunkReceived {i} (2.04 = CRC ok)"))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use trellis_core::redis_conn::keys;
+use trellis_core::redis_conn::{self, keys};
 use trellis_proto::v1::device_service_server::DeviceService;
 use trellis_proto::v1::variable_value::Value;
 use trellis_proto::v1::*;
@@ -199,9 +199,9 @@ impl DeviceService for DeviceApi {
         } else {
             Some(parse_device_id(&req.device_id)?)
         };
-        let client = redis::Client::open(self.gw.redis_url.as_str()).map_err(redis_status)?;
-        // Blocking reads get their own connection (see routing.rs).
-        let mut conn = client.get_multiplexed_async_connection().await.map_err(redis_status)?;
+        let mut conn = redis_conn::connect_blocking(&self.gw.redis_url)
+            .await
+            .map_err(redis_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let prefix = req.prefix;
         let mut last_id = if req.from_start { "0".to_string() } else { "$".to_string() };
@@ -211,7 +211,7 @@ impl DeviceService for DeviceApi {
                     .arg("COUNT")
                     .arg(500)
                     .arg("BLOCK")
-                    .arg(1000)
+                    .arg(redis_conn::BLOCKING_READ_MS)
                     .arg("STREAMS")
                     .arg(keys::EVENTS)
                     .arg(&last_id)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use trellis_core::Shutdown;
-use trellis_core::redis_conn::{Redis, keys};
+use trellis_core::redis_conn::{self, Redis, keys};
 
 /// Entries kept in a gateway's inbox stream.
 const INBOX_MAX_LEN: usize = 10_000;
@@ -164,7 +164,7 @@ impl Router {
             }
             let c = match &mut conn {
                 Some(c) => c,
-                None => match open_blocking_connection(&redis_url).await {
+                None => match redis_conn::connect_blocking(&redis_url).await {
                     Ok(c) => conn.insert(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "inbox: redis unavailable, retrying");
@@ -180,7 +180,7 @@ impl Router {
             cmd.arg("COUNT")
                 .arg(256)
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(redis_conn::BLOCKING_READ_MS)
                 .arg("STREAMS")
                 .arg(&inbox)
                 .arg(&last_id);
@@ -256,12 +256,6 @@ impl Router {
             tracing::warn!(%reply_to, error = %e, "could not return a routed command's answer");
         }
     }
-}
-
-async fn open_blocking_connection(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    // A blocking XREAD would stall every command pipelined behind it, so the
-    // inbox reader gets a connection of its own.
-    redis::Client::open(url)?.get_multiplexed_async_connection().await
 }
 
 async fn xadd(redis: &mut Redis, stream: &str, fields: &[(&str, String)]) -> redis::RedisResult<String> {

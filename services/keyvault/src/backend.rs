@@ -88,7 +88,8 @@ pub struct RustCryptoBackend {
 impl RustCryptoBackend {
     /// From an unencrypted PKCS#8 `PrivateKeyInfo` DER.
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, BackendError> {
-        let key = rsa::PrivateKey::from_pkcs8_der(der).map_err(|e| BackendError::Key(e.to_string()))?;
+        let key =
+            rsa::PrivateKey::from_pkcs8_der(der).map_err(|e| BackendError::Key(e.to_string()))?;
         Ok(Self { key })
     }
 }
@@ -141,7 +142,9 @@ mod tests {
     #[test]
     fn random_ciphertext_decrypts_to_a_synthetic_plaintext_not_an_error() {
         let der = key();
-        let pub_key = rsa::PrivateKey::from_pkcs8_der(&der).unwrap().to_public_key();
+        let pub_key = rsa::PrivateKey::from_pkcs8_der(&der)
+            .unwrap()
+            .to_public_key();
         let ossl = OpensslBackend::from_pkcs8_der(&der).unwrap();
         let rc = RustCryptoBackend::from_pkcs8_der(&der).unwrap();
         let n = rsa::traits::PublicKeyParts::n(&pub_key).to_be_bytes();
@@ -151,8 +154,12 @@ mod tests {
             crate::os_random(&mut ct).unwrap();
             // Keep it below the modulus: only bad padding is under test here.
             ct[0] = n[0].saturating_sub(1);
-            let a = ossl.decrypt(&ct).unwrap_or_else(|e| panic!("openssl, try {i}: {e}"));
-            let b = rc.decrypt(&ct).unwrap_or_else(|e| panic!("rsa, try {i}: {e}"));
+            let a = ossl
+                .decrypt(&ct)
+                .unwrap_or_else(|e| panic!("openssl, try {i}: {e}"));
+            let b = rc
+                .decrypt(&ct)
+                .unwrap_or_else(|e| panic!("rsa, try {i}: {e}"));
             // Deterministic: the same ciphertext gives the same synthetic message.
             assert_eq!(*a, *ossl.decrypt(&ct).unwrap());
             assert_eq!(*b, *rc.decrypt(&ct).unwrap());
@@ -179,7 +186,24 @@ mod tests {
         let a = ossl.sign_raw(&hmac).unwrap();
         let b = rc.sign_raw(&hmac).unwrap();
         assert_eq!(a, b, "type-1 signatures are deterministic");
-        public.verify(rsa::Pkcs1v15Sign::new_unprefixed(), &hmac, &a).unwrap();
+        public
+            .verify(rsa::Pkcs1v15Sign::new_unprefixed(), &hmac, &a)
+            .unwrap();
         assert!(public.to_public_key_der().is_ok());
+    }
+
+    #[test]
+    fn openssl_signature_is_byte_for_byte_the_wire_reference() {
+        let der = key();
+        let private = rsa::PrivateKey::from_pkcs8_der(&der).unwrap();
+        let ossl = OpensslBackend::from_pkcs8_der(&der).unwrap();
+        for i in 0..8u8 {
+            let mut hmac = [0u8; 20];
+            crate::os_random(&mut hmac).unwrap();
+            hmac[0] = i;
+            let reference = trellis_wire::handshake::sign_session_hmac(&private, &hmac).unwrap();
+            assert_eq!(ossl.sign_raw(&hmac).unwrap(), reference);
+            assert_eq!(reference.len(), CLOUD_MODULUS_LEN);
+        }
     }
 }

@@ -64,7 +64,11 @@ pub enum CloudKeyError {
          Start it with the original master key. The stored record was left untouched; deleting it \
          would make a new cloud key that no deployed device trusts"
     )]
-    WrongMasterKey { key_id: String, version: u32, location: String },
+    WrongMasterKey {
+        key_id: String,
+        version: u32,
+        location: String,
+    },
     #[error("the cloud key record at {location} is damaged ({problem}); restore it from a backup")]
     Corrupt { location: String, problem: String },
     #[error("redis failed while loading the cloud key: {0}")]
@@ -95,7 +99,8 @@ impl CloudKey {
 
     /// Seals the private key under the master key.
     pub fn seal(&self, master: &MasterKey) -> Result<SealedCloudKey, CloudKeyError> {
-        let cipher = Aes256Gcm::new_from_slice(master.as_bytes()).map_err(|e| CloudKeyError::Seal(e.to_string()))?;
+        let cipher = Aes256Gcm::new_from_slice(master.as_bytes())
+            .map_err(|e| CloudKeyError::Seal(e.to_string()))?;
         let mut nonce = [0u8; 12];
         crate::os_random(&mut nonce).map_err(|e| CloudKeyError::Seal(e.to_string()))?;
         let aad = aad(self.version, &self.key_id);
@@ -134,12 +139,17 @@ impl SealedCloudKey {
             .ok()
             .and_then(|n| n.try_into().ok())
             .ok_or_else(|| corrupt("nonce is not 12 hex bytes".into()))?;
-        let ciphertext = hex::decode(&self.ciphertext).map_err(|e| corrupt(format!("ciphertext: {e}")))?;
-        let public_der = hex::decode(&self.public_der).map_err(|e| corrupt(format!("public key: {e}")))?;
+        let ciphertext =
+            hex::decode(&self.ciphertext).map_err(|e| corrupt(format!("ciphertext: {e}")))?;
+        let public_der =
+            hex::decode(&self.public_der).map_err(|e| corrupt(format!("public key: {e}")))?;
         if key_id(&public_der) != self.key_id {
-            return Err(corrupt("key id is not the SHA-256 of the public key".into()));
+            return Err(corrupt(
+                "key id is not the SHA-256 of the public key".into(),
+            ));
         }
-        let cipher = Aes256Gcm::new_from_slice(master.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
+        let cipher =
+            Aes256Gcm::new_from_slice(master.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
         let aad = aad(self.version, &self.key_id);
         let private_pkcs8 = cipher
             .decrypt(
@@ -156,7 +166,9 @@ impl SealedCloudKey {
                 location: keys::CLOUD_KEY.to_string(),
             })?;
         if public_der_of(&private_pkcs8)? != public_der {
-            return Err(corrupt("the private key does not match the public key".into()));
+            return Err(corrupt(
+                "the private key does not match the public key".into(),
+            ));
         }
         Ok(CloudKey {
             version: self.version,
@@ -170,7 +182,10 @@ impl SealedCloudKey {
 /// Loads the cloud key from Redis, or makes and stores one if there is none.
 /// Two keyvaults starting at once: SET NX lets exactly one record win, and
 /// the loser opens the winner's.
-pub async fn load_or_create(redis: &mut Redis, master: &MasterKey) -> Result<CloudKey, CloudKeyError> {
+pub async fn load_or_create(
+    redis: &mut Redis,
+    master: &MasterKey,
+) -> Result<CloudKey, CloudKeyError> {
     if let Some(stored) = read_record(redis).await? {
         return stored.open(master);
     }
@@ -217,7 +232,8 @@ fn aad(version: u32, key_id: &str) -> String {
 }
 
 fn public_der_of(private_pkcs8: &[u8]) -> Result<Vec<u8>, CloudKeyError> {
-    let key = rsa::PrivateKey::from_pkcs8_der(private_pkcs8).map_err(|e| BackendError::Key(e.to_string()))?;
+    let key = rsa::PrivateKey::from_pkcs8_der(private_pkcs8)
+        .map_err(|e| BackendError::Key(e.to_string()))?;
     let der = key
         .to_public_key()
         .to_public_key_der()
@@ -239,7 +255,10 @@ mod tests {
         assert_eq!(opened.private_pkcs8_der(), key.private_pkcs8_der());
         assert!(!format!("{opened:?}").contains("private"));
 
-        let err = sealed.open(&MasterKey::from_bytes([2; 32])).unwrap_err().to_string();
+        let err = sealed
+            .open(&MasterKey::from_bytes([2; 32]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&key.key_id), "{err}");
         assert!(err.contains("master key"), "{err}");
 

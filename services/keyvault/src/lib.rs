@@ -34,12 +34,21 @@ pub use service::KeyVaultService;
 pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.keyvault.listen)
         .await
-        .with_context(|| format!("keyvault cannot listen on {} (keyvault.listen)", config.keyvault.listen))?;
+        .with_context(|| {
+            format!(
+                "keyvault cannot listen on {} (keyvault.listen)",
+                config.keyvault.listen
+            )
+        })?;
     serve_with_listener(config, listener, shutdown).await
 }
 
 /// Serves on a listener the caller bound (tests and `trellis up` bind port 0).
-pub async fn serve_with_listener(config: Config, listener: TcpListener, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve_with_listener(
+    config: Config,
+    listener: TcpListener,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let service = build(&config).await?;
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -51,7 +60,9 @@ pub async fn serve_with_listener(config: Config, listener: TcpListener, mut shut
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(trellis_proto::v1::key_vault_server::KeyVaultServer::new(service))
+        .add_service(trellis_proto::v1::key_vault_server::KeyVaultServer::new(
+            service,
+        ))
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await
         .context("keyvault gRPC server failed")?;
@@ -72,8 +83,12 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     let public = service::CloudPublic::from(&cloud);
     drop(cloud);
     tracing::info!(key_id = %public.key_id, version = public.version, "cloud key loaded");
-    let pool = Pool::new(Arc::new(backend), config.keyvault.workers, config.keyvault.queue_depth)
-        .context("cannot start keyvault's private-key worker threads")?;
+    let pool = Pool::new(
+        Arc::new(backend),
+        config.keyvault.workers,
+        config.keyvault.queue_depth,
+    )
+    .context("cannot start keyvault's private-key worker threads")?;
     Ok(KeyVaultService::new(pool, redis, public))
 }
 

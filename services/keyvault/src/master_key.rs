@@ -37,13 +37,19 @@ pub enum MasterKeyError {
     )]
     Ambiguous,
     #[error("cannot read the master key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "the master key {origin} is not 64 hex characters ({problem}); make one with `openssl rand -hex 32`"
     )]
     Malformed { origin: String, problem: String },
     #[error("cannot create the development master key {path}: {source}")]
-    Create { path: PathBuf, source: std::io::Error },
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl MasterKey {
@@ -80,12 +86,12 @@ impl MasterKey {
             (Some(_), Some(_)) => Err(MasterKeyError::Ambiguous),
             (Some(hex), None) => Self::from_hex(hex, "in keyvault.master_key"),
             (None, Some(path)) => {
-                let text = Zeroizing::new(
-                    std::fs::read_to_string(path).map_err(|source| MasterKeyError::Read {
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                    MasterKeyError::Read {
                         path: path.clone(),
                         source,
-                    })?,
-                );
+                    }
+                })?);
                 Self::from_hex(&text, &format!("in {}", path.display()))
             }
             (None, None) => Err(MasterKeyError::Missing),
@@ -145,7 +151,9 @@ mod tests {
         assert!(format!("{key:?}").contains(".."));
         let err = MasterKey::from_hex("abcd", "test").unwrap_err().to_string();
         assert!(err.contains("64 hex"), "{err}");
-        let err = MasterKey::from_hex(&"zz".repeat(32), "test").unwrap_err().to_string();
+        let err = MasterKey::from_hex(&"zz".repeat(32), "test")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not hexadecimal"), "{err}");
     }
 

@@ -98,9 +98,15 @@ enum Class {
 impl Pool {
     /// `workers` threads (0: one per core) and room for `queue_depth` waiting
     /// admissions (at least 1).
-    pub fn new(backend: Arc<dyn PrivateOps>, workers: usize, queue_depth: usize) -> std::io::Result<Self> {
+    pub fn new(
+        backend: Arc<dyn PrivateOps>,
+        workers: usize,
+        queue_depth: usize,
+    ) -> std::io::Result<Self> {
         let workers = if workers == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             workers
         };
@@ -163,12 +169,14 @@ impl Pool {
 
     /// Decrypts a handshake ciphertext (an admission: refused when full).
     pub async fn decrypt(&self, ciphertext: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, PoolError> {
-        self.run(Class::Admission, move |ops| ops.decrypt(&ciphertext)).await
+        self.run(Class::Admission, move |ops| ops.decrypt(&ciphertext))
+            .await
     }
 
     /// Signs for an admitted handshake (a continuation: served first).
     pub async fn sign_raw(&self, data: Vec<u8>) -> Result<Vec<u8>, PoolError> {
-        self.run(Class::Continuation, move |ops| ops.sign_raw(&data)).await
+        self.run(Class::Continuation, move |ops| ops.sign_raw(&data))
+            .await
     }
 
     async fn run<T, F>(&self, class: Class, op: F) -> Result<T, PoolError>
@@ -217,7 +225,11 @@ fn worker(shared: &Shared) {
         let job = {
             let mut q = shared.lock();
             loop {
-                if let Some(job) = q.continuations.pop_front().or_else(|| q.admissions.pop_front()) {
+                if let Some(job) = q
+                    .continuations
+                    .pop_front()
+                    .or_else(|| q.admissions.pop_front())
+                {
                     break job;
                 }
                 if q.stopping {

@@ -81,8 +81,11 @@ impl DeviceRecord {
                 "" => keys::DEFAULT_ORG.to_string(),
                 org => org.to_string(),
             },
-            product_id: get("product_id").parse().map_err(|_| damaged("product_id"))?,
-            public_key_der: hex::decode(get("public_key_der")).map_err(|_| damaged("public_key_der"))?,
+            product_id: get("product_id")
+                .parse()
+                .map_err(|_| damaged("product_id"))?,
+            public_key_der: hex::decode(get("public_key_der"))
+                .map_err(|_| damaged("public_key_der"))?,
             revoked: get("revoked") == "1",
             registered_at_ms: get("registered_at_ms").parse().unwrap_or(0),
             revoked_at_ms: get("revoked_at_ms").parse().unwrap_or(0),
@@ -111,7 +114,8 @@ pub async fn get(redis: &mut Redis, device_id: &str) -> Result<Option<DeviceReco
 
 // Writes a record only if the stored state is still the one the caller saw:
 // ARGV[1] = "" (no record) or the public key hex of a revoked record.
-static PUT_IF_UNCHANGED: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUT_IF_UNCHANGED_LUA));
+static PUT_IF_UNCHANGED: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(PUT_IF_UNCHANGED_LUA));
 const PUT_IF_UNCHANGED_LUA: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'public_key_der')
 if ARGV[1] == '' then
@@ -204,7 +208,11 @@ pub async fn register(redis: &mut Redis, req: pb::RegisterDeviceRequest) -> Resu
              (GetDevice) and retry"
         )));
     }
-    let outcome = if existing.is_some() { "replaced_revoked" } else { "ok" };
+    let outcome = if existing.is_some() {
+        "replaced_revoked"
+    } else {
+        "ok"
+    };
     audit_write(
         redis,
         AuditRecord::new(OPERATOR, "register", &device_id, outcome)
@@ -267,7 +275,9 @@ pub async fn revoke(redis: &mut Redis, device_id: &str, reason: &str) -> Result<
         .invoke_async(redis)
         .await?;
     if result == 0 {
-        return Err(KeyvaultError::NotFound(format!("device {device_id} is not registered")));
+        return Err(KeyvaultError::NotFound(format!(
+            "device {device_id} is not registered"
+        )));
     }
     if result == 1 {
         audit_write(

@@ -2,7 +2,7 @@
 //! errors turned into statuses here and nowhere else.
 use crate::cloud_key::CloudKey;
 use crate::error::KeyvaultError;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolError};
 use crate::registry;
 use crate::session;
 use std::sync::Arc;
@@ -41,6 +41,15 @@ pub struct KeyVaultService {
     cloud: Arc<CloudPublic>,
 }
 
+impl std::fmt::Debug for KeyVaultService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyVaultService")
+            .field("pool", &self.pool)
+            .field("cloud_key_id", &self.cloud.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl KeyVaultService {
     pub fn new(pool: Pool, redis: Redis, cloud: CloudPublic) -> Self {
         Self {
@@ -58,6 +67,9 @@ impl KeyVaultService {
 
 fn status(e: KeyvaultError) -> Status {
     match &e {
+        // A full queue is load shedding doing its job: counted by the pool,
+        // not logged per request (a storm would flood the log).
+        KeyvaultError::Pool(PoolError::Full { .. }) => {}
         KeyvaultError::Redis(_) | KeyvaultError::Internal(_) | KeyvaultError::Pool(_) => {
             tracing::warn!(error = %e, "request failed")
         }
@@ -85,7 +97,10 @@ impl KeyVault for KeyVaultService {
         .await
     }
 
-    async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Result<Response<pb::Device>, Status> {
+    async fn get_device(
+        &self,
+        request: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
         let req = request.into_inner();
         let span = tracing::debug_span!("keyvault.get_device", device_id = %req.device_id);
         let mut redis = self.redis.clone();
@@ -107,7 +122,9 @@ impl KeyVault for KeyVaultService {
         let span = tracing::debug_span!("keyvault.list_devices", product_id = req.product_id);
         let mut redis = self.redis.clone();
         async move {
-            let devices = registry::list(&mut redis, req.product_id).await.map_err(status)?;
+            let devices = registry::list(&mut redis, req.product_id)
+                .await
+                .map_err(status)?;
             Ok(Response::new(pb::ListDevicesResponse {
                 devices: devices.iter().map(|d| d.to_proto()).collect(),
             }))
@@ -116,7 +133,10 @@ impl KeyVault for KeyVaultService {
         .await
     }
 
-    async fn revoke_device(&self, request: Request<pb::RevokeDeviceRequest>) -> Result<Response<pb::Device>, Status> {
+    async fn revoke_device(
+        &self,
+        request: Request<pb::RevokeDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
         let req = request.into_inner();
         let span = tracing::info_span!("keyvault.revoke_device", device_id = %req.device_id);
         let mut redis = self.redis.clone();
@@ -162,7 +182,11 @@ impl KeyVault for KeyVaultService {
                 Ok((response, outcome, device_id)) => {
                     span.record("device_id", device_id.as_str());
                     span.record("outcome", outcome.as_str());
-                    registry::audit_write(&mut redis, session::audit_record(&req, &device_id, outcome)).await;
+                    registry::audit_write(
+                        &mut redis,
+                        session::audit_record(&req, &device_id, outcome),
+                    )
+                    .await;
                     if outcome == session::Outcome::Ok {
                         tracing::debug!("session granted");
                     } else {

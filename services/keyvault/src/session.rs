@@ -19,8 +19,8 @@ use trellis_core::audit::AuditRecord;
 use trellis_core::redis_conn::Redis;
 use trellis_proto::v1 as pb;
 use trellis_wire::handshake::{
-    HandshakePlaintext, SessionMaterial, assemble_server_reply, encrypt_session_material, nonce_matches,
-    session_hmac,
+    HandshakePlaintext, SessionMaterial, assemble_server_reply, encrypt_session_material,
+    nonce_matches, session_hmac,
 };
 use trellis_wire::{HANDSHAKE_CIPHERTEXT_LEN, NONCE_LEN};
 
@@ -96,7 +96,9 @@ pub async fn open_session(
         Err(crate::pool::PoolError::Backend(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let parsed = decrypted.as_deref().and_then(|p| HandshakePlaintext::parse(p).ok());
+    let parsed = decrypted
+        .as_deref()
+        .and_then(|p| HandshakePlaintext::parse(p).ok());
     // Compare in constant time in every case, against a dummy when nothing parsed.
     let dummy = [0u8; NONCE_LEN];
     let got = parsed.as_ref().map_or(&dummy, |p| &p.nonce);
@@ -133,7 +135,11 @@ pub async fn open_session(
     };
     if record.revoked {
         let message = format!("device {device_id} is revoked");
-        return Ok((refused(Outcome::Revoked, &device_id, message), Outcome::Revoked, device_id));
+        return Ok((
+            refused(Outcome::Revoked, &device_id, message),
+            Outcome::Revoked,
+            device_id,
+        ));
     }
     if let Some(offered) = &plaintext.public_key_der
         && !same_key(offered, &record.public_key_der)
@@ -210,6 +216,11 @@ fn same_key(offered: &[u8], registered: &[u8]) -> bool {
 }
 
 /// The audit record for one OpenSession.
-pub fn audit_record(req: &pb::OpenSessionRequest, device_id: &str, outcome: Outcome) -> AuditRecord {
-    AuditRecord::new(&req.gateway_id, "open_session", device_id, outcome.as_str()).with("peer_addr", &req.peer_addr)
+pub fn audit_record(
+    req: &pb::OpenSessionRequest,
+    device_id: &str,
+    outcome: Outcome,
+) -> AuditRecord {
+    AuditRecord::new(&req.gateway_id, "open_session", device_id, outcome.as_str())
+        .with("peer_addr", &req.peer_addr)
 }

@@ -32,7 +32,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Up(args) => {
-            telemetry::init("trellis", &config.telemetry);
+            let mut telemetry_config = config.telemetry.clone();
+            if args.demo.is_some() && telemetry_config == Default::default() {
+                // The demo narrates on stdout; service logs drown it at info.
+                telemetry_config.log = "warn".into();
+            }
+            telemetry::init("trellis", &telemetry_config);
             up::run(config, args).await
         }
         Command::Keyvault => {

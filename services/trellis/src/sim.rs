@@ -4,6 +4,7 @@ use crate::cli::SimArgs;
 use anyhow::Context;
 use std::time::Duration;
 use trellis_core::Shutdown;
+use tokio_util::sync::CancellationToken;
 use trellis_device::sim::{DeviceReport, SimConfig, run_fleet};
 
 pub fn sim_config(args: &SimArgs) -> SimConfig {
@@ -37,13 +38,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         std::mem::forget(trigger);
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let fleet = tokio::spawn(run_fleet(
+    let fleet = run_fleet(
         identities,
         sim_config(&args),
         args.gateway.clone(),
-        shutdown_watch(shutdown),
+        shutdown_token(shutdown),
         tx,
-    ));
+    );
     while let Some(report) = rx.recv().await {
         print_report(&report);
     }
@@ -51,14 +52,15 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The device crate takes a watch receiver that turns true on shutdown.
-pub fn shutdown_watch(mut shutdown: Shutdown) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+/// The device crate stops on a cancellation token; cancel it on shutdown.
+pub fn shutdown_token(mut shutdown: Shutdown) -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
     tokio::spawn(async move {
         shutdown.wait().await;
-        let _ = tx.send(true);
+        cancel.cancel();
     });
-    rx
+    token
 }
 
 pub fn print_report(report: &DeviceReport) {
@@ -80,7 +82,10 @@ pub fn print_report(report: &DeviceReport) {
             name,
             argument,
             result,
-        } => println!("device {device_id}: function {name}({argument}) -> {result}"),
+        } => println!(
+            "device {device_id}: function {name}({}) -> {result}",
+            String::from_utf8_lossy(argument)
+        ),
         DeviceReport::VariableRead { device_id, name } => println!("device {device_id}: variable {name} read"),
     }
 }

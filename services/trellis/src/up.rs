@@ -161,13 +161,13 @@ async fn demo(
         duration: 0,
     };
     let fleet_config = sim::sim_config(&sim_args);
-    tokio::spawn(trellis_device::sim::run_fleet(
+    trellis_device::sim::run_fleet(
         identities,
         fleet_config,
         sim_args.gateway.clone(),
-        sim::shutdown_watch(shutdown.clone()),
+        sim::shutdown_token(shutdown.clone()),
         tx,
-    ));
+    );
     tokio::spawn(async move {
         while let Some(report) = rx.recv().await {
             sim::print_report(&report);

@@ -1,0 +1,386 @@
+//! One device's connection: the handshake, Hello, and the message loop
+//! (answers, keepalive, periodic events) over a TCP stream, driving the
+//! sans-IO `trellis-wire` engine. Reconnecting is the caller's business.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use trellis_wire::coap::{CoapMessage, MessageType, code};
+use trellis_wire::message::{self, Incoming, Request, encode_value};
+use trellis_wire::{
+    CoapError, CounterError, DeviceHandshake, FrameError, HandshakeError, Hello, IncomingCounter,
+    MessageError, NONCE_LEN, OutgoingCounter, SERVER_REPLY_LEN, SessionCipher,
+};
+
+use crate::app::DeviceApp;
+use crate::identity::DeviceIdentity;
+
+/// How the device behaves on one connection.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub product_id: u16,
+    pub firmware_version: u16,
+    pub platform_id: u16,
+    pub firmware_sha256: [u8; 32],
+    /// Ping after this long without receiving anything (firmware: 15 s).
+    pub keepalive: Duration,
+    /// Drop the connection if nothing arrives this long after a ping (10 s).
+    pub ping_timeout: Duration,
+    pub event_interval: Option<Duration>,
+    pub event_name: String,
+    pub send_public_key: bool,
+    /// Limit for each handshake read (protocol: 30 s).
+    pub handshake_step_timeout: Duration,
+    pub max_frame_len: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            product_id: 0,
+            firmware_version: 0,
+            platform_id: 0,
+            firmware_sha256: [0; 32],
+            keepalive: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(10),
+            event_interval: None,
+            event_name: "sim/telemetry".into(),
+            send_public_key: true,
+            handshake_step_timeout: Duration::from_secs(30),
+            max_frame_len: trellis_wire::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// Something the application did, for the simulator's reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    EventPublished {
+        name: String,
+    },
+    FunctionCalled {
+        name: String,
+        argument: Vec<u8>,
+        result: i32,
+    },
+    VariableRead {
+        name: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out waiting for the {0}")]
+    HandshakeTimeout(&'static str),
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("CoAP: {0}")]
+    Coap(#[from] CoapError),
+    #[error("message: {0}")]
+    Message(#[from] MessageError),
+    #[error("server message id: {0}")]
+    Counter(#[from] CounterError),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("no answer within {0:?} of a ping")]
+    PingTimeout(Duration),
+}
+
+/// How many answered CON requests are remembered for retransmissions.
+const DEDUP_WINDOW: usize = 32;
+
+/// A reply remembered for a CON request, so a retransmission is answered
+/// again without running the request twice. Piggybacked ACKs keep the
+/// request's id; other replies get a fresh counter id when resent, since the
+/// server would refuse an old one as a replay.
+#[derive(Clone)]
+struct CachedReply {
+    message: CoapMessage,
+    keeps_id: bool,
+}
+
+/// An established, encrypted session.
+pub struct Session {
+    stream: TcpStream,
+    cipher: SessionCipher,
+    out_ids: OutgoingCounter,
+    in_ids: IncomingCounter,
+    server_hello_seen: bool,
+    config: SessionConfig,
+    answered: VecDeque<(u16, Vec<CachedReply>)>,
+}
+
+async fn read_step(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    limit: Duration,
+    what: &'static str,
+) -> Result<(), SessionError> {
+    match timeout(limit, stream.read_exact(buf)).await {
+        Err(_) => Err(SessionError::HandshakeTimeout(what)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(SessionError::Closed),
+        Ok(r) => r.map(|_| ()).map_err(SessionError::Io),
+    }
+}
+
+impl Session {
+    /// Runs the handshake on a connected stream and sends Hello.
+    pub async fn connect(
+        mut stream: TcpStream,
+        identity: &DeviceIdentity,
+        config: SessionConfig,
+    ) -> Result<Self, SessionError> {
+        stream.set_nodelay(true)?;
+        let mut handshake = DeviceHandshake::new(
+            identity.device_id,
+            identity.private_key.clone(),
+            identity.cloud_public_key.clone(),
+            config.send_public_key,
+        );
+        let mut nonce = [0u8; NONCE_LEN];
+        read_step(
+            &mut stream,
+            &mut nonce,
+            config.handshake_step_timeout,
+            "server nonce",
+        )
+        .await?;
+        let hello_bytes = {
+            // ThreadRng is not Send: keep it out of any await.
+            let mut rng = rand::rng();
+            handshake.on_nonce(&nonce, &mut rng)?
+        };
+        // One write: spark-protocol decrypts only its first read.
+        stream.write_all(&hello_bytes).await?;
+        let mut reply = [0u8; SERVER_REPLY_LEN];
+        read_step(
+            &mut stream,
+            &mut reply,
+            config.handshake_step_timeout,
+            "server reply",
+        )
+        .await?;
+        let material = handshake.on_reply(&reply)?;
+
+        let mut session = Session {
+            stream,
+            cipher: SessionCipher::new(&material, config.max_frame_len),
+            out_ids: OutgoingCounter::new(material.device_first_message_id()),
+            in_ids: IncomingCounter::new(),
+            server_hello_seen: false,
+            config,
+            answered: VecDeque::new(),
+        };
+        let hello = Hello {
+            product_id: session.config.product_id,
+            firmware_version: session.config.firmware_version,
+            reserved: 0,
+            flags: 0,
+            platform_id: session.config.platform_id,
+            device_id: Some(identity.device_id),
+            firmware_sha256: Some(session.config.firmware_sha256),
+        };
+        let id = session.out_ids.next();
+        session.send(&message::hello_device(id, &hello)).await?;
+        Ok(session)
+    }
+
+    async fn send(&mut self, m: &CoapMessage) -> Result<(), SessionError> {
+        let frame = self.cipher.encoder.try_encode(&m.encode())?;
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Sends a public event now.
+    pub async fn publish(&mut self, name: &str, data: &[u8]) -> Result<(), SessionError> {
+        let id = self.out_ids.next();
+        self.send(&message::event(id, true, name, data)).await
+    }
+
+    /// The message loop, until shutdown (`Ok`) or a failure (`Err`).
+    pub async fn run(
+        mut self,
+        app: &dyn DeviceApp,
+        shutdown: CancellationToken,
+        mut on_event: impl FnMut(SessionEvent) + Send,
+    ) -> Result<(), SessionError> {
+        let mut buf = vec![0u8; 4096];
+        let mut last_rx = Instant::now();
+        let mut ping_deadline: Option<Instant> = None;
+        let mut next_event = self.config.event_interval.map(|i| Instant::now() + i);
+        loop {
+            let keepalive_at = last_rx + self.config.keepalive;
+            let far = Instant::now() + Duration::from_secs(86_400);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                read = self.stream.read(&mut buf) => {
+                    let n = read?;
+                    if n == 0 {
+                        return Err(SessionError::Closed);
+                    }
+                    last_rx = Instant::now();
+                    ping_deadline = None;
+                    self.cipher.decoder.push(&buf[..n]);
+                    while let Some(plain) = self.cipher.decoder.next_message()? {
+                        let m = CoapMessage::decode(&plain)?;
+                        self.handle(&m, app, &mut on_event).await?;
+                    }
+                }
+                _ = sleep_until(keepalive_at), if ping_deadline.is_none() => {
+                    let id = self.out_ids.next();
+                    self.send(&message::ping(id)).await?;
+                    ping_deadline = Some(Instant::now() + self.config.ping_timeout);
+                }
+                _ = sleep_until(ping_deadline.unwrap_or(far)), if ping_deadline.is_some() => {
+                    return Err(SessionError::PingTimeout(self.config.ping_timeout));
+                }
+                _ = sleep_until(next_event.unwrap_or(far)), if next_event.is_some() => {
+                    let name = self.config.event_name.clone();
+                    self.publish(&name, &app.event_data()).await?;
+                    on_event(SessionEvent::EventPublished { name });
+                    next_event = self.config.event_interval.map(|i| Instant::now() + i);
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        m: &CoapMessage,
+        app: &dyn DeviceApp,
+        on_event: &mut (impl FnMut(SessionEvent) + Send),
+    ) -> Result<(), SessionError> {
+        let request = match message::classify(m)? {
+            // ACKs (ping answers, EventSlowdown, ...) need nothing from us.
+            Incoming::Response => return Ok(()),
+            Incoming::Request(r) => r,
+        };
+        // A retransmitted CON (same id) is answered from the cache before
+        // the counter check, which would otherwise call it a replay.
+        if m.mtype == MessageType::Confirmable
+            && let Some(replies) = self
+                .answered
+                .iter()
+                .find(|(id, _)| *id == m.message_id)
+                .map(|(_, r)| r.clone())
+        {
+            tracing::debug!(
+                id = m.message_id,
+                "retransmitted request answered from cache"
+            );
+            for r in replies {
+                let mut msg = r.message;
+                if !r.keeps_id {
+                    msg.message_id = self.out_ids.next();
+                }
+                self.send(&msg).await?;
+            }
+            return Ok(());
+        }
+        if matches!(request, Request::Hello(_)) && !self.server_hello_seen {
+            self.server_hello_seen = true;
+            self.in_ids.start(m.message_id);
+            return Ok(());
+        }
+        self.in_ids.check(m.message_id)?;
+
+        let token = m.token.as_slice();
+        let ack = |code: u8| CachedReply {
+            message: CoapMessage::new(MessageType::Acknowledgement, code, m.message_id)
+                .with_token(token),
+            keeps_id: true,
+        };
+        let fresh = |message: CoapMessage| CachedReply {
+            message,
+            keeps_id: false,
+        };
+        let replies: Vec<CachedReply> = match request {
+            Request::Ping => vec![CachedReply {
+                message: message::ping_ack(m.message_id, token),
+                keeps_id: true,
+            }],
+            Request::Describe => {
+                vec![fresh(message::describe_reply(
+                    0,
+                    token,
+                    &app.describe().to_json(),
+                ))]
+            }
+            Request::FunctionCall { name, argument } => {
+                let empty = CachedReply {
+                    message: message::empty_ack(m.message_id),
+                    keeps_id: true,
+                };
+                match app.call(&name, &argument) {
+                    Some(result) => {
+                        on_event(SessionEvent::FunctionCalled {
+                            name,
+                            argument,
+                            result,
+                        });
+                        vec![empty, fresh(message::function_return(0, token, result))]
+                    }
+                    None => vec![
+                        empty,
+                        fresh(
+                            CoapMessage::new(MessageType::NonConfirmable, code::NOT_FOUND, 0)
+                                .with_token(token),
+                        ),
+                    ],
+                }
+            }
+            Request::VariableRequest { name } => match app.read(&name) {
+                Some(value) => {
+                    on_event(SessionEvent::VariableRead { name });
+                    vec![CachedReply {
+                        message: message::variable_value(
+                            m.message_id,
+                            token,
+                            &encode_value(&value),
+                        ),
+                        keeps_id: true,
+                    }]
+                }
+                None => vec![ack(code::NOT_FOUND)],
+            },
+            // Subscriptions delivered to us, a second Hello: nothing to do
+            // beyond acknowledging a CON.
+            Request::Event { .. } | Request::Hello(_) => {
+                if m.mtype == MessageType::Confirmable {
+                    vec![ack(code::EMPTY)]
+                } else {
+                    Vec::new()
+                }
+            }
+            // OTA is not simulated yet: say so rather than pretend.
+            Request::UpdateBegin(_) | Request::Chunk(_) | Request::UpdateDone => {
+                vec![ack(code::NOT_IMPLEMENTED)]
+            }
+            Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {
+                vec![ack(code::METHOD_NOT_ALLOWED)]
+            }
+        };
+        for r in &replies {
+            let mut msg = r.message.clone();
+            if !r.keeps_id {
+                msg.message_id = self.out_ids.next();
+            }
+            self.send(&msg).await?;
+        }
+        if m.mtype == MessageType::Confirmable {
+            if self.answered.len() == DEDUP_WINDOW {
+                self.answered.pop_front();
+            }
+            self.answered.push_back((m.message_id, replies));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! The fleet simulator: thousands of devices as tasks on one runtime (no
+//! thread per device), each reconnecting with jittered exponential backoff
+//! and failing over across endpoints, reporting what happens on a channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use trellis_wire::DeviceId;
+
+use crate::app::{DemoApp, DeviceApp};
+use crate::identity::DeviceIdentity;
+use crate::session::{Session, SessionConfig, SessionEvent};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub product_id: u16,
+    pub firmware_version: u16,
+    pub platform_id: u16,
+    /// The image the devices claim to run; its SHA-256 goes in Hello.
+    pub firmware_image: Vec<u8>,
+    pub event_interval: Option<Duration>,
+    pub event_name: String,
+    pub keepalive: Duration,
+    pub send_public_key: bool,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// Initial connects are spread uniformly over this window, so a fleet
+    /// start is a ramp rather than one burst (zero: all at once).
+    pub start_spread: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            product_id: 6,
+            firmware_version: 1,
+            platform_id: 6,
+            firmware_image: Vec::new(),
+            event_interval: Some(Duration::from_secs(60)),
+            event_name: "sim/telemetry".into(),
+            keepalive: Duration::from_secs(15),
+            send_public_key: true,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            start_spread: Duration::ZERO,
+        }
+    }
+}
+
+/// What happened to one simulated device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceReport {
+    Connected {
+        device_id: DeviceId,
+        endpoint: String,
+        handshake: Duration,
+    },
+    HandshakeFailed {
+        device_id: DeviceId,
+        endpoint: String,
+        error: String,
+    },
+    Disconnected {
+        device_id: DeviceId,
+        reason: String,
+    },
+    EventPublished {
+        device_id: DeviceId,
+        name: String,
+    },
+    FunctionCalled {
+        device_id: DeviceId,
+        name: String,
+        argument: Vec<u8>,
+        result: i32,
+    },
+    VariableRead {
+        device_id: DeviceId,
+        name: String,
+    },
+}
+
+/// Full-jitter exponential backoff: uniform in [d/2, d], d = base·2^attempt
+/// capped at max. Jitter is what keeps a recovering fleet from returning in
+/// synchronised waves (the Particle firmware's fixed schedule does).
+fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let d = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(max);
+    let half = d / 2;
+    half + Duration::from_nanos(
+        rand::rng().random_range(0..=u64::try_from(half.as_nanos()).unwrap_or(u64::MAX)),
+    )
+}
+
+/// Starts every device; the handle completes once all of them have stopped
+/// after `shutdown` is cancelled.
+pub fn run_fleet(
+    identities: Vec<DeviceIdentity>,
+    config: SimConfig,
+    endpoints: Vec<String>,
+    shutdown: CancellationToken,
+    reports: UnboundedSender<DeviceReport>,
+) -> JoinHandle<()> {
+    let session_config = SessionConfig {
+        product_id: config.product_id,
+        firmware_version: config.firmware_version,
+        platform_id: config.platform_id,
+        firmware_sha256: Sha256::digest(&config.firmware_image).into(),
+        keepalive: config.keepalive,
+        event_interval: config.event_interval,
+        event_name: config.event_name.clone(),
+        send_public_key: config.send_public_key,
+        ..SessionConfig::default()
+    };
+    let config = Arc::new(config);
+    let session_config = Arc::new(session_config);
+    let endpoints = Arc::new(endpoints);
+    tokio::spawn(async move {
+        let mut set = JoinSet::new();
+        for identity in identities {
+            let device = Device {
+                identity,
+                config: config.clone(),
+                session_config: session_config.clone(),
+                endpoints: endpoints.clone(),
+                reports: reports.clone(),
+                app: Arc::new(DemoApp::default()),
+            };
+            set.spawn(device.run(shutdown.clone()));
+        }
+        while set.join_next().await.is_some() {}
+    })
+}
+
+struct Device {
+    identity: DeviceIdentity,
+    config: Arc<SimConfig>,
+    session_config: Arc<SessionConfig>,
+    endpoints: Arc<Vec<String>>,
+    reports: UnboundedSender<DeviceReport>,
+    app: Arc<dyn DeviceApp>,
+}
+
+impl Device {
+    fn report(&self, r: DeviceReport) {
+        // A dropped receiver only means nobody is listening any more.
+        let _ = self.reports.send(r);
+    }
+
+    async fn run(self, shutdown: CancellationToken) {
+        let device_id = self.identity.device_id;
+        if !self.config.start_spread.is_zero() {
+            let spread = u64::try_from(self.config.start_spread.as_millis()).unwrap_or(u64::MAX);
+            let wait = Duration::from_millis(rand::rng().random_range(0..=spread));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let mut preferred = 0usize;
+        let mut attempt = 0u32;
+        while !shutdown.is_cancelled() {
+            let mut connected = false;
+            for step in 0..self.endpoints.len() {
+                let index = (preferred + step) % self.endpoints.len();
+                let Some(endpoint) = self.endpoints.get(index) else {
+                    continue;
+                };
+                let started = Instant::now();
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.connect(endpoint) => r,
+                };
+                match result {
+                    Ok(session) => {
+                        preferred = index;
+                        connected = true;
+                        attempt = 0;
+                        self.report(DeviceReport::Connected {
+                            device_id,
+                            endpoint: endpoint.clone(),
+                            handshake: started.elapsed(),
+                        });
+                        let reports = self.reports.clone();
+                        let outcome = session
+                            .run(self.app.as_ref(), shutdown.clone(), move |e| {
+                                let _ = reports.send(match e {
+                                    SessionEvent::EventPublished { name } => {
+                                        DeviceReport::EventPublished { device_id, name }
+                                    }
+                                    SessionEvent::FunctionCalled {
+                                        name,
+                                        argument,
+                                        result,
+                                    } => DeviceReport::FunctionCalled {
+                                        device_id,
+                                        name,
+                                        argument,
+                                        result,
+                                    },
+                                    SessionEvent::VariableRead { name } => {
+                                        DeviceReport::VariableRead { device_id, name }
+                                    }
+                                });
+                            })
+                            .await;
+                        let reason = match outcome {
+                            Ok(()) => "shutdown".to_owned(),
+                            Err(e) => e.to_string(),
+                        };
+                        self.report(DeviceReport::Disconnected { device_id, reason });
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%device_id, endpoint, %error, "connect failed");
+                        self.report(DeviceReport::HandshakeFailed {
+                            device_id,
+                            endpoint: endpoint.clone(),
+                            error,
+                        });
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let wait = backoff(self.config.backoff_base, self.config.backoff_max, attempt);
+            if !connected {
+                attempt = attempt.saturating_add(1);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<Session, String> {
+        let stream = match timeout(self.config.connect_timeout, TcpStream::connect(endpoint)).await
+        {
+            Err(_) => {
+                return Err(format!(
+                    "TCP connect timed out after {:?}",
+                    self.config.connect_timeout
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("TCP connect: {e}")),
+            Ok(Ok(s)) => s,
+        };
+        // The whole handshake is bounded too (protocol: 120 s).
+        match timeout(
+            Duration::from_secs(120),
+            Session::connect(stream, &self.identity, (*self.session_config).clone()),
+        )
+        .await
+        {
+            Err(_) => Err("handshake took longer than 120 s".into()),
+            Ok(r) => r.map_err(|e| e.to_string()),
+        }
+    }
+}
