@@ -9,19 +9,19 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
+use trellis_core::Shutdown;
 use trellis_core::config::Config;
 use trellis_core::local_redis::{LocalRedis, RedisData};
 use trellis_core::redis_conn::{self, Redis};
 use trellis_core::shutdown::ShutdownTrigger;
-use trellis_core::Shutdown;
 use trellis_device::identity::DeviceIdentity;
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::*;
+use trellis_wire::DeviceId;
 use trellis_wire::coap::CoapMessage;
 use trellis_wire::frame::SessionCipher;
 use trellis_wire::handshake::DeviceHandshake;
-use trellis_wire::DeviceId;
 
 pub struct GatewayAddrs {
     pub id: String,
@@ -61,7 +61,11 @@ impl Cluster {
         Self::start_with(redis, config, gateways).await
     }
 
-    pub async fn start_with(redis: LocalRedis, mut config: Config, gateways: usize) -> anyhow::Result<Self> {
+    pub async fn start_with(
+        redis: LocalRedis,
+        mut config: Config,
+        gateways: usize,
+    ) -> anyhow::Result<Self> {
         trellis_core::telemetry::init("tests", &config.telemetry);
         let (trigger, shutdown) = Shutdown::new();
         let mut tasks = Vec::new();
@@ -92,7 +96,10 @@ impl Cluster {
             )));
         }
         let mut kv = connect_keyvault(keyvault).await?;
-        let cloud = kv.get_cloud_public_key(GetCloudPublicKeyRequest {}).await?.into_inner();
+        let cloud = kv
+            .get_cloud_public_key(GetCloudPublicKeyRequest {})
+            .await?
+            .into_inner();
         let cloud_public_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)?;
         Ok(Self {
             redis,
@@ -154,7 +161,10 @@ impl Cluster {
     }
 
     /// Audit records (oldest first) for a device, or all when `None`.
-    pub async fn audit(&self, device: Option<&str>) -> anyhow::Result<Vec<trellis_core::audit::AuditRecord>> {
+    pub async fn audit(
+        &self,
+        device: Option<&str>,
+    ) -> anyhow::Result<Vec<trellis_core::audit::AuditRecord>> {
         let mut r = self.redis().await?;
         Ok(trellis_core::audit::recent(&mut r, 1000, device).await?)
     }
@@ -173,7 +183,9 @@ pub async fn connect_keyvault(addr: SocketAddr) -> anyhow::Result<KeyVaultClient
     let url = format!("http://{addr}");
     for _ in 0..100 {
         if let Ok(mut c) = KeyVaultClient::connect(url.clone()).await
-            && c.get_cloud_public_key(GetCloudPublicKeyRequest {}).await.is_ok()
+            && c.get_cloud_public_key(GetCloudPublicKeyRequest {})
+                .await
+                .is_ok()
         {
             return Ok(c);
         }
@@ -270,7 +282,8 @@ impl RawDevice {
             firmware_sha256: Some(sha),
         };
         let id = self.take_id();
-        self.send(&trellis_wire::message::hello_device(id, &hello)).await?;
+        self.send(&trellis_wire::message::hello_device(id, &hello))
+            .await?;
         Ok(())
     }
 

@@ -9,17 +9,32 @@ use trellis_tests::{Cluster, RawDevice, closed_within, eventually};
 use trellis_wire::handshake::HandshakePlaintext;
 use trellis_wire::message;
 
-async fn audit_outcome(cluster: &Cluster, device: Option<&str>, action: &str, outcome: &str) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(5), &format!("audit {action}/{outcome} for {device:?}"), || async {
-        let records = cluster.audit(device).await.ok()?;
-        records.iter().any(|r| r.action == action && r.outcome == outcome).then_some(())
-    })
+async fn audit_outcome(
+    cluster: &Cluster,
+    device: Option<&str>,
+    action: &str,
+    outcome: &str,
+) -> anyhow::Result<()> {
+    eventually(
+        Duration::from_secs(5),
+        &format!("audit {action}/{outcome} for {device:?}"),
+        || async {
+            let records = cluster.audit(device).await.ok()?;
+            records
+                .iter()
+                .any(|r| r.action == action && r.outcome == outcome)
+                .then_some(())
+        },
+    )
     .await
 }
 
 /// Connects, and expects the handshake to be refused (connection closed
 /// instead of a 384-byte reply).
-async fn expect_refused(cluster: &Cluster, identity: &trellis_device::identity::DeviceIdentity) -> anyhow::Result<()> {
+async fn expect_refused(
+    cluster: &Cluster,
+    identity: &trellis_device::identity::DeviceIdentity,
+) -> anyhow::Result<()> {
     let r = RawDevice::connect(cluster.gateways[0].devices, identity).await;
     assert!(r.is_err(), "handshake should have been refused");
     Ok(())
@@ -40,24 +55,45 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
     let stranger = cluster.unregistered_identity()?;
     expect_refused(&cluster, &stranger).await?;
     let stranger_id = stranger.device_id.to_string();
-    audit_outcome(&cluster, Some(&stranger_id), "open_session", "unknown_device").await?;
+    audit_outcome(
+        &cluster,
+        Some(&stranger_id),
+        "open_session",
+        "unknown_device",
+    )
+    .await?;
 
     // A device whose key differs from the registered one.
     let real = cluster.provision(1).await?;
     let mut impostor = cluster.unregistered_identity()?;
     impostor.device_id = real.device_id;
     expect_refused(&cluster, &impostor).await?;
-    audit_outcome(&cluster, Some(&real.device_id.to_string()), "open_session", "key_mismatch").await?;
+    audit_outcome(
+        &cluster,
+        Some(&real.device_id.to_string()),
+        "open_session",
+        "key_mismatch",
+    )
+    .await?;
 
     // A revoked device.
     let revoked = cluster.provision(1).await?;
     cluster
         .keyvault_client()
         .await?
-        .revoke_device(RevokeDeviceRequest { device_id: revoked.device_id.to_string(), reason: "stolen".into() })
+        .revoke_device(RevokeDeviceRequest {
+            device_id: revoked.device_id.to_string(),
+            reason: "stolen".into(),
+        })
         .await?;
     expect_refused(&cluster, &revoked).await?;
-    audit_outcome(&cluster, Some(&revoked.device_id.to_string()), "open_session", "revoked").await?;
+    audit_outcome(
+        &cluster,
+        Some(&revoked.device_id.to_string()),
+        "open_session",
+        "revoked",
+    )
+    .await?;
 
     // A handshake that echoes the wrong nonce.
     let good = cluster.provision(1).await?;
@@ -67,24 +103,45 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
     let plain = HandshakePlaintext {
         nonce,
         device_id: good.device_id,
-        public_key_der: Some(good.private_key.to_public_key().to_public_key_der()?.as_bytes().to_vec()),
+        public_key_der: Some(
+            good.private_key
+                .to_public_key()
+                .to_public_key_der()?
+                .as_bytes()
+                .to_vec(),
+        ),
     }
     .to_bytes();
-    let ct = good.cloud_public_key.encrypt(&mut rand::rng(), rsa::Pkcs1v15Encrypt, &plain)?;
+    let ct = good
+        .cloud_public_key
+        .encrypt(&mut rand::rng(), rsa::Pkcs1v15Encrypt, &plain)?;
     s.write_all(&ct).await?;
-    assert!(closed_within(&mut s, Duration::from_secs(5)).await, "wrong nonce must close");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "wrong nonce must close"
+    );
 
     // Garbage: 256 random bytes (bad padding under the cloud key). Must be
     // refused exactly like the wrong nonce: same outcome in the audit.
     let mut s = TcpStream::connect(gw).await?;
     read_nonce(&mut s).await?;
     s.write_all(&rand::random::<[u8; 256]>()).await?;
-    assert!(closed_within(&mut s, Duration::from_secs(5)).await, "garbage must close");
-    let bad = eventually(Duration::from_secs(5), "two bad_handshake records", || async {
-        let records = cluster.audit(None).await.ok()?;
-        let bad: Vec<_> = records.into_iter().filter(|r| r.action == "open_session" && r.outcome == "bad_handshake").collect();
-        (bad.len() >= 2).then_some(bad)
-    })
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)).await,
+        "garbage must close"
+    );
+    let bad = eventually(
+        Duration::from_secs(5),
+        "two bad_handshake records",
+        || async {
+            let records = cluster.audit(None).await.ok()?;
+            let bad: Vec<_> = records
+                .into_iter()
+                .filter(|r| r.action == "open_session" && r.outcome == "bad_handshake")
+                .collect();
+            (bad.len() >= 2).then_some(bad)
+        },
+    )
     .await?;
     assert_eq!(bad[0].outcome, bad[1].outcome);
 
@@ -93,13 +150,23 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
     let mut s = TcpStream::connect(gw).await?;
     read_nonce(&mut s).await?;
     let started = std::time::Instant::now();
-    assert!(closed_within(&mut s, Duration::from_secs(6)).await, "silent client must be closed");
-    assert!(started.elapsed() >= Duration::from_millis(1500), "closed too early: {:?}", started.elapsed());
+    assert!(
+        closed_within(&mut s, Duration::from_secs(6)).await,
+        "silent client must be closed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
 
     // Through all of that, a good device still gets in and answers.
     let mut dev = RawDevice::connect(gw, &good).await?;
     dev.hello(good.device_id, [7; 32]).await?;
-    let hello = dev.recv(Duration::from_secs(5)).await?.expect("server hello");
+    let hello = dev
+        .recv(Duration::from_secs(5))
+        .await?
+        .expect("server hello");
     assert_eq!(hello.uri_path(), vec![b"h".as_slice()]);
     cluster.stop().await;
     Ok(())
@@ -111,7 +178,9 @@ async fn session(cluster: &Cluster) -> anyhow::Result<(RawDevice, String)> {
     let identity = cluster.provision(1).await?;
     let mut dev = RawDevice::connect(cluster.gateways[0].devices, &identity).await?;
     dev.hello(identity.device_id, [1; 32]).await?;
-    dev.recv(Duration::from_secs(5)).await?.expect("server hello");
+    dev.recv(Duration::from_secs(5))
+        .await?
+        .expect("server hello");
     dev.recv(Duration::from_secs(5)).await?.expect("describe");
     Ok((dev, identity.device_id.to_string()))
 }
@@ -124,7 +193,10 @@ async fn bad_frames_close_the_session_with_an_audited_reason() -> anyhow::Result
     // 65535 announced bytes is sent or buffered.
     let (mut dev, id) = session(&cluster).await?;
     dev.send_raw(&[0xff, 0xff]).await?;
-    assert!(dev.closed_within(Duration::from_secs(3)).await, "oversized frame must close");
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "oversized frame must close"
+    );
     audit_outcome(&cluster, Some(&id), "protocol_violation", "bad_frame").await?;
 
     // A frame replayed byte for byte.
@@ -132,33 +204,51 @@ async fn bad_frames_close_the_session_with_an_audited_reason() -> anyhow::Result
     let mid = dev.take_id();
     let frame = dev.send(&message::event(mid, true, "temp", b"21")).await?;
     dev.send_raw(&frame).await?;
-    assert!(dev.closed_within(Duration::from_secs(3)).await, "replayed frame must close");
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "replayed frame must close"
+    );
     let records = cluster.audit(Some(&id)).await?;
-    assert!(records.iter().any(|r| r.action == "protocol_violation"), "{records:?}");
+    assert!(
+        records.iter().any(|r| r.action == "protocol_violation"),
+        "{records:?}"
+    );
 
     // The same message id again, properly encrypted (a replayed message).
     let (mut dev, id) = session(&cluster).await?;
     let mid = dev.take_id();
     dev.send(&message::event(mid, true, "temp", b"21")).await?;
     dev.send(&message::event(mid, true, "temp", b"21")).await?;
-    assert!(dev.closed_within(Duration::from_secs(3)).await, "replayed id must close");
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "replayed id must close"
+    );
     audit_outcome(&cluster, Some(&id), "protocol_violation", "bad_message_id").await?;
 
     // A skipped message id.
     let (mut dev, id) = session(&cluster).await?;
     let mid = dev.take_id().wrapping_add(1);
     dev.send(&message::event(mid, true, "temp", b"21")).await?;
-    assert!(dev.closed_within(Duration::from_secs(3)).await, "skipped id must close");
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "skipped id must close"
+    );
     audit_outcome(&cluster, Some(&id), "protocol_violation", "bad_message_id").await?;
 
     // A tampered frame (one ciphertext bit flipped).
     let (mut dev, id) = session(&cluster).await?;
     let mid = dev.take_id();
-    let mut probe = dev.cipher.encoder.encode(&message::event(mid, true, "x", b"1").encode());
+    let mut probe = dev
+        .cipher
+        .encoder
+        .encode(&message::event(mid, true, "x", b"1").encode());
     let last = probe.len() - 1;
     probe[last] ^= 0x01;
     dev.send_raw(&probe).await?;
-    assert!(dev.closed_within(Duration::from_secs(3)).await, "tampered frame must close");
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "tampered frame must close"
+    );
     audit_outcome(&cluster, Some(&id), "protocol_violation", "bad_frame").await?;
 
     // The gateway still serves a well-behaved device.
@@ -178,20 +268,38 @@ async fn a_second_session_closes_the_first_and_is_audited() -> anyhow::Result<()
     let id = identity.device_id.to_string();
     let mut first = RawDevice::connect(cluster.gateways[0].devices, &identity).await?;
     first.hello(identity.device_id, [1; 32]).await?;
-    first.recv(Duration::from_secs(5)).await?.expect("server hello");
+    first
+        .recv(Duration::from_secs(5))
+        .await?
+        .expect("server hello");
     let first_peer = first.stream.local_addr()?.to_string();
 
     // The clone (or the same device after a silent reconnect) comes in
     // through the other gateway.
     let mut second = RawDevice::connect(cluster.gateways[1].devices, &identity).await?;
     second.hello(identity.device_id, [1; 32]).await?;
-    second.recv(Duration::from_secs(5)).await?.expect("server hello");
+    second
+        .recv(Duration::from_secs(5))
+        .await?
+        .expect("server hello");
     let second_peer = second.stream.local_addr()?.to_string();
 
-    assert!(first.closed_within(Duration::from_secs(5)).await, "first session must be closed");
-    let dup = eventually(Duration::from_secs(5), "duplicate_session audit", || async {
-        cluster.audit(Some(&id)).await.ok()?.into_iter().find(|r| r.action == "duplicate_session")
-    })
+    assert!(
+        first.closed_within(Duration::from_secs(5)).await,
+        "first session must be closed"
+    );
+    let dup = eventually(
+        Duration::from_secs(5),
+        "duplicate_session audit",
+        || async {
+            cluster
+                .audit(Some(&id))
+                .await
+                .ok()?
+                .into_iter()
+                .find(|r| r.action == "duplicate_session")
+        },
+    )
     .await?;
     let detail: std::collections::HashMap<_, _> = dup.detail.into_iter().collect();
     assert_eq!(detail.get("old_peer"), Some(&first_peer));
@@ -200,12 +308,20 @@ async fn a_second_session_closes_the_first_and_is_audited() -> anyhow::Result<()
 
     // The second session is the owner and stays up.
     let mut gw = cluster.gateway_client(0).await?;
-    let state = gw.get_device_state(GetDeviceStateRequest { device_id: id.clone() }).await?.into_inner();
+    let state = gw
+        .get_device_state(GetDeviceStateRequest {
+            device_id: id.clone(),
+        })
+        .await?
+        .into_inner();
     assert!(state.online);
     assert_eq!(state.gateway_id, "gw-2");
     let mid = second.take_id();
     second.send(&message::ping(mid)).await?;
-    assert!(second.recv(Duration::from_secs(3)).await?.is_some(), "second session alive");
+    assert!(
+        second.recv(Duration::from_secs(3)).await?.is_some(),
+        "second session alive"
+    );
     cluster.stop().await;
     Ok(())
 }

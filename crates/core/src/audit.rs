@@ -67,8 +67,13 @@ pub async fn recent(
     device_id: Option<&str>,
 ) -> redis::RedisResult<Vec<AuditRecord>> {
     // Filtering by device scans further back than `limit`.
-    let scan = if device_id.is_some() { limit.max(1) * 50 } else { limit.max(1) };
-    let reply: redis::streams::StreamRangeReply = redis.xrevrange_count(keys::AUDIT, "+", "-", scan).await?;
+    let scan = if device_id.is_some() {
+        limit.max(1) * 50
+    } else {
+        limit.max(1)
+    };
+    let reply: redis::streams::StreamRangeReply =
+        redis.xrevrange_count(keys::AUDIT, "+", "-", scan).await?;
     let mut out = Vec::new();
     for entry in reply.ids {
         let get = |k: &str| -> String {

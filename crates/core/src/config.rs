@@ -140,14 +140,23 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, then the TOML file (if it exists), then `TRELLIS_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let file = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("trellis.toml"));
-        Self::figment(&file).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+        let file = file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("trellis.toml"));
+        Self::figment(&file)
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
     pub fn figment(file: &Path) -> Figment {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("TRELLIS_").split("__"))
+            // The CLI's own variables share the prefix but are not config.
+            .merge(
+                Env::prefixed("TRELLIS_")
+                    .ignore(&["config", "gateway_url", "keyvault_url"])
+                    .split("__"),
+            )
     }
 }
 
@@ -174,6 +183,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("t.toml", "region = \"eu\"\n[gateway]\nkeepalive_secs = 5\n")?;
             jail.set_env("TRELLIS_GATEWAY__DEVICE_LISTEN", "127.0.0.1:1");
+            jail.set_env("TRELLIS_GATEWAY_URL", "http://127.0.0.1:2");
             let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.region, "eu");
             assert_eq!(c.gateway.keepalive_secs, 5);
@@ -187,7 +197,9 @@ mod tests {
     fn unknown_key_is_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("t.toml", "[gateway]\nkeepalive = 5\n")?;
-            let err = Config::load(Some(Path::new("t.toml"))).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("t.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("keepalive"), "{err}");
             Ok(())
         });

@@ -6,7 +6,9 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("not an RSA public key (expected SubjectPublicKeyInfo as PEM \"BEGIN PUBLIC KEY\" or DER): {0}")]
+    #[error(
+        "not an RSA public key (expected SubjectPublicKeyInfo as PEM \"BEGIN PUBLIC KEY\" or DER): {0}"
+    )]
     NotAPublicKey(String),
 }
 
@@ -15,7 +17,8 @@ pub fn parse_public_key(input: &[u8]) -> Result<RsaPublicKey, KeyError> {
     match std::str::from_utf8(input) {
         Ok(text) if text.contains("-----BEGIN") => RsaPublicKey::from_public_key_pem(text.trim())
             .map_err(|e| KeyError::NotAPublicKey(e.to_string())),
-        _ => RsaPublicKey::from_public_key_der(input).map_err(|e| KeyError::NotAPublicKey(e.to_string())),
+        _ => RsaPublicKey::from_public_key_der(input)
+            .map_err(|e| KeyError::NotAPublicKey(e.to_string())),
     }
 }
 

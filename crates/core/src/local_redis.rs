@@ -17,7 +17,10 @@ pub enum LocalRedisError {
     #[error("redis-server on port {port} did not answer PING within {secs} s (log: {log})")]
     NotReady { port: u16, secs: u64, log: String },
     #[error("cannot prepare the redis data directory {dir}: {source}")]
-    DataDir { dir: PathBuf, source: std::io::Error },
+    DataDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug)]
@@ -55,7 +58,10 @@ impl LocalRedis {
                 (tmp.path().to_path_buf(), Some(tmp), false)
             }
         };
-        std::fs::create_dir_all(&dir).map_err(|source| LocalRedisError::DataDir { dir: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| LocalRedisError::DataDir {
+            dir: dir.clone(),
+            source,
+        })?;
         let log = dir.join("redis.log");
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
@@ -76,7 +82,11 @@ impl LocalRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().map_err(LocalRedisError::Spawn)?;
-        let server = LocalRedis { child, port, _tmp: tmp };
+        let server = LocalRedis {
+            child,
+            port,
+            _tmp: tmp,
+        };
         server.wait_ready(Duration::from_secs(10), &log)?;
         Ok(server)
     }
@@ -138,4 +148,3 @@ fn ping(port: u16) -> bool {
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
-

@@ -8,9 +8,15 @@ pub type Redis = ConnectionManager;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
     #[error("redis url {url:?} is not valid: {source}")]
-    BadUrl { url: String, source: redis::RedisError },
+    BadUrl {
+        url: String,
+        source: redis::RedisError,
+    },
     #[error("cannot reach redis at {url}: {source}")]
-    Unreachable { url: String, source: redis::RedisError },
+    Unreachable {
+        url: String,
+        source: redis::RedisError,
+    },
 }
 
 /// Connects with a connection manager that reconnects by itself when Redis
@@ -39,7 +45,9 @@ pub async fn connect(url: &str) -> Result<Redis, RedisError> {
 pub async fn connect_blocking(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-        .set_response_timeout(Some(std::time::Duration::from_millis(BLOCKING_READ_MS + 5_000)));
+        .set_response_timeout(Some(std::time::Duration::from_millis(
+            BLOCKING_READ_MS + 5_000,
+        )));
     redis::Client::open(url)?
         .get_multiplexed_async_connection_with_config(&config)
         .await

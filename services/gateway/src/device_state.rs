@@ -26,7 +26,11 @@ pub async fn record_connect(
         .await
 }
 
-pub async fn record_hello(redis: &mut Redis, device_id: &str, hello: &Hello) -> redis::RedisResult<()> {
+pub async fn record_hello(
+    redis: &mut Redis,
+    device_id: &str,
+    hello: &Hello,
+) -> redis::RedisResult<()> {
     let sha = hello.firmware_sha256.map(hex::encode).unwrap_or_default();
     redis::cmd("HSET")
         .arg(keys::device_state(device_id))
@@ -48,12 +52,21 @@ pub async fn record_describe(
     functions: &[String],
     variables: &[(String, String)],
 ) -> redis::RedisResult<()> {
-    let vars: HashMap<&str, &str> = variables.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let vars: HashMap<&str, &str> = variables
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     redis::cmd("HSET")
         .arg(keys::device_state(device_id))
         .arg(&[
-            ("functions", serde_json::to_string(functions).unwrap_or_default()),
-            ("variables", serde_json::to_string(&vars).unwrap_or_default()),
+            (
+                "functions",
+                serde_json::to_string(functions).unwrap_or_default(),
+            ),
+            (
+                "variables",
+                serde_json::to_string(&vars).unwrap_or_default(),
+            ),
         ])
         .query_async(redis)
         .await
@@ -102,7 +115,10 @@ pub async fn append_event(
 }
 
 /// A state hash as field -> value.
-pub async fn load(redis: &mut Redis, device_id: &str) -> redis::RedisResult<HashMap<String, String>> {
+pub async fn load(
+    redis: &mut Redis,
+    device_id: &str,
+) -> redis::RedisResult<HashMap<String, String>> {
     redis::cmd("HGETALL")
         .arg(keys::device_state(device_id))
         .query_async(redis)

@@ -31,10 +31,18 @@ impl DeviceApi {
         Duration::from_millis(ms)
     }
 
-    async fn state_of(&self, device: Option<&Device>, device_id: &str) -> Result<DeviceState, Status> {
+    async fn state_of(
+        &self,
+        device: Option<&Device>,
+        device_id: &str,
+    ) -> Result<DeviceState, Status> {
         let mut redis = self.gw.redis.clone();
-        let state = device_state::load(&mut redis, device_id).await.map_err(redis_status)?;
-        let owner = ownership::current(&mut redis, device_id).await.map_err(redis_status)?;
+        let state = device_state::load(&mut redis, device_id)
+            .await
+            .map_err(redis_status)?;
+        let owner = ownership::current(&mut redis, device_id)
+            .await
+            .map_err(redis_status)?;
         Ok(build_state(device, device_id, &state, owner.as_ref()))
     }
 }
@@ -66,7 +74,12 @@ fn build_state(
     owner: Option<&ownership::Owner>,
 ) -> DeviceState {
     let get = |k: &str| state.get(k).cloned().unwrap_or_default();
-    let num = |k: &str| state.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let num = |k: &str| {
+        state
+            .get(k)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
     DeviceState {
         device_id: device_id.to_string(),
         product_id: device
@@ -78,8 +91,12 @@ fn build_state(
         firmware_version: u32::try_from(num("firmware_version")).unwrap_or(0),
         firmware_sha256: get("firmware_sha256"),
         platform_id: u32::try_from(num("platform")).unwrap_or(0),
-        peer_addr: owner.map(|o| o.peer_addr.clone()).unwrap_or_else(|| get("peer")),
-        connected_at_ms: owner.map(|o| o.since_ms).unwrap_or_else(|| num("connected_at")),
+        peer_addr: owner
+            .map(|o| o.peer_addr.clone())
+            .unwrap_or_else(|| get("peer")),
+        connected_at_ms: owner
+            .map(|o| o.since_ms)
+            .unwrap_or_else(|| num("connected_at")),
         last_seen_ms: num("last_seen"),
         revoked: device.is_some_and(|d| d.revoked),
         functions: serde_json::from_str(&get("functions")).unwrap_or_default(),
@@ -90,10 +107,16 @@ fn build_state(
 fn decode_value(raw: &[u8], var_type: &str) -> Option<Value> {
     match var_type {
         "bool" => raw.first().map(|b| Value::BoolValue(*b != 0)),
-        "int32" => <[u8; 4]>::try_from(raw).ok().map(|b| Value::IntValue(i32::from_be_bytes(b))),
+        "int32" => <[u8; 4]>::try_from(raw)
+            .ok()
+            .map(|b| Value::IntValue(i32::from_be_bytes(b))),
         // Doubles are the one little-endian value on the wire (PROTOCOL.md).
-        "double" => <[u8; 8]>::try_from(raw).ok().map(|b| Value::DoubleValue(f64::from_le_bytes(b))),
-        "string" => Some(Value::StringValue(String::from_utf8_lossy(raw).into_owned())),
+        "double" => <[u8; 8]>::try_from(raw)
+            .ok()
+            .map(|b| Value::DoubleValue(f64::from_le_bytes(b))),
+        "string" => Some(Value::StringValue(
+            String::from_utf8_lossy(raw).into_owned(),
+        )),
         _ => None,
     }
 }
@@ -127,11 +150,16 @@ impl DeviceService for DeviceApi {
     }
 
     #[tracing::instrument(name = "rpc.get_device_state", skip_all)]
-    async fn get_device_state(&self, request: Request<GetDeviceStateRequest>) -> Result<Response<DeviceState>, Status> {
+    async fn get_device_state(
+        &self,
+        request: Request<GetDeviceStateRequest>,
+    ) -> Result<Response<DeviceState>, Status> {
         let id = parse_device_id(&request.into_inner().device_id)?;
         let mut keyvault = self.gw.keyvault.clone();
         let device = keyvault
-            .get_device(GetDeviceRequest { device_id: id.clone() })
+            .get_device(GetDeviceRequest {
+                device_id: id.clone(),
+            })
             .await?
             .into_inner();
         Ok(Response::new(self.state_of(Some(&device), &id).await?))
@@ -147,16 +175,25 @@ impl DeviceService for DeviceApi {
         tracing::Span::current().record("device", id.as_str());
         tracing::Span::current().record("function", req.function.as_str());
         if req.function.is_empty() || req.function.len() > 64 {
-            return Err(Status::invalid_argument("function name must be 1 to 64 bytes"));
+            return Err(Status::invalid_argument(
+                "function name must be 1 to 64 bytes",
+            ));
         }
         if req.argument.len() > 622 {
-            return Err(Status::invalid_argument("function argument is limited to 622 bytes"));
+            return Err(Status::invalid_argument(
+                "function argument is limited to 622 bytes",
+            ));
         }
         let action = Action::CallFunction {
             name: req.function,
             argument: req.argument,
         };
-        match self.gw.router.execute(&id, action, self.timeout(req.timeout_ms)).await {
+        match self
+            .gw
+            .router
+            .execute(&id, action, self.timeout(req.timeout_ms))
+            .await
+        {
             Ok(Output::FunctionReturn(v)) => Ok(Response::new(CallFunctionResponse {
                 return_value: v,
                 gateway_id: self.gw.id.clone(),
@@ -167,16 +204,26 @@ impl DeviceService for DeviceApi {
     }
 
     #[tracing::instrument(name = "rpc.get_variable", skip_all, fields(device, variable))]
-    async fn get_variable(&self, request: Request<GetVariableRequest>) -> Result<Response<GetVariableResponse>, Status> {
+    async fn get_variable(
+        &self,
+        request: Request<GetVariableRequest>,
+    ) -> Result<Response<GetVariableResponse>, Status> {
         let req = request.into_inner();
         let id = parse_device_id(&req.device_id)?;
         tracing::Span::current().record("device", id.as_str());
         tracing::Span::current().record("variable", req.name.as_str());
         if req.name.is_empty() || req.name.len() > 64 {
-            return Err(Status::invalid_argument("variable name must be 1 to 64 bytes"));
+            return Err(Status::invalid_argument(
+                "variable name must be 1 to 64 bytes",
+            ));
         }
         let action = Action::GetVariable { name: req.name };
-        match self.gw.router.execute(&id, action, self.timeout(req.timeout_ms)).await {
+        match self
+            .gw
+            .router
+            .execute(&id, action, self.timeout(req.timeout_ms))
+            .await
+        {
             Ok(Output::Variable { raw, var_type }) => Ok(Response::new(GetVariableResponse {
                 value: Some(VariableValue {
                     value: decode_value(&raw, &var_type),
@@ -192,7 +239,10 @@ impl DeviceService for DeviceApi {
 
     type StreamEventsStream = EventStream;
 
-    async fn stream_events(&self, request: Request<StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn stream_events(
+        &self,
+        request: Request<StreamEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
         let device_filter = if req.device_id.is_empty() {
             None
@@ -204,19 +254,24 @@ impl DeviceService for DeviceApi {
             .map_err(redis_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let prefix = req.prefix;
-        let mut last_id = if req.from_start { "0".to_string() } else { "$".to_string() };
+        let mut last_id = if req.from_start {
+            "0".to_string()
+        } else {
+            "$".to_string()
+        };
         tokio::spawn(async move {
             loop {
-                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(500)
-                    .arg("BLOCK")
-                    .arg(redis_conn::BLOCKING_READ_MS)
-                    .arg("STREAMS")
-                    .arg(keys::EVENTS)
-                    .arg(&last_id)
-                    .query_async(&mut conn)
-                    .await;
+                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                    redis::cmd("XREAD")
+                        .arg("COUNT")
+                        .arg(500)
+                        .arg("BLOCK")
+                        .arg(redis_conn::BLOCKING_READ_MS)
+                        .arg("STREAMS")
+                        .arg(keys::EVENTS)
+                        .arg(&last_id)
+                        .query_async(&mut conn)
+                        .await;
                 let reply = match reply {
                     Ok(r) => r,
                     Err(e) => {
@@ -238,7 +293,9 @@ impl DeviceService for DeviceApi {
                         time_ms: entry.get("time_ms").unwrap_or_default(),
                         gateway_id: entry.get("gateway").unwrap_or_default(),
                     };
-                    if device_filter.as_ref().is_some_and(|d| *d != event.device_id)
+                    if device_filter
+                        .as_ref()
+                        .is_some_and(|d| *d != event.device_id)
                         || !event.name.starts_with(&prefix)
                     {
                         continue;
@@ -249,6 +306,8 @@ impl DeviceService for DeviceApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

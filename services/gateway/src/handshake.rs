@@ -33,7 +33,10 @@ pub enum HandshakeFailure {
     #[error("malformed handshake: {0}")]
     Malformed(String),
     #[error("refused ({reason}): {message}")]
-    Refused { reason: &'static str, message: String },
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     #[error("keyvault is saturated; device turned away")]
     Overloaded,
     #[error("keyvault unavailable: {0}")]
@@ -55,14 +58,22 @@ impl HandshakeFailure {
     }
 }
 
-pub async fn run(gw: &Gateway, stream: &mut TcpStream, peer: SocketAddr) -> Result<Established, HandshakeFailure> {
+pub async fn run(
+    gw: &Gateway,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<Established, HandshakeFailure> {
     let deadline = Duration::from_millis(gw.config.handshake_timeout_ms);
     tokio::time::timeout(deadline, steps(gw, stream, peer))
         .await
         .map_err(|_| HandshakeFailure::Timeout)?
 }
 
-async fn steps(gw: &Gateway, stream: &mut TcpStream, peer: SocketAddr) -> Result<Established, HandshakeFailure> {
+async fn steps(
+    gw: &Gateway,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<Established, HandshakeFailure> {
     let step = Duration::from_millis(gw.config.handshake_step_timeout_ms);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut hs = ServerHandshake::new(nonce);
@@ -96,7 +107,9 @@ async fn steps(gw: &Gateway, stream: &mut TcpStream, peer: SocketAddr) -> Result
         .map_err(|_| HandshakeFailure::Keyvault("no answer in time".into()))?;
     let response = match response {
         Ok(r) => r.into_inner(),
-        Err(status) if status.code() == Code::ResourceExhausted => return Err(HandshakeFailure::Overloaded),
+        Err(status) if status.code() == Code::ResourceExhausted => {
+            return Err(HandshakeFailure::Overloaded);
+        }
         Err(status) => return Err(HandshakeFailure::Keyvault(status.message().to_string())),
     };
     match response.outcome {

@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
+use trellis_core::Shutdown;
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::config::{Config, GatewayConfig};
 use trellis_core::redis_conn::{self, Redis};
-use trellis_core::Shutdown;
 use trellis_proto::v1::device_service_server::DeviceServiceServer;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 
@@ -52,7 +52,12 @@ pub struct BoundAddrs {
 pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let devices = TcpListener::bind(&config.gateway.device_listen)
         .await
-        .with_context(|| format!("cannot listen for devices on {}", config.gateway.device_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for devices on {}",
+                config.gateway.device_listen
+            )
+        })?;
     let grpc = TcpListener::bind(&config.gateway.grpc_listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.gateway.grpc_listen))?;
@@ -72,7 +77,12 @@ pub async fn serve_with_listeners(
         .context("the gateway needs redis.url (TRELLIS_REDIS__URL)")?;
     let redis = redis_conn::connect(&redis_url).await?;
     let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
-        .with_context(|| format!("gateway.keyvault_url {:?} is not a URL", config.gateway.keyvault_url))?
+        .with_context(|| {
+            format!(
+                "gateway.keyvault_url {:?} is not a URL",
+                config.gateway.keyvault_url
+            )
+        })?
         .connect_timeout(Duration::from_secs(5));
     // Lazy: the gateway starts even while keyvault is still starting.
     let keyvault = KeyVaultClient::new(keyvault_endpoint.connect_lazy());
@@ -102,9 +112,10 @@ pub async fn serve_with_listeners(
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
-                    sd.wait().await
-                })
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    async move { sd.wait().await },
+                )
                 .await
         })
     };
@@ -142,7 +153,10 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
     drop(listener);
     gw.local.close_all("gateway shutting down");
     let drain = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         sessions.abort_all();
     }
 }
@@ -151,7 +165,10 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
 async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
     let established = {
         let hs_span = tracing::info_span!("device.handshake", gateway = %gw.id, %peer);
-        match handshake::run(&gw, &mut stream, peer).instrument(hs_span).await {
+        match handshake::run(&gw, &mut stream, peer)
+            .instrument(hs_span)
+            .await
+        {
             Ok(e) => e,
             Err(failure) => {
                 tracing::info!(gateway = %gw.id, %peer, outcome = failure.label(), error = %failure, "handshake refused");
@@ -171,7 +188,8 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
 
     let mut redis = gw.redis.clone();
     let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
-    let claim = match ownership::claim(&mut redis, &device_id, &gw.id, &peer.to_string(), ttl).await {
+    let claim = match ownership::claim(&mut redis, &device_id, &gw.id, &peer.to_string(), ttl).await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(device = %device_id, error = %e, "cannot record session ownership; closing");
@@ -192,12 +210,23 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
         tracing::info!(device = %device_id, old_peer = %prev.peer_addr, old_gateway = %prev.gateway_id, "duplicate session: closing the older one");
         if prev.gateway_id != gw.id {
             gw.router
-                .close_remote(&prev.gateway_id, &device_id, prev.epoch, "superseded by a newer session")
+                .close_remote(
+                    &prev.gateway_id,
+                    &device_id,
+                    prev.epoch,
+                    "superseded by a newer session",
+                )
                 .await;
         }
     }
-    if let Err(e) =
-        device_state::record_connect(&mut redis, &device_id, &gw.id, &peer.to_string(), established.product_id).await
+    if let Err(e) = device_state::record_connect(
+        &mut redis,
+        &device_id,
+        &gw.id,
+        &peer.to_string(),
+        established.product_id,
+    )
+    .await
     {
         tracing::warn!(device = %device_id, error = %e, "could not record the connection");
     }

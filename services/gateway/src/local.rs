@@ -40,7 +40,9 @@ impl LocalSessions {
     /// Registers a session; an older local session of the same device (same
     /// gateway, reconnect) is told to close.
     pub fn insert(&self, device_id: &str, epoch: u64, tx: mpsc::Sender<SessionCommand>) {
-        let old = self.lock().insert(device_id.to_string(), Handle { epoch, tx });
+        let old = self
+            .lock()
+            .insert(device_id.to_string(), Handle { epoch, tx });
         if let Some(old) = old
             && old.epoch < epoch
         {
@@ -71,18 +73,28 @@ impl LocalSessions {
         if let Some(h) = handle
             && h.epoch <= epoch
         {
-            let _ = h.tx.try_send(SessionCommand::Close { reason: reason.into() });
+            let _ = h.tx.try_send(SessionCommand::Close {
+                reason: reason.into(),
+            });
         }
     }
 
     /// Closes every session (drain on shutdown).
     pub fn close_all(&self, reason: &str) {
         for h in self.lock().values() {
-            let _ = h.tx.try_send(SessionCommand::Close { reason: reason.into() });
+            let _ = h.tx.try_send(SessionCommand::Close {
+                reason: reason.into(),
+            });
         }
     }
 
-    pub async fn execute(&self, device_id: &str, epoch: u64, action: Action, timeout: Duration) -> Outcome {
+    pub async fn execute(
+        &self,
+        device_id: &str,
+        epoch: u64,
+        action: Action,
+        timeout: Duration,
+    ) -> Outcome {
         let handle = self.lock().get(device_id).cloned();
         let Some(handle) = handle else {
             return Err(Failure::new(
@@ -116,7 +128,10 @@ impl LocalSessions {
             )),
             Err(_) => Err(Failure::new(
                 FailureKind::Timeout,
-                format!("device {device_id} did not answer within {} ms", timeout.as_millis()),
+                format!(
+                    "device {device_id} did not answer within {} ms",
+                    timeout.as_millis()
+                ),
             )),
         }
     }

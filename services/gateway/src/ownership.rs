@@ -78,7 +78,12 @@ pub async fn claim(
 }
 
 /// Returns the epoch now recorded (0: no live session).
-pub async fn refresh(redis: &mut Redis, device_id: &str, epoch: u64, ttl_secs: u64) -> redis::RedisResult<u64> {
+pub async fn refresh(
+    redis: &mut Redis,
+    device_id: &str,
+    epoch: u64,
+    ttl_secs: u64,
+) -> redis::RedisResult<u64> {
     Script::new(REFRESH)
         .key(keys::session(device_id))
         .arg(epoch.to_string())

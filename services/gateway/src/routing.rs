@@ -27,7 +27,10 @@ pub enum Output {
     FunctionReturn(i32),
     /// The value's bytes as the device sent them, and the type it declared
     /// in Describe (empty when it declared none).
-    Variable { raw: Vec<u8>, var_type: String },
+    Variable {
+        raw: Vec<u8>,
+        var_type: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +88,17 @@ impl Router {
         let owner = ownership::current(&mut redis, device_id)
             .await
             .map_err(|e| Failure::new(FailureKind::Internal, format!("redis: {e}")))?
-            .ok_or_else(|| Failure::new(FailureKind::Offline, format!("device {device_id} is offline")))?;
+            .ok_or_else(|| {
+                Failure::new(
+                    FailureKind::Offline,
+                    format!("device {device_id} is offline"),
+                )
+            })?;
         if owner.gateway_id == self.gateway_id {
-            return self.local.execute(device_id, owner.epoch, action, timeout).await;
+            return self
+                .local
+                .execute(device_id, owner.epoch, action, timeout)
+                .await;
         }
         tracing::debug!(owner = %owner.gateway_id, epoch = owner.epoch, "routing to owner");
         let request_id = hex::encode(rand::random::<[u8; 12]>());
@@ -112,7 +123,13 @@ impl Router {
                 fields.push(("name", name.clone()));
             }
         }
-        if let Err(e) = xadd(&mut redis, &keys::gateway_commands(&owner.gateway_id), &fields).await {
+        if let Err(e) = xadd(
+            &mut redis,
+            &keys::gateway_commands(&owner.gateway_id),
+            &fields,
+        )
+        .await
+        {
             self.lock_waiting().remove(&request_id);
             return Err(Failure::new(FailureKind::Internal, format!("redis: {e}")));
         }
@@ -122,7 +139,10 @@ impl Router {
         self.lock_waiting().remove(&request_id);
         match outcome {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Failure::new(FailureKind::Internal, "router dropped the request")),
+            Ok(Err(_)) => Err(Failure::new(
+                FailureKind::Internal,
+                "router dropped the request",
+            )),
             Err(_) => Err(Failure::new(
                 FailureKind::Timeout,
                 format!(
@@ -228,13 +248,20 @@ impl Router {
                     let _ = tx.send(outcome);
                 }
             }
-            InboxEntry::Close { device, epoch, reason } => self.local.close(&device, epoch, &reason),
+            InboxEntry::Close {
+                device,
+                epoch,
+                reason,
+            } => self.local.close(&device, epoch, &reason),
             InboxEntry::Malformed(why) => tracing::warn!(%why, "inbox: malformed entry skipped"),
         }
     }
 
     async fn send_reply(&self, reply_to: &str, request: &str, outcome: Outcome) {
-        let mut fields = vec![("kind", "reply".to_string()), ("request", request.to_string())];
+        let mut fields = vec![
+            ("kind", "reply".to_string()),
+            ("request", request.to_string()),
+        ];
         match outcome {
             Ok(Output::FunctionReturn(v)) => {
                 fields.push(("result", "function".into()));
@@ -258,7 +285,11 @@ impl Router {
     }
 }
 
-async fn xadd(redis: &mut Redis, stream: &str, fields: &[(&str, String)]) -> redis::RedisResult<String> {
+async fn xadd(
+    redis: &mut Redis,
+    stream: &str,
+    fields: &[(&str, String)],
+) -> redis::RedisResult<String> {
     redis::cmd("XADD")
         .arg(stream)
         .arg("MAXLEN")
@@ -324,7 +355,9 @@ impl InboxEntry {
                             name: need("name")?,
                             argument: get("argument").unwrap_or_default(),
                         },
-                        "get" => Action::GetVariable { name: need("name")? },
+                        "get" => Action::GetVariable {
+                            name: need("name")?,
+                        },
                         other => return Err(format!("unknown action {other}")),
                     };
                     Ok(Self::Command {
@@ -334,7 +367,9 @@ impl InboxEntry {
                         reply_to: need("reply_to")?,
                         action,
                         timeout: Duration::from_millis(
-                            get("timeout_ms").and_then(|t| t.parse().ok()).unwrap_or(10_000),
+                            get("timeout_ms")
+                                .and_then(|t| t.parse().ok())
+                                .unwrap_or(10_000),
                         ),
                     })
                 }

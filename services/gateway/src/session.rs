@@ -125,7 +125,11 @@ impl Session {
         }
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<SessionCommand>, mut shutdown: Shutdown) -> SessionEnd {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<SessionCommand>,
+        mut shutdown: Shutdown,
+    ) -> SessionEnd {
         let end = self.event_loop(&mut commands, &mut shutdown).await;
         // Whatever is still waiting learns that the session is gone.
         for (_, p) in self.pending.drain() {
@@ -221,11 +225,16 @@ impl Session {
 
     async fn handle_message(&mut self, plain: &[u8]) -> Result<(), SessionEnd> {
         let msg = CoapMessage::decode(plain).map_err(|e| SessionEnd::BadCoap(e.to_string()))?;
-        let is_request_flow = matches!(msg.mtype, MessageType::Confirmable | MessageType::NonConfirmable);
+        let is_request_flow = matches!(
+            msg.mtype,
+            MessageType::Confirmable | MessageType::NonConfirmable
+        );
         if is_request_flow {
             if !self.hello_seen {
                 let Ok(Incoming::Request(Request::Hello(hello))) = message::classify(&msg) else {
-                    return Err(SessionEnd::Protocol("the first message must be Hello".into()));
+                    return Err(SessionEnd::Protocol(
+                        "the first message must be Hello".into(),
+                    ));
                 };
                 self.incoming.start(msg.message_id);
                 return self.on_hello(hello).await;
@@ -234,7 +243,9 @@ impl Session {
                 .check(msg.message_id)
                 .map_err(|e| SessionEnd::Counter(e.to_string()))?;
         } else if !self.hello_seen {
-            return Err(SessionEnd::Protocol("the first message must be Hello".into()));
+            return Err(SessionEnd::Protocol(
+                "the first message must be Hello".into(),
+            ));
         }
         let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
         match incoming {
@@ -267,16 +278,28 @@ impl Session {
     async fn on_request(&mut self, msg: &CoapMessage, req: Request) -> Result<(), SessionEnd> {
         let confirmable = msg.mtype == MessageType::Confirmable;
         match req {
-            Request::Hello(_) => return Err(SessionEnd::Protocol("a second Hello in one session".into())),
+            Request::Hello(_) => {
+                return Err(SessionEnd::Protocol("a second Hello in one session".into()));
+            }
             Request::Ping => {
-                return self.send(&message::ping_ack(msg.message_id, &msg.token)).await;
+                return self
+                    .send(&message::ping_ack(msg.message_id, &msg.token))
+                    .await;
             }
             Request::Event { public, name, data } => {
                 let mut redis = self.gw.redis.clone();
                 let gw_id = self.gw.id.clone();
                 let max = self.gw.config.events_max_len;
-                if let Err(e) =
-                    device_state::append_event(&mut redis, max, &self.device_id, &gw_id, &name, &data, public).await
+                if let Err(e) = device_state::append_event(
+                    &mut redis,
+                    max,
+                    &self.device_id,
+                    &gw_id,
+                    &name,
+                    &data,
+                    public,
+                )
+                .await
                 {
                     tracing::warn!(device = %self.device_id, error = %e, "event not stored");
                 }
@@ -284,10 +307,14 @@ impl Session {
             }
             Request::GetTime => {
                 let now = u32::try_from(trellis_core::time::now_ms() / 1000).unwrap_or(u32::MAX);
-                return self.send(&message::time_reply(msg.message_id, &msg.token, now)).await;
+                return self
+                    .send(&message::time_reply(msg.message_id, &msg.token, now))
+                    .await;
             }
             Request::Subscribe { .. } => {
-                return self.send(&message::ping_ack(msg.message_id, &msg.token)).await;
+                return self
+                    .send(&message::ping_ack(msg.message_id, &msg.token))
+                    .await;
             }
             other => {
                 // Server-side requests (Describe, calls, OTA steps) coming
@@ -330,19 +357,29 @@ impl Session {
                             .map(|(n, t)| (n.clone(), t.name().to_string()))
                             .collect();
                         let mut redis = self.gw.redis.clone();
-                        if let Err(e) =
-                            device_state::record_describe(&mut redis, &self.device_id, &functions, &variables).await
+                        if let Err(e) = device_state::record_describe(
+                            &mut redis,
+                            &self.device_id,
+                            &functions,
+                            &variables,
+                        )
+                        .await
                         {
                             tracing::warn!(device = %self.device_id, error = %e, "could not store Describe");
                         }
                         self.describe = Some(d);
                     }
-                    Err(e) => tracing::warn!(device = %self.device_id, error = %e, "unreadable Describe"),
+                    Err(e) => {
+                        tracing::warn!(device = %self.device_id, error = %e, "unreadable Describe")
+                    }
                 }
             }
             Pending::Function { reply, .. } => {
                 let outcome = if failed {
-                    Err(Failure::new(FailureKind::NotFound, format!("device answered {}", code_text(msg.code))))
+                    Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("device answered {}", code_text(msg.code)),
+                    ))
                 } else {
                     match <[u8; 4]>::try_from(msg.payload.as_slice()) {
                         Ok(b) => Ok(Output::FunctionReturn(i32::from_be_bytes(b))),
@@ -356,7 +393,10 @@ impl Session {
             }
             Pending::Variable { name, reply, .. } => {
                 let outcome = if failed {
-                    Err(Failure::new(FailureKind::NotFound, format!("device answered {}", code_text(msg.code))))
+                    Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("device answered {}", code_text(msg.code)),
+                    ))
                 } else {
                     let var_type = self
                         .describe
@@ -408,13 +448,17 @@ impl Session {
             .pending
             .iter()
             .filter(|(_, p)| match p {
-                Pending::Function { deadline, .. } | Pending::Variable { deadline, .. } => *deadline <= now,
+                Pending::Function { deadline, .. } | Pending::Variable { deadline, .. } => {
+                    *deadline <= now
+                }
                 Pending::Describe => false,
             })
             .map(|(t, _)| *t)
             .collect();
         for t in expired {
-            if let Some(Pending::Function { reply, .. } | Pending::Variable { reply, .. }) = self.pending.remove(&t) {
+            if let Some(Pending::Function { reply, .. } | Pending::Variable { reply, .. }) =
+                self.pending.remove(&t)
+            {
                 let _ = reply.send(Err(Failure::new(
                     FailureKind::Timeout,
                     format!("device {} did not answer in time", self.device_id),

@@ -21,9 +21,14 @@ async fn epochs_grow_and_stale_owners_are_fenced() -> anyhow::Result<()> {
 
     // The old owner learns it lost the device and cannot extend or delete
     // the new owner's record.
-    assert_eq!(ownership::refresh(&mut redis, dev, first.epoch, 60).await?, second.epoch);
+    assert_eq!(
+        ownership::refresh(&mut redis, dev, first.epoch, 60).await?,
+        second.epoch
+    );
     assert!(!ownership::release(&mut redis, dev, first.epoch).await?);
-    let owner = ownership::current(&mut redis, dev).await?.expect("still owned");
+    let owner = ownership::current(&mut redis, dev)
+        .await?
+        .expect("still owned");
     assert_eq!(owner.gateway_id, "gw-b");
 
     // The real owner releases; the epoch counter survives the release, so

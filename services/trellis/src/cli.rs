@@ -3,7 +3,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "trellis", version, about = "Trellis device cloud: services, operator CLI and device simulator")]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis device cloud: services, operator CLI and device simulator"
+)]
 pub struct Cli {
     /// Configuration file (default: ./trellis.toml if it exists).
     #[arg(long, global = true, env = "TRELLIS_CONFIG")]
@@ -18,10 +22,20 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Endpoints {
     /// Any gateway's gRPC endpoint.
-    #[arg(long, global = true, env = "TRELLIS_GATEWAY_URL", default_value = "http://127.0.0.1:7200")]
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_GATEWAY_URL",
+        default_value = "http://127.0.0.1:7200"
+    )]
     pub gateway_url: String,
     /// Keyvault's gRPC endpoint.
-    #[arg(long, global = true, env = "TRELLIS_KEYVAULT_URL", default_value = "http://127.0.0.1:7100")]
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_KEYVAULT_URL",
+        default_value = "http://127.0.0.1:7100"
+    )]
     pub keyvault_url: String,
 }
 
@@ -81,6 +95,10 @@ pub struct SimArgs {
     /// Firmware version reported in Hello.
     #[arg(long, default_value_t = 1)]
     pub firmware_version: u16,
+    /// The firmware image the devices run (its SHA-256 goes in Hello).
+    /// Default: a built-in image named after --firmware-version.
+    #[arg(long)]
+    pub firmware_image: Option<PathBuf>,
     /// Seconds between events published by each device (0: none).
     #[arg(long, default_value_t = 30)]
     pub event_interval: u64,

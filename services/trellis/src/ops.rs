@@ -13,13 +13,17 @@ use trellis_wire::DeviceId;
 pub async fn keyvault_client(url: &str) -> anyhow::Result<KeyVaultClient<Channel>> {
     KeyVaultClient::connect(url.to_string())
         .await
-        .with_context(|| format!("cannot reach keyvault at {url} (is `trellis up` running? set --keyvault-url)"))
+        .with_context(|| {
+            format!("cannot reach keyvault at {url} (is `trellis up` running? set --keyvault-url)")
+        })
 }
 
 pub async fn gateway_client(url: &str) -> anyhow::Result<DeviceServiceClient<Channel>> {
     DeviceServiceClient::connect(url.to_string())
         .await
-        .with_context(|| format!("cannot reach a gateway at {url} (is `trellis up` running? set --gateway-url)"))
+        .with_context(|| {
+            format!("cannot reach a gateway at {url} (is `trellis up` running? set --gateway-url)")
+        })
 }
 
 /// gRPC errors as an operator should read them.
@@ -41,7 +45,8 @@ pub async fn provision(
         .await
         .map_err(status)?
         .into_inner();
-    let cloud_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der).context("keyvault's cloud key")?;
+    let cloud_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)
+        .context("keyvault's cloud key")?;
     trellis_device::identity::write_cloud_key(out, &cloud_key)?;
     let mut made = Vec::with_capacity(ids.len());
     for id in ids {
@@ -72,9 +77,17 @@ pub async fn provision(
 
 pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result<()> {
     match cmd {
-        DeviceCommand::Provision { product, id, count, out } => {
+        DeviceCommand::Provision {
+            product,
+            id,
+            count,
+            out,
+        } => {
             let ids: Vec<DeviceId> = match id {
-                Some(id) if count == 1 => vec![id.parse().map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?],
+                Some(id) if count == 1 => vec![
+                    id.parse()
+                        .map_err(|e| anyhow::anyhow!("--id {id:?}: {e}"))?,
+                ],
                 Some(_) => bail!("--id names one device; drop it or use --count 1"),
                 None => (0..count).map(|_| DeviceId(rand::random())).collect(),
             };
@@ -84,8 +97,13 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
             }
             eprintln!("keys and cloud.pub.pem written to {}", out.display());
         }
-        DeviceCommand::Register { id, product, public_key } => {
-            let key = std::fs::read(&public_key).with_context(|| format!("cannot read {}", public_key.display()))?;
+        DeviceCommand::Register {
+            id,
+            product,
+            public_key,
+        } => {
+            let key = std::fs::read(&public_key)
+                .with_context(|| format!("cannot read {}", public_key.display()))?;
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
             let device = kv
                 .register_device(RegisterDeviceRequest {
@@ -97,9 +115,16 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("registered {} (product {})", device.device_id, device.product_id);
+            println!(
+                "registered {} (product {})",
+                device.device_id, device.product_id
+            );
         }
-        DeviceCommand::List { product, online, json } => {
+        DeviceCommand::List {
+            product,
+            online,
+            json,
+        } => {
             let mut gw = gateway_client(&endpoints.gateway_url).await?;
             let list = gw
                 .list_devices(ListDeviceStatesRequest {
@@ -184,7 +209,10 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
         DeviceCommand::Revoke { id, reason } => {
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
             let d = kv
-                .revoke_device(RevokeDeviceRequest { device_id: id, reason })
+                .revoke_device(RevokeDeviceRequest {
+                    device_id: id,
+                    reason,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -284,4 +312,3 @@ pub async fn audit(endpoints: &Endpoints, cmd: AuditCommand) -> anyhow::Result<(
     }
     Ok(())
 }
-

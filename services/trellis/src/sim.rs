@@ -3,23 +3,38 @@
 use crate::cli::SimArgs;
 use anyhow::Context;
 use std::time::Duration;
-use trellis_core::Shutdown;
 use tokio_util::sync::CancellationToken;
+use trellis_core::Shutdown;
 use trellis_device::sim::{DeviceReport, SimConfig, run_fleet};
 
-pub fn sim_config(args: &SimArgs) -> SimConfig {
-    SimConfig {
+pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
+    let firmware_image = match &args.firmware_image {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read the firmware image {}", path.display()))?,
+        None => format!(
+            "trellis simulated firmware, version {}",
+            args.firmware_version
+        )
+        .into_bytes(),
+    };
+    Ok(SimConfig {
         product_id: args.product,
+        firmware_image,
         firmware_version: args.firmware_version,
         event_interval: (args.event_interval > 0).then(|| Duration::from_secs(args.event_interval)),
         keepalive: Duration::from_secs(args.keepalive.max(1)),
+        event_name: "temperature".into(),
         ..SimConfig::default()
-    }
+    })
 }
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    let identities = trellis_device::identity::load_fleet(&args.keys, Some(args.devices), args.cloud_key.as_deref())
-        .with_context(|| format!("loading device keys from {}", args.keys.display()))?;
+    let identities = trellis_device::identity::load_fleet(
+        &args.keys,
+        Some(args.devices),
+        args.cloud_key.as_deref(),
+    )
+    .with_context(|| format!("loading device keys from {}", args.keys.display()))?;
     if identities.len() < args.devices {
         eprintln!(
             "note: {} holds keys for {} devices; running those",
@@ -40,7 +55,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let fleet = run_fleet(
         identities,
-        sim_config(&args),
+        sim_config(&args)?,
         args.gateway.clone(),
         shutdown_token(shutdown),
         tx,
@@ -69,14 +84,21 @@ pub fn print_report(report: &DeviceReport) {
             device_id,
             endpoint,
             handshake,
-        } => println!("device {device_id}: handshake with {endpoint} done in {} ms", handshake.as_millis()),
+        } => println!(
+            "device {device_id}: handshake with {endpoint} done in {} ms",
+            handshake.as_millis()
+        ),
         DeviceReport::HandshakeFailed {
             device_id,
             endpoint,
             error,
         } => println!("device {device_id}: handshake with {endpoint} failed: {error}"),
-        DeviceReport::Disconnected { device_id, reason } => println!("device {device_id}: disconnected ({reason})"),
-        DeviceReport::EventPublished { device_id, name } => println!("device {device_id}: published event {name}"),
+        DeviceReport::Disconnected { device_id, reason } => {
+            println!("device {device_id}: disconnected ({reason})")
+        }
+        DeviceReport::EventPublished { device_id, name } => {
+            println!("device {device_id}: published event {name}")
+        }
         DeviceReport::FunctionCalled {
             device_id,
             name,
@@ -86,6 +108,8 @@ pub fn print_report(report: &DeviceReport) {
             "device {device_id}: function {name}({}) -> {result}",
             String::from_utf8_lossy(argument)
         ),
-        DeviceReport::VariableRead { device_id, name } => println!("device {device_id}: variable {name} read"),
+        DeviceReport::VariableRead { device_id, name } => {
+            println!("device {device_id}: variable {name} read")
+        }
     }
 }

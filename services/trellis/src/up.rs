@@ -14,8 +14,12 @@ use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
 use trellis_wire::DeviceId;
 
 pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
     let _redis = match &config.redis.url {
         Some(url) => {
             println!("redis: {url} (configured)");
@@ -24,7 +28,11 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         None => {
             let dir = config.data_dir.join("redis");
             let server = LocalRedis::start(RedisData::Persistent(&dir))?;
-            println!("redis: started redis-server on {} (data in {})", server.url(), dir.display());
+            println!(
+                "redis: started redis-server on {} (data in {})",
+                server.url(),
+                dir.display()
+            );
             config.redis.url = Some(server.url());
             Some(server)
         }
@@ -51,7 +59,10 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     ));
     println!("keyvault: gRPC on {kv_addr}");
 
-    let gateway_count = args.gateways.unwrap_or(if args.demo.is_some() { 2 } else { 1 }).max(1);
+    let gateway_count = args
+        .gateways
+        .unwrap_or(if args.demo.is_some() { 2 } else { 1 })
+        .max(1);
     let mut gateways = Vec::new();
     let mut device_addrs = Vec::new();
     let mut grpc_addrs = Vec::new();
@@ -88,7 +99,14 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     println!("trellis is up. Ctrl-C stops it.");
 
     if let Some(n) = args.demo {
-        let demo = demo(&config, n, &device_addrs, &grpc_addrs, kv_addr, shutdown.clone());
+        let demo = demo(
+            &config,
+            n,
+            &device_addrs,
+            &grpc_addrs,
+            kv_addr,
+            shutdown.clone(),
+        );
         let result = demo.await;
         if let Err(e) = &result {
             eprintln!("demo failed: {e:#}");
@@ -141,8 +159,14 @@ async fn demo(
     let mut kv = connect_keyvault(kv_addr).await?;
     let existing = trellis_device::identity::load_fleet(&dir, Some(n), None).unwrap_or_default();
     if existing.len() < n {
-        let ids: Vec<DeviceId> = (existing.len()..n).map(|_| DeviceId(rand::random())).collect();
-        println!("demo: provisioning {} devices into {}", ids.len(), dir.display());
+        let ids: Vec<DeviceId> = (existing.len()..n)
+            .map(|_| DeviceId(rand::random()))
+            .collect();
+        println!(
+            "demo: provisioning {} devices into {}",
+            ids.len(),
+            dir.display()
+        );
         ops::provision(&mut kv, 1, ids, &dir).await?;
     }
     let identities = trellis_device::identity::load_fleet(&dir, Some(n), None)?;
@@ -156,11 +180,12 @@ async fn demo(
         cloud_key: None,
         product: 1,
         firmware_version: 1,
+        firmware_image: None,
         event_interval: 5,
         keepalive: config.gateway.keepalive_secs.max(1),
         duration: 0,
     };
-    let fleet_config = sim::sim_config(&sim_args);
+    let fleet_config = sim::sim_config(&sim_args)?;
     trellis_device::sim::run_fleet(
         identities,
         fleet_config,
@@ -185,10 +210,19 @@ async fn demo(
                 online_only: true,
             })
             .await
-            .map(|r| r.into_inner().devices.iter().filter(|d| ids.contains(&d.device_id)).count())
+            .map(|r| {
+                r.into_inner()
+                    .devices
+                    .iter()
+                    .filter(|d| ids.contains(&d.device_id))
+                    .count()
+            })
             .unwrap_or(0);
         if online >= n {
-            println!("demo: all {n} devices in session after {:.1} s", started.elapsed().as_secs_f64());
+            println!(
+                "demo: all {n} devices in session after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             break;
         }
         if started.elapsed() > Duration::from_secs(60 + n as u64) {
@@ -221,7 +255,10 @@ async fn demo(
         .await
         .map_err(|e| anyhow::anyhow!("demo variable read failed: {}", e.message()))?
         .into_inner();
-    println!("demo: variable temp on {target} = {}", ops::format_value(&v));
+    println!(
+        "demo: variable temp on {target} = {}",
+        ops::format_value(&v)
+    );
     // Show one event arriving.
     let mut events = gw
         .stream_events(trellis_proto::v1::StreamEventsRequest {
@@ -246,7 +283,8 @@ async fn demo(
 
 async fn connect_keyvault(
     addr: SocketAddr,
-) -> anyhow::Result<trellis_proto::v1::key_vault_client::KeyVaultClient<tonic::transport::Channel>> {
+) -> anyhow::Result<trellis_proto::v1::key_vault_client::KeyVaultClient<tonic::transport::Channel>>
+{
     let url = format!("http://{addr}");
     for _ in 0..50 {
         if let Ok(c) = ops::keyvault_client(&url).await {

@@ -1,0 +1,235 @@
+//! The `trellis` binary as an operator uses it: real processes (the CLI and
+//! `trellis sim`) against keyvault and two gateways on loopback.
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use trellis_tests::{Cluster, eventually};
+
+fn trellis(cluster: &Cluster, gateway: usize, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env(
+            "TRELLIS_GATEWAY_URL",
+            format!("http://{}", cluster.gateways[gateway].grpc),
+        )
+        .env(
+            "TRELLIS_KEYVAULT_URL",
+            format!("http://{}", cluster.keyvault),
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run trellis")
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "trellis failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_sim_list_call_get_events_audit_revoke() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().to_str().expect("utf-8 path").to_string();
+
+    let ids = ok(trellis(
+        &cluster,
+        0,
+        &[
+            "device",
+            "provision",
+            "--product",
+            "9",
+            "--count",
+            "2",
+            "--out",
+            &keys,
+        ],
+    ));
+    let ids: Vec<String> = ids.lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        assert!(dir.path().join(format!("{id}.pem")).exists());
+        assert!(dir.path().join(format!("{id}.pub.pem")).exists());
+    }
+    assert!(dir.path().join("cloud.pub.pem").exists());
+
+    // A key made elsewhere (at the factory) is registered from its PEM.
+    let factory = cluster.unregistered_identity()?;
+    let pem_path = dir.path().join("factory.pub");
+    {
+        use rsa::pkcs8::EncodePublicKey;
+        let pem = factory
+            .private_key
+            .to_public_key()
+            .to_public_key_pem(Default::default())?;
+        std::fs::write(&pem_path, pem)?;
+    }
+    let out = ok(trellis(
+        &cluster,
+        0,
+        &[
+            "device",
+            "register",
+            "--id",
+            &factory.device_id.to_string(),
+            "--product",
+            "9",
+            "--public-key",
+            pem_path.to_str().unwrap_or_default(),
+        ],
+    ));
+    assert!(out.contains("registered"), "{out}");
+
+    // Devices run as a separate simulator process on gateway 1.
+    let image = dir.path().join("image.bin");
+    std::fs::write(&image, b"release 4 image")?;
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "sim",
+            "--keys",
+            &keys,
+            "--devices",
+            "2",
+            "--gateway",
+            &cluster.gateways[0].devices.to_string(),
+        ])
+        .args([
+            "--firmware-image",
+            image.to_str().unwrap_or_default(),
+            "--firmware-version",
+            "4",
+            "--event-interval",
+            "1",
+            "--duration",
+            "60",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"release 4 image"));
+    let listed = eventually(
+        Duration::from_secs(30),
+        "both simulated devices online in `device list`",
+        || {
+            let out = trellis(&cluster, 1, &["device", "list", "--online", "--json"]);
+            let ok = out.status.success();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            async move {
+                let v: serde_json::Value = serde_json::from_str(&stdout).ok()?;
+                let rows = v.as_array()?.clone();
+                (ok && rows.len() == 2
+                    && rows
+                        .iter()
+                        .all(|r| r["functions"].as_array().is_some_and(|f| !f.is_empty())))
+                .then_some(rows)
+            }
+        },
+    )
+    .await?;
+    for row in &listed {
+        assert_eq!(row["firmware_sha256"], sha);
+        assert_eq!(row["firmware_version"], 4);
+        assert_eq!(row["gateway"], "gw-1");
+    }
+    // The table form shows the SHA-256 too.
+    let table = ok(trellis(&cluster, 1, &["device", "list"]));
+    assert!(table.contains(&sha), "{table}");
+    assert!(
+        table.contains(&factory.device_id.to_string()),
+        "offline devices are listed: {table}"
+    );
+
+    // Through gateway 2 to devices on gateway 1.
+    assert_eq!(
+        ok(trellis(
+            &cluster,
+            1,
+            &["device", "call", &ids[0], "add", "2,3"]
+        )),
+        "5"
+    );
+    assert_eq!(
+        ok(trellis(
+            &cluster,
+            1,
+            &["device", "call", &ids[1], "led", "on"]
+        )),
+        "1"
+    );
+    assert_eq!(
+        ok(trellis(&cluster, 1, &["device", "get", &ids[0], "temp"])),
+        "21.5"
+    );
+    let shown = ok(trellis(&cluster, 1, &["device", "show", &ids[1]]));
+    assert!(shown.contains("\"online\": true"), "{shown}");
+
+    let events = ok(trellis(
+        &cluster,
+        1,
+        &[
+            "events",
+            "tail",
+            "--from-start",
+            "--count",
+            "1",
+            "--device",
+            &ids[1],
+        ],
+    ));
+    assert!(
+        events.contains(&ids[1]) && events.contains("temperature"),
+        "{events}"
+    );
+
+    // Clear operator errors, non-zero exit.
+    let out = trellis(
+        &cluster,
+        1,
+        &[
+            "device",
+            "call",
+            &factory.device_id.to_string(),
+            "add",
+            "1,1",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("offline"),
+        "{:?}",
+        out
+    );
+    let out = trellis(&cluster, 1, &["device", "call", "not-an-id", "add"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("device id"),
+        "{:?}",
+        out
+    );
+
+    // Revoke: the device is thrown out at its next handshake, and the audit
+    // log shows registry changes and key uses.
+    ok(trellis(
+        &cluster,
+        0,
+        &["device", "revoke", &ids[0], "--reason", "test"],
+    ));
+    let audit = ok(trellis(&cluster, 0, &["audit", "tail", "--limit", "200"]));
+    assert!(
+        audit.contains("open_session") && audit.contains("register"),
+        "{audit}"
+    );
+    assert!(audit.contains("revoke"), "{audit}");
+
+    let _ = sim.kill();
+    let _ = sim.wait();
+    cluster.stop().await;
+    Ok(())
+}
