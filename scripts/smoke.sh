@@ -12,6 +12,7 @@ TRELLIS_DATA_DIR="$data" \
 TRELLIS_KEYVAULT__LISTEN=127.0.0.1:0 \
 TRELLIS_GATEWAY__DEVICE_LISTEN=127.0.0.1:0 \
 TRELLIS_GATEWAY__GRPC_LISTEN=127.0.0.1:0 \
+TRELLIS_TELEMETRY__ADMIN_LISTEN=127.0.0.1:0 \
   timeout 180 target/debug/trellis up --demo 3 --exit-after-demo >"$out" 2>&1 || { cat "$out"; echo "smoke: trellis up failed"; exit 1; }
 for want in "handshake with" "returned 5" "demo: event" "demo: done"; do
   grep -q "$want" "$out" || { cat "$out"; echo "smoke: missing \"$want\""; exit 1; }

@@ -66,7 +66,7 @@ impl Cluster {
         mut config: Config,
         gateways: usize,
     ) -> anyhow::Result<Self> {
-        trellis_core::telemetry::init("tests", &config.telemetry);
+        std::mem::forget(trellis_core::telemetry::init("tests", &config));
         let (trigger, shutdown) = Shutdown::new();
         let mut tasks = Vec::new();
         let kv_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -216,6 +216,9 @@ where
 /// bytes they want: replays, skipped ids, oversized frames.
 pub struct RawDevice {
     pub stream: TcpStream,
+    /// The session key and IV as hex, so tests can check they never leak
+    /// into logs or spans.
+    pub session_secrets_hex: Vec<String>,
     pub cipher: SessionCipher,
     pub next_id: u16,
     buf: Vec<u8>,
@@ -244,8 +247,10 @@ impl RawDevice {
         let material = hs.on_reply(&reply)?;
         let next_id = u16::from_be_bytes([material.salt[0], material.salt[1]]).wrapping_add(1);
         let cipher = SessionCipher::new(&material, trellis_wire::DEFAULT_MAX_FRAME_LEN);
+        let session_secrets_hex = vec![hex::encode(material.key), hex::encode(material.iv)];
         Ok(Self {
             stream,
+            session_secrets_hex,
             cipher,
             next_id,
             buf: vec![0u8; 4096],

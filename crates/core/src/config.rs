@@ -77,6 +77,8 @@ pub struct TelemetryConfig {
     pub log: String,
     /// `deployment.environment` resource attribute.
     pub environment: String,
+    /// Admin HTTP address: `/metrics`, `/healthz`, `/readyz`. Empty: off.
+    pub admin_listen: String,
 }
 
 impl Default for Config {
@@ -127,6 +129,7 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             log: "info".into(),
             environment: "development".into(),
+            admin_listen: "127.0.0.1:9100".into(),
         }
     }
 }

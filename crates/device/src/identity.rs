@@ -1,6 +1,23 @@
 //! A device's keys on disk, in the layout the simulator and provisioning
-//! tools share: `<id>.pem` (PKCS#8, mode 0600), `<id>.pub.pem` (SPKI) and
-//! the cloud's `cloud.pub.pem`.
+//! tools share: `<id>.pem` (PKCS#8, mode 0600), `<id>.pub.pem` (SPKI), the
+//! cloud's `cloud.pub.pem`, and optionally `policy.json`, the firmware trust
+//! policy every device in the directory is provisioned with:
+//!
+//! ```json
+//! {
+//!   "threshold": 2,
+//!   "keys": [
+//!     { "name": "customer", "key_id": "<hex SHA-256 of the key's SPKI DER>",
+//!       "public_key": "-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n" },
+//!     { "name": "cloud-release", "public_key": "-----BEGIN PUBLIC KEY-----\n..." }
+//!   ]
+//! }
+//! ```
+//!
+//! `threshold` is how many of the listed keys must have signed a release
+//! (here both: the customer's offline key AND the cloud release key); keys
+//! are RSA of at least 2048 bits; `key_id` is optional and checked when
+//! given. Without `policy.json` a device refuses every firmware update.
 
 use std::fs;
 use std::io::Write;
@@ -14,10 +31,13 @@ use rsa::pkcs8::{
 };
 // rsa 0.10 deprecates the `Rsa*` aliases; they name these same types.
 use rsa::{PrivateKey as RsaPrivateKey, PublicKey as RsaPublicKey};
+use trellis_firmware::TrustPolicy;
 use trellis_wire::DeviceId;
 
 /// File name of the cloud public key inside a fleet directory.
 pub const CLOUD_KEY_FILE: &str = "cloud.pub.pem";
+/// File name of the firmware trust policy inside a fleet directory.
+pub const POLICY_FILE: &str = "policy.json";
 
 /// Everything a device needs to connect.
 #[derive(Clone)]
@@ -50,6 +70,8 @@ pub enum IdentityError {
     Encode(String),
     #[error("generating an RSA key failed: {0}")]
     Generate(String),
+    #[error("{path}: not a valid firmware trust policy: {message}")]
+    Policy { path: PathBuf, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -156,4 +178,33 @@ pub fn load_fleet(
             })
         })
         .collect()
+}
+
+/// Reads `dir/policy.json` if it exists (`None` if it does not: such
+/// devices refuse every update); a file that is there but invalid is an
+/// error, never silently "no policy".
+pub fn load_trust_policy(dir: &Path) -> Result<Option<TrustPolicy>, IdentityError> {
+    let path = dir.join(POLICY_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    TrustPolicy::from_json(&text)
+        .map(Some)
+        .map_err(|e| IdentityError::Policy {
+            path: path.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes `dir/policy.json`.
+pub fn write_trust_policy(dir: &Path, policy: &TrustPolicy) -> Result<(), IdentityError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(POLICY_FILE);
+    let json = policy.to_json().map_err(|e| IdentityError::Policy {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    fs::write(&path, json).map_err(io(&path))
 }

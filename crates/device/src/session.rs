@@ -1,6 +1,8 @@
 //! One device's connection: the handshake, Hello, and the message loop
-//! (answers, keepalive, periodic events) over a TCP stream, driving the
-//! sans-IO `trellis-wire` engine. Reconnecting is the caller's business.
+//! (answers, keepalive, periodic events, firmware updates) over a TCP
+//! stream, driving the sans-IO `trellis-wire` engine and, for updates,
+//! `trellis-firmware`'s `OtaReceiver`. Reconnecting is the caller's
+//! business, and so is applying a verified update (`SessionEnd`).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use trellis_firmware::{OtaReceiver, REJECTED_EVENT, ReceivedUpdate, ReceiverConfig, TrustPolicy};
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::message::{self, Incoming, Request, encode_value};
 use trellis_wire::{
@@ -36,6 +39,17 @@ pub struct SessionConfig {
     /// Limit for each handshake read (protocol: 30 s).
     pub handshake_step_timeout: Duration,
     pub max_frame_len: usize,
+    /// Hello flags (bit 0, `hello::FLAG_UPDATED`: running an update applied
+    /// since the last session).
+    pub hello_flags: u8,
+    /// The release keys this device trusts and how many must sign. `None`:
+    /// every update is refused (`no_trust_policy`).
+    pub trust_policy: Option<TrustPolicy>,
+    /// Updates must have a version above both this and the running
+    /// `firmware_version` (no rollback, no reinstall).
+    pub version_floor: u32,
+    /// Largest firmware image the device accepts.
+    pub max_image_size: u64,
 }
 
 impl Default for SessionConfig {
@@ -52,6 +66,10 @@ impl Default for SessionConfig {
             send_public_key: true,
             handshake_step_timeout: Duration::from_secs(30),
             max_frame_len: trellis_wire::DEFAULT_MAX_FRAME_LEN,
+            hello_flags: 0,
+            trust_policy: None,
+            version_floor: 0,
+            max_image_size: ReceiverConfig::default().max_image_size,
         }
     }
 }
@@ -70,6 +88,22 @@ pub enum SessionEvent {
     VariableRead {
         name: String,
     },
+    /// An update was refused; the device keeps its image. Also published as
+    /// the private event `trellis/ota/rejected`, data `<reason_code>: <message>`.
+    UpdateRejected {
+        reason_code: String,
+        message: String,
+    },
+}
+
+/// Why `Session::run` returned without an error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEnd {
+    Shutdown,
+    /// A firmware image arrived whole and verified (signatures, product,
+    /// version, size, SHA-256) and UpdateDone was acknowledged: the caller
+    /// applies it and reconnects with Hello flag bit 0 and the new SHA-256.
+    UpdateApplied(ReceivedUpdate),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +150,8 @@ pub struct Session {
     server_hello_seen: bool,
     config: SessionConfig,
     answered: VecDeque<(u16, Vec<CachedReply>)>,
+    ota: OtaReceiver,
+    applied: Option<ReceivedUpdate>,
 }
 
 async fn read_step(
@@ -170,6 +206,13 @@ impl Session {
         .await?;
         let material = handshake.on_reply(&reply)?;
 
+        let ota = OtaReceiver::new(ReceiverConfig {
+            policy: config.trust_policy.clone(),
+            product_id: u32::from(config.product_id),
+            version_floor: config.version_floor.max(u32::from(config.firmware_version)),
+            max_image_size: config.max_image_size,
+            ..ReceiverConfig::default()
+        });
         let mut session = Session {
             stream,
             cipher: SessionCipher::new(&material, config.max_frame_len),
@@ -178,12 +221,14 @@ impl Session {
             server_hello_seen: false,
             config,
             answered: VecDeque::new(),
+            ota,
+            applied: None,
         };
         let hello = Hello {
             product_id: session.config.product_id,
             firmware_version: session.config.firmware_version,
             reserved: 0,
-            flags: 0,
+            flags: session.config.hello_flags,
             platform_id: session.config.platform_id,
             device_id: Some(identity.device_id),
             firmware_sha256: Some(session.config.firmware_sha256),
@@ -205,13 +250,14 @@ impl Session {
         self.send(&message::event(id, true, name, data)).await
     }
 
-    /// The message loop, until shutdown (`Ok`) or a failure (`Err`).
+    /// The message loop, until shutdown or an update to apply (`Ok`) or a
+    /// failure (`Err`).
     pub async fn run(
         mut self,
         app: &dyn DeviceApp,
         shutdown: CancellationToken,
         mut on_event: impl FnMut(SessionEvent) + Send,
-    ) -> Result<(), SessionError> {
+    ) -> Result<SessionEnd, SessionError> {
         let mut buf = vec![0u8; 4096];
         let mut last_rx = Instant::now();
         let mut ping_deadline: Option<Instant> = None;
@@ -220,7 +266,7 @@ impl Session {
             let keepalive_at = last_rx + self.config.keepalive;
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
                 read = self.stream.read(&mut buf) => {
                     let n = read?;
                     if n == 0 {
@@ -232,6 +278,12 @@ impl Session {
                     while let Some(plain) = self.cipher.decoder.next_message()? {
                         let m = CoapMessage::decode(&plain)?;
                         self.handle(&m, app, &mut on_event).await?;
+                        if let Some(update) = self.applied.take() {
+                            // UpdateDone is acknowledged; the connection
+                            // closes as the device restarts into the image.
+                            self.stream.flush().await?;
+                            return Ok(SessionEnd::UpdateApplied(update));
+                        }
                     }
                 }
                 _ = sleep_until(keepalive_at), if ping_deadline.is_none() => {
@@ -302,6 +354,7 @@ impl Session {
             message,
             keeps_id: false,
         };
+        let mut rejected = None;
         let replies: Vec<CachedReply> = match request {
             Request::Ping => vec![CachedReply {
                 message: message::ping_ack(m.message_id, token),
@@ -360,9 +413,29 @@ impl Session {
                     Vec::new()
                 }
             }
-            // OTA is not simulated yet: say so rather than pretend.
             Request::UpdateBegin(_) | Request::Chunk(_) | Request::UpdateDone => {
-                vec![ack(code::NOT_IMPLEMENTED)]
+                let Some(out) = self.ota.handle(m, &request) else {
+                    return Ok(());
+                };
+                if let Some(rejection) = &out.rejected {
+                    tracing::warn!(reason = rejection.code(), %rejection, "firmware update refused; keeping the current image");
+                    rejected = Some(rejection.clone());
+                }
+                if let Some(update) = out.completed {
+                    tracing::info!(
+                        version = update.manifest.version,
+                        bytes = update.image.len(),
+                        "firmware update verified"
+                    );
+                    self.applied = Some(update);
+                }
+                out.replies
+                    .into_iter()
+                    .map(|r| CachedReply {
+                        message: r.message,
+                        keeps_id: !r.fresh_id,
+                    })
+                    .collect()
             }
             Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {
                 vec![ack(code::METHOD_NOT_ALLOWED)]
@@ -380,6 +453,16 @@ impl Session {
                 self.answered.pop_front();
             }
             self.answered.push_back((m.message_id, replies));
+        }
+        if let Some(rejection) = rejected {
+            let data = rejection.event_data();
+            let id = self.out_ids.next();
+            self.send(&message::event(id, false, REJECTED_EVENT, data.as_bytes()))
+                .await?;
+            on_event(SessionEvent::UpdateRejected {
+                reason_code: rejection.code().to_owned(),
+                message: rejection.to_string(),
+            });
         }
         Ok(())
     }

@@ -1,6 +1,9 @@
 //! The fleet simulator: thousands of devices as tasks on one runtime (no
 //! thread per device), each reconnecting with jittered exponential backoff
 //! and failing over across endpoints, reporting what happens on a channel.
+//! A device that receives a verified firmware update "applies" it: it swaps
+//! its running image and version, and reconnects at once with Hello flag
+//! bit 0 set and the new image's SHA-256.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +15,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
+use trellis_firmware::TrustPolicy;
 use trellis_wire::DeviceId;
+use trellis_wire::hello::FLAG_UPDATED;
 
 use crate::app::{DemoApp, DeviceApp};
 use crate::identity::DeviceIdentity;
-use crate::session::{Session, SessionConfig, SessionEvent};
+use crate::session::{Session, SessionConfig, SessionEnd, SessionEvent};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -35,6 +40,12 @@ pub struct SimConfig {
     /// Initial connects are spread uniformly over this window, so a fleet
     /// start is a ramp rather than one burst (zero: all at once).
     pub start_spread: Duration,
+    /// The release keys every device trusts and how many must sign
+    /// (`identity::load_trust_policy` reads `policy.json`). `None`: the
+    /// devices refuse every update.
+    pub trust_policy: Option<TrustPolicy>,
+    /// Updates must have a version above this (and above the running one).
+    pub version_floor: u32,
 }
 
 impl Default for SimConfig {
@@ -52,6 +63,8 @@ impl Default for SimConfig {
             backoff_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             start_spread: Duration::ZERO,
+            trust_policy: None,
+            version_floor: 0,
         }
     }
 }
@@ -120,6 +133,8 @@ pub fn run_fleet(
         event_interval: config.event_interval,
         event_name: config.event_name.clone(),
         send_public_key: config.send_public_key,
+        trust_policy: config.trust_policy.clone(),
+        version_floor: config.version_floor,
         ..SessionConfig::default()
     };
     let config = Arc::new(config);
@@ -167,9 +182,11 @@ impl Device {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        // What this device runs; an applied update changes it.
+        let mut session_config = (*self.session_config).clone();
         let mut preferred = 0usize;
         let mut attempt = 0u32;
-        while !shutdown.is_cancelled() {
+        'outer: while !shutdown.is_cancelled() {
             let mut connected = false;
             for step in 0..self.endpoints.len() {
                 let index = (preferred + step) % self.endpoints.len();
@@ -179,10 +196,13 @@ impl Device {
                 let started = Instant::now();
                 let result = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = self.connect(endpoint) => r,
+                    r = self.connect(endpoint, &session_config) => r,
                 };
                 match result {
                     Ok(session) => {
+                        // The flag reports an update once, in the first
+                        // Hello after it was applied.
+                        session_config.hello_flags &= !FLAG_UPDATED;
                         preferred = index;
                         connected = true;
                         attempt = 0;
@@ -211,14 +231,43 @@ impl Device {
                                     SessionEvent::VariableRead { name } => {
                                         DeviceReport::VariableRead { device_id, name }
                                     }
+                                    SessionEvent::UpdateRejected { reason_code, .. } => {
+                                        DeviceReport::EventPublished {
+                                            device_id,
+                                            name: format!(
+                                                "{}: {reason_code}",
+                                                trellis_firmware::REJECTED_EVENT
+                                            ),
+                                        }
+                                    }
                                 });
                             })
                             .await;
                         let reason = match outcome {
-                            Ok(()) => "shutdown".to_owned(),
+                            Ok(SessionEnd::Shutdown) => "shutdown".to_owned(),
+                            Ok(SessionEnd::UpdateApplied(update)) => {
+                                let sha = update.sha256();
+                                let version = update.manifest.version;
+                                session_config.firmware_sha256 = sha;
+                                session_config.firmware_version =
+                                    u16::try_from(version).unwrap_or(u16::MAX);
+                                session_config.version_floor =
+                                    session_config.version_floor.max(version);
+                                session_config.hello_flags |= FLAG_UPDATED;
+                                tracing::info!(%device_id, version, sha256 = %hex::encode(sha), "update applied");
+                                format!(
+                                    "update applied: version {version}, sha256 {}",
+                                    hex::encode(sha)
+                                )
+                            }
                             Err(e) => e.to_string(),
                         };
+                        let updated = session_config.hello_flags & FLAG_UPDATED != 0;
                         self.report(DeviceReport::Disconnected { device_id, reason });
+                        if updated {
+                            // Restart into the new image: reconnect now.
+                            continue 'outer;
+                        }
                         break;
                     }
                     Err(error) => {
@@ -245,7 +294,11 @@ impl Device {
         }
     }
 
-    async fn connect(&self, endpoint: &str) -> Result<Session, String> {
+    async fn connect(
+        &self,
+        endpoint: &str,
+        session_config: &SessionConfig,
+    ) -> Result<Session, String> {
         let stream = match timeout(self.config.connect_timeout, TcpStream::connect(endpoint)).await
         {
             Err(_) => {
@@ -260,7 +313,7 @@ impl Device {
         // The whole handshake is bounded too (protocol: 120 s).
         match timeout(
             Duration::from_secs(120),
-            Session::connect(stream, &self.identity, (*self.session_config).clone()),
+            Session::connect(stream, &self.identity, session_config.clone()),
         )
         .await
         {

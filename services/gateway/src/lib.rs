@@ -20,12 +20,14 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::config::{Config, GatewayConfig};
+use trellis_core::metrics::{kv, metrics};
 use trellis_core::redis_conn::{self, Redis};
+use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::device_service_server::DeviceServiceServer;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 
@@ -36,7 +38,7 @@ pub struct Gateway {
     pub config: GatewayConfig,
     pub redis: Redis,
     pub redis_url: String,
-    pub keyvault: KeyVaultClient<Channel>,
+    pub keyvault: KeyVaultClient<TracedChannel>,
     pub local: Arc<LocalSessions>,
     pub router: Arc<Router>,
 }
@@ -85,7 +87,8 @@ pub async fn serve_with_listeners(
         })?
         .connect_timeout(Duration::from_secs(5));
     // Lazy: the gateway starts even while keyvault is still starting.
-    let keyvault = KeyVaultClient::new(keyvault_endpoint.connect_lazy());
+    let keyvault =
+        KeyVaultClient::with_interceptor(keyvault_endpoint.connect_lazy(), TraceInterceptor);
     let id = config.gateway.effective_id();
     let local = Arc::new(LocalSessions::default());
     let router = Arc::new(Router::new(id.clone(), redis.clone(), Arc::clone(&local)));
@@ -111,6 +114,7 @@ pub async fn serve_with_listeners(
         let mut sd = shutdown.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .trace_fn(trellis_core::telemetry::grpc_server_span)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(grpc),
@@ -163,12 +167,40 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
 
 /// One device connection from TCP accept to close.
 async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+    let started = std::time::Instant::now();
     let established = {
-        let hs_span = tracing::info_span!("device.handshake", gateway = %gw.id, %peer);
-        match handshake::run(&gw, &mut stream, peer)
-            .instrument(hs_span)
-            .await
-        {
+        let hs_span = tracing::info_span!(
+            "device.handshake",
+            gateway = %gw.id,
+            %peer,
+            device = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = handshake::run(&gw, &mut stream, peer)
+            .instrument(hs_span.clone())
+            .await;
+        let (outcome, reason) = match &result {
+            Ok(e) => {
+                hs_span.record("device", e.device_id.as_str());
+                ("ok", "")
+            }
+            Err(f) => ("refused", f.label()),
+        };
+        hs_span.record("outcome", if reason.is_empty() { outcome } else { reason });
+        let m = metrics();
+        let labels = [
+            kv("gateway", gw.id.clone()),
+            kv("outcome", outcome),
+            kv("reason", reason),
+        ];
+        m.handshakes.add(1, &labels);
+        if result.is_ok() {
+            m.handshake_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[kv("gateway", gw.id.clone())],
+            );
+        }
+        match result {
             Ok(e) => e,
             Err(failure) => {
                 tracing::info!(gateway = %gw.id, %peer, outcome = failure.label(), error = %failure, "handshake refused");
@@ -208,6 +240,9 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
             tracing::warn!(error = %e, "audit write failed");
         }
         tracing::info!(device = %device_id, old_peer = %prev.peer_addr, old_gateway = %prev.gateway_id, "duplicate session: closing the older one");
+        metrics()
+            .clone_suspicions
+            .add(1, &[kv("region", gw.region.clone())]);
         if prev.gateway_id != gw.id {
             gw.router
                 .close_remote(
@@ -242,7 +277,13 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
         stream,
         established.cipher,
     );
+    let gauge_labels = [
+        kv("gateway", gw.id.clone()),
+        kv("region", gw.region.clone()),
+    ];
+    metrics().sessions_open.add(1, &gauge_labels);
     let end = session.run(rx, shutdown).await;
+    metrics().sessions_open.add(-1, &gauge_labels);
     gw.local.remove(&device_id, claim.epoch);
     let _ = ownership::release(&mut redis, &device_id, claim.epoch).await;
     if end.is_violation() {

@@ -88,6 +88,7 @@ impl LocalSessions {
         }
     }
 
+    #[tracing::instrument(name = "device.command", skip(self, action, timeout))]
     pub async fn execute(
         &self,
         device_id: &str,

@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::redis_conn::{self, Redis, keys};
+use trellis_core::{metrics, telemetry};
 
 /// Entries kept in a gateway's inbox stream.
 const INBOX_MAX_LEN: usize = 10_000;
@@ -84,6 +86,20 @@ impl Router {
     /// Runs a command on a device wherever its session lives.
     #[tracing::instrument(name = "command.route", skip(self), fields(gateway = %self.gateway_id))]
     pub async fn execute(&self, device_id: &str, action: Action, timeout: Duration) -> Outcome {
+        let started = std::time::Instant::now();
+        let kind = match &action {
+            Action::CallFunction { .. } => "function",
+            Action::GetVariable { .. } => "variable",
+        };
+        let outcome = self.route(device_id, action, timeout).await;
+        metrics::metrics().routed_command_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[metrics::kv("kind", kind)],
+        );
+        outcome
+    }
+
+    async fn route(&self, device_id: &str, action: Action, timeout: Duration) -> Outcome {
         let mut redis = self.redis.clone();
         let owner = ownership::current(&mut redis, device_id)
             .await
@@ -112,6 +128,22 @@ impl Router {
             ("reply_to", self.gateway_id.clone()),
             ("timeout_ms", timeout.as_millis().to_string()),
         ];
+        // The owner continues this trace: W3C trace context rides in the entry.
+        let context = telemetry::inject_fields();
+        for (k, v) in &context {
+            match k.as_str() {
+                "traceparent" => fields.push(("traceparent", v.clone())),
+                "tracestate" => fields.push(("tracestate", v.clone())),
+                _ => {}
+            }
+        }
+        let publish = tracing::info_span!(
+            "redis.publish",
+            otel.kind = "producer",
+            messaging.system = "redis",
+            messaging.operation.type = "send",
+            messaging.destination.name = %keys::gateway_commands(&owner.gateway_id),
+        );
         match &action {
             Action::CallFunction { name, argument } => {
                 fields.push(("action", "call".into()));
@@ -128,8 +160,12 @@ impl Router {
             &keys::gateway_commands(&owner.gateway_id),
             &fields,
         )
+        .instrument(publish)
         .await
         {
+            metrics::metrics()
+                .redis_errors
+                .add(1, &[metrics::kv("service", "gateway")]);
             self.lock_waiting().remove(&request_id);
             return Err(Failure::new(FailureKind::Internal, format!("redis: {e}")));
         }
@@ -221,6 +257,9 @@ impl Router {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "inbox: read failed, reconnecting");
+                    metrics::metrics()
+                        .redis_reconnects
+                        .add(1, &[metrics::kv("service", "gateway")]);
                     conn = None;
                 }
             }
@@ -236,12 +275,26 @@ impl Router {
                 reply_to,
                 action,
                 timeout,
+                trace,
             } => {
                 let router = Arc::clone(self);
-                tokio::spawn(async move {
-                    let outcome = router.local.execute(&device, epoch, action, timeout).await;
-                    router.send_reply(&reply_to, &request, outcome).await;
-                });
+                let span = tracing::info_span!(
+                    "command.deliver",
+                    otel.kind = "consumer",
+                    messaging.system = "redis",
+                    messaging.operation.type = "process",
+                    messaging.destination.name = %keys::gateway_commands(&self.gateway_id),
+                    gateway = %self.gateway_id,
+                    %device,
+                );
+                telemetry::extract_fields(&span, &trace);
+                tokio::spawn(
+                    async move {
+                        let outcome = router.local.execute(&device, epoch, action, timeout).await;
+                        router.send_reply(&reply_to, &request, outcome).await;
+                    }
+                    .instrument(span),
+                );
             }
             InboxEntry::Reply { request, outcome } => {
                 if let Some(tx) = self.lock_waiting().remove(&request) {
@@ -330,6 +383,8 @@ enum InboxEntry {
         reply_to: String,
         action: Action,
         timeout: Duration,
+        /// W3C trace context of the request, if it carried one.
+        trace: HashMap<String, String>,
     },
     Reply {
         request: String,
@@ -371,6 +426,10 @@ impl InboxEntry {
                                 .and_then(|t| t.parse().ok())
                                 .unwrap_or(10_000),
                         ),
+                        trace: ["traceparent", "tracestate"]
+                            .iter()
+                            .filter_map(|k| get(k).map(|v| (k.to_string(), v)))
+                            .collect(),
                     })
                 }
                 "reply" => {

@@ -304,6 +304,10 @@ impl Session {
                     tracing::warn!(device = %self.device_id, error = %e, "event not stored");
                 }
                 tracing::debug!(device = %self.device_id, event = %name, bytes = data.len(), "event");
+                trellis_core::metrics::metrics().device_events.add(
+                    1,
+                    &[trellis_core::metrics::kv("gateway", self.gw.id.clone())],
+                );
             }
             Request::GetTime => {
                 let now = u32::try_from(trellis_core::time::now_ms() / 1000).unwrap_or(u32::MAX);

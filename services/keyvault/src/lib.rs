@@ -59,7 +59,14 @@ pub async fn serve_with_listener(
         "keyvault serving"
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let pool = service.pool().clone();
+    trellis_core::metrics::gauge(
+        "trellis_keyvault_queue_depth",
+        "Private-key operations waiting for a worker",
+        move || i64::try_from(pool.queue_depth()).unwrap_or(i64::MAX),
+    );
     tonic::transport::Server::builder()
+        .trace_fn(trellis_core::telemetry::grpc_server_span)
         .add_service(trellis_proto::v1::key_vault_server::KeyVaultServer::new(
             service,
         ))

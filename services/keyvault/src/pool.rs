@@ -169,14 +169,22 @@ impl Pool {
 
     /// Decrypts a handshake ciphertext (an admission: refused when full).
     pub async fn decrypt(&self, ciphertext: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, PoolError> {
-        self.run(Class::Admission, move |ops| ops.decrypt(&ciphertext))
-            .await
+        let started = std::time::Instant::now();
+        let r = self
+            .run(Class::Admission, move |ops| ops.decrypt(&ciphertext))
+            .await;
+        record_op("decrypt", started);
+        r
     }
 
     /// Signs for an admitted handshake (a continuation: served first).
     pub async fn sign_raw(&self, data: Vec<u8>) -> Result<Vec<u8>, PoolError> {
-        self.run(Class::Continuation, move |ops| ops.sign_raw(&data))
-            .await
+        let started = std::time::Instant::now();
+        let r = self
+            .run(Class::Continuation, move |ops| ops.sign_raw(&data))
+            .await;
+        record_op("sign", started);
+        r
     }
 
     async fn run<T, F>(&self, class: Class, op: F) -> Result<T, PoolError>
@@ -242,6 +250,14 @@ fn worker(shared: &Shared) {
     }
 }
 
+/// Private-operation latency as callers see it: queue wait included.
+fn record_op(op: &'static str, started: std::time::Instant) {
+    trellis_core::metrics::metrics().private_op_duration.record(
+        started.elapsed().as_secs_f64(),
+        &[trellis_core::metrics::kv("op", op)],
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,3 +302,4 @@ mod tests {
         assert_eq!(pool.sign_raw(vec![1, 2]).await.unwrap(), vec![1, 2]);
     }
 }
+

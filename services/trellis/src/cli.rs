@@ -14,6 +14,10 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub endpoints: Endpoints,
+    /// Print the trace id of this command (spans go to
+    /// telemetry.otlp_endpoint when it is set).
+    #[arg(long, global = true)]
+    pub trace: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -200,4 +204,27 @@ pub enum AuditCommand {
         #[arg(long)]
         device: Option<String>,
     },
+}
+
+impl Command {
+    /// A short name for spans and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "up",
+            Command::Keyvault => "keyvault",
+            Command::Gateway => "gateway",
+            Command::Sim(_) => "sim",
+            Command::Device(d) => match d {
+                DeviceCommand::Provision { .. } => "device provision",
+                DeviceCommand::Register { .. } => "device register",
+                DeviceCommand::List { .. } => "device list",
+                DeviceCommand::Show { .. } => "device show",
+                DeviceCommand::Call { .. } => "device call",
+                DeviceCommand::Get { .. } => "device get",
+                DeviceCommand::Revoke { .. } => "device revoke",
+            },
+            Command::Events(_) => "events tail",
+            Command::Audit(_) => "audit tail",
+        }
+    }
 }

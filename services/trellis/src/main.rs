@@ -1,5 +1,6 @@
 //! `trellis`: one binary that runs any service, all of them (`trellis up`),
 //! the operator CLI, and the device fleet simulator.
+mod admin;
 mod cli;
 mod ops;
 mod sim;
@@ -8,6 +9,8 @@ mod up;
 use clap::Parser;
 use cli::{Cli, Command};
 use std::process::ExitCode;
+use trellis_core::admin::ReadinessCheck;
+use trellis_core::config::TelemetryConfig;
 use trellis_core::{Config, Shutdown, telemetry};
 
 fn main() -> ExitCode {
@@ -32,33 +35,59 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Up(args) => {
-            let mut telemetry_config = config.telemetry.clone();
-            if args.demo.is_some() && telemetry_config == Default::default() {
+            if args.demo.is_some() && config.telemetry.log == TelemetryConfig::default().log {
                 // The demo narrates on stdout; service logs drown it at info.
-                telemetry_config.log = "warn".into();
+                config.telemetry.log = "warn".into();
             }
-            telemetry::init("trellis", &telemetry_config);
+            let _telemetry = telemetry::init("up", &config);
             up::run(config, args).await
         }
         Command::Keyvault => {
-            telemetry::init("keyvault", &config.telemetry);
+            let _telemetry = telemetry::init("keyvault", &config);
             let (_trigger, shutdown) = Shutdown::on_signals();
+            let redis = config.redis.url.clone().unwrap_or_default();
+            admin::spawn(
+                &config,
+                vec![ReadinessCheck::redis(redis)],
+                shutdown.clone(),
+            )
+            .await?;
             trellis_keyvault::serve(config, shutdown).await
         }
         Command::Gateway => {
-            telemetry::init("gateway", &config.telemetry);
+            let _telemetry = telemetry::init("gateway", &config);
             let (_trigger, shutdown) = Shutdown::on_signals();
+            let checks = vec![
+                ReadinessCheck::redis(config.redis.url.clone().unwrap_or_default()),
+                ReadinessCheck::tcp("keyvault", admin::authority(&config.gateway.keyvault_url)),
+            ];
+            admin::spawn(&config, checks, shutdown.clone()).await?;
             trellis_gateway::serve(config, shutdown).await
         }
         Command::Sim(args) => {
-            telemetry::init("sim", &config.telemetry);
+            let _telemetry = telemetry::init("sim", &config);
             sim::run(args).await
         }
-        Command::Device(cmd) => ops::device(&cli.endpoints, cmd).await,
-        Command::Events(cmd) => ops::events(&cli.endpoints, cmd).await,
-        Command::Audit(cmd) => ops::audit(&cli.endpoints, cmd).await,
+        command => {
+            // Operator commands: quiet logs, one trace per command.
+            if config.telemetry.log == TelemetryConfig::default().log {
+                config.telemetry.log = "warn".into();
+            }
+            let telemetry = telemetry::init("cli", &config);
+            let span = tracing::info_span!("cli.command", command = command.name());
+            let result = {
+                use tracing::Instrument;
+                let trace_id = span.in_scope(telemetry::current_trace_id);
+                if cli.trace {
+                    eprintln!("trace id: {trace_id}");
+                }
+                ops::run(&cli.endpoints, command).instrument(span).await
+            };
+            telemetry.flush();
+            result
+        }
     }
 }

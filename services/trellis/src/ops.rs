@@ -1,29 +1,50 @@
 //! Operator commands: thin gRPC clients of keyvault and any gateway.
+use crate::cli::Command;
 use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand};
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::path::Path;
-use tonic::transport::Channel;
+use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::variable_value::Value;
 use trellis_proto::v1::*;
 use trellis_wire::DeviceId;
 
-pub async fn keyvault_client(url: &str) -> anyhow::Result<KeyVaultClient<Channel>> {
-    KeyVaultClient::connect(url.to_string())
+async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("{flag} {url:?} is not a URL"))?
+        .connect()
         .await
         .with_context(|| {
-            format!("cannot reach keyvault at {url} (is `trellis up` running? set --keyvault-url)")
-        })
+            format!("cannot reach {what} at {url} (is `trellis up` running? set {flag})")
+        })?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        TraceInterceptor,
+    ))
 }
 
-pub async fn gateway_client(url: &str) -> anyhow::Result<DeviceServiceClient<Channel>> {
-    DeviceServiceClient::connect(url.to_string())
-        .await
-        .with_context(|| {
-            format!("cannot reach a gateway at {url} (is `trellis up` running? set --gateway-url)")
-        })
+pub async fn keyvault_client(url: &str) -> anyhow::Result<KeyVaultClient<TracedChannel>> {
+    Ok(KeyVaultClient::new(
+        channel(url, "keyvault", "--keyvault-url").await?,
+    ))
+}
+
+pub async fn gateway_client(url: &str) -> anyhow::Result<DeviceServiceClient<TracedChannel>> {
+    Ok(DeviceServiceClient::new(
+        channel(url, "a gateway", "--gateway-url").await?,
+    ))
+}
+
+/// Runs one operator command.
+pub async fn run(endpoints: &Endpoints, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Device(cmd) => device(endpoints, cmd).await,
+        Command::Events(cmd) => events(endpoints, cmd).await,
+        Command::Audit(cmd) => audit(endpoints, cmd).await,
+        other => anyhow::bail!("{} is not an operator command", other.name()),
+    }
 }
 
 /// gRPC errors as an operator should read them.
@@ -34,7 +55,7 @@ fn status(e: tonic::Status) -> anyhow::Error {
 /// Makes a key pair, registers the public half, writes both and the cloud
 /// key to `out`. Returns the new device ids.
 pub async fn provision(
-    keyvault: &mut KeyVaultClient<Channel>,
+    keyvault: &mut KeyVaultClient<TracedChannel>,
     product: u32,
     ids: Vec<DeviceId>,
     out: &Path,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use trellis_core::admin::ReadinessCheck;
 use trellis_core::local_redis::{LocalRedis, RedisData};
 use trellis_core::{Config, Shutdown};
 use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
@@ -58,6 +59,13 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     println!("keyvault: gRPC on {kv_addr}");
+    let checks = vec![
+        ReadinessCheck::redis(config.redis.url.clone().unwrap_or_default()),
+        ReadinessCheck::tcp("keyvault", kv_addr.to_string()),
+    ];
+    if let Some(addr) = crate::admin::spawn(&config, checks, shutdown.clone()).await? {
+        println!("admin: http://{addr}/metrics, /healthz, /readyz");
+    }
 
     let gateway_count = args
         .gateways
@@ -283,8 +291,9 @@ async fn demo(
 
 async fn connect_keyvault(
     addr: SocketAddr,
-) -> anyhow::Result<trellis_proto::v1::key_vault_client::KeyVaultClient<tonic::transport::Channel>>
-{
+) -> anyhow::Result<
+    trellis_proto::v1::key_vault_client::KeyVaultClient<trellis_core::telemetry::TracedChannel>,
+> {
     let url = format!("http://{addr}");
     for _ in 0..50 {
         if let Ok(c) = ops::keyvault_client(&url).await {

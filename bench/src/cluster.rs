@@ -1,0 +1,311 @@
+//! The system under test as real processes: a `redis-server` (LocalRedis),
+//! `trellis keyvault` and one or more `trellis gateway`, each configured
+//! only through `TRELLIS_*` variables, on loopback ports chosen here. Being
+//! separate processes is what lets every benchmark read each one's RSS and
+//! CPU time from /proc instead of estimating them.
+use anyhow::{Context, bail};
+use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use trellis_core::local_redis::{LocalRedis, RedisData, free_port};
+use trellis_proto::v1::device_service_client::DeviceServiceClient;
+use trellis_proto::v1::key_vault_client::KeyVaultClient;
+use trellis_proto::v1::{GetCloudPublicKeyRequest, RegisterDeviceRequest};
+use trellis_wire::DeviceId;
+
+/// Where `trellis` is: `--trellis-bin`, `$TRELLIS_BIN`, or beside this binary
+/// (cargo puts both in target/release).
+pub fn trellis_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("TRELLIS_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()?
+                .parent()
+                .context("this binary has no directory")?
+                .join("trellis"),
+        },
+    };
+    if !path.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p trellis` (or pass --trellis-bin)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Settings a `TRELLIS_*` variable may name: the keys of the default
+/// configuration. The bench and the `trellis` binary come from one tree, so
+/// a setting that this tree does not have yet is left out rather than
+/// refused by the service as an unknown key.
+fn known_setting(section: &str, key: &str) -> bool {
+    serde_json::to_value(trellis_core::Config::default())
+        .ok()
+        .and_then(|v| v.get(section).and_then(|s| s.get(key)).map(|_| ()))
+        .is_some()
+}
+
+/// One child process with its log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} exited ({status}); its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log)
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+pub struct GatewayProc {
+    pub id: String,
+    pub devices: SocketAddr,
+    pub grpc: SocketAddr,
+    pub proc: Proc,
+}
+
+pub struct ClusterOptions {
+    pub gateways: usize,
+    pub keepalive_secs: u64,
+    pub log: String,
+    pub trellis_bin: Option<PathBuf>,
+}
+
+/// Redis + keyvault + gateways, all children of this process, killed on drop.
+pub struct Cluster {
+    // Field order is drop order: gateways first, Redis last.
+    pub gateways: Vec<GatewayProc>,
+    pub keyvault: Proc,
+    pub keyvault_addr: SocketAddr,
+    pub redis: LocalRedis,
+    pub cloud_public_key: rsa::PublicKey,
+    pub dir: tempfile::TempDir,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+impl Cluster {
+    pub async fn start(opts: &ClusterOptions) -> anyhow::Result<Self> {
+        let bin = trellis_binary(opts.trellis_bin.as_deref())?;
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-bench-")
+            .tempdir()?;
+        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        let master_key = hex::encode(rand::random::<[u8; 32]>());
+        let common = |name: &str| -> anyhow::Result<Command> {
+            let mut cmd = Command::new(&bin);
+            // Only what this run sets: no stray trellis.toml, no TRELLIS_* of ours.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("TRELLIS_") {
+                    cmd.env_remove(k);
+                }
+            }
+            cmd.current_dir(dir.path())
+                .env("TRELLIS_REDIS__URL", redis.url())
+                .env("TRELLIS_TELEMETRY__LOG", &opts.log)
+                .stdin(Stdio::null());
+            if known_setting("telemetry", "admin_listen") {
+                // Off: several gateways would fight over the default port.
+                cmd.env("TRELLIS_TELEMETRY__ADMIN_LISTEN", "");
+            }
+            let log = dir.path().join(format!("{name}.log"));
+            let f = std::fs::File::create(&log)?;
+            cmd.stdout(f.try_clone()?).stderr(f);
+            Ok(cmd)
+        };
+
+        let kv_port = free_port()?;
+        let mut cmd = common("keyvault")?;
+        cmd.arg("keyvault")
+            .env("TRELLIS_KEYVAULT__LISTEN", loopback(kv_port).to_string())
+            .env("TRELLIS_KEYVAULT__MASTER_KEY", &master_key);
+        let mut keyvault = Proc {
+            name: "keyvault".into(),
+            child: cmd.spawn().context("cannot start trellis keyvault")?,
+            log: dir.path().join("keyvault.log"),
+        };
+        let keyvault_addr = loopback(kv_port);
+        let mut kv = wait_keyvault(keyvault_addr, &mut keyvault).await?;
+        let cloud = kv
+            .get_cloud_public_key(GetCloudPublicKeyRequest {})
+            .await?
+            .into_inner();
+        let cloud_public_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)?;
+
+        let mut gateways = Vec::new();
+        for n in 0..opts.gateways {
+            let id = format!("bench-gw-{}", n + 1);
+            let devices = loopback(free_port()?);
+            let grpc = loopback(free_port()?);
+            let mut cmd = common(&id)?;
+            cmd.arg("gateway")
+                .env("TRELLIS_GATEWAY__ID", &id)
+                .env("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.to_string())
+                .env("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.to_string())
+                .env("TRELLIS_GATEWAY__KEYVAULT_URL", format!("http://{keyvault_addr}"))
+                .env(
+                    "TRELLIS_GATEWAY__KEEPALIVE_SECS",
+                    opts.keepalive_secs.to_string(),
+                );
+            let mut proc = Proc {
+                name: id.clone(),
+                child: cmd.spawn().context("cannot start trellis gateway")?,
+                log: dir.path().join(format!("{id}.log")),
+            };
+            wait_gateway(grpc, &mut proc).await?;
+            gateways.push(GatewayProc {
+                id,
+                devices,
+                grpc,
+                proc,
+            });
+        }
+        Ok(Self {
+            gateways,
+            keyvault,
+            keyvault_addr,
+            redis,
+            cloud_public_key,
+            dir,
+        })
+    }
+
+    pub async fn keyvault_client(&self) -> anyhow::Result<KeyVaultClient<Channel>> {
+        Ok(KeyVaultClient::connect(format!("http://{}", self.keyvault_addr)).await?)
+    }
+
+    pub async fn gateway_client(&self, n: usize) -> anyhow::Result<DeviceServiceClient<Channel>> {
+        Ok(DeviceServiceClient::connect(format!("http://{}", self.gateways[n].grpc)).await?)
+    }
+
+    /// Fails with the child's log when any process has died.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(e) = self.keyvault.exited() {
+            bail!(e);
+        }
+        for g in &mut self.gateways {
+            if let Some(e) = g.proc.exited() {
+                bail!(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers `count` fresh random ids, all with the same public key
+    /// (keyvault allows one key under many ids: only an id's key is unique),
+    /// `concurrency` requests at a time.
+    pub async fn register_many(
+        &self,
+        key: &rsa::PrivateKey,
+        count: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<Vec<DeviceId>> {
+        let der = key.to_public_key().to_public_key_der()?.as_bytes().to_vec();
+        let ids: Vec<DeviceId> = (0..count).map(|_| DeviceId(rand::random())).collect();
+        let client = self.keyvault_client().await?;
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ids_shared = std::sync::Arc::new(ids);
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency.max(1) {
+            let mut client = client.clone();
+            let der = der.clone();
+            let next = next.clone();
+            let ids = ids_shared.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else {
+                        return anyhow::Ok(());
+                    };
+                    client
+                        .register_device(RegisterDeviceRequest {
+                            device_id: id.to_string(),
+                            product_id: 6,
+                            public_key: der.clone(),
+                            organization: String::new(),
+                        })
+                        .await
+                        .with_context(|| format!("registering device {id}"))?;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(std::sync::Arc::try_unwrap(ids_shared).unwrap_or_else(|a| (*a).clone()))
+    }
+}
+
+async fn wait_keyvault(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<KeyVaultClient<Channel>> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Some(e) = proc.exited() {
+            bail!(e);
+        }
+        if let Ok(mut c) = KeyVaultClient::connect(format!("http://{addr}")).await
+            && c.get_cloud_public_key(GetCloudPublicKeyRequest {})
+                .await
+                .is_ok()
+        {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "keyvault did not come up within 30 s; log:\n{}",
+        tail(&proc.log)
+    )
+}
+
+async fn wait_gateway(grpc: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Some(e) = proc.exited() {
+            bail!(e);
+        }
+        if DeviceServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "{} did not come up within 30 s; log:\n{}",
+        proc.name,
+        tail(&proc.log)
+    )
+}

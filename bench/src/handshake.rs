@@ -1,0 +1,338 @@
+//! `handshake`: complete device handshakes per second through gateway +
+//! keyvault over loopback TCP at saturation, against the physical limit:
+//! the fastest RSA-2048 backend doing the handshake's two private
+//! operations (decrypt + sign) in a tight loop on every core.
+//!
+//! The devices run in this process and their own RSA work (an RSA-2048
+//! public encryption, an RSA-1024 private decryption and an RSA-2048
+//! verification per handshake, pure-Rust `rsa`) competes for the same
+//! cores, so the run also measures that cost, and the CPU time of every
+//! process, so the reader can see what limits the figure.
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::util::{self, Latencies, micros};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use trellis_device::identity::DeviceIdentity;
+use trellis_device::session::{Session, SessionConfig};
+use trellis_keyvault::backend::{
+    OpensslBackend, PrivateOps, RustCryptoBackend, generate_pkcs8_der,
+};
+use trellis_wire::{DeviceHandshake, DeviceId, SessionMaterial};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Measured window in seconds (after a warm-up of a quarter of it).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Devices handshaking at once (keyvault queues 64 by default; more
+    /// would be turned away).
+    #[arg(long, default_value_t = 48)]
+    pub concurrency: usize,
+    /// Seconds per backend for the RSA limit.
+    #[arg(long, default_value_t = 3.0)]
+    pub limit_seconds: f64,
+}
+
+impl Args {
+    pub fn smoke() -> Self {
+        Self {
+            seconds: 1.5,
+            concurrency: 8,
+            limit_seconds: 0.4,
+        }
+    }
+}
+
+/// An RSA-1024 device key (made with OpenSSL: much faster than `rsa`'s keygen).
+pub fn device_key() -> anyhow::Result<rsa::PrivateKey> {
+    use rsa::pkcs8::DecodePrivateKey;
+    let der = generate_pkcs8_der(1024)?;
+    Ok(rsa::PrivateKey::from_pkcs8_der(&der)?)
+}
+
+/// decrypt + sign pairs per second with `threads` threads sharing one key.
+fn rsa_pairs_per_sec(
+    backend: Arc<dyn PrivateOps>,
+    threads: usize,
+    ciphertext: &[u8],
+    window: Duration,
+) -> f64 {
+    let hmac = [0xa5u8; 20];
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let b = Arc::clone(&backend);
+            let ct = ciphertext.to_vec();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while start.elapsed() < window {
+                    std::hint::black_box(b.decrypt(&ct).ok());
+                    std::hint::black_box(b.sign_raw(&hmac).ok());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+pub struct Limit {
+    pub backend: &'static str,
+    pub per_sec: f64,
+    pub others: Vec<(&'static str, f64)>,
+}
+
+/// The limit: every backend on every core, the fastest wins.
+pub fn rsa_limit(window: Duration) -> anyhow::Result<Limit> {
+    let der = generate_pkcs8_der(2048)?;
+    let public = {
+        use rsa::pkcs8::DecodePrivateKey;
+        rsa::PrivateKey::from_pkcs8_der(&der)?.to_public_key()
+    };
+    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+    // nonce || id || RSA-1024 DER: the handshake's 214 bytes.
+    let ciphertext = public.encrypt(&mut rng, rsa::Pkcs1v15Encrypt, &[0x5au8; 214])?;
+    let cores = util::cores();
+    let mut results = Vec::new();
+    for b in [
+        Arc::new(OpensslBackend::from_pkcs8_der(&der)?) as Arc<dyn PrivateOps>,
+        Arc::new(RustCryptoBackend::from_pkcs8_der(&der)?),
+    ] {
+        let name = b.name();
+        results.push((name, rsa_pairs_per_sec(b, cores, &ciphertext, window)));
+    }
+    results.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (backend, per_sec) = results[0];
+    Ok(Limit {
+        backend,
+        per_sec,
+        others: results[1..].to_vec(),
+    })
+}
+
+/// The device side of one handshake (encrypt to the cloud key, decrypt the
+/// session material, verify the cloud signature), one thread: handshakes/s.
+pub fn device_side_rate(key: &rsa::PrivateKey, window: Duration) -> anyhow::Result<f64> {
+    use rsa::pkcs8::DecodePrivateKey;
+    let cloud = rsa::PrivateKey::from_pkcs8_der(&generate_pkcs8_der(2048)?)?;
+    let cloud_public = cloud.to_public_key();
+    let mut rng = rand::rand_core::UnwrapErr(rand::rngs::SysRng);
+    let material = SessionMaterial::generate(&mut rng);
+    let encrypted =
+        trellis_wire::encrypt_session_material(&material, &key.to_public_key(), &mut rng)?;
+    let hmac = trellis_wire::session_hmac(&material, &encrypted);
+    let signature = trellis_wire::sign_session_hmac(&cloud, &hmac)?;
+    let reply = trellis_wire::assemble_server_reply(&encrypted, &signature)?;
+    let nonce = [7u8; trellis_wire::NONCE_LEN];
+    let id = DeviceId(rand::random());
+    let mut one = || -> anyhow::Result<()> {
+        let mut hs = DeviceHandshake::new(id, key.clone(), cloud_public.clone(), true);
+        std::hint::black_box(hs.on_nonce(&nonce, &mut rng)?);
+        std::hint::black_box(hs.on_reply(&reply)?);
+        Ok(())
+    };
+    one()?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < window {
+        one()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+struct Counters {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let cores = util::cores();
+    println!("== handshake ({})", util::machine());
+    let window = Duration::from_secs_f64(args.limit_seconds);
+    let limit = tokio::task::spawn_blocking(move || rsa_limit(window)).await??;
+    let key = device_key()?;
+    let device_rate = {
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || device_side_rate(&key, window)).await??
+    };
+
+    let mut cluster = Cluster::start(&ClusterOptions {
+        gateways: 1,
+        keepalive_secs: 15,
+        log: "warn".into(),
+        trellis_bin,
+    })
+    .await?;
+    let concurrency = args.concurrency.max(1);
+    // Each worker cycles through its own ids, so an id comes back only after
+    // the gateway has long released its previous session.
+    let per_worker = 16;
+    let ids = cluster
+        .register_many(&key, concurrency * per_worker, 32)
+        .await?;
+    let gw = cluster.gateways[0].devices;
+    let sources = util::source_addrs(8);
+    let session_config = SessionConfig {
+        product_id: 6,
+        platform_id: 6,
+        firmware_version: 1,
+        ..SessionConfig::default()
+    };
+
+    let counters = Arc::new(Counters {
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let warmup = Duration::from_secs_f64(args.seconds / 4.0);
+    let measured = Duration::from_secs_f64(args.seconds);
+    let run_start = Instant::now();
+    let end = run_start + warmup + measured;
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let identities: Vec<DeviceIdentity> = ids[w * per_worker..(w + 1) * per_worker]
+            .iter()
+            .map(|id| DeviceIdentity {
+                device_id: *id,
+                private_key: key.clone(),
+                cloud_public_key: cluster.cloud_public_key.clone(),
+            })
+            .collect();
+        let counters = counters.clone();
+        let measuring = measuring.clone();
+        let config = session_config.clone();
+        let source = sources[w % sources.len()];
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            let mut i = 0usize;
+            while Instant::now() < end {
+                let identity = &identities[i % identities.len()];
+                i += 1;
+                let t0 = Instant::now();
+                let result = async {
+                    let stream = util::connect_from(source, gw).await?;
+                    Session::connect(stream, identity, config.clone())
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+                .await;
+                let took = t0.elapsed();
+                let counted = measuring.load(Ordering::Relaxed) && Instant::now() <= end;
+                match result {
+                    Ok(session) => {
+                        drop(session);
+                        if counted {
+                            counters.ok.fetch_add(1, Ordering::Relaxed);
+                            lat.push(micros(took));
+                        }
+                    }
+                    Err(e) => {
+                        if counted {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if errors.len() < 3 {
+                            errors.push(e.to_string());
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let pids = [
+        cluster.gateways[0].proc.pid(),
+        cluster.keyvault.pid(),
+        cluster.redis.pid(),
+        std::process::id(),
+    ];
+    let cpu0 = util::sample_cpu(&pids)?;
+    let ok0 = counters.ok.load(Ordering::Relaxed);
+    measuring.store(true, Ordering::Relaxed);
+    let t_measure = Instant::now();
+    tokio::time::sleep_until(end.into()).await;
+    let elapsed = t_measure.elapsed().as_secs_f64();
+    let cpu1 = util::sample_cpu(&pids)?;
+    let ok = counters.ok.load(Ordering::Relaxed) - ok0;
+    let failed = counters.failed.load(Ordering::Relaxed);
+    let mut lat = Vec::new();
+    let mut errors = Vec::new();
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors.extend(e);
+    }
+    cluster.check_alive()?;
+    let lat = Latencies::new(lat);
+    let rate = ok as f64 / elapsed;
+    let cpu = cpu1.delta(&cpu0);
+    let per_hs = |s: f64| if ok > 0 { s / ok as f64 * 1e3 } else { f64::NAN };
+    let server_cpu = cpu[0] + cpu[1] + cpu[2];
+    let rsa_floor_ms = cores as f64 / limit.per_sec * 1e3;
+
+    println!(
+        "limit   : {} handshakes/s = {} RSA-2048 decrypt+sign pairs/s on {cores} threads ({}{})",
+        util::fmt_rate(limit.per_sec),
+        limit.backend,
+        openssl::version::version(),
+        limit
+            .others
+            .iter()
+            .map(|(n, r)| format!("; {n}: {}/s", util::fmt_rate(*r)))
+            .collect::<String>()
+    );
+    println!(
+        "system  : {} handshakes/s over {elapsed:.1} s at {concurrency} in flight ({ok} ok, {failed} failed); latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        util::fmt_rate(rate),
+        lat.pct_ms(50.0),
+        lat.pct_ms(99.0),
+        lat.max_ms()
+    );
+    println!(
+        "ratio   : {:.1} % of the RSA limit (target >= 85 %)",
+        rate / limit.per_sec * 100.0
+    );
+    println!(
+        "cpu/hs  : gateway {:.3} ms, keyvault {:.3} ms, redis {:.3} ms, devices (this process) {:.3} ms; RSA floor {:.3} ms (cores / limit)",
+        per_hs(cpu[0]),
+        per_hs(cpu[1]),
+        per_hs(cpu[2]),
+        per_hs(cpu[3]),
+        rsa_floor_ms
+    );
+    println!(
+        "device  : device-side handshake alone {} /s on one core = {:.3} ms CPU each; the devices took {:.0} % of the machine's CPU in the window",
+        util::fmt_rate(device_rate),
+        1e3 / device_rate,
+        cpu[3] / (elapsed * cores as f64) * 100.0
+    );
+    if server_cpu > 0.0 && ok > 0 {
+        let server_only = cores as f64 / (server_cpu / ok as f64);
+        println!(
+            "servers : {:.3} ms CPU per handshake (gateway+keyvault+redis), so with the devices on other machines these {cores} cores would serve ~{} handshakes/s = {:.1} % of the limit",
+            per_hs(server_cpu),
+            util::fmt_rate(server_only),
+            server_only / limit.per_sec * 100.0
+        );
+    }
+    if !errors.is_empty() {
+        println!("errors  : {}", errors.join(" | "));
+    }
+    println!(
+        "RESULT handshake rate={rate:.0}/s limit={:.0}/s ratio={:.3} p50_ms={:.2} p99_ms={:.2}",
+        limit.per_sec,
+        rate / limit.per_sec,
+        lat.pct_ms(50.0),
+        lat.pct_ms(99.0)
+    );
+    if ok == 0 {
+        anyhow::bail!("no handshake completed");
+    }
+    Ok(())
+}

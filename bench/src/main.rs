@@ -1,0 +1,121 @@
+//! `trellis-bench`: Trellis's published figures, each printed next to the
+//! physical limit measured in the same run on the same machine, and their
+//! ratio. One subcommand per figure; `--smoke` makes each a few seconds
+//! (CI runs them all that way through `bench/smoke.sh`). Every load stays on
+//! loopback (127.0.0.0/8) and is bounded in count and time. BENCHMARKS.md
+//! at the top of the repository holds the latest full figures and the
+//! command for each.
+mod alloc_count;
+mod cluster;
+mod handshake;
+mod idle;
+mod routed;
+mod util;
+mod wire;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
+
+#[derive(Parser, Debug)]
+#[command(name = "trellis-bench", about = "Trellis benchmarks: figure, limit, ratio")]
+struct Cli {
+    /// Tiny sizes and a few seconds per figure (CI); overrides the sizes.
+    #[arg(long, global = true)]
+    smoke: bool,
+    /// The `trellis` binary to run as services (default: beside this one).
+    #[arg(long, global = true, env = "TRELLIS_BIN")]
+    trellis_bin: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Handshakes/s through gateway + keyvault vs the RSA-2048 decrypt+sign limit.
+    Handshake(handshake::Args),
+    /// Idle sessions on one gateway: bytes per session and keepalive CPU.
+    Idle(idle::Args),
+    /// Function call routed through another gateway via Redis, vs raw Redis.
+    Routed(routed::Args),
+    /// Allocations per wire operation (timings: cargo bench -p trellis-wire).
+    Wire(wire::Args),
+    /// Every figure in turn, with the defaults (or --smoke).
+    All,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let bin = cli.trellis_bin.clone();
+    let smoke = cli.smoke;
+    let pick = |a, s| if smoke { s } else { a };
+    match cli.command {
+        Cmd::Handshake(a) => handshake::run(&pick(a, handshake::Args::smoke()), bin).await,
+        Cmd::Idle(a) => idle::run(&pick(a, idle::Args::smoke()), bin).await,
+        Cmd::Routed(a) => routed::run(&pick(a, routed::Args::smoke()), bin).await,
+        Cmd::Wire(a) => wire::run(&pick(a, wire::Args::smoke())),
+        Cmd::All => {
+            let defaults = |smoke_args, full_args| if smoke { smoke_args } else { full_args };
+            wire::run(&defaults(wire::Args::smoke(), wire::Args { iterations: 20_000 }))?;
+            handshake::run(
+                &defaults(
+                    handshake::Args::smoke(),
+                    handshake::Args {
+                        seconds: 10.0,
+                        concurrency: 48,
+                        limit_seconds: 3.0,
+                    },
+                ),
+                bin.clone(),
+            )
+            .await?;
+            routed::run(
+                &defaults(
+                    routed::Args::smoke(),
+                    routed::Args {
+                        rate: 1000.0,
+                        seconds: 10.0,
+                        devices: 8,
+                    },
+                ),
+                bin.clone(),
+            )
+            .await?;
+            idle::run(
+                &defaults(
+                    idle::Args::smoke(),
+                    idle::Args {
+                        sessions: vec![10_000, 50_000, 100_000],
+                        window: 30.0,
+                        keepalive: 15,
+                        concurrency: 48,
+                    },
+                ),
+                bin,
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The trust policy a device is provisioned with (which release keys it
+//! trusts, and how many of them must have signed) and the checks that decide
+//! whether it accepts an update. For example a policy of the customer's
+//! offline key AND the cloud release key, threshold 2: whoever breaks into
+//! the cloud holds at most one of the two.
+//!
+//! JSON form (`policy.json`, for provisioning):
+//! ```json
+//! {
+//!   "threshold": 2,
+//!   "keys": [
+//!     { "name": "customer", "key_id": "<hex sha-256 of the SPKI DER>",
+//!       "public_key": "-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n" },
+//!     { "name": "cloud-release", "public_key": "-----BEGIN PUBLIC KEY-----\n..." }
+//!   ]
+//! }
+//! ```
+//! `key_id` is optional on input (computed from the key) and checked when
+//! present, so a policy file whose ids and keys disagree is refused.
+
+use std::fmt;
+
+use rsa::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{KeyError, check_release_key, key_id, public_key_from_pem, public_key_to_pem};
+use crate::manifest::{
+    FirmwareManifest, ManifestSignature, SignedManifest, decode_manifest, decode_signed_manifest,
+    image_sha256,
+};
+use crate::rejection::Rejection;
+use crate::signing::verify_signature;
+
+/// A key named in a report or a rejection: its id and, when the policy
+/// knows it, its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyRef {
+    pub key_id: String,
+    pub name: String,
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let short = self.key_id.get(..16).unwrap_or(&self.key_id);
+        if self.name.is_empty() {
+            write!(f, "key {short}")
+        } else {
+            write!(f, "{} (key {short})", self.name)
+        }
+    }
+}
+
+/// One trusted release key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustedKey {
+    /// Hex SHA-256 of `public_key`'s SPKI DER; `TrustedKey::new` computes it.
+    pub key_id: String,
+    pub public_key: PublicKey,
+    pub name: String,
+}
+
+impl TrustedKey {
+    pub fn new(name: impl Into<String>, public_key: PublicKey) -> Result<Self, PolicyError> {
+        check_release_key(&public_key)?;
+        Ok(TrustedKey {
+            key_id: key_id(&public_key),
+            public_key,
+            name: name.into(),
+        })
+    }
+
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            key_id: self.key_id.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("the policy trusts no keys")]
+    NoKeys,
+    #[error(
+        "threshold {threshold} is impossible with {keys} trusted keys (it must be 1 to {keys})"
+    )]
+    Threshold { threshold: usize, keys: usize },
+    #[error("key {key_id} is listed twice")]
+    DuplicateKey { key_id: String },
+    #[error("key {name:?}: key_id {given} does not match its public key ({computed})")]
+    KeyIdMismatch {
+        name: String,
+        given: String,
+        computed: String,
+    },
+    #[error("key {name:?}: {source}")]
+    BadKey { name: String, source: KeyError },
+    #[error("policy JSON: {0}")]
+    Json(String),
+}
+
+/// Which trusted keys must have signed, and how many of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustPolicy {
+    pub keys: Vec<TrustedKey>,
+    pub threshold: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PolicyFile {
+    threshold: usize,
+    keys: Vec<KeyFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    public_key: String,
+}
+
+/// What a set of signatures amounts to under a policy: the answer to "which
+/// signatures are missing?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyReport {
+    pub threshold: usize,
+    /// Trusted keys with a valid signature (each counted once).
+    pub valid: Vec<KeyRef>,
+    /// Trusted keys without a valid signature.
+    pub missing: Vec<KeyRef>,
+    /// Trusted keys named by a signature that does not verify.
+    pub invalid: Vec<KeyRef>,
+    /// Key ids of signatures by keys the policy does not know.
+    pub unknown: Vec<String>,
+}
+
+impl PolicyReport {
+    /// Enough valid trusted signatures and no forged one.
+    pub fn satisfied(&self) -> bool {
+        self.invalid.is_empty() && self.valid.len() >= self.threshold
+    }
+
+    /// The rejection a device reports, if any: a signature that claims a
+    /// trusted key but does not verify is `bad_signature` even when the
+    /// threshold is met otherwise; too few signatures is `unknown_key` when
+    /// untrusted keys signed, `insufficient_signatures` when not.
+    pub fn into_result(self) -> Result<(), Rejection> {
+        if let Some(key) = self.invalid.into_iter().next() {
+            return Err(Rejection::BadSignature { key });
+        }
+        if self.valid.len() >= self.threshold {
+            return Ok(());
+        }
+        if !self.unknown.is_empty() {
+            return Err(Rejection::UnknownKey {
+                key_ids: self.unknown,
+                threshold: self.threshold,
+                missing: self.missing,
+            });
+        }
+        Err(Rejection::InsufficientSignatures {
+            threshold: self.threshold,
+            valid: self.valid,
+            missing: self.missing,
+        })
+    }
+}
+
+impl TrustPolicy {
+    /// Checks the keys (distinct, long enough, ids matching) and that
+    /// `1 <= threshold <= keys`.
+    pub fn new(keys: Vec<TrustedKey>, threshold: usize) -> Result<Self, PolicyError> {
+        let policy = TrustPolicy { keys, threshold };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.keys.is_empty() {
+            return Err(PolicyError::NoKeys);
+        }
+        if self.threshold == 0 || self.threshold > self.keys.len() {
+            return Err(PolicyError::Threshold {
+                threshold: self.threshold,
+                keys: self.keys.len(),
+            });
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            check_release_key(&k.public_key).map_err(|source| PolicyError::BadKey {
+                name: k.name.clone(),
+                source,
+            })?;
+            let computed = key_id(&k.public_key);
+            if computed != k.key_id {
+                return Err(PolicyError::KeyIdMismatch {
+                    name: k.name.clone(),
+                    given: k.key_id.clone(),
+                    computed,
+                });
+            }
+            if self.keys[..i].iter().any(|o| o.key_id == k.key_id) {
+                return Err(PolicyError::DuplicateKey {
+                    key_id: k.key_id.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn key(&self, key_id: &str) -> Option<&TrustedKey> {
+        self.keys.iter().find(|k| k.key_id == key_id)
+    }
+
+    /// Parses the JSON form (see the module documentation) and validates it.
+    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile =
+            serde_json::from_str(text).map_err(|e| PolicyError::Json(e.to_string()))?;
+        let mut keys = Vec::with_capacity(file.keys.len());
+        for k in file.keys {
+            let public_key =
+                public_key_from_pem(&k.public_key).map_err(|source| PolicyError::BadKey {
+                    name: k.name.clone(),
+                    source,
+                })?;
+            let computed = key_id(&public_key);
+            if let Some(given) = k.key_id
+                && !given.eq_ignore_ascii_case(&computed)
+            {
+                return Err(PolicyError::KeyIdMismatch {
+                    name: k.name,
+                    given,
+                    computed,
+                });
+            }
+            keys.push(TrustedKey {
+                key_id: computed,
+                public_key,
+                name: k.name,
+            });
+        }
+        TrustPolicy::new(keys, file.threshold)
+    }
+
+    /// The JSON form, pretty-printed, key ids included.
+    pub fn to_json(&self) -> Result<String, PolicyError> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| {
+                Ok(KeyFile {
+                    name: k.name.clone(),
+                    key_id: Some(k.key_id.clone()),
+                    public_key: public_key_to_pem(&k.public_key)?,
+                })
+            })
+            .collect::<Result<Vec<_>, KeyError>>()?;
+        serde_json::to_string_pretty(&PolicyFile {
+            threshold: self.threshold,
+            keys,
+        })
+        .map_err(|e| PolicyError::Json(e.to_string()))
+    }
+
+    /// Checks every signature over `manifest_bytes` against the trusted
+    /// keys. Nothing in the manifest is read.
+    pub fn evaluate(
+        &self,
+        manifest_bytes: &[u8],
+        signatures: &[ManifestSignature],
+    ) -> PolicyReport {
+        let mut valid: Vec<KeyRef> = Vec::new();
+        let mut invalid: Vec<KeyRef> = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        for sig in signatures {
+            let Some(key) = self.key(&sig.key_id) else {
+                if !unknown.contains(&sig.key_id) {
+                    unknown.push(sig.key_id.clone());
+                }
+                continue;
+            };
+            let r = key.key_ref();
+            if verify_signature(&key.public_key, manifest_bytes, sig).is_ok() {
+                if !valid.contains(&r) {
+                    valid.push(r);
+                }
+            } else if !invalid.contains(&r) {
+                invalid.push(r);
+            }
+        }
+        let missing = self
+            .keys
+            .iter()
+            .map(TrustedKey::key_ref)
+            .filter(|r| !valid.contains(r))
+            .collect();
+        PolicyReport {
+            threshold: self.threshold,
+            valid,
+            missing,
+            invalid,
+            unknown,
+        }
+    }
+}
+
+/// Everything a device checks about an offered update before it accepts a
+/// single chunk, in this order: the signatures over the exact manifest bytes
+/// against `policy` (before anything in the manifest is believed), then the
+/// manifest's form, its product, and that its version is above
+/// `version_floor`.
+pub fn verify_update(
+    signed: &SignedManifest,
+    policy: &TrustPolicy,
+    device_product_id: u32,
+    version_floor: u32,
+) -> Result<FirmwareManifest, Rejection> {
+    if signed.manifest.is_empty() {
+        return Err(Rejection::MalformedManifest {
+            detail: "the signed envelope holds no manifest".into(),
+        });
+    }
+    policy
+        .evaluate(&signed.manifest, &signed.signatures)
+        .into_result()?;
+    let manifest = decode_manifest(&signed.manifest)?;
+    if manifest.product_id != device_product_id {
+        return Err(Rejection::WrongProduct {
+            device: device_product_id,
+            manifest: manifest.product_id,
+        });
+    }
+    if manifest.version <= version_floor {
+        return Err(Rejection::Rollback {
+            version: manifest.version,
+            floor: version_floor,
+        });
+    }
+    Ok(manifest)
+}
+
+/// `verify_update` on the signed envelope's wire bytes (as UpdateBegin
+/// carries them).
+pub fn verify_update_bytes(
+    signed_manifest: &[u8],
+    policy: &TrustPolicy,
+    device_product_id: u32,
+    version_floor: u32,
+) -> Result<FirmwareManifest, Rejection> {
+    let signed = decode_signed_manifest(signed_manifest)?;
+    verify_update(&signed, policy, device_product_id, version_floor)
+}
+
+/// The received image against its (verified) manifest: size, then SHA-256.
+pub fn verify_image(manifest: &FirmwareManifest, image: &[u8]) -> Result<(), Rejection> {
+    let actual = image.len() as u64;
+    if actual != manifest.image_size {
+        return Err(Rejection::SizeMismatch {
+            expected: manifest.image_size,
+            actual,
+        });
+    }
+    let sha = image_sha256(image);
+    if sha.as_slice() != manifest.image_sha256.as_slice() {
+        return Err(Rejection::HashMismatch {
+            expected: hex::encode(&manifest.image_sha256),
+            actual: hex::encode(sha),
+        });
+    }
+    Ok(())
+}
