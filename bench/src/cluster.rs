@@ -109,7 +109,8 @@ pub struct Cluster {
     pub keyvault_addr: SocketAddr,
     pub redis: LocalRedis,
     pub cloud_public_key: rsa::PublicKey,
-    pub dir: tempfile::TempDir,
+    /// Holds the processes' logs while they run.
+    _dir: tempfile::TempDir,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -174,7 +175,10 @@ impl Cluster {
                 .env("TRELLIS_GATEWAY__ID", &id)
                 .env("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.to_string())
                 .env("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.to_string())
-                .env("TRELLIS_GATEWAY__KEYVAULT_URL", format!("http://{keyvault_addr}"))
+                .env(
+                    "TRELLIS_GATEWAY__KEYVAULT_URL",
+                    format!("http://{keyvault_addr}"),
+                )
                 .env(
                     "TRELLIS_GATEWAY__KEEPALIVE_SECS",
                     opts.keepalive_secs.to_string(),
@@ -198,7 +202,7 @@ impl Cluster {
             keyvault_addr,
             redis,
             cloud_public_key,
-            dir,
+            _dir: dir,
         })
     }
 
@@ -268,7 +272,10 @@ impl Cluster {
     }
 }
 
-async fn wait_keyvault(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<KeyVaultClient<Channel>> {
+async fn wait_keyvault(
+    addr: SocketAddr,
+    proc: &mut Proc,
+) -> anyhow::Result<KeyVaultClient<Channel>> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if let Some(e) = proc.exited() {

@@ -7,6 +7,7 @@
 //! command for each.
 mod alloc_count;
 mod cluster;
+mod fastdevice;
 mod handshake;
 mod idle;
 mod routed;
@@ -20,7 +21,10 @@ use std::path::PathBuf;
 static ALLOC: alloc_count::Counting = alloc_count::Counting;
 
 #[derive(Parser, Debug)]
-#[command(name = "trellis-bench", about = "Trellis benchmarks: figure, limit, ratio")]
+#[command(
+    name = "trellis-bench",
+    about = "Trellis benchmarks: figure, limit, ratio"
+)]
 struct Cli {
     /// Tiny sizes and a few seconds per figure (CI); overrides the sizes.
     #[arg(long, global = true)]
@@ -70,29 +74,34 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let bin = cli.trellis_bin.clone();
     let smoke = cli.smoke;
-    let pick = |a, s| if smoke { s } else { a };
     match cli.command {
-        Cmd::Handshake(a) => handshake::run(&pick(a, handshake::Args::smoke()), bin).await,
-        Cmd::Idle(a) => idle::run(&pick(a, idle::Args::smoke()), bin).await,
-        Cmd::Routed(a) => routed::run(&pick(a, routed::Args::smoke()), bin).await,
-        Cmd::Wire(a) => wire::run(&pick(a, wire::Args::smoke())),
+        Cmd::Handshake(a) => handshake::run(&pick(smoke, a, handshake::Args::smoke()), bin).await,
+        Cmd::Idle(a) => idle::run(&pick(smoke, a, idle::Args::smoke()), bin).await,
+        Cmd::Routed(a) => routed::run(&pick(smoke, a, routed::Args::smoke()), bin).await,
+        Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
         Cmd::All => {
-            let defaults = |smoke_args, full_args| if smoke { smoke_args } else { full_args };
-            wire::run(&defaults(wire::Args::smoke(), wire::Args { iterations: 20_000 }))?;
+            wire::run(&pick(
+                smoke,
+                wire::Args { iterations: 20_000 },
+                wire::Args::smoke(),
+            ))?;
             handshake::run(
-                &defaults(
+                &smoke_or(
+                    smoke,
                     handshake::Args::smoke(),
                     handshake::Args {
                         seconds: 10.0,
                         concurrency: 48,
                         limit_seconds: 3.0,
+                        device_crypto: handshake::DeviceCrypto::Openssl,
                     },
                 ),
                 bin.clone(),
             )
             .await?;
             routed::run(
-                &defaults(
+                &smoke_or(
+                    smoke,
                     routed::Args::smoke(),
                     routed::Args {
                         rate: 1000.0,
@@ -104,7 +113,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             idle::run(
-                &defaults(
+                &smoke_or(
+                    smoke,
                     idle::Args::smoke(),
                     idle::Args {
                         sessions: vec![10_000, 50_000, 100_000],
@@ -118,4 +128,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// The smoke sizes under --smoke, else what was asked.
+fn pick<T>(smoke: bool, asked: T, smoke_args: T) -> T {
+    if smoke { smoke_args } else { asked }
+}
+
+/// For `all`: the smoke sizes under --smoke, else the full ones.
+fn smoke_or<T>(smoke: bool, smoke_args: T, full: T) -> T {
+    if smoke { smoke_args } else { full }
 }

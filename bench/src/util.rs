@@ -173,7 +173,12 @@ pub fn machine() -> String {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
-    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB")
+    // Other work on the machine skews every figure: show how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB; load average {load} at start")
 }
 
 pub fn cores() -> usize {

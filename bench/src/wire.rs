@@ -33,10 +33,18 @@ fn ns_per_call(n: u64, mut f: impl FnMut()) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    println!("== wire: allocations per operation (this binary's counting allocator; times are rough, see criterion)");
+    println!(
+        "== wire: allocations per operation (this binary's counting allocator; times are rough, see criterion)"
+    );
     println!(
         "{:<17} {:>5} | {:>13} | {:>13} | {:>13} | {:>13} | {:>13}",
-        "message", "bytes", "coap encode", "coap decode", "classify", "frame encode", "frame decode"
+        "message",
+        "bytes",
+        "coap encode",
+        "coap decode",
+        "classify",
+        "frame encode",
+        "frame decode"
     );
     println!(
         "{:<17} {:>5} | {:>13} | {:>13} | {:>13} | {:>13} | {:>13}",

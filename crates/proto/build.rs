@@ -5,7 +5,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["trellis/v1/keyvault.proto", "trellis/v1/device.proto", "trellis/v1/firmware.proto"];
+    let files = [
+        "trellis/v1/keyvault.proto",
+        "trellis/v1/device.proto",
+        "trellis/v1/firmware.proto",
+        "trellis/v1/signer.proto",
+        "trellis/v1/ota.proto",
+    ];
     let paths: Vec<_> = files.iter().map(|f| root.join(f)).collect();
     for p in &paths {
         println!("cargo:rerun-if-changed={}", p.display());

@@ -325,3 +325,43 @@ async fn a_second_session_closes_the_first_and_is_audited() -> anyhow::Result<()
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_admission_rate_are_turned_away_before_rsa() -> anyhow::Result<()> {
+    let redis = trellis_core::local_redis::LocalRedis::start(
+        trellis_core::local_redis::RedisData::Ephemeral,
+    )?;
+    let mut config = trellis_tests::test_config(&redis.url());
+    config.gateway.handshake_rate = 1;
+    config.gateway.handshake_burst = 2;
+    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let gw = cluster.gateways[0].devices;
+
+    // A burst of ten connections: two get a nonce, the rest are closed at
+    // once without one (no RSA work, no keyvault call).
+    let mut nonces = 0;
+    let mut turned_away = 0;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(gw).await?;
+        let mut nonce = [0u8; 40];
+        match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut nonce)).await {
+            Ok(Ok(_)) => nonces += 1,
+            Ok(Err(_)) => turned_away += 1,
+            Err(_) => anyhow::bail!("neither a nonce nor a close"),
+        }
+    }
+    assert_eq!(nonces, 2, "burst of 2 admitted");
+    assert_eq!(turned_away, 8);
+    let audit = cluster.audit(None).await?;
+    assert!(
+        audit.iter().all(|r| r.action != "open_session"),
+        "no keyvault work for the turned-away devices: {audit:?}"
+    );
+
+    // The bucket refills: a second later a device gets in.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let identity = cluster.provision(1).await?;
+    RawDevice::connect(gw, &identity).await?;
+    cluster.stop().await;
+    Ok(())
+}

@@ -17,6 +17,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub keyvault: KeyvaultConfig,
     pub gateway: GatewayConfig,
+    pub ota: OtaConfig,
+    pub signer: SignerConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -66,6 +68,70 @@ pub struct GatewayConfig {
     pub command_timeout_ms: u64,
     /// Device events kept in the capped Redis stream.
     pub events_max_len: usize,
+    /// New handshakes admitted per second by this gateway (token bucket);
+    /// the rest are turned away before any RSA work, and the devices'
+    /// backoff spreads them out. Size it to what keyvault serves (README).
+    /// 0: no limit.
+    pub handshake_rate: u32,
+    /// Handshakes that may start at once above the steady rate.
+    pub handshake_burst: u32,
+    /// The OTA scheduler, told of every Hello (so it can count a device as
+    /// updated and deliver to devices that were offline). Empty: no OTA.
+    pub ota_url: String,
+}
+
+/// The OTA scheduler (`services/ota`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaConfig {
+    /// gRPC listen address of the `Ota` service.
+    pub listen: String,
+    /// Any gateway's gRPC endpoint: `DeliverUpdate` is routed from there to
+    /// the gateway that owns the device's session.
+    pub gateway_url: String,
+    /// The signer's gRPC endpoint, where releases (product, version, image
+    /// SHA-256) are read when a rollout is created.
+    pub signer_url: String,
+    /// How often the scheduler advances the rollouts it holds the lease for.
+    pub tick_ms: u64,
+    /// Lifetime of a replica's per-rollout lease in Redis (renewed every
+    /// tick); another replica takes a rollout over this long after its
+    /// holder died.
+    pub lease_ms: u64,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7400".into(),
+            gateway_url: "http://127.0.0.1:7200".into(),
+            signer_url: "http://127.0.0.1:7300".into(),
+            tick_ms: 500,
+            lease_ms: 10_000,
+        }
+    }
+}
+
+/// The firmware signer (`services/signer`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignerConfig {
+    /// gRPC listen address of the `Signer` service.
+    pub listen: String,
+    /// Where keyvault's gRPC endpoint is (it signs with the cloud release key).
+    pub keyvault_url: String,
+    /// Largest firmware image UploadImage accepts, in bytes.
+    pub max_image_bytes: u64,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7300".into(),
+            keyvault_url: "http://127.0.0.1:7100".into(),
+            max_image_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +155,8 @@ impl Default for Config {
             redis: RedisConfig::default(),
             keyvault: KeyvaultConfig::default(),
             gateway: GatewayConfig::default(),
+            ota: OtaConfig::default(),
+            signer: SignerConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -119,6 +187,9 @@ impl Default for GatewayConfig {
             max_frame_len: 4096,
             command_timeout_ms: 10_000,
             events_max_len: 10_000,
+            ota_url: String::new(),
+            handshake_rate: 1_000,
+            handshake_burst: 200,
         }
     }
 }
@@ -157,7 +228,13 @@ impl Config {
             // The CLI's own variables share the prefix but are not config.
             .merge(
                 Env::prefixed("TRELLIS_")
-                    .ignore(&["config", "gateway_url", "keyvault_url"])
+                    .ignore(&[
+                        "config",
+                        "gateway_url",
+                        "keyvault_url",
+                        "ota_url",
+                        "signer_url",
+                    ])
                     .split("__"),
             )
     }

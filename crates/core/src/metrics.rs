@@ -96,6 +96,25 @@ pub fn gauge(
         .build();
 }
 
+/// Registers an observable gauge with labels: `read` returns every
+/// (value, labels) series at scrape time (for example
+/// `trellis_ota_devices{rollout,state}`).
+pub fn labeled_gauge(
+    name: &'static str,
+    help: &'static str,
+    read: impl Fn() -> Vec<(i64, Vec<KeyValue>)> + Send + Sync + 'static,
+) {
+    let _gauge = meter()
+        .i64_observable_gauge(name)
+        .with_description(help)
+        .with_callback(move |o| {
+            for (value, labels) in read() {
+                o.observe(value, &labels);
+            }
+        })
+        .build();
+}
+
 pub fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
     KeyValue::new(key, value)
 }

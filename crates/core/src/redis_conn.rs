@@ -73,6 +73,33 @@ pub mod keys {
     }
     /// String: the sealed cloud key record.
     pub const CLOUD_KEY: &str = "trellis:cloudkey:v1";
+    /// String: the sealed release-signing key record (keyvault, purpose "release").
+    pub const RELEASE_KEY: &str = "trellis:releasekey:v1";
+    /// String: a firmware image's bytes, content-addressed by its lowercase
+    /// hex SHA-256 (signer; written once, SET NX).
+    pub fn image(sha256_hex: &str) -> String {
+        format!("trellis:image:{sha256_hex}")
+    }
+    /// Hash: a firmware image's metadata (sha256, size, product_id,
+    /// organization, uploaded_at_ms).
+    pub fn image_meta(sha256_hex: &str) -> String {
+        format!("trellis:image:{sha256_hex}:meta")
+    }
+    /// Set of all stored image SHA-256s.
+    pub const IMAGE_INDEX: &str = "trellis:images";
+    /// Hash: a release (product_id, version, organization, image_sha256,
+    /// image_size, manifest = the exact signed bytes, signatures = JSON,
+    /// created_at_ms). `release_id` is "<product_id>-<version>".
+    pub fn release(release_id: &str) -> String {
+        format!("trellis:release:{release_id}")
+    }
+    /// Set of all release ids.
+    pub const RELEASE_INDEX: &str = "trellis:releases";
+    /// String: a product's signing policy, in the firmware crate's
+    /// `TrustPolicy` JSON form.
+    pub fn policy(product_id: u32) -> String {
+        format!("trellis:policy:{product_id}")
+    }
     /// Stream: the audit log.
     pub const AUDIT: &str = "trellis:audit";
     /// Hash: who owns a device's session (gateway, epoch, peer, since).
@@ -101,4 +128,33 @@ pub mod keys {
     pub fn gateway_control(gateway_id: &str) -> String {
         format!("trellis:gw:{gateway_id}:control")
     }
+
+    /// Hash: one OTA rollout (spec, state, stage progress, counters).
+    pub fn rollout(rollout_id: &str) -> String {
+        format!("trellis:rollout:{rollout_id}")
+    }
+    /// Hash: a rollout's per-device update records (device id -> JSON).
+    pub fn rollout_devices(rollout_id: &str) -> String {
+        format!("trellis:rollout:{rollout_id}:devices")
+    }
+    /// String: the scheduler replica holding a rollout (`<replica>:<token>`, PX).
+    pub fn rollout_lease(rollout_id: &str) -> String {
+        format!("trellis:rollout:{rollout_id}:lease")
+    }
+    /// Counter: fencing tokens handed out with a rollout's lease; only grows.
+    pub fn rollout_fence(rollout_id: &str) -> String {
+        format!("trellis:rollout:{rollout_id}:fence")
+    }
+    /// Sorted set: every rollout id, scored by creation time (ms).
+    pub const ROLLOUT_INDEX: &str = "trellis:rollouts";
+    /// Set: rollouts that are running or paused (the scheduler's work list).
+    pub const ROLLOUT_ACTIVE: &str = "trellis:rollouts:active";
+    /// String: the newest rollout that includes a device (DeviceHello's lookup).
+    pub fn ota_device(device_id: &str) -> String {
+        format!("trellis:ota:device:{device_id}")
+    }
+    /// Key prefix of [`ota_device`], for Lua scripts that build the keys.
+    pub const OTA_DEVICE_PREFIX: &str = "trellis:ota:device:";
+    /// Key prefix of [`rollout`], for Lua scripts that build the keys.
+    pub const ROLLOUT_PREFIX: &str = "trellis:rollout:";
 }

@@ -73,13 +73,21 @@ fn a_key_the_device_does_not_trust_is_unknown_key() {
     let signed = release(PRODUCT, 2, &image(10), &[&k.attacker, &k.cloud]);
     let err = verify_update(&signed, &policy_2_of_2(), PRODUCT, 1).unwrap_err();
     assert_eq!(err.code(), "unknown_key", "{err}");
-    let Rejection::UnknownKey { key_ids, missing, .. } = &err else {
+    let Rejection::UnknownKey {
+        key_ids, missing, ..
+    } = &err
+    else {
         panic!("{err:?}")
     };
     assert_eq!(key_ids, &[key_id(&k.attacker.to_public_key())]);
     assert_eq!(missing[0].name, "customer");
     // An extra untrusted signature does not spoil a release that meets the policy.
-    let signed = release(PRODUCT, 2, &image(10), &[&k.customer, &k.attacker, &k.cloud]);
+    let signed = release(
+        PRODUCT,
+        2,
+        &image(10),
+        &[&k.customer, &k.attacker, &k.cloud],
+    );
     verify_update(&signed, &policy_2_of_2(), PRODUCT, 1).expect("threshold met");
 }
 
@@ -120,10 +128,13 @@ fn wrong_product_and_rollback() {
     let k = keys();
     let signed = release(PRODUCT + 1, 2, &image(10), &[&k.customer, &k.cloud]);
     let err = verify_update(&signed, &policy_2_of_2(), PRODUCT, 1).unwrap_err();
-    assert_eq!(err, Rejection::WrongProduct {
-        device: PRODUCT,
-        manifest: PRODUCT + 1
-    });
+    assert_eq!(
+        err,
+        Rejection::WrongProduct {
+            device: PRODUCT,
+            manifest: PRODUCT + 1
+        }
+    );
     assert_eq!(err.code(), "wrong_product");
     for (version, floor) in [(4, 5), (5, 5), (0, 0)] {
         let signed = release(PRODUCT, version, &image(10), &[&k.customer, &k.cloud]);
@@ -192,7 +203,10 @@ fn malformed_manifests() {
         decode_signed_manifest(b"").unwrap_err().code(),
         "malformed_manifest"
     );
-    assert_eq!(decode_manifest(b"").unwrap_err().code(), "malformed_manifest");
+    assert_eq!(
+        decode_manifest(b"").unwrap_err().code(),
+        "malformed_manifest"
+    );
 }
 
 #[test]
@@ -284,7 +298,8 @@ fn policy_json_round_trip_and_validation() {
         public_key_from_pem(&pem).expect("pem back"),
         k.customer.to_public_key()
     );
-    let no_id = serde_json::json!({"threshold": 1, "keys": [{"name": "customer", "public_key": pem}]});
+    let no_id =
+        serde_json::json!({"threshold": 1, "keys": [{"name": "customer", "public_key": pem}]});
     let p = TrustPolicy::from_json(&no_id.to_string()).expect("no key_id");
     assert_eq!(p.keys[0].key_id, key_id(&k.customer.to_public_key()));
     let wrong_id = serde_json::json!({"threshold": 1, "keys": [{"name": "customer", "key_id": "00", "public_key": pem}]});
@@ -293,7 +308,8 @@ fn policy_json_round_trip_and_validation() {
         Err(PolicyError::KeyIdMismatch { .. })
     ));
     for threshold in [0, 2] {
-        let j = serde_json::json!({"threshold": threshold, "keys": [{"name": "c", "public_key": pem}]});
+        let j =
+            serde_json::json!({"threshold": threshold, "keys": [{"name": "c", "public_key": pem}]});
         assert!(matches!(
             TrustPolicy::from_json(&j.to_string()),
             Err(PolicyError::Threshold { .. })
@@ -309,7 +325,8 @@ fn policy_json_round_trip_and_validation() {
         TrustPolicy::from_json(&empty.to_string()),
         Err(PolicyError::NoKeys)
     ));
-    let bad_pem = serde_json::json!({"threshold": 1, "keys": [{"name": "c", "public_key": "nope"}]});
+    let bad_pem =
+        serde_json::json!({"threshold": 1, "keys": [{"name": "c", "public_key": "nope"}]});
     let err = TrustPolicy::from_json(&bad_pem.to_string()).unwrap_err();
     assert!(err.to_string().contains("\"c\""), "{err}");
     assert!(matches!(

@@ -237,6 +237,45 @@ impl DeviceService for DeviceApi {
         }
     }
 
+    #[tracing::instrument(name = "rpc.deliver_update", skip_all, fields(device, release))]
+    async fn deliver_update(
+        &self,
+        request: Request<DeliverUpdateRequest>,
+    ) -> Result<Response<DeliverUpdateResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_device_id(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
+        tracing::Span::current().record("release", req.release_id.as_str());
+        if req.release_id.is_empty() {
+            return Err(Status::invalid_argument("release_id is required"));
+        }
+        let timeout = Duration::from_millis(if req.timeout_ms == 0 {
+            300_000
+        } else {
+            u64::from(req.timeout_ms).min(3_600_000)
+        });
+        let action = Action::DeliverUpdate {
+            release_id: req.release_id,
+            rollout_id: req.rollout_id,
+        };
+        match self.gw.router.execute(&id, action, timeout).await {
+            Ok(Output::Delivery {
+                outcome,
+                reason,
+                message,
+                bytes_sent,
+            }) => Ok(Response::new(DeliverUpdateResponse {
+                outcome,
+                reason,
+                message,
+                bytes_sent,
+                gateway_id: self.gw.id.clone(),
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(f) => Err(failure_status(f)),
+        }
+    }
+
     type StreamEventsStream = EventStream;
 
     async fn stream_events(

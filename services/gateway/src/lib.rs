@@ -8,6 +8,7 @@ mod grpc;
 pub mod handshake;
 pub mod local;
 pub mod ownership;
+mod release;
 pub mod routing;
 pub mod session;
 
@@ -30,6 +31,7 @@ use trellis_core::redis_conn::{self, Redis};
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::device_service_server::DeviceServiceServer;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
+use trellis_proto::v1::ota_client::OtaClient;
 
 /// Shared by every session and RPC of one gateway.
 pub struct Gateway {
@@ -39,8 +41,20 @@ pub struct Gateway {
     pub redis: Redis,
     pub redis_url: String,
     pub keyvault: KeyVaultClient<TracedChannel>,
+    /// The OTA scheduler, when configured (`gateway.ota_url`).
+    pub ota: Option<OtaClient<TracedChannel>>,
     pub local: Arc<LocalSessions>,
     pub router: Arc<Router>,
+    /// Handshake admission (token bucket); `None`: unlimited.
+    pub admission: Option<governor::DefaultDirectRateLimiter>,
+}
+
+fn admission(config: &GatewayConfig) -> Option<governor::DefaultDirectRateLimiter> {
+    let rate = std::num::NonZeroU32::new(config.handshake_rate)?;
+    let burst = std::num::NonZeroU32::new(config.handshake_burst).unwrap_or(rate);
+    Some(governor::RateLimiter::direct(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
 }
 
 /// Addresses the gateway actually listens on (ports may have been 0).
@@ -89,6 +103,17 @@ pub async fn serve_with_listeners(
     // Lazy: the gateway starts even while keyvault is still starting.
     let keyvault =
         KeyVaultClient::with_interceptor(keyvault_endpoint.connect_lazy(), TraceInterceptor);
+    let ota = if config.gateway.ota_url.is_empty() {
+        None
+    } else {
+        let endpoint = Endpoint::from_shared(config.gateway.ota_url.clone())
+            .with_context(|| format!("gateway.ota_url {:?} is not a URL", config.gateway.ota_url))?
+            .connect_timeout(Duration::from_secs(5));
+        Some(OtaClient::with_interceptor(
+            endpoint.connect_lazy(),
+            TraceInterceptor,
+        ))
+    };
     let id = config.gateway.effective_id();
     let local = Arc::new(LocalSessions::default());
     let router = Arc::new(Router::new(id.clone(), redis.clone(), Arc::clone(&local)));
@@ -99,8 +124,10 @@ pub async fn serve_with_listeners(
         redis,
         redis_url: redis_url.clone(),
         keyvault,
+        ota,
         local,
         router: Arc::clone(&router),
+        admission: admission(&config.gateway),
     });
     let addrs = BoundAddrs {
         devices: devices.local_addr()?,
@@ -140,6 +167,20 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Turned away before any RSA work or even a nonce: the
+                    // cheapest possible refusal during a reconnect storm.
+                    if gw.admission.as_ref().is_some_and(|l| l.check().is_err()) {
+                        metrics().handshakes.add(
+                            1,
+                            &[
+                                kv("gateway", gw.id.clone()),
+                                kv("outcome", "refused"),
+                                kv("reason", "rate_limited"),
+                            ],
+                        );
+                        drop(stream);
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     let span = tracing::info_span!("device.session", gateway = %gw.id, %peer, device = tracing::field::Empty);
                     sessions.spawn(connection(Arc::clone(&gw), stream, peer, shutdown.clone()).instrument(span));

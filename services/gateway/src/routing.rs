@@ -20,8 +20,18 @@ const INBOX_MAX_LEN: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    CallFunction { name: String, argument: String },
-    GetVariable { name: String },
+    CallFunction {
+        name: String,
+        argument: String,
+    },
+    GetVariable {
+        name: String,
+    },
+    /// Send a signed release to the device over its session.
+    DeliverUpdate {
+        release_id: String,
+        rollout_id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +42,13 @@ pub enum Output {
     Variable {
         raw: Vec<u8>,
         var_type: String,
+    },
+    /// How a firmware transfer ended (`DeliveryOutcome` as its proto number).
+    Delivery {
+        outcome: i32,
+        reason: String,
+        message: String,
+        bytes_sent: u64,
     },
 }
 
@@ -90,6 +107,7 @@ impl Router {
         let kind = match &action {
             Action::CallFunction { .. } => "function",
             Action::GetVariable { .. } => "variable",
+            Action::DeliverUpdate { .. } => "update",
         };
         let outcome = self.route(device_id, action, timeout).await;
         metrics::metrics().routed_command_duration.record(
@@ -153,6 +171,14 @@ impl Router {
             Action::GetVariable { name } => {
                 fields.push(("action", "get".into()));
                 fields.push(("name", name.clone()));
+            }
+            Action::DeliverUpdate {
+                release_id,
+                rollout_id,
+            } => {
+                fields.push(("action", "deliver".into()));
+                fields.push(("name", release_id.clone()));
+                fields.push(("argument", rollout_id.clone()));
             }
         }
         if let Err(e) = xadd(
@@ -325,6 +351,18 @@ impl Router {
                 fields.push(("raw", hex::encode(raw)));
                 fields.push(("type", var_type));
             }
+            Ok(Output::Delivery {
+                outcome,
+                reason,
+                message,
+                bytes_sent,
+            }) => {
+                fields.push(("result", "delivery".into()));
+                fields.push(("value", outcome.to_string()));
+                fields.push(("reason", reason));
+                fields.push(("message", message));
+                fields.push(("bytes", bytes_sent.to_string()));
+            }
             Err(f) => {
                 fields.push(("result", "failure".into()));
                 fields.push(("failure", failure_kind_name(f.kind).into()));
@@ -413,6 +451,10 @@ impl InboxEntry {
                         "get" => Action::GetVariable {
                             name: need("name")?,
                         },
+                        "deliver" => Action::DeliverUpdate {
+                            release_id: need("name")?,
+                            rollout_id: get("argument").unwrap_or_default(),
+                        },
                         other => return Err(format!("unknown action {other}")),
                     };
                     Ok(Self::Command {
@@ -437,6 +479,12 @@ impl InboxEntry {
                         "function" => Ok(Output::FunctionReturn(
                             need("value")?.parse().map_err(|_| "bad function value")?,
                         )),
+                        "delivery" => Ok(Output::Delivery {
+                            outcome: need("value")?.parse().map_err(|_| "bad delivery outcome")?,
+                            reason: get("reason").unwrap_or_default(),
+                            message: get("message").unwrap_or_default(),
+                            bytes_sent: get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0),
+                        }),
                         "variable" => Ok(Output::Variable {
                             raw: hex::decode(need("raw")?).map_err(|_| "bad variable bytes")?,
                             var_type: get("type").unwrap_or_default(),

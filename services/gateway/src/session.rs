@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::audit::{self, AuditRecord};
+use trellis_firmware::{OtaSender, Outcome as SendOutcome, SenderConfig};
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::counter::{IncomingCounter, OutgoingCounter};
 use trellis_wire::frame::SessionCipher;
@@ -69,6 +71,8 @@ impl SessionEnd {
 
 enum Pending {
     Describe,
+    /// A token lent to the firmware transfer.
+    Ota,
     Function {
         reply: oneshot::Sender<Outcome>,
         deadline: Instant,
@@ -95,7 +99,20 @@ pub struct Session {
     describe: Option<Describe>,
     last_received: Instant,
     last_refresh: Instant,
+    transfer: Option<Transfer>,
 }
+
+/// A firmware transfer in progress on this session (one at a time).
+struct Transfer {
+    sender: OtaSender,
+    release_id: String,
+    reply: oneshot::Sender<Outcome>,
+    deadline: Instant,
+    last_heard: Instant,
+}
+
+/// Silence during a transfer after which the awaited step is sent again.
+const TRANSFER_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Session {
     pub fn new(
@@ -122,6 +139,7 @@ impl Session {
             describe: None,
             last_received: Instant::now(),
             last_refresh: Instant::now(),
+            transfer: None,
         }
     }
 
@@ -132,6 +150,15 @@ impl Session {
     ) -> SessionEnd {
         let end = self.event_loop(&mut commands, &mut shutdown).await;
         // Whatever is still waiting learns that the session is gone.
+        if let Some(t) = self.transfer.take() {
+            let _ = t.reply.send(Err(Failure::new(
+                FailureKind::SessionLost,
+                format!(
+                    "session ended during the transfer of {}: {end}",
+                    t.release_id
+                ),
+            )));
+        }
         for (_, p) in self.pending.drain() {
             if let Pending::Function { reply, .. } | Pending::Variable { reply, .. } = p {
                 let _ = reply.send(Err(Failure::new(
@@ -194,6 +221,9 @@ impl Session {
                         return SessionEnd::Silent(silent.as_secs());
                     }
                     self.expire_pending();
+                    if let Err(end) = self.transfer_tick().await {
+                        return end;
+                    }
                     if self.last_refresh.elapsed() >= keepalive / 2
                         && let Err(end) = self.refresh_ownership().await
                     {
@@ -247,6 +277,12 @@ impl Session {
                 "the first message must be Hello".into(),
             ));
         }
+        if let Some(t) = self.transfer.as_mut()
+            && t.sender.handle(&msg)
+        {
+            t.last_heard = Instant::now();
+            return self.pump_transfer().await;
+        }
         let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
         match incoming {
             Incoming::Request(req) => self.on_request(&msg, req).await,
@@ -264,6 +300,7 @@ impl Session {
         if let Err(e) = device_state::record_hello(&mut redis, &self.device_id, &hello).await {
             tracing::warn!(device = %self.device_id, error = %e, "could not store the device's Hello");
         }
+        self.tell_scheduler(&hello);
         let token = self.take_token();
         let id = self.outgoing.next();
         self.send(&message::hello_server(id, token)).await?;
@@ -378,6 +415,7 @@ impl Session {
                     }
                 }
             }
+            Pending::Ota => {}
             Pending::Function { reply, .. } => {
                 let outcome = if failed {
                     Err(Failure::new(
@@ -425,23 +463,31 @@ impl Session {
         reply: oneshot::Sender<Outcome>,
     ) -> Result<(), SessionEnd> {
         let deadline = Instant::now() + timeout;
+        tracing::debug!(device = %self.device_id, ?action, "command to device");
+        let (name, is_call, argument) = match action {
+            Action::DeliverUpdate { release_id, .. } => {
+                return self.start_transfer(release_id, deadline, reply).await;
+            }
+            Action::CallFunction { name, argument } => (name, true, argument),
+            Action::GetVariable { name } => (name, false, String::new()),
+        };
         let token = self.take_token();
         let id = self.outgoing.next();
-        let (msg, pending) = match &action {
-            Action::CallFunction { name, argument } => (
-                message::function_call(id, token, name, argument.as_bytes()),
+        let (msg, pending) = if is_call {
+            (
+                message::function_call(id, token, &name, argument.as_bytes()),
                 Pending::Function { reply, deadline },
-            ),
-            Action::GetVariable { name } => (
-                message::variable_request(id, token, name),
+            )
+        } else {
+            (
+                message::variable_request(id, token, &name),
                 Pending::Variable {
-                    name: name.clone(),
+                    name,
                     reply,
                     deadline,
                 },
-            ),
+            )
         };
-        tracing::debug!(device = %self.device_id, ?action, token, "command to device");
         self.pending.insert(token, pending);
         self.send(&msg).await
     }
@@ -455,7 +501,7 @@ impl Session {
                 Pending::Function { deadline, .. } | Pending::Variable { deadline, .. } => {
                     *deadline <= now
                 }
-                Pending::Describe => false,
+                Pending::Describe | Pending::Ota => false,
             })
             .map(|(t, _)| *t)
             .collect();
@@ -512,6 +558,193 @@ impl Session {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+}
+
+impl Session {
+    /// Tells the OTA scheduler what the device runs now, off the session
+    /// loop; if the scheduler says the device is due for an update, asks
+    /// for the delivery like any routed command.
+    fn tell_scheduler(&self, hello: &Hello) {
+        let Some(mut ota) = self.gw.ota.clone() else {
+            return;
+        };
+        let request = trellis_proto::v1::DeviceHelloRequest {
+            device_id: self.device_id.clone(),
+            product_id: u32::from(hello.product_id),
+            firmware_version: u32::from(hello.firmware_version),
+            firmware_sha256: hello.firmware_sha256.map(hex::encode).unwrap_or_default(),
+            gateway_id: self.gw.id.clone(),
+        };
+        let router = Arc::clone(&self.gw.router);
+        let device = self.device_id.clone();
+        tokio::spawn(
+            async move {
+                let due = match ota.device_hello(request).await {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        tracing::warn!(%device, error = %e.message(), "OTA scheduler not told of Hello");
+                        return;
+                    }
+                };
+                if due.rollout_id.is_empty() {
+                    return;
+                }
+                let action = Action::DeliverUpdate {
+                    release_id: due.release_id.clone(),
+                    rollout_id: due.rollout_id.clone(),
+                };
+                let outcome = router.execute(&device, action, Duration::from_secs(300)).await;
+                tracing::info!(%device, release = %due.release_id, rollout = %due.rollout_id, ?outcome, "update delivered on connect");
+            }
+            .instrument(tracing::info_span!("ota.device_hello")),
+        );
+    }
+
+    async fn start_transfer(
+        &mut self,
+        release_id: String,
+        deadline: Instant,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), SessionEnd> {
+        if self.transfer.is_some() {
+            let _ = reply.send(Err(Failure::new(
+                FailureKind::Internal,
+                format!("device {} is already receiving an update", self.device_id),
+            )));
+            return Ok(());
+        }
+        let mut redis = self.gw.redis.clone();
+        let bundle = match crate::release::load(&mut redis, &release_id).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Err(Failure::new(FailureKind::NotFound, e)));
+                return Ok(());
+            }
+        };
+        let sender = match OtaSender::new(
+            bundle.image,
+            bundle.signed_manifest,
+            SenderConfig::default(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(Failure::new(
+                    FailureKind::Internal,
+                    format!("release {release_id} cannot be sent: {e}"),
+                )));
+                return Ok(());
+            }
+        };
+        tracing::info!(device = %self.device_id, release = %release_id, "firmware transfer starts");
+        self.transfer = Some(Transfer {
+            sender,
+            release_id,
+            reply,
+            deadline,
+            last_heard: Instant::now(),
+        });
+        self.pump_transfer().await
+    }
+
+    /// Sends whatever the transfer has to send, and answers the caller
+    /// once it has ended.
+    async fn pump_transfer(&mut self) -> Result<(), SessionEnd> {
+        let Some(mut t) = self.transfer.take() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        {
+            let mut next_ids = || {
+                let token = self.take_token();
+                self.pending.insert(token, Pending::Ota);
+                (self.outgoing.next(), token)
+            };
+            while let Some(msg) = t.sender.poll_transmit(&mut next_ids) {
+                out.push(msg);
+            }
+        }
+        // Tokens the transfer no longer waits on go back to the pool.
+        self.pending
+            .retain(|tok, p| !matches!(p, Pending::Ota) || t.sender.owns_token(*tok));
+        for msg in &out {
+            if let Err(e) = self.send(msg).await {
+                self.transfer = Some(t);
+                return Err(e);
+            }
+        }
+        if let Some(outcome) = t.sender.outcome().cloned() {
+            self.pending.retain(|_, p| !matches!(p, Pending::Ota));
+            let progress = t.sender.progress();
+            tracing::info!(
+                device = %self.device_id,
+                release = %t.release_id,
+                ?outcome,
+                bytes = progress.bytes_acked,
+                resent = progress.chunks_resent,
+                "firmware transfer ended"
+            );
+            let _ = t
+                .reply
+                .send(Ok(delivery_output(&outcome, progress.bytes_acked)));
+        } else {
+            self.transfer = Some(t);
+        }
+        Ok(())
+    }
+
+    async fn transfer_tick(&mut self) -> Result<(), SessionEnd> {
+        let Some(t) = self.transfer.as_mut() else {
+            return Ok(());
+        };
+        if Instant::now() >= t.deadline {
+            if let Some(t) = self.transfer.take() {
+                self.pending.retain(|_, p| !matches!(p, Pending::Ota));
+                let _ = t.reply.send(Err(Failure::new(
+                    FailureKind::Timeout,
+                    format!("transfer of {} did not finish in time", t.release_id),
+                )));
+            }
+            return Ok(());
+        }
+        if t.last_heard.elapsed() >= TRANSFER_STEP_TIMEOUT {
+            t.last_heard = Instant::now();
+            t.sender.on_timeout();
+            return self.pump_transfer().await;
+        }
+        Ok(())
+    }
+}
+
+fn delivery_output(outcome: &SendOutcome, bytes_sent: u64) -> Output {
+    use trellis_proto::v1::DeliveryOutcome;
+    match outcome {
+        SendOutcome::Delivered => Output::Delivery {
+            outcome: DeliveryOutcome::Sent as i32,
+            reason: String::new(),
+            message: "the device took the image and UpdateDone".into(),
+            bytes_sent,
+        },
+        SendOutcome::Refused { step, code, reason } => {
+            let (reason, message) = reason.clone().unwrap_or_else(|| {
+                (
+                    "refused".into(),
+                    format!("device answered {} to {step:?}", code_text(*code)),
+                )
+            });
+            Output::Delivery {
+                outcome: DeliveryOutcome::Rejected as i32,
+                reason,
+                message,
+                bytes_sent,
+            }
+        }
+        SendOutcome::Failed(f) => Output::Delivery {
+            outcome: DeliveryOutcome::Failed as i32,
+            reason: "transfer_failed".into(),
+            message: format!("{f:?}"),
+            bytes_sent,
+        },
     }
 }
 

@@ -17,6 +17,27 @@ use zeroize::Zeroizing;
 
 /// The version of the cloud key this keyvault makes (rotation: later).
 pub const CLOUD_KEY_VERSION: u32 = 1;
+
+/// Where a sealed key lives and what it is called. The cloud key and the
+/// release-signing key ([`crate::release_key`]) are sealed the same way,
+/// each under its own Redis key and with its own label in the associated
+/// data, so one record can never be opened in place of the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySlot {
+    /// Redis key of the sealed record.
+    pub location: &'static str,
+    /// Associated-data label (domain separation).
+    pub label: &'static str,
+    /// What operators call it, in messages.
+    pub what: &'static str,
+}
+
+/// The handshake key every device holds.
+pub const CLOUD_SLOT: KeySlot = KeySlot {
+    location: keys::CLOUD_KEY,
+    label: "trellis-cloud-key",
+    what: "cloud key",
+};
 const CLOUD_KEY_BITS: u32 = 2048;
 const RECORD_FORMAT: u32 = 1;
 
@@ -59,23 +80,24 @@ impl std::fmt::Debug for CloudKey {
 #[derive(Debug, thiserror::Error)]
 pub enum CloudKeyError {
     #[error(
-        "the master key does not open the cloud key {key_id} (version {version}) stored in Redis at \
+        "the master key does not open the {what} {key_id} (version {version}) stored in Redis at \
          {location}: this keyvault was given a different master key from the one that sealed it. \
          Start it with the original master key. The stored record was left untouched; deleting it \
-         would make a new cloud key that no deployed device trusts"
+         would make a new {what} that no deployed device trusts"
     )]
     WrongMasterKey {
+        what: &'static str,
         key_id: String,
         version: u32,
         location: String,
     },
-    #[error("the cloud key record at {location} is damaged ({problem}); restore it from a backup")]
+    #[error("the key record at {location} is damaged ({problem}); restore it from a backup")]
     Corrupt { location: String, problem: String },
-    #[error("redis failed while loading the cloud key: {0}")]
+    #[error("redis failed while loading a sealed key: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("cannot seal the cloud key: {0}")]
+    #[error("cannot seal the key: {0}")]
     Seal(String),
 }
 
@@ -99,11 +121,20 @@ impl CloudKey {
 
     /// Seals the private key under the master key.
     pub fn seal(&self, master: &MasterKey) -> Result<SealedCloudKey, CloudKeyError> {
+        self.seal_in(CLOUD_SLOT, master)
+    }
+
+    /// Seals the private key under the master key for `slot`.
+    pub fn seal_in(
+        &self,
+        slot: KeySlot,
+        master: &MasterKey,
+    ) -> Result<SealedCloudKey, CloudKeyError> {
         let cipher = Aes256Gcm::new_from_slice(master.as_bytes())
             .map_err(|e| CloudKeyError::Seal(e.to_string()))?;
         let mut nonce = [0u8; 12];
         crate::os_random(&mut nonce).map_err(|e| CloudKeyError::Seal(e.to_string()))?;
-        let aad = aad(self.version, &self.key_id);
+        let aad = aad(slot, self.version, &self.key_id);
         let ciphertext = cipher
             .encrypt(
                 &Nonce::from(nonce),
@@ -128,8 +159,13 @@ impl SealedCloudKey {
     /// Opens the record with the master key and checks that the private key
     /// belongs to the recorded public key.
     pub fn open(&self, master: &MasterKey) -> Result<CloudKey, CloudKeyError> {
+        self.open_in(CLOUD_SLOT, master)
+    }
+
+    /// Opens a record sealed for `slot`.
+    pub fn open_in(&self, slot: KeySlot, master: &MasterKey) -> Result<CloudKey, CloudKeyError> {
         let corrupt = |problem: String| CloudKeyError::Corrupt {
-            location: keys::CLOUD_KEY.to_string(),
+            location: slot.location.to_string(),
             problem,
         };
         if self.format != RECORD_FORMAT {
@@ -150,7 +186,7 @@ impl SealedCloudKey {
         }
         let cipher =
             Aes256Gcm::new_from_slice(master.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
-        let aad = aad(self.version, &self.key_id);
+        let aad = aad(slot, self.version, &self.key_id);
         let private_pkcs8 = cipher
             .decrypt(
                 &Nonce::from(nonce),
@@ -161,9 +197,10 @@ impl SealedCloudKey {
             )
             .map(Zeroizing::new)
             .map_err(|_| CloudKeyError::WrongMasterKey {
+                what: slot.what,
                 key_id: self.key_id.clone(),
                 version: self.version,
-                location: keys::CLOUD_KEY.to_string(),
+                location: slot.location.to_string(),
             })?;
         if public_der_of(&private_pkcs8)? != public_der {
             return Err(corrupt(
@@ -186,30 +223,39 @@ pub async fn load_or_create(
     redis: &mut Redis,
     master: &MasterKey,
 ) -> Result<CloudKey, CloudKeyError> {
-    if let Some(stored) = read_record(redis).await? {
-        return stored.open(master);
+    load_or_create_in(redis, CLOUD_SLOT, master).await
+}
+
+/// [`load_or_create`] for any key slot.
+pub async fn load_or_create_in(
+    redis: &mut Redis,
+    slot: KeySlot,
+    master: &MasterKey,
+) -> Result<CloudKey, CloudKeyError> {
+    if let Some(stored) = read_record_in(redis, slot).await? {
+        return stored.open_in(slot, master);
     }
     let key = tokio::task::spawn_blocking(CloudKey::generate)
         .await
         .map_err(|e| CloudKeyError::Seal(format!("key generation task failed: {e}")))??;
-    let sealed = key.seal(master)?;
+    let sealed = key.seal_in(slot, master)?;
     let json = serde_json::to_string(&sealed).map_err(|e| CloudKeyError::Seal(e.to_string()))?;
     let created: bool = redis::cmd("SET")
-        .arg(keys::CLOUD_KEY)
+        .arg(slot.location)
         .arg(json)
         .arg("NX")
         .query_async::<Option<String>>(redis)
         .await?
         .is_some();
     if created {
-        tracing::info!(key_id = %key.key_id, version = key.version, "created the cloud key");
+        tracing::info!(key_id = %key.key_id, version = key.version, key = slot.what, "created a sealed key");
         return Ok(key);
     }
-    // Someone else stored one first: theirs is the cloud key.
-    match read_record(redis).await? {
-        Some(stored) => stored.open(master),
+    // Someone else stored one first: theirs is the key.
+    match read_record_in(redis, slot).await? {
+        Some(stored) => stored.open_in(slot, master),
         None => Err(CloudKeyError::Corrupt {
-            location: keys::CLOUD_KEY.to_string(),
+            location: slot.location.to_string(),
             problem: "SET NX refused but the record is gone".into(),
         }),
     }
@@ -217,18 +263,26 @@ pub async fn load_or_create(
 
 /// The stored record as it is, if any (tests compare it before and after).
 pub async fn read_record(redis: &mut Redis) -> Result<Option<SealedCloudKey>, CloudKeyError> {
-    let raw: Option<String> = redis.get(keys::CLOUD_KEY).await?;
+    read_record_in(redis, CLOUD_SLOT).await
+}
+
+/// [`read_record`] for any key slot.
+pub async fn read_record_in(
+    redis: &mut Redis,
+    slot: KeySlot,
+) -> Result<Option<SealedCloudKey>, CloudKeyError> {
+    let raw: Option<String> = redis.get(slot.location).await?;
     raw.map(|json| {
         serde_json::from_str(&json).map_err(|e| CloudKeyError::Corrupt {
-            location: keys::CLOUD_KEY.to_string(),
+            location: slot.location.to_string(),
             problem: e.to_string(),
         })
     })
     .transpose()
 }
 
-fn aad(version: u32, key_id: &str) -> String {
-    format!("trellis-cloud-key:v{version}:{key_id}")
+fn aad(slot: KeySlot, version: u32, key_id: &str) -> String {
+    format!("{}:v{version}:{key_id}", slot.label)
 }
 
 fn public_der_of(private_pkcs8: &[u8]) -> Result<Vec<u8>, CloudKeyError> {

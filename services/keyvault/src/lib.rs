@@ -6,6 +6,8 @@
 //!
 //! - [`master_key`]: the one secret not kept in Redis;
 //! - [`cloud_key`]: the RSA-2048 cloud key, sealed in Redis;
+//! - [`release_key`]: the RSA-2048 release-signing key, sealed the same way;
+//! - [`signing`]: Sign and GetSigningKey (purpose "release"), audited;
 //! - [`backend`]: which RSA library does the private operations (OpenSSL);
 //! - [`pool`]: the threads and bounded queue those operations run on;
 //! - [`session`]: OpenSession (handshake steps 3 and 4);
@@ -17,8 +19,10 @@ pub mod error;
 pub mod master_key;
 pub mod pool;
 pub mod registry;
+pub mod release_key;
 pub mod service;
 pub mod session;
+pub mod signing;
 
 use anyhow::Context;
 use std::sync::Arc;
@@ -85,18 +89,20 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     )?;
     let mut redis = trellis_core::redis_conn::connect(url).await?;
     let cloud = cloud_key::load_or_create(&mut redis, &master).await?;
+    let release = release_key::load_or_create(&mut redis, &master).await?;
     drop(master);
     let backend = backend::OpensslBackend::from_pkcs8_der(cloud.private_pkcs8_der())?;
     let public = service::CloudPublic::from(&cloud);
     drop(cloud);
     tracing::info!(key_id = %public.key_id, version = public.version, "cloud key loaded");
+    tracing::info!(key_id = %release.public().key_id, "release key loaded");
     let pool = Pool::new(
         Arc::new(backend),
         config.keyvault.workers,
         config.keyvault.queue_depth,
     )
     .context("cannot start keyvault's private-key worker threads")?;
-    Ok(KeyVaultService::new(pool, redis, public))
+    Ok(KeyVaultService::new(pool, redis, public).with_release_key(Arc::new(release)))
 }
 
 /// Fills `buf` from the operating system's CSPRNG.

@@ -187,6 +187,20 @@ impl Pool {
         r
     }
 
+    /// A private-key operation with another key (release signing) on the
+    /// same threads, as an admission: refused at once when the queue is
+    /// full, and never served before handshakes already under way.
+    pub async fn run_admission<T, F>(&self, op_name: &'static str, op: F) -> Result<T, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+    {
+        let started = std::time::Instant::now();
+        let r = self.run(Class::Admission, move |_| op()).await;
+        record_op(op_name, started);
+        r
+    }
+
     async fn run<T, F>(&self, class: Class, op: F) -> Result<T, PoolError>
     where
         T: Send + 'static,
@@ -302,4 +316,3 @@ mod tests {
         assert_eq!(pool.sign_raw(vec![1, 2]).await.unwrap(), vec![1, 2]);
     }
 }
-

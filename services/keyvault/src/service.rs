@@ -4,7 +4,9 @@ use crate::cloud_key::CloudKey;
 use crate::error::KeyvaultError;
 use crate::pool::{Pool, PoolError};
 use crate::registry;
+use crate::release_key::ReleaseKey;
 use crate::session;
+use crate::signing;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field};
@@ -39,6 +41,7 @@ pub struct KeyVaultService {
     pool: Pool,
     redis: Redis,
     cloud: Arc<CloudPublic>,
+    release: Option<Arc<ReleaseKey>>,
 }
 
 impl std::fmt::Debug for KeyVaultService {
@@ -56,7 +59,14 @@ impl KeyVaultService {
             pool,
             redis,
             cloud: Arc::new(cloud),
+            release: None,
         }
+    }
+
+    /// Enables Sign and GetSigningKey for purpose "release".
+    pub fn with_release_key(mut self, release: Arc<ReleaseKey>) -> Self {
+        self.release = Some(release);
+        self
     }
 
     /// The private-key pool (queue depth for metrics).
@@ -202,6 +212,44 @@ impl KeyVault for KeyVaultService {
         }
         .instrument(span)
         .await
+    }
+
+    async fn sign(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.sign",
+            purpose = %req.purpose,
+            actor = %req.actor,
+            data_len = req.data.len(),
+            key_id = field::Empty,
+        );
+        let mut redis = self.redis.clone();
+        let pool = self.pool.clone();
+        let release = self.release.clone();
+        async move {
+            let response = signing::sign(&pool, &mut redis, release, req)
+                .await
+                .map_err(status)?;
+            tracing::Span::current().record("key_id", response.key_id.as_str());
+            Ok(Response::new(response))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_signing_key(
+        &self,
+        request: Request<pb::GetSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("keyvault.get_signing_key", purpose = %req.purpose);
+        let _enter = span.enter();
+        signing::signing_key(self.release.as_deref(), &req.purpose)
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn list_audit(

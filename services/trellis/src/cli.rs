@@ -41,6 +41,14 @@ pub struct Endpoints {
         default_value = "http://127.0.0.1:7100"
     )]
     pub keyvault_url: String,
+    /// The OTA scheduler's gRPC endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_OTA_URL",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    pub ota_url: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +70,9 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Staged OTA rollouts: create, status, watch, pause, resume, abort, list.
+    #[command(subcommand)]
+    Rollout(crate::rollout_cli::RolloutCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -225,6 +236,7 @@ impl Command {
             },
             Command::Events(_) => "events tail",
             Command::Audit(_) => "audit tail",
+            Command::Rollout(r) => r.name(),
         }
     }
 }

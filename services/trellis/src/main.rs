@@ -3,6 +3,7 @@
 mod admin;
 mod cli;
 mod ops;
+mod rollout_cli;
 mod sim;
 mod up;
 
@@ -84,7 +85,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cli.trace {
                     eprintln!("trace id: {trace_id}");
                 }
-                ops::run(&cli.endpoints, command).instrument(span).await
+                match command {
+                    Command::Rollout(cmd) => {
+                        rollout_cli::run(&cli.endpoints, cmd).instrument(span).await
+                    }
+                    command => ops::run(&cli.endpoints, command).instrument(span).await,
+                }
             };
             telemetry.flush();
             result

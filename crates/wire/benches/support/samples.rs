@@ -44,11 +44,7 @@ pub fn samples() -> Vec<(&'static str, CoapMessage)> {
         ("describe", message::describe(3, 1)),
         (
             "describe_reply",
-            message::describe_reply(
-                4,
-                &[1],
-                br#"{"f":["led","add"],"v":{"uptime":2,"temp":9}}"#,
-            ),
+            message::describe_reply(4, &[1], br#"{"f":["led","add"],"v":{"uptime":2,"temp":9}}"#),
         ),
         ("function_call", message::function_call(5, 2, "add", b"2,3")),
         ("function_return", message::function_return(6, &[2], 5)),

@@ -68,7 +68,10 @@ pub fn release(
     image: &[u8],
     signers: &[&PrivateKey],
 ) -> SignedManifest {
-    sign_bytes(&encode_manifest(&manifest(product, version, image)), signers)
+    sign_bytes(
+        &encode_manifest(&manifest(product, version, image)),
+        signers,
+    )
 }
 
 pub fn release_bytes(product: u32, version: u32, image: &[u8], signers: &[&PrivateKey]) -> Vec<u8> {

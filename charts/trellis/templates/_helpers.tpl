@@ -1,0 +1,341 @@
+{{/*
+Names, labels and the shared pod template for every Trellis service.
+*/}}
+
+{{- define "trellis.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: "<release>-<chart>", or just "<release>" when the release name
+already contains the chart name. Kept to 50 characters so that
+"<fullname>-gateway-devices" still fits in 63.
+*/}}
+{{- define "trellis.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "trellis.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource. */}}
+{{- define "trellis.labels" -}}
+helm.sh/chart: {{ include "trellis.chart" . }}
+app.kubernetes.io/name: {{ include "trellis.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: trellis
+trellis.dev/region: {{ .Values.region | quote }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of the whole release (every component). */}}
+{{- define "trellis.releaseSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "trellis.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "gateway"). */}}
+{{- define "trellis.selectorLabels" -}}
+{{ include "trellis.releaseSelectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "trellis.componentLabels" -}}
+{{ include "trellis.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "trellis.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "trellis.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "trellis.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ $tag }}
+{{- end -}}
+{{- end }}
+
+{{/* In-cluster gRPC URLs of the services. */}}
+{{- define "trellis.keyvaultUrl" -}}
+http://{{ include "trellis.fullname" . }}-keyvault:7100
+{{- end }}
+{{- define "trellis.gatewayUrl" -}}
+http://{{ include "trellis.fullname" . }}-gateway:7200
+{{- end }}
+{{- define "trellis.signerUrl" -}}
+http://{{ include "trellis.fullname" . }}-signer:7300
+{{- end }}
+{{- define "trellis.otaUrl" -}}
+http://{{ include "trellis.fullname" . }}-ota:7400
+{{- end }}
+
+{{- define "trellis.redisSecretName" -}}
+{{- if .Values.redis.existingSecret }}
+{{- .Values.redis.existingSecret }}
+{{- else }}
+{{- include "trellis.fullname" . }}-redis
+{{- end }}
+{{- end }}
+
+{{- define "trellis.masterKeySecretName" -}}
+{{- if .Values.keyvault.masterKey.existingSecret }}
+{{- .Values.keyvault.masterKey.existingSecret }}
+{{- else }}
+{{- include "trellis.fullname" . }}-master-key
+{{- end }}
+{{- end }}
+
+{{/*
+Environment every service reads (figment: TRELLIS_ prefix, "__" between
+sections). The binary refuses unknown TRELLIS_* keys, so only documented ones
+are set here, and pods run with enableServiceLinks: false (Kubernetes would
+otherwise inject TRELLIS_KEYVAULT_SERVICE_HOST and friends for a release
+named "trellis").
+*/}}
+{{- define "trellis.commonEnv" -}}
+- name: TRELLIS_REGION
+  value: {{ .Values.region | quote }}
+- name: TRELLIS_DATA_DIR
+  value: /var/lib/trellis
+- name: TRELLIS_REDIS__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "trellis.redisSecretName" . }}
+      key: {{ if .Values.redis.existingSecret }}{{ .Values.redis.urlKey }}{{ else }}redis-url{{ end }}
+{{- if or .Values.redis.existingSecret .Values.redis.durableUrl }}
+- name: TRELLIS_REDIS__DURABLE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "trellis.redisSecretName" . }}
+      key: {{ if .Values.redis.existingSecret }}{{ .Values.redis.durableUrlKey }}{{ else }}redis-durable-url{{ end }}
+      optional: true
+{{- end }}
+{{- if .Values.redis.sentinel.enabled }}
+- name: TRELLIS_REDIS__SENTINEL_MASTER
+  value: {{ .Values.redis.sentinel.masterName | quote }}
+- name: TRELLIS_REDIS__SENTINELS
+  value: {{ join "," .Values.redis.sentinel.addresses | quote }}
+{{- end }}
+{{- with .Values.telemetry.otlpEndpoint }}
+- name: TRELLIS_TELEMETRY__OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: TRELLIS_TELEMETRY__LOG
+  value: {{ .Values.telemetry.log | quote }}
+- name: TRELLIS_TELEMETRY__ADMIN_LISTEN
+  value: "0.0.0.0:9100"
+- name: TRELLIS_TELEMETRY__ENVIRONMENT
+  value: {{ .Values.telemetry.environment | quote }}
+{{- end }}
+
+{{/*
+One Deployment. Called with (dict "root" $ "component" "gateway"
+"values" .Values.gateway "env" <yaml list string> "ports" <yaml list string>
+"volumes" <yaml> "volumeMounts" <yaml> "noReplicas" bool).
+*/}}
+{{- define "trellis.deployment" -}}
+{{- $root := .root -}}
+{{- $v := .values -}}
+{{- $sel := dict "root" $root "component" .component -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "trellis.fullname" $root }}-{{ .component }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "trellis.componentLabels" $sel | nindent 4 }}
+spec:
+  {{- if not .noReplicas }}
+  replicas: {{ $v.replicas }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxUnavailable: 0
+      maxSurge: 1
+  selector:
+    matchLabels:
+      {{- include "trellis.selectorLabels" $sel | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "trellis.componentLabels" $sel | nindent 8 }}
+        {{- with $v.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        checksum/redis: {{ include (print $root.Template.BasePath "/secret-redis.yaml") $root | sha256sum | trunc 16 }}
+        {{- with $v.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      serviceAccountName: {{ include "trellis.serviceAccountName" $root }}
+      automountServiceAccountToken: {{ $root.Values.automountServiceAccountToken }}
+      # The binary's configuration refuses unknown TRELLIS_* variables; Service
+      # links would add TRELLIS_<SVC>_SERVICE_HOST for a release named trellis.
+      enableServiceLinks: false
+      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "trellis.image" $root | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          args: [{{ .component | quote }}]
+          ports:
+            {{- .ports | nindent 12 }}
+            - name: admin
+              containerPort: 9100
+              protocol: TCP
+          env:
+            {{- include "trellis.commonEnv" $root | nindent 12 }}
+            {{- .env | nindent 12 }}
+            {{- with $root.Values.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+            {{- with $v.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          startupProbe:
+            httpGet:
+              path: /healthz
+              port: admin
+            periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
+            failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: admin
+            {{- toYaml $root.Values.probes.liveness | nindent 12 }}
+          readinessProbe:
+            httpGet:
+              path: /readyz
+              port: admin
+            {{- toYaml $root.Values.probes.readiness | nindent 12 }}
+          resources:
+            {{- toYaml $v.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
+          volumeMounts:
+            - name: data
+              mountPath: /var/lib/trellis
+            - name: tmp
+              mountPath: /tmp
+            {{- with .volumeMounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - name: data
+          emptyDir:
+            sizeLimit: 256Mi
+        - name: tmp
+          emptyDir:
+            sizeLimit: 64Mi
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
+        {{- end }}
+      {{- with $v.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- range . }}
+        - {{- toYaml (omit . "labelSelector") | nindent 10 }}
+          labelSelector:
+            {{- if .labelSelector }}
+            {{- toYaml .labelSelector | nindent 12 }}
+            {{- else }}
+            matchLabels:
+              {{- include "trellis.selectorLabels" $sel | nindent 14 }}
+            {{- end }}
+        {{- end }}
+      {{- end }}
+{{- end }}
+
+{{/* One PodDisruptionBudget: (dict "root" $ "component" "x" "values" .Values.x). */}}
+{{- define "trellis.pdb" -}}
+{{- $sel := dict "root" .root "component" .component -}}
+{{- if .values.pdb.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "trellis.fullname" .root }}-{{ .component }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "trellis.componentLabels" $sel | nindent 4 }}
+spec:
+  {{- if ne (toString .values.pdb.minAvailable) "" }}
+  minAvailable: {{ .values.pdb.minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ .values.pdb.maxUnavailable }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "trellis.selectorLabels" $sel | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* One ClusterIP Service: (dict "root" $ "component" "x" "port" 7100). */}}
+{{- define "trellis.service" -}}
+{{- $sel := dict "root" .root "component" .component }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "trellis.fullname" .root }}-{{ .component }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "trellis.componentLabels" $sel | nindent 4 }}
+    trellis.dev/scrape: "true"
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "trellis.selectorLabels" $sel | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ .port }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+    - name: admin
+      port: 9100
+      targetPort: admin
+      protocol: TCP
+      appProtocol: http
+{{- end }}

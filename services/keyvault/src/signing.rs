@@ -1,0 +1,127 @@
+//! Sign and GetSigningKey: signatures with cloud-held keys that are not the
+//! handshake key. Today one purpose exists, "release" (firmware release
+//! manifests, RSA-PSS-SHA256). The private key never leaves keyvault.
+//!
+//! Every Sign request is audited, refusals included: actor, purpose, key id,
+//! the SHA-256 and length of the signed bytes, and the outcome. A signature
+//! whose audit record cannot be written is not handed out: an unaudited use
+//! of the release key is worse than a failed request.
+use crate::error::{KeyvaultError, Result};
+use crate::pool::Pool;
+use crate::release_key::{PURPOSE_RELEASE, PURPOSES, ReleaseKey};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_core::redis_conn::Redis;
+use trellis_proto::v1 as pb;
+
+/// The audit action of a Sign request.
+pub const AUDIT_ACTION: &str = "sign";
+/// Largest input Sign accepts (a manifest is about a hundred bytes).
+pub const MAX_SIGN_BYTES: usize = 64 * 1024;
+
+fn unknown_purpose(purpose: &str) -> KeyvaultError {
+    KeyvaultError::InvalidArgument(format!(
+        "unknown signing purpose {purpose:?}: keyvault signs for {}",
+        PURPOSES
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+fn release_key<'a>(release: Option<&'a ReleaseKey>, purpose: &str) -> Result<&'a ReleaseKey> {
+    if purpose != PURPOSE_RELEASE {
+        return Err(unknown_purpose(purpose));
+    }
+    release.ok_or_else(|| {
+        KeyvaultError::FailedPrecondition(
+            "this keyvault was started without a release key; restart it (the key is made on \
+             first start)"
+                .into(),
+        )
+    })
+}
+
+/// GetSigningKey: the public half of the key for `purpose`.
+pub fn signing_key(release: Option<&ReleaseKey>, purpose: &str) -> Result<pb::SigningKey> {
+    let key = release_key(release, purpose)?.public();
+    Ok(pb::SigningKey {
+        purpose: purpose.to_string(),
+        key_id: key.key_id.clone(),
+        public_key_der: key.public_der.clone(),
+        public_key_pem: key.public_pem.clone(),
+    })
+}
+
+fn checked(req: &pb::SignRequest) -> Result<()> {
+    if req.actor.trim().is_empty() {
+        return Err(KeyvaultError::InvalidArgument(
+            "actor is empty: say who asks for the signature (for example \"signer\"); it is \
+             audited"
+                .into(),
+        ));
+    }
+    if req.data.is_empty() {
+        return Err(KeyvaultError::InvalidArgument(
+            "data is empty: give the exact bytes to sign (an encoded manifest)".into(),
+        ));
+    }
+    if req.data.len() > MAX_SIGN_BYTES {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "data is {} bytes; keyvault signs at most {MAX_SIGN_BYTES} (a manifest, not an image)",
+            req.data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Sign: checks the request, signs on the private-key pool, audits.
+pub async fn sign(
+    pool: &Pool,
+    redis: &mut Redis,
+    release: Option<Arc<ReleaseKey>>,
+    req: pb::SignRequest,
+) -> Result<pb::SignResponse> {
+    let digest = hex::encode(Sha256::digest(&req.data));
+    let record = |outcome: &str, key_id: &str| {
+        AuditRecord::new(&req.actor, AUDIT_ACTION, "", outcome)
+            .with("purpose", req.purpose.clone())
+            .with("key_id", key_id)
+            .with("sha256", digest.clone())
+            .with("data_len", req.data.len().to_string())
+    };
+    let key = match checked(&req).and_then(|()| release_key(release.as_deref(), &req.purpose)) {
+        Ok(_) => release.expect("checked by release_key"),
+        Err(e) => {
+            // Refusals are audited too; their failure to be written is only logged.
+            crate::registry::audit_write(
+                redis,
+                record("refused", "").with("reason", e.to_string()),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let key_id = key.public().key_id.clone();
+    let data = req.data.clone();
+    let signed = pool
+        .run_admission("sign_release", move || key.sign_pss(&data))
+        .await;
+    let signature = match signed {
+        Ok(signature) => signature,
+        Err(e) => {
+            crate::registry::audit_write(
+                redis,
+                record("error", &key_id).with("reason", e.to_string()),
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
+    // No audit record, no signature.
+    audit::append(redis, &record("ok", &key_id)).await?;
+    tracing::info!(key_id = %key_id, sha256 = %digest, actor = %req.actor, "signed for release");
+    Ok(pb::SignResponse { key_id, signature })
+}

@@ -1,0 +1,156 @@
+//! The gRPC edge: `trellis.v1.Ota`, a thin layer over [`Scheduler`].
+use crate::record::RolloutState;
+use crate::scheduler::Scheduler;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::ota_server::Ota;
+
+pub struct OtaService {
+    scheduler: Scheduler,
+    /// How often WatchRollout looks for changes.
+    poll: Duration,
+}
+
+impl OtaService {
+    pub fn new(scheduler: Scheduler, tick_ms: u64) -> Self {
+        Self {
+            scheduler,
+            poll: Duration::from_millis((tick_ms / 2).clamp(20, 500)),
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ota for OtaService {
+    async fn create_rollout(
+        &self,
+        request: Request<pb::CreateRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        Ok(Response::new(
+            self.scheduler.create(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let id = request.into_inner().rollout_id;
+        Ok(Response::new(self.scheduler.status(&id, true).await?))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: self.scheduler.list().await?,
+        }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutAction>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.scheduler.pause(&r.rollout_id, &r.reason).await?,
+        ))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutAction>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.scheduler.resume(&r.rollout_id, &r.reason).await?,
+        ))
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::RolloutAction>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.scheduler.abort(&r.rollout_id, &r.reason).await?,
+        ))
+    }
+
+    type WatchRolloutStream = WatchStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let id = request.into_inner().rollout_id;
+        let first = self.scheduler.load(&id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let scheduler = self.scheduler.clone();
+        let poll = self.poll;
+        tokio::spawn(async move {
+            let mut rev = first.meta.rev;
+            let ended = first.meta.state.ended();
+            if tx.send(Ok(first.to_status(true))).await.is_err() || ended {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = tx.closed() => return,
+                }
+                match scheduler.revision(&id).await {
+                    Ok((r, _)) if r == rev => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+                match scheduler.load(&id).await {
+                    Ok(l) => {
+                        rev = l.meta.rev;
+                        let ended = matches!(
+                            l.meta.state,
+                            RolloutState::Aborted | RolloutState::Completed
+                        );
+                        if tx.send(Ok(l.to_status(true))).await.is_err() || ended {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn device_hello(
+        &self,
+        request: Request<pb::DeviceHelloRequest>,
+    ) -> Result<Response<pb::DeviceHelloResponse>, Status> {
+        Ok(Response::new(
+            self.scheduler.device_hello(request.into_inner()).await?,
+        ))
+    }
+
+    async fn report_delivery(
+        &self,
+        request: Request<pb::ReportDeliveryRequest>,
+    ) -> Result<Response<pb::ReportDeliveryResponse>, Status> {
+        Ok(Response::new(
+            self.scheduler.report_delivery(request.into_inner()).await?,
+        ))
+    }
+}

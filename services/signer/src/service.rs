@@ -1,0 +1,748 @@
+//! The `Signer` gRPC service: the rules of each RPC, one tracing span per
+//! RPC, typed errors turned into statuses at the edge.
+use crate::error::{Result, SignerError};
+use crate::store::{self, Added, Created, ImageMeta, ReleaseRecord};
+use crate::validate;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_core::redis_conn::Redis;
+use trellis_core::telemetry::TracedChannel;
+use trellis_core::time::now_ms;
+use trellis_firmware::{
+    KeyRef, ManifestSignature, PolicyReport, TrustPolicy, TrustedKey, build_manifest,
+    encode_manifest, public_key_from_pem, public_key_to_pem, verify_signature,
+};
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::key_vault_client::KeyVaultClient;
+use trellis_proto::v1::signer_server::Signer;
+
+/// Who the signer is in keyvault's audit log.
+pub const ACTOR: &str = "signer";
+/// Keyvault's purpose for release manifests.
+pub const RELEASE_PURPOSE: &str = "release";
+/// The name the cloud release key goes by when the signer names it.
+pub const CLOUD_RELEASE_KEY_NAME: &str = "cloud-release";
+
+#[derive(Clone)]
+pub struct SignerService {
+    redis: Redis,
+    keyvault: KeyVaultClient<TracedChannel>,
+    keyvault_url: String,
+    max_image_bytes: u64,
+    /// Keyvault's release public key, fetched once.
+    release_key: Arc<tokio::sync::OnceCell<TrustedKey>>,
+}
+
+impl std::fmt::Debug for SignerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignerService")
+            .field("keyvault_url", &self.keyvault_url)
+            .field("max_image_bytes", &self.max_image_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+fn status(e: SignerError) -> Status {
+    match &e {
+        SignerError::Redis(_)
+        | SignerError::Internal(_)
+        | SignerError::Corrupt(_)
+        | SignerError::Keyvault { .. } => tracing::warn!(error = %e, "request failed"),
+        _ => tracing::info!(error = %e, "request refused"),
+    }
+    e.into()
+}
+
+impl SignerService {
+    pub fn new(
+        redis: Redis,
+        keyvault: KeyVaultClient<TracedChannel>,
+        keyvault_url: impl Into<String>,
+        max_image_bytes: u64,
+    ) -> Self {
+        Self {
+            redis,
+            keyvault,
+            keyvault_url: keyvault_url.into(),
+            max_image_bytes,
+            release_key: Arc::new(tokio::sync::OnceCell::new()),
+        }
+    }
+
+    /// UploadImage: the header, then data; hashed while it streams; stored
+    /// only once the whole declared image arrived within the limit.
+    pub async fn upload<S>(&self, mut stream: S) -> Result<ImageMeta>
+    where
+        S: Stream<Item = Result<pb::UploadImageRequest, Status>> + Unpin,
+    {
+        use pb::upload_image_request::Part;
+        let broke = |received: u64, e: Status| {
+            SignerError::Aborted(format!(
+                "the upload broke off after {received} bytes ({}); nothing was stored, upload \
+                 again",
+                e.message()
+            ))
+        };
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadImageRequest {
+                part: Some(Part::Header(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(SignerError::InvalidArgument(
+                    "the first UploadImage message must be the header (product_id, size)".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(broke(0, e)),
+            None => {
+                return Err(SignerError::InvalidArgument(
+                    "the upload is empty: send a header, then the image".into(),
+                ));
+            }
+        };
+        let product_id = validate::product_id(header.product_id)?;
+        let organization = validate::organization(&header.organization)?;
+        if header.size == 0 {
+            return Err(SignerError::InvalidArgument(
+                "the image is empty (declared size 0): an empty image is never a release".into(),
+            ));
+        }
+        if header.size > self.max_image_bytes {
+            return Err(SignerError::InvalidArgument(format!(
+                "the image is {} bytes, over the signer's limit of {} bytes (signer.max_image_bytes)",
+                header.size, self.max_image_bytes
+            )));
+        }
+        let declared = header.size;
+        let mut hasher = Sha256::new();
+        // Bounded by `declared`, itself bounded by max_image_bytes.
+        let mut image = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+        while let Some(message) = stream.next().await {
+            let received = image.len() as u64;
+            match message.map_err(|e| broke(received, e))?.part {
+                Some(Part::Data(data)) => {
+                    let total = received + data.len() as u64;
+                    if total > declared {
+                        return Err(SignerError::InvalidArgument(format!(
+                            "more data than declared: {total} bytes arrived but the header said \
+                             {declared}; nothing was stored"
+                        )));
+                    }
+                    hasher.update(&data);
+                    image.extend_from_slice(&data);
+                }
+                Some(Part::Header(_)) => {
+                    return Err(SignerError::InvalidArgument(
+                        "a second header in the middle of the upload; send one header, then data"
+                            .into(),
+                    ));
+                }
+                None => {}
+            }
+        }
+        let received = image.len() as u64;
+        if received == 0 {
+            return Err(SignerError::InvalidArgument(
+                "the image is empty (no data arrived): an empty image is never a release".into(),
+            ));
+        }
+        if received != declared {
+            return Err(SignerError::InvalidArgument(format!(
+                "only {received} of the declared {declared} bytes arrived; nothing was stored, \
+                 upload again"
+            )));
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        let meta = ImageMeta {
+            sha256: sha256.clone(),
+            size: received,
+            product_id,
+            organization,
+            uploaded_at_ms: now_ms(),
+        };
+        let mut redis = self.redis.clone();
+        let stored = store::put_image(&mut redis, &meta, &image).await?;
+        if stored.product_id != product_id {
+            return Err(SignerError::FailedPrecondition(format!(
+                "image {sha256} is already stored for product {}; the same bytes cannot be \
+                 firmware for product {product_id} too",
+                stored.product_id
+            )));
+        }
+        tracing::info!(sha256 = %sha256, size = received, product_id, "image stored");
+        Ok(stored)
+    }
+
+    pub async fn get_image(&self, sha256: &str) -> Result<ImageMeta> {
+        let sha256 = validate::sha256_hex("sha256", sha256)?;
+        store::get_image_meta(&mut self.redis.clone(), &sha256)
+            .await?
+            .ok_or_else(|| no_image(&sha256))
+    }
+
+    pub async fn create_release(&self, req: pb::CreateReleaseRequest) -> Result<ReleaseRecord> {
+        let product_id = validate::product_id(req.product_id)?;
+        let version = validate::version(req.version)?;
+        let sha256 = validate::sha256_hex("image_sha256", &req.image_sha256)?;
+        let release_id = validate::make_release_id(product_id, version);
+        let mut redis = self.redis.clone();
+        let meta = store::get_image_meta(&mut redis, &sha256)
+            .await?
+            .ok_or_else(|| no_image(&sha256))?;
+        if meta.product_id != product_id {
+            return Err(SignerError::FailedPrecondition(format!(
+                "image {sha256} was uploaded for product {}, not product {product_id}; upload \
+                 the firmware for product {product_id} or create the release for product {}",
+                meta.product_id, meta.product_id
+            )));
+        }
+        if store::get_release(&mut redis, &release_id).await?.is_some() {
+            return Err(release_exists(&release_id));
+        }
+        let image = store::get_image_bytes(&mut redis, &sha256)
+            .await?
+            .ok_or_else(|| no_image(&sha256))?;
+        let created_at_ms = now_ms();
+        let manifest = build_manifest(
+            product_id,
+            version,
+            &image,
+            created_at_ms,
+            &meta.organization,
+        );
+        if hex::encode(&manifest.image_sha256) != sha256 || manifest.image_size != meta.size {
+            return Err(SignerError::Corrupt(format!(
+                "image {sha256} in storage no longer matches its SHA-256 or size; upload it again \
+                 (nothing was created)"
+            )));
+        }
+        let record = ReleaseRecord {
+            release_id: release_id.clone(),
+            product_id,
+            version,
+            organization: meta.organization,
+            image_sha256: sha256.clone(),
+            image_size: meta.size,
+            manifest: encode_manifest(&manifest),
+            signatures: Vec::new(),
+            created_at_ms,
+        };
+        match store::create_release(&mut redis, &record).await? {
+            Created::Stored => {
+                tracing::info!(release_id = %release_id, image = %sha256, "release created");
+                Ok(record)
+            }
+            Created::ReleaseExists => Err(release_exists(&release_id)),
+            Created::ImageGone => Err(no_image(&sha256)),
+        }
+    }
+
+    pub async fn get_release(&self, release_id: &str) -> Result<ReleaseRecord> {
+        let (release_id, _, _) = validate::release_id(release_id)?;
+        load_release(&mut self.redis.clone(), &release_id).await
+    }
+
+    /// Keyvault's release public key, as a trusted key named "cloud-release".
+    pub async fn cloud_release_key(&self) -> Result<TrustedKey> {
+        self.release_key
+            .get_or_try_init(|| async {
+                let key = self
+                    .keyvault
+                    .clone()
+                    .get_signing_key(pb::GetSigningKeyRequest {
+                        purpose: RELEASE_PURPOSE.into(),
+                    })
+                    .await
+                    .map_err(|e| SignerError::keyvault(&self.keyvault_url, &e))?
+                    .into_inner();
+                let public = public_key_from_pem(&key.public_key_pem).map_err(|e| {
+                    SignerError::Internal(format!("keyvault's release public key: {e}"))
+                })?;
+                let trusted = TrustedKey::new(CLOUD_RELEASE_KEY_NAME, public).map_err(|e| {
+                    SignerError::Internal(format!("keyvault's release public key: {e}"))
+                })?;
+                if trusted.key_id != key.key_id {
+                    return Err(SignerError::Internal(format!(
+                        "keyvault names its release key {} but the key's id is {}",
+                        key.key_id, trusted.key_id
+                    )));
+                }
+                Ok(trusted)
+            })
+            .await
+            .cloned()
+    }
+
+    /// SignRelease: keyvault signs the exact manifest bytes with the cloud
+    /// release key; the signature is checked, then stored.
+    pub async fn sign_release(&self, release_id: &str) -> Result<ReleaseRecord> {
+        let (release_id, _, _) = validate::release_id(release_id)?;
+        let mut redis = self.redis.clone();
+        let release = load_release(&mut redis, &release_id).await?;
+        let cloud = self.cloud_release_key().await?;
+        if release.signatures.iter().any(|s| s.key_id == cloud.key_id) {
+            return Ok(release);
+        }
+        let signed = self
+            .keyvault
+            .clone()
+            .sign(pb::SignRequest {
+                purpose: RELEASE_PURPOSE.into(),
+                data: release.manifest.clone(),
+                actor: ACTOR.into(),
+            })
+            .await
+            .map_err(|e| SignerError::keyvault(&self.keyvault_url, &e))?
+            .into_inner();
+        let signature = ManifestSignature {
+            key_id: signed.key_id,
+            signature: signed.signature,
+        };
+        verify_signature(&cloud.public_key, &release.manifest, &signature).map_err(|e| {
+            SignerError::Internal(format!("keyvault's release signature does not check: {e}"))
+        })?;
+        self.store_signature(&mut redis, &release_id, &signature)
+            .await
+    }
+
+    /// AddSignature: a signature made elsewhere, checked against the
+    /// product's policy before it is stored.
+    pub async fn add_signature(
+        &self,
+        release_id: &str,
+        signature: Option<pb::ManifestSignature>,
+    ) -> Result<ReleaseRecord> {
+        let (release_id, _, _) = validate::release_id(release_id)?;
+        let signature = signature.ok_or_else(|| {
+            SignerError::InvalidArgument(
+                "no signature given: send {key_id, signature} (a `trellis firmware sign` file)"
+                    .into(),
+            )
+        })?;
+        let key_id = validate::key_id(&signature.key_id)?;
+        if signature.signature.is_empty() {
+            return Err(SignerError::InvalidArgument(format!(
+                "the signature by key {key_id} is empty"
+            )));
+        }
+        let signature = ManifestSignature {
+            key_id,
+            signature: signature.signature,
+        };
+        let mut redis = self.redis.clone();
+        let release = load_release(&mut redis, &release_id).await?;
+        let policy = store::get_policy(&mut redis, release.product_id)
+            .await?
+            .ok_or_else(|| {
+                SignerError::FailedPrecondition(format!(
+                    "product {} has no signing policy, so no key can be checked: set one with \
+                     `trellis policy set --product {} --key NAME=PEM ... --threshold N` first",
+                    release.product_id, release.product_id
+                ))
+            })?;
+        let Some(key) = policy.key(&signature.key_id) else {
+            return Err(SignerError::FailedPrecondition(format!(
+                "key {} is not in product {}'s signing policy (it trusts {}); sign with one of \
+                 those keys, or add this key with `trellis policy set`",
+                signature.key_id,
+                release.product_id,
+                describe_keys(&policy)
+            )));
+        };
+        if release.signatures.contains(&signature) {
+            return Ok(release);
+        }
+        verify_signature(&key.public_key, &release.manifest, &signature).map_err(|e| {
+            SignerError::InvalidArgument(format!(
+                "bad signature for release {release_id}: {e}. Sign the exact manifest bytes from \
+                 `trellis release show {release_id} --manifest-out FILE` with \
+                 `trellis firmware sign --key KEY.pem FILE`"
+            ))
+        })?;
+        self.store_signature(&mut redis, &release_id, &signature)
+            .await
+    }
+
+    async fn store_signature(
+        &self,
+        redis: &mut Redis,
+        release_id: &str,
+        signature: &ManifestSignature,
+    ) -> Result<ReleaseRecord> {
+        match store::add_signature(redis, release_id, signature).await? {
+            Added::Added => {
+                tracing::info!(release_id, key_id = %signature.key_id, "signature added")
+            }
+            Added::AlreadySigned => {
+                tracing::debug!(release_id, key_id = %signature.key_id, "already signed by this key")
+            }
+            Added::ReleaseGone => return Err(no_release(release_id)),
+        }
+        load_release(redis, release_id).await
+    }
+
+    pub async fn list_releases(&self, product_id: u32) -> Result<Vec<ReleaseRecord>> {
+        store::list_releases(&mut self.redis.clone(), product_id).await
+    }
+
+    /// SetPolicy: every PEM parsed, key ids computed (and checked when
+    /// given), names distinct, threshold 1..=keys.
+    pub async fn set_policy(&self, policy: Option<pb::SigningPolicy>) -> Result<pb::SigningPolicy> {
+        let policy = policy.ok_or_else(|| {
+            SignerError::InvalidArgument("no policy given: send product_id, keys, threshold".into())
+        })?;
+        let product_id = validate::product_id(policy.product_id)?;
+        let bad = |what: String| {
+            SignerError::InvalidArgument(format!("signing policy for product {product_id}: {what}"))
+        };
+        if policy.keys.is_empty() {
+            return Err(bad(
+                "it trusts no keys: give at least one public key (customer, cloud-release)".into(),
+            ));
+        }
+        let mut trusted = Vec::with_capacity(policy.keys.len());
+        for (i, k) in policy.keys.iter().enumerate() {
+            let name = k.name.trim();
+            if name.is_empty() {
+                return Err(bad(format!("key {} has no name; name every key", i + 1)));
+            }
+            if policy.keys[..i].iter().any(|o| o.name.trim() == name) {
+                return Err(bad(format!("the name {name:?} is used twice")));
+            }
+            let public = public_key_from_pem(&k.public_key_pem)
+                .map_err(|e| bad(format!("key {name:?}: {e}")))?;
+            let key =
+                TrustedKey::new(name, public).map_err(|e| bad(format!("key {name:?}: {e}")))?;
+            if !k.key_id.trim().is_empty() && !k.key_id.trim().eq_ignore_ascii_case(&key.key_id) {
+                return Err(bad(format!(
+                    "key {name:?}: key_id {} does not match its public key ({})",
+                    k.key_id, key.key_id
+                )));
+            }
+            trusted.push(key);
+        }
+        let threshold = policy.threshold as usize;
+        let checked = TrustPolicy::new(trusted, threshold).map_err(|e| bad(e.to_string()))?;
+        let mut redis = self.redis.clone();
+        store::put_policy(&mut redis, product_id, &checked).await?;
+        let record = AuditRecord::new("operator", "set_policy", "", "ok")
+            .with("product_id", product_id.to_string())
+            .with("threshold", threshold.to_string())
+            .with(
+                "keys",
+                checked
+                    .keys
+                    .iter()
+                    .map(|k| format!("{}={}", k.name, k.key_id))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+        if let Err(e) = audit::append(&mut redis, &record).await {
+            tracing::error!(error = %e, product_id, "audit record for set_policy not written");
+        }
+        tracing::info!(
+            product_id,
+            threshold,
+            keys = checked.keys.len(),
+            "signing policy set"
+        );
+        policy_to_proto(product_id, &checked)
+    }
+
+    pub async fn get_policy(&self, product_id: u32) -> Result<pb::SigningPolicy> {
+        let product_id = validate::product_id(product_id)?;
+        let policy = store::get_policy(&mut self.redis.clone(), product_id)
+            .await?
+            .ok_or_else(|| {
+                SignerError::NotFound(format!(
+                    "product {product_id} has no signing policy; set one with `trellis policy set`"
+                ))
+            })?;
+        policy_to_proto(product_id, &policy)
+    }
+
+    /// VerifyRelease: the stored signatures against the product's policy.
+    pub async fn verify_release(&self, release_id: &str) -> Result<pb::VerifyReleaseResponse> {
+        let (release_id, _, _) = validate::release_id(release_id)?;
+        let mut redis = self.redis.clone();
+        let release = load_release(&mut redis, &release_id).await?;
+        let Some(policy) = store::get_policy(&mut redis, release.product_id).await? else {
+            return Ok(pb::VerifyReleaseResponse {
+                satisfied: false,
+                signed_by: Vec::new(),
+                missing: Vec::new(),
+                threshold: 0,
+                message: format!(
+                    "product {} has no signing policy: no device could be told which signatures \
+                     to require. Set one with `trellis policy set`",
+                    release.product_id
+                ),
+            });
+        };
+        let report = policy.evaluate(&release.manifest, &release.signatures);
+        Ok(verify_response(&release_id, &report))
+    }
+}
+
+/// Runs one RPC's work in its span, so the refusal is logged inside it.
+async fn in_span<T>(
+    span: tracing::Span,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T, Status> {
+    async move { work.await.map_err(status) }
+        .instrument(span)
+        .await
+}
+
+fn name_of(k: &KeyRef) -> String {
+    if k.name.is_empty() {
+        k.key_id.clone()
+    } else {
+        k.name.clone()
+    }
+}
+
+fn describe_keys(policy: &TrustPolicy) -> String {
+    policy
+        .keys
+        .iter()
+        .map(|k| k.key_ref().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn verify_response(release_id: &str, report: &PolicyReport) -> pb::VerifyReleaseResponse {
+    let satisfied = report.satisfied();
+    let signed_by: Vec<String> = report.valid.iter().map(name_of).collect();
+    let missing: Vec<String> = report.missing.iter().map(name_of).collect();
+    let mut message = if satisfied {
+        format!(
+            "release {release_id} meets its policy: {} of the {} required signatures ({})",
+            report.valid.len(),
+            report.threshold,
+            signed_by.join(", ")
+        )
+    } else {
+        let need = report.threshold.saturating_sub(report.valid.len());
+        format!(
+            "release {release_id} does not meet its policy: {} valid of {} required; {} more \
+             needed from: {}",
+            report.valid.len(),
+            report.threshold,
+            need,
+            report
+                .missing
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    if !report.invalid.is_empty() {
+        message.push_str(&format!(
+            "; signatures that do not verify (manifest altered?): {}",
+            report
+                .invalid
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !report.unknown.is_empty() {
+        message.push_str(&format!(
+            "; signatures by keys the policy no longer trusts: {}",
+            report.unknown.join(", ")
+        ));
+    }
+    pb::VerifyReleaseResponse {
+        satisfied,
+        signed_by,
+        missing,
+        threshold: u32::try_from(report.threshold).unwrap_or(u32::MAX),
+        message,
+    }
+}
+
+fn policy_to_proto(product_id: u32, policy: &TrustPolicy) -> Result<pb::SigningPolicy> {
+    let keys = policy
+        .keys
+        .iter()
+        .map(|k| {
+            Ok(pb::PolicyKey {
+                name: k.name.clone(),
+                public_key_pem: public_key_to_pem(&k.public_key)
+                    .map_err(|e| SignerError::Internal(e.to_string()))?,
+                key_id: k.key_id.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(pb::SigningPolicy {
+        product_id,
+        keys,
+        threshold: u32::try_from(policy.threshold).unwrap_or(u32::MAX),
+    })
+}
+
+async fn load_release(redis: &mut Redis, release_id: &str) -> Result<ReleaseRecord> {
+    store::get_release(redis, release_id)
+        .await?
+        .ok_or_else(|| no_release(release_id))
+}
+
+fn no_image(sha256: &str) -> SignerError {
+    SignerError::NotFound(format!(
+        "no image with SHA-256 {sha256}: upload it first with `trellis firmware upload FILE \
+         --product P`"
+    ))
+}
+
+fn no_release(release_id: &str) -> SignerError {
+    SignerError::NotFound(format!(
+        "no release {release_id}; `trellis release list` shows the releases"
+    ))
+}
+
+fn release_exists(release_id: &str) -> SignerError {
+    SignerError::AlreadyExists(format!(
+        "release {release_id} already exists (a version is released once); use a new version"
+    ))
+}
+
+#[tonic::async_trait]
+impl Signer for SignerService {
+    async fn upload_image(
+        &self,
+        request: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Response<pb::Image>, Status> {
+        let span = tracing::info_span!("signer.upload_image");
+        in_span(span, self.upload(request.into_inner()))
+            .await
+            .map(|m| Response::new(m.to_proto()))
+    }
+
+    async fn get_image(
+        &self,
+        request: Request<pb::GetImageRequest>,
+    ) -> Result<Response<pb::Image>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("signer.get_image", sha256 = %req.sha256);
+        in_span(span, SignerService::get_image(self, &req.sha256))
+            .await
+            .map(|m| Response::new(m.to_proto()))
+    }
+
+    async fn create_release(
+        &self,
+        request: Request<pb::CreateReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "signer.create_release",
+            product_id = req.product_id,
+            version = req.version,
+            image = %req.image_sha256
+        );
+        in_span(span, SignerService::create_release(self, req))
+            .await
+            .map(|r| Response::new(r.to_proto()))
+    }
+
+    async fn sign_release(
+        &self,
+        request: Request<pb::SignReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("signer.sign_release", release_id = %req.release_id);
+        in_span(span, SignerService::sign_release(self, &req.release_id))
+            .await
+            .map(|r| Response::new(r.to_proto()))
+    }
+
+    async fn add_signature(
+        &self,
+        request: Request<pb::AddSignatureRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "signer.add_signature",
+            release_id = %req.release_id,
+            key_id = %req.signature.as_ref().map(|s| s.key_id.as_str()).unwrap_or_default()
+        );
+        in_span(
+            span,
+            SignerService::add_signature(self, &req.release_id, req.signature),
+        )
+        .await
+        .map(|r| Response::new(r.to_proto()))
+    }
+
+    async fn get_release(
+        &self,
+        request: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("signer.get_release", release_id = %req.release_id);
+        in_span(span, SignerService::get_release(self, &req.release_id))
+            .await
+            .map(|r| Response::new(r.to_proto()))
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("signer.list_releases", product_id = req.product_id);
+        in_span(span, SignerService::list_releases(self, req.product_id))
+            .await
+            .map(|list| {
+                Response::new(pb::ListReleasesResponse {
+                    releases: list.iter().map(ReleaseRecord::to_proto).collect(),
+                })
+            })
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SigningPolicy>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "signer.set_policy",
+            product_id = req
+                .policy
+                .as_ref()
+                .map(|p| p.product_id)
+                .unwrap_or_default()
+        );
+        in_span(span, SignerService::set_policy(self, req.policy))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::SigningPolicy>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("signer.get_policy", product_id = req.product_id);
+        in_span(span, SignerService::get_policy(self, req.product_id))
+            .await
+            .map(Response::new)
+    }
+
+    async fn verify_release(
+        &self,
+        request: Request<pb::VerifyReleaseRequest>,
+    ) -> Result<Response<pb::VerifyReleaseResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("signer.verify_release", release_id = %req.release_id);
+        in_span(span, SignerService::verify_release(self, &req.release_id))
+            .await
+            .map(Response::new)
+    }
+}
