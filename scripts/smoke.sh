@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs `trellis up --demo 3 --exit-after-demo` on free ports in a throwaway
 # data directory and checks that it showed a handshake, a routed call and
-# an event.
+# an event, then a signed two-stage rollout that completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p trellis
@@ -12,9 +12,11 @@ TRELLIS_DATA_DIR="$data" \
 TRELLIS_KEYVAULT__LISTEN=127.0.0.1:0 \
 TRELLIS_GATEWAY__DEVICE_LISTEN=127.0.0.1:0 \
 TRELLIS_GATEWAY__GRPC_LISTEN=127.0.0.1:0 \
+TRELLIS_SIGNER__LISTEN=127.0.0.1:0 \
+TRELLIS_OTA__LISTEN=127.0.0.1:0 \
 TRELLIS_TELEMETRY__ADMIN_LISTEN=127.0.0.1:0 \
   timeout 180 target/debug/trellis up --demo 3 --exit-after-demo >"$out" 2>&1 || { cat "$out"; echo "smoke: trellis up failed"; exit 1; }
-for want in "handshake with" "returned 5" "demo: event" "demo: done"; do
+for want in "handshake with" "returned 5" "demo: event" "signed by the customer" "complete: every device reconnected" "demo: done"; do
   grep -q "$want" "$out" || { cat "$out"; echo "smoke: missing \"$want\""; exit 1; }
 done
-echo "smoke: trellis up --demo showed handshakes, a routed call and an event"
+echo "smoke: trellis up --demo showed handshakes, a routed call, an event and a signed two-stage rollout"

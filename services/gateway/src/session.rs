@@ -578,6 +578,7 @@ impl Session {
         };
         let router = Arc::clone(&self.gw.router);
         let device = self.device_id.clone();
+        let gateway_id = self.gw.id.clone();
         tokio::spawn(
             async move {
                 let due = match ota.device_hello(request).await {
@@ -596,6 +597,18 @@ impl Session {
                 };
                 let outcome = router.execute(&device, action, Duration::from_secs(300)).await;
                 tracing::info!(%device, release = %due.release_id, rollout = %due.rollout_id, ?outcome, "update delivered on connect");
+                // The scheduler learns the result now rather than waiting
+                // for its apply timeout.
+                let result = delivery_response(outcome, &gateway_id);
+                let report = trellis_proto::v1::ReportDeliveryRequest {
+                    rollout_id: due.rollout_id,
+                    device_id: device.to_string(),
+                    result: Some(result),
+                    session_epoch: 0,
+                };
+                if let Err(e) = ota.report_delivery(report).await {
+                    tracing::warn!(%device, error = %e.message(), "OTA scheduler not told of the delivery; it falls back on its apply timeout");
+                }
             }
             .instrument(tracing::info_span!("ota.device_hello")),
         );
@@ -744,6 +757,42 @@ fn delivery_output(outcome: &SendOutcome, bytes_sent: u64) -> Output {
             reason: "transfer_failed".into(),
             message: format!("{f:?}"),
             bytes_sent,
+        },
+    }
+}
+
+/// The scheduler's view of a delivery this gateway made on its behalf.
+fn delivery_response(
+    outcome: Outcome,
+    gateway_id: &str,
+) -> trellis_proto::v1::DeliverUpdateResponse {
+    use trellis_proto::v1::{DeliverUpdateResponse, DeliveryOutcome};
+    match outcome {
+        Ok(Output::Delivery {
+            outcome,
+            reason,
+            message,
+            bytes_sent,
+        }) => DeliverUpdateResponse {
+            outcome,
+            reason,
+            message,
+            bytes_sent,
+            gateway_id: gateway_id.to_string(),
+        },
+        Ok(other) => DeliverUpdateResponse {
+            outcome: DeliveryOutcome::Failed as i32,
+            reason: "unexpected_answer".into(),
+            message: format!("unexpected answer {other:?}"),
+            bytes_sent: 0,
+            gateway_id: gateway_id.to_string(),
+        },
+        Err(f) => DeliverUpdateResponse {
+            outcome: DeliveryOutcome::Failed as i32,
+            reason: format!("delivery_{:?}", f.kind).to_lowercase(),
+            message: f.message,
+            bytes_sent: 0,
+            gateway_id: gateway_id.to_string(),
         },
     }
 }

@@ -59,6 +59,10 @@ pub enum Command {
     Keyvault,
     /// Run an edge gateway.
     Gateway,
+    /// Run the firmware signer (images, releases, signatures, policies).
+    Signer,
+    /// Run the OTA rollout scheduler.
+    Ota,
     /// Run a simulated device fleet against any protocol-v1 server.
     Sim(SimArgs),
     /// Provision, register, inspect, call and revoke devices.
@@ -224,6 +228,8 @@ impl Command {
             Command::Up(_) => "up",
             Command::Keyvault => "keyvault",
             Command::Gateway => "gateway",
+            Command::Signer => "signer",
+            Command::Ota => "ota",
             Command::Sim(_) => "sim",
             Command::Device(d) => match d {
                 DeviceCommand::Provision { .. } => "device provision",

@@ -2,6 +2,7 @@
 //! the operator CLI, and the device fleet simulator.
 mod admin;
 mod cli;
+mod demo_ota;
 mod ops;
 mod rollout_cli;
 mod sim;
@@ -67,6 +68,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ];
             admin::spawn(&config, checks, shutdown.clone()).await?;
             trellis_gateway::serve(config, shutdown).await
+        }
+        Command::Signer => {
+            let _telemetry = telemetry::init("signer", &config);
+            let (_trigger, shutdown) = Shutdown::on_signals();
+            let checks = vec![
+                ReadinessCheck::redis(config.redis.url.clone().unwrap_or_default()),
+                ReadinessCheck::tcp("keyvault", admin::authority(&config.signer.keyvault_url)),
+            ];
+            admin::spawn(&config, checks, shutdown.clone()).await?;
+            trellis_signer::serve(config, shutdown).await
+        }
+        Command::Ota => {
+            let _telemetry = telemetry::init("ota", &config);
+            let (_trigger, shutdown) = Shutdown::on_signals();
+            let checks = vec![
+                ReadinessCheck::redis(config.redis.url.clone().unwrap_or_default()),
+                ReadinessCheck::tcp("gateway", admin::authority(&config.ota.gateway_url)),
+            ];
+            admin::spawn(&config, checks, shutdown.clone()).await?;
+            trellis_ota::serve(config, shutdown).await
         }
         Command::Sim(args) => {
             let _telemetry = telemetry::init("sim", &config);

@@ -24,6 +24,10 @@ pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
         event_interval: (args.event_interval > 0).then(|| Duration::from_secs(args.event_interval)),
         keepalive: Duration::from_secs(args.keepalive.max(1)),
         event_name: "temperature".into(),
+        // Devices accept firmware only under the policy provisioned with
+        // their keys; without policy.json they refuse every update.
+        trust_policy: trellis_device::load_trust_policy(&args.keys)
+            .with_context(|| format!("reading the trust policy in {}", args.keys.display()))?,
         ..SimConfig::default()
     })
 }

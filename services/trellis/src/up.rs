@@ -3,7 +3,7 @@
 //! implementation of them: it fills in loopback addresses and a local Redis
 //! where microservices mode takes them from configuration.
 use crate::cli::UpArgs;
-use crate::{ops, sim};
+use crate::{demo_ota, ops, sim};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -67,6 +67,20 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         println!("admin: http://{addr}/metrics, /healthz, /readyz");
     }
 
+    // Signer and OTA scheduler: bound now so the gateways know where the
+    // scheduler is before their first device says Hello.
+    let signer_listener = TcpListener::bind(&config.signer.listen)
+        .await
+        .with_context(|| format!("signer cannot listen on {}", config.signer.listen))?;
+    let signer_addr = signer_listener.local_addr()?;
+    let ota_listener = TcpListener::bind(&config.ota.listen)
+        .await
+        .with_context(|| format!("ota cannot listen on {}", config.ota.listen))?;
+    let ota_addr = ota_listener.local_addr()?;
+    config.signer.keyvault_url = format!("http://{kv_addr}");
+    config.ota.signer_url = format!("http://{signer_addr}");
+    config.gateway.ota_url = format!("http://{ota_addr}");
+
     let gateway_count = args
         .gateways
         .unwrap_or(if args.demo.is_some() { 2 } else { 1 })
@@ -104,6 +118,21 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         )));
     }
+    // The scheduler delivers through any gateway; the first will do.
+    let first_grpc = grpc_addrs.first().context("no gateway")?;
+    config.ota.gateway_url = format!("http://{first_grpc}");
+    let signer = tokio::spawn(trellis_signer::serve_with_listener(
+        config.clone(),
+        signer_listener,
+        shutdown.clone(),
+    ));
+    println!("signer: gRPC on {signer_addr}");
+    let ota = tokio::spawn(trellis_ota::serve_with_listener(
+        config.clone(),
+        ota_listener,
+        shutdown.clone(),
+    ));
+    println!("ota: gRPC on {ota_addr}");
     println!("trellis is up. Ctrl-C stops it.");
 
     if let Some(n) = args.demo {
@@ -112,7 +141,11 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
             n,
             &device_addrs,
             &grpc_addrs,
-            kv_addr,
+            DemoServices {
+                keyvault: kv_addr,
+                signer: signer_addr,
+                ota: ota_addr,
+            },
             shutdown.clone(),
         );
         let result = demo.await;
@@ -131,6 +164,11 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     for g in gateways {
         if let Ok(Err(e)) = g.await {
             eprintln!("gateway: {e:#}");
+        }
+    }
+    for (name, task) in [("signer", signer), ("ota", ota)] {
+        if let Ok(Err(e)) = task.await {
+            eprintln!("{name}: {e:#}");
         }
     }
     if let Ok(Err(e)) = keyvault.await {
@@ -155,16 +193,28 @@ fn offset_port(addr: &str, n: usize) -> anyhow::Result<SocketAddr> {
 /// Provisions N devices, runs them against the first gateway, and sends a
 /// function call and a variable read through the LAST gateway, so the
 /// request crosses gateways through Redis.
+struct DemoServices {
+    keyvault: SocketAddr,
+    signer: SocketAddr,
+    ota: SocketAddr,
+}
+
 async fn demo(
     config: &Config,
     n: usize,
     device_addrs: &[SocketAddr],
     grpc_addrs: &[SocketAddr],
-    kv_addr: SocketAddr,
+    services: DemoServices,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    const PRODUCT: u32 = 1;
     let dir = config.data_dir.join("demo-devices");
-    let mut kv = connect_keyvault(kv_addr).await?;
+    let mut kv = connect_keyvault(services.keyvault).await?;
+    // The devices are provisioned trusting the customer's offline key and
+    // the cloud release key, both required.
+    let mut signer = demo_ota::signer_client(&format!("http://{}", services.signer)).await?;
+    let customer = demo_ota::customer_key(&config.data_dir).await?;
+    demo_ota::provision_trust(&mut kv, &mut signer, &customer, PRODUCT, &dir).await?;
     let existing = trellis_device::identity::load_fleet(&dir, Some(n), None).unwrap_or_default();
     if existing.len() < n {
         let ids: Vec<DeviceId> = (existing.len()..n)
@@ -285,6 +335,31 @@ async fn demo(
             String::from_utf8_lossy(&e.data)
         );
     }
+    // Finally a signed firmware update, in two stages.
+    let release_id = demo_ota::signed_release(
+        &mut signer,
+        &customer,
+        PRODUCT,
+        2,
+        demo_ota::demo_image(2),
+    )
+    .await?;
+    println!(
+        "demo: release {release_id} signed by the customer's offline key and the cloud release key"
+    );
+    let mut ota = demo_ota::ota_client(&format!("http://{}", services.ota)).await?;
+    let status = demo_ota::two_stage_rollout(
+        &mut ota,
+        &release_id,
+        PRODUCT,
+        ids.clone(),
+        Duration::from_secs(120 + n as u64),
+    )
+    .await?;
+    println!(
+        "demo: rollout {} complete: every device reconnected running release {release_id}",
+        status.rollout_id
+    );
     println!("demo: done");
     Ok(())
 }
