@@ -2,6 +2,8 @@
 //! port, keyvault and gateways serving real gRPC and device TCP on loopback,
 //! device keys generated at test time, and a raw device client for sending
 //! bad input on purpose.
+pub mod ota;
+
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::net::SocketAddr;
@@ -227,7 +229,26 @@ pub struct RawDevice {
 impl RawDevice {
     /// Connects and completes the handshake.
     pub async fn connect(addr: SocketAddr, identity: &DeviceIdentity) -> anyhow::Result<Self> {
-        let mut stream = TcpStream::connect(addr).await?;
+        Self::handshake(TcpStream::connect(addr).await?, identity).await
+    }
+
+    /// Connects from a chosen source address (any 127.0.0.0/8 address works
+    /// on Linux loopback), so one test can play devices on several hosts.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+        identity: &DeviceIdentity,
+    ) -> anyhow::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        Self::handshake(socket.connect(addr).await?, identity).await
+    }
+
+    /// Completes the handshake on a connected stream.
+    pub async fn handshake(
+        mut stream: TcpStream,
+        identity: &DeviceIdentity,
+    ) -> anyhow::Result<Self> {
         let mut nonce = [0u8; 40];
         tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut nonce))
             .await

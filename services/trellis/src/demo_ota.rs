@@ -297,7 +297,10 @@ pub async fn two_stage_rollout(
             .collect::<Vec<_>>()
             .join(" | ");
         if line != last_line {
-            println!("demo: rollout {:>5.1} s: {line}", started.elapsed().as_secs_f64());
+            println!(
+                "demo: rollout {:>5.1} s: {line}",
+                started.elapsed().as_secs_f64()
+            );
             last_line = line;
         }
         match status.state() {
