@@ -339,7 +339,7 @@ impl SignerService {
             .ok_or_else(|| {
                 SignerError::FailedPrecondition(format!(
                     "product {} has no signing policy, so no key can be checked: set one with \
-                     `trellis policy set --product {} --key NAME=PEM ... --threshold N` first",
+                     `trellis policy set --product {} --key NAME=PUB.pem ... --threshold N` first",
                     release.product_id, release.product_id
                 ))
             })?;
@@ -358,7 +358,7 @@ impl SignerService {
         verify_signature(&key.public_key, &release.manifest, &signature).map_err(|e| {
             SignerError::InvalidArgument(format!(
                 "bad signature for release {release_id}: {e}. Sign the exact manifest bytes from \
-                 `trellis release show {release_id} --manifest-out FILE` with \
+                 `trellis release manifest {release_id} -o FILE` with \
                  `trellis firmware sign --key KEY.pem FILE`"
             ))
         })?;

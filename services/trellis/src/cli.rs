@@ -49,6 +49,14 @@ pub struct Endpoints {
         default_value = "http://127.0.0.1:7400"
     )]
     pub ota_url: String,
+    /// The firmware signer's gRPC endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_SIGNER_URL",
+        default_value = "http://127.0.0.1:7300"
+    )]
+    pub signer_url: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +85,15 @@ pub enum Command {
     /// Staged OTA rollouts: create, status, watch, pause, resume, abort, list.
     #[command(subcommand)]
     Rollout(crate::rollout_cli::RolloutCommand),
+    /// Firmware images and offline keys: upload, sign (offline), keygen.
+    #[command(subcommand)]
+    Firmware(crate::firmware_cli::FirmwareCommand),
+    /// Releases: create, sign, add-signature, verify, show, list, manifest.
+    #[command(subcommand)]
+    Release(crate::firmware_cli::ReleaseCommand),
+    /// Per-product signing policies: set, show.
+    #[command(subcommand)]
+    Policy(crate::firmware_cli::PolicyCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -124,9 +141,18 @@ pub struct SimArgs {
     /// Seconds between keepalive pings.
     #[arg(long, default_value_t = 15)]
     pub keepalive: u64,
-    /// Stop after this many seconds (0: run until Ctrl-C).
+    /// Stop after this many seconds (0: run until Ctrl-C). With --smoke: the
+    /// time the whole check may take (0: 60).
     #[arg(long, default_value_t = 0)]
     pub duration: u64,
+    /// One-shot check of a running cloud (what `helm test` runs): use the
+    /// first device key in --keys, or provision a throwaway one through
+    /// --keyvault-url when there is none; handshake through --gateway,
+    /// publish an event, answer a function call routed through
+    /// --gateway-url and see the event come back. Exits 0 when all of it
+    /// worked, non-zero with the step that failed otherwise.
+    #[arg(long)]
+    pub smoke: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,6 +269,9 @@ impl Command {
             Command::Events(_) => "events tail",
             Command::Audit(_) => "audit tail",
             Command::Rollout(r) => r.name(),
+            Command::Firmware(c) => c.name(),
+            Command::Release(c) => c.name(),
+            Command::Policy(c) => c.name(),
         }
     }
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod cli;
 mod demo_ota;
+mod firmware_cli;
 mod ops;
 mod rollout_cli;
 mod sim;
@@ -91,6 +92,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sim(args) => {
             let _telemetry = telemetry::init("sim", &config);
+            if args.smoke {
+                return sim::smoke(args, &cli.endpoints).await;
+            }
             sim::run(args).await
         }
         command => {
@@ -109,6 +113,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 match command {
                     Command::Rollout(cmd) => {
                         rollout_cli::run(&cli.endpoints, cmd).instrument(span).await
+                    }
+                    Command::Firmware(cmd) => {
+                        firmware_cli::firmware(&cli.endpoints, cmd)
+                            .instrument(span)
+                            .await
+                    }
+                    Command::Release(cmd) => {
+                        firmware_cli::release(&cli.endpoints, cmd)
+                            .instrument(span)
+                            .await
+                    }
+                    Command::Policy(cmd) => {
+                        firmware_cli::policy(&cli.endpoints, cmd).instrument(span).await
                     }
                     command => ops::run(&cli.endpoints, command).instrument(span).await,
                 }

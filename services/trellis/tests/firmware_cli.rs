@@ -1,0 +1,381 @@
+//! The release-signing workflow as a customer and an operator run it, with
+//! the real `trellis` binary against keyvault and the signer on loopback:
+//! keygen → upload → release create → policy set → release manifest →
+//! firmware sign (offline) → add-signature → release sign → verify.
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use trellis_core::Shutdown;
+use trellis_tests::Cluster;
+
+struct Env {
+    keyvault: String,
+    signer: String,
+}
+
+fn trellis(env: &Env, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env("TRELLIS_SIGNER_URL", &env.signer)
+        .env("TRELLIS_KEYVAULT_URL", &env.keyvault)
+        .env_remove("TRELLIS_CONFIG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run trellis")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "trellis failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Fails, and says so on stderr with each of `needles`.
+fn refused(out: Output, needles: &[&str]) -> String {
+    assert!(
+        !out.status.success(),
+        "trellis should have failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}: {err}");
+    }
+    stdout(&out)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow::Result<()> {
+    let cluster = Cluster::start(0).await?;
+    let mut config = cluster.config.clone();
+    config.signer.keyvault_url = format!("http://{}", cluster.keyvault);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let signer_addr = listener.local_addr()?;
+    let (trigger, shutdown) = Shutdown::new();
+    let signer_task = tokio::spawn(trellis_signer::serve_with_listener(
+        config, listener, shutdown,
+    ));
+    let env = Env {
+        keyvault: format!("http://{}", cluster.keyvault),
+        signer: format!("http://{signer_addr}"),
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+
+    // The customer makes an offline key.
+    let customer = d.join("customer.pem");
+    let key_id = ok(trellis(
+        &env,
+        &[
+            "firmware",
+            "keygen",
+            "--out",
+            p(&customer),
+            "--bits",
+            "2048",
+        ],
+    ));
+    let public_pem = std::fs::read_to_string(d.join("customer.pub.pem"))?;
+    let public = trellis_firmware::public_key_from_pem(&public_pem)?;
+    assert_eq!(key_id, trellis_firmware::key_id(&public));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&customer)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the private key is owner-only");
+    }
+    assert!(std::fs::read_to_string(&customer)?.contains("BEGIN PRIVATE KEY"));
+    refused(
+        trellis(&env, &["firmware", "keygen", "--out", p(&customer)]),
+        &["already exists", "refusing to overwrite"],
+    );
+
+    // Upload in several chunks (not a TTY: no progress bar on stderr).
+    let image: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let image_path = d.join("fw-1.bin");
+    std::fs::write(&image_path, &image)?;
+    let out = trellis(
+        &env,
+        &[
+            "firmware",
+            "upload",
+            p(&image_path),
+            "--product",
+            "7",
+            "--chunk-size",
+            "65536",
+        ],
+    );
+    assert!(
+        !stderr(&out).contains('\r'),
+        "no progress bar when not a TTY"
+    );
+    let sha = ok(out);
+    assert_eq!(sha, sha_hex(&image));
+
+    // Empty files never reach the signer.
+    let empty = d.join("empty.bin");
+    std::fs::write(&empty, b"")?;
+    refused(
+        trellis(&env, &["firmware", "upload", p(&empty), "--product", "7"]),
+        &["is empty"],
+    );
+
+    let release = ok(trellis(
+        &env,
+        &[
+            "release",
+            "create",
+            "--product",
+            "7",
+            "--version",
+            "1",
+            "--image",
+            &sha,
+        ],
+    ));
+    assert_eq!(release, "7-1");
+    refused(
+        trellis(
+            &env,
+            &[
+                "release",
+                "create",
+                "--product",
+                "7",
+                "--version",
+                "1",
+                "--image",
+                &sha,
+            ],
+        ),
+        &["release 7-1 already exists", "(AlreadyExists)"],
+    );
+
+    // Upload with --version makes the release in one go.
+    let image2 = b"firmware version two".repeat(100);
+    let image2_path = d.join("fw-2.bin");
+    std::fs::write(&image2_path, &image2)?;
+    let out = ok(trellis(
+        &env,
+        &[
+            "firmware",
+            "upload",
+            p(&image2_path),
+            "--product",
+            "7",
+            "--version",
+            "2",
+        ],
+    ));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![sha_hex(&image2).as_str(), "7-2"]
+    );
+
+    // Policy: the customer's key AND the cloud release key.
+    let out = ok(trellis(
+        &env,
+        &[
+            "policy",
+            "set",
+            "--product",
+            "7",
+            "--key",
+            p(&d.join("customer.pub.pem")),
+            "--cloud-release-key",
+        ],
+    ));
+    assert!(out.contains("2 of 2 keys must sign"), "{out}");
+    assert!(out.contains("customer") && out.contains(&key_id), "{out}");
+    assert!(out.contains("cloud-release"), "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&ok(trellis(
+        &env,
+        &["policy", "show", "--product", "7", "--json"],
+    )))?;
+    assert_eq!(shown["threshold"], 2);
+    assert_eq!(shown["keys"][0]["name"], "customer");
+    assert_eq!(shown["keys"][0]["key_id"], key_id.as_str());
+    assert_eq!(shown["keys"][1]["name"], "cloud-release");
+    // The JSON is the policy file a device is provisioned with.
+    let policy = trellis_firmware::TrustPolicy::from_json(&shown.to_string())
+        .expect("policy show --json is a device policy file");
+    assert_eq!(policy.threshold, 2);
+
+    // Not signed yet: verify names both missing keys and exits non-zero.
+    let out = refused(
+        trellis(&env, &["release", "verify", "7-1"]),
+        &["not completely signed", "customer", "cloud-release"],
+    );
+    assert!(out.contains("does not meet its policy"), "{out}");
+
+    // The customer fetches the exact manifest bytes ...
+    let manifest_path = d.join("7-1.manifest");
+    let manifest_sha = ok(trellis(
+        &env,
+        &["release", "manifest", "7-1", "-o", p(&manifest_path)],
+    ));
+    let manifest = std::fs::read(&manifest_path)?;
+    assert_eq!(manifest_sha, sha_hex(&manifest));
+    let decoded = trellis_firmware::decode_manifest(&manifest).expect("a manifest");
+    assert_eq!((decoded.product_id, decoded.version), (7, 1));
+    assert_eq!(hex::encode(&decoded.image_sha256), sha);
+    assert_eq!(decoded.image_size, 300_000);
+
+    // ... and signs them offline: no service is reachable for this command.
+    let offline = Env {
+        keyvault: "http://127.0.0.1:9".into(),
+        signer: "http://127.0.0.1:9".into(),
+    };
+    let sig_path = ok(trellis(
+        &offline,
+        &["firmware", "sign", "--key", p(&customer), p(&manifest_path)],
+    ));
+    assert_eq!(sig_path, format!("{}.sig", p(&manifest_path)));
+    let sig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sig_path)?)?;
+    assert_eq!(sig["format"], "trellis-manifest-signature/v1");
+    assert_eq!(sig["key_id"], key_id.as_str());
+    assert_eq!(sig["manifest_sha256"], manifest_sha.as_str());
+    let signature = trellis_firmware::ManifestSignature {
+        key_id: key_id.clone(),
+        signature: hex::decode(sig["signature"].as_str().unwrap_or_default())?,
+    };
+    trellis_firmware::verify_signature(&public, &manifest, &signature)?;
+    // Signing something that is not a manifest is refused.
+    refused(
+        trellis(
+            &offline,
+            &["firmware", "sign", "--key", p(&customer), p(&image2_path)],
+        ),
+        &["is not a release manifest", "trellis release manifest"],
+    );
+
+    // A signature of release 7-2's manifest is not one of 7-1's.
+    let manifest2 = d.join("7-2.manifest");
+    ok(trellis(
+        &env,
+        &["release", "manifest", "7-2", "-o", p(&manifest2)],
+    ));
+    let sig2 = d.join("7-2.sig");
+    ok(trellis(
+        &offline,
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            p(&customer),
+            p(&manifest2),
+            "-o",
+            p(&sig2),
+        ],
+    ));
+    refused(
+        trellis(&env, &["release", "add-signature", "7-1", p(&sig2)]),
+        &["not release 7-1's manifest", "trellis release manifest 7-1"],
+    );
+    // A key the policy does not trust is refused by the signer.
+    let stranger = d.join("stranger.pem");
+    ok(trellis(
+        &env,
+        &[
+            "firmware",
+            "keygen",
+            "--out",
+            p(&stranger),
+            "--bits",
+            "2048",
+        ],
+    ));
+    let sig3 = d.join("stranger.sig");
+    ok(trellis(
+        &offline,
+        &[
+            "firmware",
+            "sign",
+            "--key",
+            p(&stranger),
+            p(&manifest_path),
+            "-o",
+            p(&sig3),
+        ],
+    ));
+    refused(
+        trellis(&env, &["release", "add-signature", "7-1", p(&sig3)]),
+        &[
+            "is not in product 7's signing policy",
+            "(FailedPrecondition)",
+        ],
+    );
+
+    // The customer's signature is accepted; the cloud's is still missing.
+    let out = ok(trellis(
+        &env,
+        &["release", "add-signature", "7-1", &sig_path],
+    ));
+    assert!(out.contains("missing:   cloud-release"), "{out}");
+    let out = refused(
+        trellis(&env, &["release", "verify", "7-1"]),
+        &["missing cloud-release"],
+    );
+    assert!(out.contains("signed by: customer"), "{out}");
+
+    // The cloud release key signs through keyvault.
+    ok(trellis(&env, &["release", "sign", "7-1"]));
+    let out = ok(trellis(&env, &["release", "verify", "7-1"]));
+    assert!(out.contains("meets its policy"), "{out}");
+    assert!(out.contains("signed by: customer, cloud-release"), "{out}");
+    assert!(out.contains("missing:   -"), "{out}");
+
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(trellis(&env, &["release", "show", "7-1", "--json"])))?;
+    assert_eq!(shown["manifest_hex"], hex::encode(&manifest));
+    assert_eq!(shown["signatures"].as_array().map(Vec::len), Some(2));
+    assert_eq!(shown["signatures"][0]["key_id"], key_id.as_str());
+    let table = ok(trellis(&env, &["release", "show", "7-1"]));
+    assert!(table.contains(&sha) && table.contains(&key_id), "{table}");
+    let list = ok(trellis(&env, &["release", "list", "--product", "7"]));
+    assert_eq!(list.lines().count(), 3, "header + 7-1 + 7-2: {list}");
+    assert!(list.contains("7-1") && list.contains("7-2"), "{list}");
+
+    // What a gateway would deliver is what the customer signed.
+    let mut redis = cluster.redis().await?;
+    let delivery = trellis_signer::load_release_for_delivery(&mut redis, "7-1").await?;
+    assert_eq!(delivery.signed.manifest, manifest);
+    assert_eq!(delivery.image, image);
+    trellis_firmware::verify_update(&delivery.signed, &policy, 7, 0)
+        .expect("a device with this policy accepts release 7-1");
+
+    // A signer that is not there gets a message that says what to set.
+    refused(
+        trellis(&offline, &["release", "list"]),
+        &["cannot reach the signer", "--signer-url"],
+    );
+
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
+    cluster.stop().await;
+    Ok(())
+}
