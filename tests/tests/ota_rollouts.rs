@@ -186,42 +186,23 @@ async fn the_fleet_refuses_what_it_must_and_a_failing_rollout_aborts() -> anyhow
     assert_eq!(old_sha.len(), 64, "devices report their image SHA-256");
 
     let size = 16 * 1024;
-    let (cloud_only, _) = make_release(
-        &stack,
-        &keys,
-        PRODUCT,
-        4,
-        &test_image(PRODUCT, 4, size),
-        Signers::CloudOnly,
-    )
-    .await?;
-    let (other_product, _) = make_release(
-        &stack,
-        &keys,
-        PRODUCT + 1,
-        4,
-        &test_image(PRODUCT + 1, 4, size),
-        Signers::Both,
-    )
-    .await?;
-    let (rollback, _) = make_release(
-        &stack,
-        &keys,
-        PRODUCT,
-        2,
-        &test_image(PRODUCT, 2, size),
-        Signers::Both,
-    )
-    .await?;
-    let (altered, altered_sha) = make_release(
-        &stack,
-        &keys,
-        PRODUCT,
-        5,
-        &test_image(PRODUCT, 5, size),
-        Signers::Both,
-    )
-    .await?;
+    let mut made = Vec::new();
+    for (product, version, signers) in [
+        (PRODUCT, 4, Signers::CloudOnly),
+        (PRODUCT + 1, 4, Signers::Both),
+        (PRODUCT, 2, Signers::Both),
+        (PRODUCT, 5, Signers::Both),
+    ] {
+        let image = test_image(product, version, size);
+        made.push(make_release(&stack, &keys, product, version, &image, signers).await?);
+    }
+    let [cloud_only, other_product, rollback, altered] = made
+        .iter()
+        .map(|(release, _)| release.clone())
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("four releases"))?;
+    let altered_sha = made[3].1.clone();
     // Someone with access to storage swaps bytes of the signed image.
     {
         use redis::AsyncCommands;

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
-use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
+use trellis_core::telemetry::TracedChannel;
 use trellis_firmware::{
     FirmwareManifest, ManifestSignature, decode_manifest, key_id, private_key_from_pem,
     public_key_from_pem, public_key_to_pem, sign_manifest,
@@ -224,23 +224,9 @@ pub struct SignatureFile {
     pub signature: String,
 }
 
-async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{flag} {url:?} is not a URL"))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach {what} at {url} (is it running? set {flag} or its variable)")
-        })?;
-    Ok(tonic::service::interceptor::InterceptedService::new(
-        channel,
-        TraceInterceptor,
-    ))
-}
-
 async fn signer(endpoints: &Endpoints) -> anyhow::Result<SignerClient<TracedChannel>> {
     Ok(SignerClient::new(
-        channel(&endpoints.signer_url, "the signer", "--signer-url").await?,
+        crate::ops::channel(&endpoints.signer_url, "the signer", "--signer-url").await?,
     ))
 }
 
@@ -841,7 +827,8 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
             }
             if cloud_release_key {
                 let mut kv = KeyVaultClient::new(
-                    channel(&endpoints.keyvault_url, "keyvault", "--keyvault-url").await?,
+                    crate::ops::channel(&endpoints.keyvault_url, "keyvault", "--keyvault-url")
+                        .await?,
                 );
                 let key = kv
                     .get_signing_key(pb::GetSigningKeyRequest {

@@ -11,7 +11,7 @@ use trellis_proto::v1::variable_value::Value;
 use trellis_proto::v1::*;
 use trellis_wire::DeviceId;
 
-async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {
+pub async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("{flag} {url:?} is not a URL"))?
         .connect()
@@ -269,6 +269,21 @@ fn state_json(d: &DeviceState) -> serde_json::Value {
         "last_seen_ms": d.last_seen_ms,
         "functions": d.functions,
         "variables": d.variables,
+        "recent_sessions": d.recent_sessions.iter().map(|s| serde_json::json!({
+            "time_ms": s.time_ms,
+            "gateway": s.gateway_id,
+            "peer": s.peer_addr,
+            "epoch": s.epoch,
+        })).collect::<Vec<_>>(),
+        "clone_flags": d.clone_flags.iter().map(|f| serde_json::json!({
+            "time_ms": f.time_ms,
+            "gateway": f.gateway_id,
+            "peer": f.peer_addr,
+            "other_gateway": f.other_gateway_id,
+            "other_peer": f.other_peer_addr,
+            "action": f.action,
+        })).collect::<Vec<_>>(),
+        "quarantined_until_ms": d.quarantined_until_ms,
     })
 }
 

@@ -4,7 +4,7 @@ use crate::cli::Endpoints;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
+use trellis_core::telemetry::TracedChannel;
 use trellis_proto::v1::ota_client::OtaClient;
 use trellis_proto::v1::*;
 
@@ -99,17 +99,8 @@ impl RolloutCommand {
 }
 
 async fn client(url: &str) -> anyhow::Result<OtaClient<TracedChannel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("--ota-url {url:?} is not a URL"))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the OTA scheduler at {url} (is `trellis up` running? set --ota-url)"
-            )
-        })?;
     Ok(OtaClient::new(
-        tonic::service::interceptor::InterceptedService::new(channel, TraceInterceptor),
+        crate::ops::channel(url, "the OTA scheduler", "--ota-url").await?,
     ))
 }
 
