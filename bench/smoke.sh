@@ -10,7 +10,7 @@ cargo build --release -p trellis -p trellis-bench
 bench=target/release/trellis-bench
 export TRELLIS_BIN="$PWD/target/release/trellis"
 
-for figure in wire handshake routed idle; do
+for figure in wire handshake routed ota idle; do
   echo "--- trellis-bench --smoke $figure"
   timeout 120 "$bench" --smoke "$figure"
 done

@@ -8,6 +8,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v perl >/dev/null 2>&1 || need_apt+=(perl)   # builds the vendored OpenSSL
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# The failover tests put HAProxy (TCP mode) in front of two gateways.
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""

@@ -13,6 +13,8 @@ echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 echo "== trellis up --demo (smoke)"
 scripts/smoke.sh
+echo "== benchmarks (smoke)"
+bench/smoke.sh
 if [ -x ci/chart/check.sh ]; then
   echo "== helm chart"
   ci/chart/check.sh

@@ -99,12 +99,16 @@ pub struct ClusterOptions {
     pub keepalive_secs: u64,
     pub log: String,
     pub trellis_bin: Option<PathBuf>,
+    /// Also run `trellis signer` (firmware images and signed releases).
+    pub signer: bool,
 }
 
 /// Redis + keyvault + gateways, all children of this process, killed on drop.
 pub struct Cluster {
     // Field order is drop order: gateways first, Redis last.
     pub gateways: Vec<GatewayProc>,
+    /// `trellis signer` and its gRPC address, when asked for.
+    pub signer: Option<(Proc, SocketAddr)>,
     pub keyvault: Proc,
     pub keyvault_addr: SocketAddr,
     pub redis: LocalRedis,
@@ -165,6 +169,26 @@ impl Cluster {
             .into_inner();
         let cloud_public_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)?;
 
+        let signer = if opts.signer {
+            let addr = loopback(free_port()?);
+            let mut cmd = common("signer")?;
+            cmd.arg("signer")
+                .env("TRELLIS_SIGNER__LISTEN", addr.to_string())
+                .env(
+                    "TRELLIS_SIGNER__KEYVAULT_URL",
+                    format!("http://{keyvault_addr}"),
+                );
+            let mut proc = Proc {
+                name: "signer".into(),
+                child: cmd.spawn().context("cannot start trellis signer")?,
+                log: dir.path().join("signer.log"),
+            };
+            wait_grpc(addr, &mut proc).await?;
+            Some((proc, addr))
+        } else {
+            None
+        };
+
         let mut gateways = Vec::new();
         for n in 0..opts.gateways {
             let id = format!("bench-gw-{}", n + 1);
@@ -183,6 +207,11 @@ impl Cluster {
                     "TRELLIS_GATEWAY__KEEPALIVE_SECS",
                     opts.keepalive_secs.to_string(),
                 );
+            if known_setting("gateway", "handshake_rate") {
+                // No admission limit: the benchmarks measure what the
+                // gateway can do, not the rate it is configured to allow.
+                cmd.env("TRELLIS_GATEWAY__HANDSHAKE_RATE", "0");
+            }
             let mut proc = Proc {
                 name: id.clone(),
                 child: cmd.spawn().context("cannot start trellis gateway")?,
@@ -198,6 +227,7 @@ impl Cluster {
         }
         Ok(Self {
             gateways,
+            signer,
             keyvault,
             keyvault_addr,
             redis,
@@ -223,6 +253,11 @@ impl Cluster {
             if let Some(e) = g.proc.exited() {
                 bail!(e);
             }
+        }
+        if let Some((p, _)) = &mut self.signer
+            && let Some(e) = p.exited()
+        {
+            bail!(e);
         }
         Ok(())
     }
@@ -292,6 +327,29 @@ async fn wait_keyvault(
     }
     bail!(
         "keyvault did not come up within 30 s; log:\n{}",
+        tail(&proc.log)
+    )
+}
+
+/// Waits until something accepts TCP connections on `addr` (a gRPC server).
+async fn wait_grpc(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Some(e) = proc.exited() {
+            bail!(e);
+        }
+        if tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "{} did not come up within 30 s; log:\n{}",
+        proc.name,
         tail(&proc.log)
     )
 }

@@ -69,7 +69,7 @@ pub fn device_key_der() -> anyhow::Result<(Vec<u8>, rsa::PrivateKey)> {
 }
 
 /// This thread's CPU time in seconds.
-fn thread_cpu() -> f64 {
+pub(crate) fn thread_cpu() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -231,6 +231,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         keepalive_secs: 15,
         log: "warn".into(),
         trellis_bin,
+        signer: false,
     })
     .await?;
     let concurrency = args.concurrency.max(1);
@@ -354,7 +355,11 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     for t in tasks {
         let (l, e) = t.await?;
         lat.extend(l);
-        errors.extend(e);
+        for e in e {
+            if errors.len() < 3 && !errors.contains(&e) {
+                errors.push(e);
+            }
+        }
     }
     cluster.check_alive()?;
     let lat = Latencies::new(lat);

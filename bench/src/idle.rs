@@ -81,6 +81,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         keepalive_secs: args.keepalive,
         log: "warn".into(),
         trellis_bin,
+        signer: false,
     })
     .await?;
     let gw_pid = cluster.gateways[0].proc.pid();

@@ -10,6 +10,7 @@ mod cluster;
 mod fastdevice;
 mod handshake;
 mod idle;
+mod ota;
 mod routed;
 mod util;
 mod wire;
@@ -44,6 +45,8 @@ enum Cmd {
     Idle(idle::Args),
     /// Function call routed through another gateway via Redis, vs raw Redis.
     Routed(routed::Args),
+    /// A signed image to many devices at once vs raw AES-128-CBC on one core.
+    Ota(ota::Args),
     /// Allocations per wire operation (timings: cargo bench -p trellis-wire).
     Wire(wire::Args),
     /// Every figure in turn, with the defaults (or --smoke).
@@ -78,6 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Handshake(a) => handshake::run(&pick(smoke, a, handshake::Args::smoke()), bin).await,
         Cmd::Idle(a) => idle::run(&pick(smoke, a, idle::Args::smoke()), bin).await,
         Cmd::Routed(a) => routed::run(&pick(smoke, a, routed::Args::smoke()), bin).await,
+        Cmd::Ota(a) => ota::run(&pick(smoke, a, ota::Args::smoke()), bin).await,
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
         Cmd::All => {
             wire::run(&pick(
@@ -107,6 +111,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         rate: 1000.0,
                         seconds: 10.0,
                         devices: 8,
+                    },
+                ),
+                bin.clone(),
+            )
+            .await?;
+            ota::run(
+                &smoke_or(
+                    smoke,
+                    ota::Args::smoke(),
+                    ota::Args {
+                        devices: 1000,
+                        image_kib: 1024,
+                        concurrency: 48,
+                        timeout: 600.0,
+                        aes_seconds: 2.0,
                     },
                 ),
                 bin.clone(),

@@ -110,6 +110,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         keepalive_secs: 15,
         log: "warn".into(),
         trellis_bin,
+        signer: false,
     })
     .await?;
     let key = crate::handshake::device_key()?;

@@ -83,7 +83,7 @@ impl Cluster {
         for n in 0..gateways {
             let mut c = config.clone();
             c.gateway.id = format!("gw-{}", n + 1);
-            let devices = TcpListener::bind("127.0.0.1:0").await?;
+            let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
             let grpc = TcpListener::bind("127.0.0.1:0").await?;
             addrs.push(GatewayAddrs {
                 id: c.gateway.id.clone(),

@@ -22,11 +22,66 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db`. Unset: `trellis up` starts a local redis-server.
+    /// With regions: the region's own Redis (sessions, routing, events).
     pub url: Option<String>,
+    /// Redis for durable records (device registry, sealed keys, images,
+    /// releases, policies, rollouts, audit). Unset: `url`. With
+    /// `sentinels` set it is only this region's copy (the local replica),
+    /// read from while Sentinel knows no reachable primary.
+    pub durable_url: Option<String>,
+    /// Redis Sentinel addresses (`host:port`) that know the durable
+    /// primary. Empty: no Sentinel, `durable_url` is the primary. A list,
+    /// or one string with commas (`TRELLIS_REDIS__SENTINELS=a:26379,b:26379`).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub sentinels: Vec<String>,
+    /// The master name the sentinels monitor (`sentinel monitor NAME ...`).
+    pub sentinel_master: String,
+    /// How long a durable write waits for Sentinel to name a reachable
+    /// primary (during a failover) before it fails with an error.
+    pub failover_wait_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            durable_url: None,
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
+            failover_wait_ms: 10_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Where durable records live when Sentinel is not used (and this
+    /// region's copy of them when it is): `durable_url`, else `url`.
+    pub fn effective_durable_url(&self) -> Option<&str> {
+        self.durable_url.as_deref().or(self.url.as_deref())
+    }
+}
+
+/// A list of strings, or one string split at commas (environment variables).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCommas {
+        List(Vec<String>),
+        Commas(String),
+    }
+    let items = match ListOrCommas::deserialize(d)? {
+        ListOrCommas::List(items) => items,
+        ListOrCommas::Commas(text) => text.split(',').map(str::to_string).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,6 +98,12 @@ pub struct KeyvaultConfig {
     /// Private-key requests allowed to wait; beyond it callers get
     /// RESOURCE_EXHAUSTED at once.
     pub queue_depth: usize,
+    /// Longest an OpenSession decryption may wait in the queue. One that
+    /// waited longer (or past the caller's gRPC deadline, whichever comes
+    /// first) is dropped without any RSA work and answered
+    /// RESOURCE_EXHAUSTED, so the gateway turns the device away. 0: only the
+    /// caller's deadline.
+    pub max_queue_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +139,49 @@ pub struct GatewayConfig {
     /// The OTA scheduler, told of every Hello (so it can count a device as
     /// updated and deliver to devices that were offline). Empty: no OTA.
     pub ota_url: String,
+    /// What happens when a device identity is in session from two
+    /// addresses at once (a suspected clone; always audited and counted):
+    /// `newest_wins` closes the older session, `quarantine` closes both and
+    /// refuses the identity for `clone_quarantine_secs`.
+    pub clone_policy: ClonePolicy,
+    /// How long `quarantine` refuses a suspected clone's identity.
+    pub clone_quarantine_secs: u64,
+    /// Session addresses (time, gateway, peer) kept per device for
+    /// `trellis device show`, newest first; clone flags are kept as many.
+    pub session_history_len: usize,
+    /// The per-device session history and clone flags expire this long
+    /// after the device's last connect.
+    pub session_history_ttl_secs: u64,
+    /// Drain on SIGTERM: the gateway stops accepting devices at once, lets
+    /// each session finish the commands already written to its device,
+    /// releases the session's ownership and closes it (devices reconnect
+    /// through the load balancer), answers what is left in its Redis inbox
+    /// with "not delivered" (the asking gateway retries on the device's new
+    /// session), and exits when all of that is done or after this many
+    /// milliseconds, whichever comes first. Keep it below the orchestrator's
+    /// grace period (Kubernetes: 30 s).
+    pub drain_deadline_ms: u64,
+}
+
+/// The gateway's answer to a suspected clone (`gateway.clone_policy`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClonePolicy {
+    /// The new session takes over; the older one is closed.
+    #[default]
+    NewestWins,
+    /// Both sessions are closed and the identity refused for
+    /// `gateway.clone_quarantine_secs`.
+    Quarantine,
+}
+
+impl ClonePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NewestWins => "newest_wins",
+            Self::Quarantine => "quarantine",
+        }
+    }
 }
 
 /// The OTA scheduler (`services/ota`).
@@ -170,6 +274,7 @@ impl Default for KeyvaultConfig {
             master_key_file: None,
             workers: 0,
             queue_depth: 64,
+            max_queue_wait_ms: 5_000,
         }
     }
 }
@@ -190,6 +295,11 @@ impl Default for GatewayConfig {
             ota_url: String::new(),
             handshake_rate: 1_000,
             handshake_burst: 200,
+            clone_policy: ClonePolicy::NewestWins,
+            clone_quarantine_secs: 300,
+            session_history_len: 10,
+            session_history_ttl_secs: 7 * 24 * 3600,
+            drain_deadline_ms: 25_000,
         }
     }
 }
@@ -269,6 +379,22 @@ mod tests {
             assert_eq!(c.gateway.keepalive_secs, 5);
             assert_eq!(c.gateway.device_listen, "127.0.0.1:1");
             assert_eq!(c.keyvault.queue_depth, 64);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sentinels_from_commas_or_list() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[redis]\nsentinels = [\"a:1\", \"b:2\"]\n")?;
+            let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.sentinels, vec!["a:1", "b:2"]);
+            assert_eq!(c.redis.effective_durable_url(), None);
+            jail.set_env("TRELLIS_REDIS__SENTINELS", "x:1, y:2,");
+            jail.set_env("TRELLIS_REDIS__URL", "redis://r:1/");
+            let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.sentinels, vec!["x:1", "y:2"]);
+            assert_eq!(c.redis.effective_durable_url(), Some("redis://r:1/"));
             Ok(())
         });
     }

@@ -118,3 +118,24 @@ pub fn labeled_gauge(
 pub fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
     KeyValue::new(key, value)
 }
+
+/// Makes `service`'s Redis series (`trellis_redis_errors_total`,
+/// `trellis_redis_reconnects_total`, label `service`) exist at 0 from the
+/// start, so dashboards and alerts see the first error as an increase
+/// rather than as a series appearing out of nowhere.
+pub fn service_started(service: &'static str) {
+    let m = metrics();
+    m.redis_errors.add(0, &[kv("service", service)]);
+    m.redis_reconnects.add(0, &[kv("service", service)]);
+}
+
+/// Counts a failed Redis command for `service`. A connection-level failure
+/// also counts as a reconnect: the connection manager re-establishes the
+/// connection on its own after one.
+pub fn redis_error(service: &'static str, e: &redis::RedisError) {
+    let m = metrics();
+    m.redis_errors.add(1, &[kv("service", service)]);
+    if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() || e.is_timeout() {
+        m.redis_reconnects.add(1, &[kv("service", service)]);
+    }
+}

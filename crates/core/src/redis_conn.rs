@@ -1,9 +1,63 @@
 //! Redis access: one auto-reconnecting connection manager per service, and
 //! the key names every service agrees on (one place, so two services never
 //! spell a key differently).
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use std::sync::Arc;
 
-pub type Redis = ConnectionManager;
+mod sentinel;
+
+/// A shared, auto-reconnecting Redis connection; clone it freely. Either
+/// one server (a connection manager) or, for durable records with
+/// `redis.sentinels` set, whichever server Sentinel names as the primary,
+/// followed across failovers ([`connect_durable`]).
+#[derive(Clone)]
+pub struct Redis(Conn);
+
+#[derive(Clone)]
+enum Conn {
+    Direct(ConnectionManager),
+    Sentinel(Arc<sentinel::SentinelConn>),
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Conn::Direct(_) => f.write_str("Redis(direct)"),
+            Conn::Sentinel(s) => write!(f, "Redis({s:?})"),
+        }
+    }
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match &mut self.0 {
+            Conn::Direct(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => sentinel::command(Arc::clone(s), cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match &mut self.0 {
+            Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => sentinel::pipeline(Arc::clone(s), pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Conn::Direct(c) => c.get_db(),
+            Conn::Sentinel(s) => s.db(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
@@ -17,11 +71,27 @@ pub enum RedisError {
         url: String,
         source: redis::RedisError,
     },
+    #[error(
+        "no Redis for durable records: set redis.durable_url or redis.url (TRELLIS_REDIS__DURABLE_URL / TRELLIS_REDIS__URL), or redis.sentinels"
+    )]
+    NoDurable,
+    #[error(
+        "Sentinel ({sentinels}) names no reachable primary for master {master:?} and no local replica (redis.durable_url) is configured: {source}"
+    )]
+    NoPrimary {
+        master: String,
+        sentinels: String,
+        source: redis::RedisError,
+    },
 }
 
 /// Connects with a connection manager that reconnects by itself when Redis
 /// goes away and comes back.
 pub async fn connect(url: &str) -> Result<Redis, RedisError> {
+    connect_manager(url).await.map(|c| Redis(Conn::Direct(c)))
+}
+
+async fn connect_manager(url: &str) -> Result<ConnectionManager, RedisError> {
     let client = redis::Client::open(url).map_err(|source| RedisError::BadUrl {
         url: url.to_string(),
         source,
@@ -36,6 +106,54 @@ pub async fn connect(url: &str) -> Result<Redis, RedisError> {
             url: url.to_string(),
             source,
         })
+}
+
+/// The connection for durable records (device registry, sealed keys,
+/// images, releases, policies, rollouts, audit). Without `redis.sentinels`:
+/// `redis.durable_url`, else `redis.url`. With them: the primary Sentinel
+/// names, found again by itself after a failover; reads fall back to
+/// `redis.durable_url` (this region's replica) while no primary is
+/// reachable. Starts without a reachable primary only when that replica
+/// answers.
+#[tracing::instrument(name = "redis.connect_durable", skip_all, fields(sentinels = config.sentinels.len(), master = %config.sentinel_master))]
+pub async fn connect_durable(config: &crate::config::RedisConfig) -> Result<Redis, RedisError> {
+    if config.sentinels.is_empty() {
+        let url = config
+            .effective_durable_url()
+            .ok_or(RedisError::NoDurable)?;
+        return connect(url).await;
+    }
+    let conn = sentinel::SentinelConn::new(
+        config.sentinels.clone(),
+        config.sentinel_master.clone(),
+        config.effective_durable_url(),
+        config.durable_url.as_deref(),
+        std::time::Duration::from_millis(config.failover_wait_ms),
+    )
+    .await
+    .map_err(|source| RedisError::BadUrl {
+        url: config
+            .effective_durable_url()
+            .unwrap_or_default()
+            .to_string(),
+        source,
+    })?;
+    match conn.primary_addr().await {
+        Ok(primary) => {
+            tracing::info!(%primary, master = %config.sentinel_master, "durable records at the Sentinel primary")
+        }
+        Err(source) if !conn.has_replica() => {
+            return Err(RedisError::NoPrimary {
+                master: config.sentinel_master.clone(),
+                sentinels: config.sentinels.join(","),
+                source,
+            });
+        }
+        Err(error) => {
+            tracing::warn!(%error, "no durable primary reachable yet; reading from the local replica until Sentinel names one")
+        }
+    }
+    Ok(Redis(Conn::Sentinel(Arc::new(conn))))
 }
 
 /// A connection of its own for blocking reads (XREAD BLOCK): on a shared
@@ -114,6 +232,20 @@ pub mod keys {
     pub fn device_state(device_id: &str) -> String {
         format!("trellis:state:{device_id}")
     }
+    /// List: the device's recent sessions, newest first (JSON: time_ms,
+    /// gateway, peer, epoch); capped and expiring.
+    pub fn session_history(device_id: &str) -> String {
+        format!("trellis:sessions:{device_id}")
+    }
+    /// List: the device's clone flags, newest first (JSON); capped and expiring.
+    pub fn clone_flags(device_id: &str) -> String {
+        format!("trellis:clones:{device_id}")
+    }
+    /// String with a TTL: the device is quarantined as a suspected clone
+    /// while it exists (keyvault refuses its handshakes).
+    pub fn quarantine(device_id: &str) -> String {
+        format!("trellis:quarantine:{device_id}")
+    }
     /// Stream: device events (capped).
     pub const EVENTS: &str = "trellis:events";
     /// Stream: commands for the devices a gateway owns.
@@ -123,6 +255,13 @@ pub mod keys {
     /// List: the answer to one routed command.
     pub fn command_reply(request_id: &str) -> String {
         format!("trellis:reply:{request_id}")
+    }
+    /// String with a TTL: what became of one command attempt
+    /// (`delivered:<gateway>:<epoch>` once a frame for it was written,
+    /// `withdrawn` once the asker gave it up), so a command is retried only
+    /// when it provably never reached the device.
+    pub fn command_delivery(request_id: &str) -> String {
+        format!("trellis:cmd:{request_id}")
     }
     /// Pub/sub channel: tells a gateway to close a superseded session now.
     pub fn gateway_control(gateway_id: &str) -> String {

@@ -101,6 +101,10 @@ fn build_state(
         revoked: device.is_some_and(|d| d.revoked),
         functions: serde_json::from_str(&get("functions")).unwrap_or_default(),
         variables: serde_json::from_str(&get("variables")).unwrap_or_default(),
+        // Filled in by GetDeviceState only (crate::clones::fill_state).
+        recent_sessions: Vec::new(),
+        clone_flags: Vec::new(),
+        quarantined_until_ms: 0,
     }
 }
 
@@ -162,7 +166,12 @@ impl DeviceService for DeviceApi {
             })
             .await?
             .into_inner();
-        Ok(Response::new(self.state_of(Some(&device), &id).await?))
+        let mut state = self.state_of(Some(&device), &id).await?;
+        let mut redis = self.gw.redis.clone();
+        crate::clones::fill_state(&mut redis, &mut state, self.gw.config.session_history_len)
+            .await
+            .map_err(redis_status)?;
+        Ok(Response::new(state))
     }
 
     #[tracing::instrument(name = "rpc.call_function", skip_all, fields(device, function))]

@@ -101,6 +101,10 @@ async fn steps(
         gateway_id: gw.id.clone(),
         peer_addr: peer.to_string(),
     };
+    // The deadline travels as grpc-timeout: keyvault drops the request
+    // unworked if it is still queued when we would have given up anyway.
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(step);
     let mut keyvault = gw.keyvault.clone();
     let response = tokio::time::timeout(step, keyvault.open_session(request))
         .await
@@ -140,6 +144,7 @@ pub fn refusal_label(reason: RefusalReason) -> &'static str {
         RefusalReason::UnknownDevice => "unknown_device",
         RefusalReason::Revoked => "revoked",
         RefusalReason::KeyMismatch => "key_mismatch",
+        RefusalReason::Quarantined => "quarantined",
         RefusalReason::Unspecified => "refused",
     }
 }

@@ -3,7 +3,9 @@
 //! in Redis, and serves the operator's `DeviceService` for every device,
 //! routing to the owning gateway when it is not this one. It keeps no state
 //! another gateway could not rebuild.
+pub mod clones;
 pub mod device_state;
+pub mod fence;
 mod grpc;
 pub mod handshake;
 pub mod local;
@@ -64,9 +66,39 @@ pub struct BoundAddrs {
     pub grpc: SocketAddr,
 }
 
+/// Accept backlog of the device listener (the kernel caps it at
+/// `net.core.somaxconn`). A reconnect storm sends thousands of SYNs at once;
+/// with a short queue the overflow is answered with SYN cookies whose final
+/// ACK is then dropped, and those devices sit on a connection the gateway
+/// never sees until their nonce timeout (30 s). Tokio's default is 1024.
+pub const DEVICE_ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds the device listener with [`DEVICE_ACCEPT_BACKLOG`].
+pub async fn bind_device_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(DEVICE_ACCEPT_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 /// Binds the configured device and gRPC addresses and serves until shutdown.
 pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let devices = TcpListener::bind(&config.gateway.device_listen)
+    let devices = bind_device_listener(&config.gateway.device_listen)
         .await
         .with_context(|| {
             format!(
@@ -92,6 +124,7 @@ pub async fn serve_with_listeners(
         .clone()
         .context("the gateway needs redis.url (TRELLIS_REDIS__URL)")?;
     let redis = redis_conn::connect(&redis_url).await?;
+    trellis_core::metrics::service_started("gateway");
     let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
         .with_context(|| {
             format!(
@@ -135,7 +168,10 @@ pub async fn serve_with_listeners(
     };
     tracing::info!(gateway = %id, devices = %addrs.devices, grpc = %addrs.grpc, region = %gw.region, "gateway listening");
 
-    let inbox = tokio::spawn(router.run_inbox(redis_url, shutdown.clone()));
+    // In a drain the inbox outlives the device listener: it carries answers
+    // and "not delivered" refusals until the sessions have closed.
+    let (inbox_stop, inbox_shutdown) = Shutdown::new();
+    let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown));
     let grpc_task = {
         let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
         let mut sd = shutdown.clone();
@@ -144,19 +180,38 @@ pub async fn serve_with_listeners(
                 .trace_fn(trellis_core::telemetry::grpc_server_span)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    // TCP_NODELAY: Nagle + delayed ACK would stall small replies.
+                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                     async move { sd.wait().await },
                 )
                 .await
         })
     };
+    let drain_started = std::time::Instant::now();
     accept_devices(Arc::clone(&gw), devices, shutdown).await;
-    inbox.abort();
-    match grpc_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-        Err(e) => tracing::warn!(error = %e, "gRPC task failed"),
+    // Operator requests already taken finish (answers of routed ones come
+    // through the inbox), within what is left of the drain deadline.
+    let left = Duration::from_millis(gw.config.drain_deadline_ms)
+        .saturating_sub(drain_started.elapsed())
+        .max(Duration::from_secs(1));
+    let mut grpc_task = grpc_task;
+    match tokio::time::timeout(left, &mut grpc_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC task failed"),
+        Err(_) => {
+            tracing::warn!(gateway = %id, "operator requests still running at the drain deadline; dropped");
+            grpc_task.abort();
+        }
     }
+    inbox_stop.trigger();
+    if tokio::time::timeout(Duration::from_secs(3), inbox)
+        .await
+        .is_err()
+    {
+        tracing::warn!(gateway = %id, "inbox did not stop in time");
+    }
+    tracing::info!(gateway = %id, drain_ms = drain_started.elapsed().as_millis() as u64, "drained");
     tracing::info!(gateway = %id, "gateway stopped");
     Ok(())
 }
@@ -195,14 +250,44 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
             _ = shutdown.wait() => break,
         }
     }
+    // Drain: no new device from here on (the load balancer's health check
+    // fails too, so it sends reconnects to the other gateways).
     drop(listener);
-    gw.local.close_all("gateway shutting down");
+    let span = tracing::info_span!(
+        "gateway.drain",
+        gateway = %gw.id,
+        sessions = gw.local.len(),
+        deadline_ms = gw.config.drain_deadline_ms,
+        outcome = tracing::field::Empty,
+    );
+    span.in_scope(|| {
+        tracing::info!("draining: sessions finish in-flight commands, release ownership and close")
+    });
+    // Each session sees the shutdown itself (session.rs).
+    let deadline = Duration::from_millis(gw.config.drain_deadline_ms);
     let drain = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
+    if tokio::time::timeout(deadline, drain)
+        .instrument(span.clone())
         .await
         .is_err()
     {
-        sessions.abort_all();
+        span.record("outcome", "deadline");
+        span.in_scope(|| {
+            tracing::warn!(
+                left = gw.local.len(),
+                "drain deadline passed; closing the remaining sessions"
+            )
+        });
+        gw.local.close_all("drain deadline passed");
+        let rest = async { while sessions.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), rest)
+            .await
+            .is_err()
+        {
+            sessions.abort_all();
+        }
+    } else {
+        span.record("outcome", "drained");
     }
 }
 
@@ -269,31 +354,13 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
             return;
         }
     };
-    if let Some(prev) = &claim.previous {
-        let record = AuditRecord::new(&gw.id, "duplicate_session", &device_id, "previous_closed")
-            .with("old_peer", prev.peer_addr.clone())
-            .with("old_gateway", prev.gateway_id.clone())
-            .with("old_epoch", prev.epoch.to_string())
-            .with("new_peer", peer.to_string())
-            .with("new_gateway", gw.id.clone())
-            .with("new_epoch", claim.epoch.to_string());
-        if let Err(e) = audit::append(&mut redis, &record).await {
-            tracing::warn!(error = %e, "audit write failed");
-        }
-        tracing::info!(device = %device_id, old_peer = %prev.peer_addr, old_gateway = %prev.gateway_id, "duplicate session: closing the older one");
-        metrics()
-            .clone_suspicions
-            .add(1, &[kv("region", gw.region.clone())]);
-        if prev.gateway_id != gw.id {
-            gw.router
-                .close_remote(
-                    &prev.gateway_id,
-                    &device_id,
-                    prev.epoch,
-                    "superseded by a newer session",
-                )
-                .await;
-        }
+    // Reconnect or suspected clone: audited, counted, and the policy
+    // (gateway.clone_policy) decides which session survives.
+    if let clones::Verdict::Refuse(reason) =
+        clones::after_claim(&gw, &device_id, peer, &claim).await
+    {
+        tracing::warn!(device = %device_id, %reason, "session refused after the handshake");
+        return;
     }
     if let Err(e) = device_state::record_connect(
         &mut redis,

@@ -14,6 +14,9 @@ pub enum SessionCommand {
     Execute {
         action: Action,
         timeout: Duration,
+        /// The attempt id recorded as delivered by the fence (`fence.rs`)
+        /// when the frame is written; `None`: not tracked.
+        request: Option<String>,
         reply: oneshot::Sender<Outcome>,
     },
     Close {
@@ -24,7 +27,9 @@ pub enum SessionCommand {
 #[derive(Debug, Clone)]
 struct Handle {
     epoch: u64,
-    tx: mpsc::Sender<SessionCommand>,
+    /// Boxed: a channel allocates 32 slots up front, and an idle session
+    /// should not hold 32 full-size commands' worth of memory.
+    tx: mpsc::Sender<Box<SessionCommand>>,
 }
 
 #[derive(Debug, Default)]
@@ -39,16 +44,16 @@ impl LocalSessions {
 
     /// Registers a session; an older local session of the same device (same
     /// gateway, reconnect) is told to close.
-    pub fn insert(&self, device_id: &str, epoch: u64, tx: mpsc::Sender<SessionCommand>) {
+    pub fn insert(&self, device_id: &str, epoch: u64, tx: mpsc::Sender<Box<SessionCommand>>) {
         let old = self
             .lock()
             .insert(device_id.to_string(), Handle { epoch, tx });
         if let Some(old) = old
             && old.epoch < epoch
         {
-            let _ = old.tx.try_send(SessionCommand::Close {
+            let _ = old.tx.try_send(Box::new(SessionCommand::Close {
                 reason: "superseded by a newer session".into(),
-            });
+            }));
         }
     }
 
@@ -73,18 +78,18 @@ impl LocalSessions {
         if let Some(h) = handle
             && h.epoch <= epoch
         {
-            let _ = h.tx.try_send(SessionCommand::Close {
+            let _ = h.tx.try_send(Box::new(SessionCommand::Close {
                 reason: reason.into(),
-            });
+            }));
         }
     }
 
     /// Closes every session (drain on shutdown).
     pub fn close_all(&self, reason: &str) {
         for h in self.lock().values() {
-            let _ = h.tx.try_send(SessionCommand::Close {
+            let _ = h.tx.try_send(Box::new(SessionCommand::Close {
                 reason: reason.into(),
-            });
+            }));
         }
     }
 
@@ -93,6 +98,7 @@ impl LocalSessions {
         &self,
         device_id: &str,
         epoch: u64,
+        request: Option<&str>,
         action: Action,
         timeout: Duration,
     ) -> Outcome {
@@ -116,9 +122,10 @@ impl LocalSessions {
         let cmd = SessionCommand::Execute {
             action,
             timeout,
+            request: request.map(str::to_string),
             reply: tx,
         };
-        if handle.tx.send(cmd).await.is_err() {
+        if handle.tx.send(Box::new(cmd)).await.is_err() {
             return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
         }
         match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {

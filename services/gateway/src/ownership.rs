@@ -28,8 +28,18 @@ pub fn session_ttl_secs(keepalive_secs: u64) -> u64 {
     keepalive_secs.saturating_mul(3).saturating_add(10)
 }
 
+// The epoch is max(local counter + 1, wall-clock ms): it grows within a
+// region's Redis, and a session claimed later in another region (its own
+// Redis, its own counter) still gets a larger epoch, as long as the
+// regions' clocks agree to within the time between the two claims
+// (deploy/README.md, "Session epochs across regions").
 const CLAIM: &str = r#"
 local epoch = redis.call('INCR', KEYS[2])
+local wall = tonumber(ARGV[3])
+if wall ~= nil and wall > epoch then
+  epoch = wall
+  redis.call('SET', KEYS[2], ARGV[3])
+end
 local prev = redis.call('HGETALL', KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'gateway', ARGV[1], 'epoch', epoch, 'peer', ARGV[2], 'since', ARGV[3])
@@ -123,4 +133,99 @@ pub fn owner_from_pairs(pairs: &[String]) -> Option<Owner> {
         peer_addr: get("peer").unwrap_or_default().to_string(),
         since_ms: get("since").and_then(|s| s.parse().ok()).unwrap_or(0),
     })
+}
+
+/// The fence at the point of delivery, run before any frame for a command
+/// or a firmware chunk is written: the session record must still name this
+/// gateway at this epoch. With a command's delivery key (KEYS[2]) it also
+/// records, in the same step, that the command reached the device, unless
+/// the asker has already withdrawn it (then it must not be delivered).
+/// Returns {1} delivered/owned, {0, gateway, epoch} stale, {2} withdrawn.
+const FENCE: &str = r#"
+local owner = redis.call('HMGET', KEYS[1], 'gateway', 'epoch')
+if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then
+  return {0, owner[1] or '', owner[2] or '0'}
+end
+if #KEYS > 1 then
+  if redis.call('GET', KEYS[2]) == 'withdrawn' then
+    return {2}
+  end
+  redis.call('SET', KEYS[2], 'delivered:' .. ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
+end
+return {1}
+"#;
+
+/// The asker gives a command attempt up, unless it was delivered: returns
+/// '' when it is now withdrawn (it never reached the device, so it may be
+/// sent again), or the delivery record when it did reach the device.
+const WITHDRAW: &str = r#"
+if redis.call('SET', KEYS[1], 'withdrawn', 'NX', 'PX', ARGV[1]) then
+  return ''
+end
+return redis.call('GET', KEYS[1]) or ''
+"#;
+
+/// How long delivery records live: well beyond any command's timeout.
+const DELIVERY_RECORD_MS: u64 = 10 * 60 * 1000;
+
+/// What the point-of-delivery fence found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// We still own the device at our epoch (and the command, if any, is now
+    /// recorded as delivered).
+    Owned,
+    /// Another session (or none) holds the device now.
+    Stale { gateway_id: String, epoch: u64 },
+    /// The asker withdrew the command before we got to it.
+    Withdrawn,
+}
+
+/// Checks, atomically with recording the delivery of `request` (when given),
+/// that `gateway_id` still owns `device_id` at `epoch`.
+pub async fn fence(
+    redis: &mut Redis,
+    device_id: &str,
+    gateway_id: &str,
+    epoch: u64,
+    request: Option<&str>,
+) -> redis::RedisResult<Fence> {
+    let script = Script::new(FENCE);
+    let mut invocation = script.key(keys::session(device_id));
+    if let Some(request) = request {
+        invocation.key(keys::command_delivery(request));
+    }
+    let reply: Vec<redis::Value> = invocation
+        .arg(gateway_id)
+        .arg(epoch.to_string())
+        .arg(DELIVERY_RECORD_MS)
+        .invoke_async(redis)
+        .await?;
+    let text = |v: Option<&redis::Value>| -> String {
+        match v {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::Int(n)) => n.to_string(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => String::new(),
+        }
+    };
+    Ok(match text(reply.first()).as_str() {
+        "1" => Fence::Owned,
+        "2" => Fence::Withdrawn,
+        _ => Fence::Stale {
+            gateway_id: text(reply.get(1)),
+            epoch: text(reply.get(2)).parse().unwrap_or(0),
+        },
+    })
+}
+
+/// Gives up a command attempt if it never reached the device. `Ok(None)`:
+/// withdrawn, safe to send again; `Ok(Some(record))`: it was delivered
+/// (`delivered:<gateway>:<epoch>`), sending it again could run it twice.
+pub async fn withdraw(redis: &mut Redis, request: &str) -> redis::RedisResult<Option<String>> {
+    let record: String = Script::new(WITHDRAW)
+        .key(keys::command_delivery(request))
+        .arg(DELIVERY_RECORD_MS)
+        .invoke_async(redis)
+        .await?;
+    Ok((!record.is_empty() && record != "withdrawn").then_some(record))
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::redis_conn::{self, Redis, keys};
@@ -17,6 +18,24 @@ use trellis_core::{metrics, telemetry};
 
 /// Entries kept in a gateway's inbox stream.
 const INBOX_MAX_LEN: usize = 10_000;
+/// Allowance for the Redis hops of a routed command, on top of its timeout.
+const ROUTE_SLACK: Duration = Duration::from_secs(2);
+/// How often an asker waiting for a routed answer checks that the device's
+/// session has not moved (its gateway died or drained).
+const OWNER_WATCH: Duration = Duration::from_millis(500);
+/// How often a retry looks for the device's next session.
+const OWNER_POLL: Duration = Duration::from_millis(100);
+/// A retry needs at least this much of the command's time left.
+const MIN_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// How one attempt at a command ended.
+enum Attempt {
+    Answer(Outcome),
+    /// The device's session moved while we waited for its old owner.
+    OwnerChanged,
+    /// Nothing came back in time.
+    NoAnswer,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -117,30 +136,194 @@ impl Router {
         outcome
     }
 
+    /// Sends the command to whoever owns the device now, and again to the
+    /// device's next session when the first one provably never delivered
+    /// it (its delivery record in Redis says so, `ownership::withdraw`):
+    /// a command whose gateway dies or drains before answering is retried
+    /// on the device's new session or fails with a sentence saying whether
+    /// it may have run; it never vanishes and never runs twice.
     async fn route(&self, device_id: &str, action: Action, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout + ROUTE_SLACK;
         let mut redis = self.redis.clone();
-        let owner = ownership::current(&mut redis, device_id)
-            .await
-            .map_err(|e| Failure::new(FailureKind::Internal, format!("redis: {e}")))?
-            .ok_or_else(|| {
-                Failure::new(
-                    FailureKind::Offline,
-                    format!("device {device_id} is offline"),
+        let mut previous: Option<ownership::Owner> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let owner = match &previous {
+                None => ownership::current(&mut redis, device_id)
+                    .await
+                    .map_err(|e| Failure::new(FailureKind::Internal, format!("redis: {e}")))?
+                    .ok_or_else(|| {
+                        Failure::new(
+                            FailureKind::Offline,
+                            format!("device {device_id} is offline"),
+                        )
+                    })?,
+                Some(prev) => self.next_owner(device_id, prev, deadline).await?,
+            };
+            let remote = owner.gateway_id != self.gateway_id;
+            let slack = if remote { ROUTE_SLACK } else { Duration::ZERO };
+            let budget = deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(slack);
+            if budget < MIN_ATTEMPT {
+                return Err(Failure::new(
+                    FailureKind::Timeout,
+                    format!(
+                        "device {device_id}'s session moved to {} too late to retry within {} ms; the command was not delivered",
+                        owner.gateway_id,
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            let request_id = hex::encode(rand::random::<[u8; 12]>());
+            let span = tracing::info_span!(
+                "command.attempt",
+                attempt,
+                request = %request_id,
+                owner = %owner.gateway_id,
+                epoch = owner.epoch,
+                result = tracing::field::Empty,
+            );
+            let result = if remote {
+                self.remote(device_id, &owner, &request_id, &action, budget)
+                    .instrument(span.clone())
+                    .await
+            } else {
+                Attempt::Answer(
+                    self.local
+                        .execute(
+                            device_id,
+                            owner.epoch,
+                            Some(&request_id),
+                            action.clone(),
+                            budget,
+                        )
+                        .instrument(span.clone())
+                        .await,
                 )
-            })?;
-        if owner.gateway_id == self.gateway_id {
-            return self
-                .local
-                .execute(device_id, owner.epoch, action, timeout)
-                .await;
+            };
+            let lost = match result {
+                Attempt::Answer(Ok(output)) => {
+                    span.record("result", "answered");
+                    return Ok(output);
+                }
+                Attempt::Answer(Err(f))
+                    if matches!(f.kind, FailureKind::SessionLost | FailureKind::Offline) =>
+                {
+                    f.message
+                }
+                Attempt::Answer(Err(f)) => {
+                    span.record("result", "failed");
+                    return Err(f);
+                }
+                Attempt::OwnerChanged => format!(
+                    "device {device_id} left gateway {} (epoch {}) while the command was in flight",
+                    owner.gateway_id, owner.epoch
+                ),
+                Attempt::NoAnswer => {
+                    span.record("result", "no_answer");
+                    return Err(match ownership::withdraw(&mut redis, &request_id).await {
+                        Ok(None) => Failure::new(
+                            FailureKind::Timeout,
+                            format!(
+                                "gateway {} did not take the command for device {device_id} within {} ms; it was not delivered",
+                                owner.gateway_id,
+                                timeout.as_millis()
+                            ),
+                        ),
+                        Ok(Some(_)) | Err(_) => Failure::new(
+                            FailureKind::Timeout,
+                            format!(
+                                "device {device_id} did not answer within {} ms (through gateway {})",
+                                timeout.as_millis(),
+                                owner.gateway_id
+                            ),
+                        ),
+                    });
+                }
+            };
+            // The attempt's session is gone. Send it again only if it never
+            // reached the device; otherwise say so rather than run it twice.
+            match ownership::withdraw(&mut redis, &request_id).await {
+                Ok(None) => {
+                    span.record("result", "retry");
+                    tracing::info!(device = %device_id, attempt, reason = %lost, "command not delivered; retrying on the device's next session");
+                    previous = Some(owner);
+                }
+                Ok(Some(record)) => {
+                    span.record("result", "lost_after_delivery");
+                    return Err(Failure::new(
+                        FailureKind::SessionLost,
+                        format!(
+                            "the command reached device {device_id} ({record}) but its session ended before the device answered ({lost}); not retried, because it may have run"
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    span.record("result", "unknown");
+                    return Err(Failure::new(
+                        FailureKind::Internal,
+                        format!(
+                            "{lost}; whether the command reached device {device_id} is unknown (redis: {e}); not retried"
+                        ),
+                    ));
+                }
+            }
         }
+    }
+
+    /// Waits until the device is owned by a session other than `prev`
+    /// (its reconnect, anywhere), or fails when it does not come back in time.
+    async fn next_owner(
+        &self,
+        device_id: &str,
+        prev: &ownership::Owner,
+        deadline: Instant,
+    ) -> Result<ownership::Owner, Failure> {
+        let mut redis = self.redis.clone();
+        loop {
+            match ownership::current(&mut redis, device_id).await {
+                Ok(Some(o)) if o.gateway_id != prev.gateway_id || o.epoch != prev.epoch => {
+                    return Ok(o);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Failure::new(
+                        FailureKind::Internal,
+                        format!("redis: {e} (the command was not delivered)"),
+                    ));
+                }
+            }
+            if Instant::now() + OWNER_POLL >= deadline {
+                return Err(Failure::new(
+                    FailureKind::SessionLost,
+                    format!(
+                        "device {device_id}'s session on gateway {} ended before the command was delivered, and the device did not reconnect in time; the command was not delivered",
+                        prev.gateway_id
+                    ),
+                ));
+            }
+            tokio::time::sleep(OWNER_POLL).await;
+        }
+    }
+
+    /// One attempt through another gateway's inbox.
+    async fn remote(
+        &self,
+        device_id: &str,
+        owner: &ownership::Owner,
+        request_id: &str,
+        action: &Action,
+        timeout: Duration,
+    ) -> Attempt {
+        let mut redis = self.redis.clone();
         tracing::debug!(owner = %owner.gateway_id, epoch = owner.epoch, "routing to owner");
-        let request_id = hex::encode(rand::random::<[u8; 12]>());
-        let (tx, rx) = oneshot::channel();
-        self.lock_waiting().insert(request_id.clone(), tx);
+        let (tx, mut rx) = oneshot::channel();
+        self.lock_waiting().insert(request_id.to_string(), tx);
         let mut fields = vec![
             ("kind", "command".to_string()),
-            ("request", request_id.clone()),
+            ("request", request_id.to_string()),
             ("device", device_id.to_string()),
             ("epoch", owner.epoch.to_string()),
             ("reply_to", self.gateway_id.clone()),
@@ -162,7 +345,7 @@ impl Router {
             messaging.operation.type = "send",
             messaging.destination.name = %keys::gateway_commands(&owner.gateway_id),
         );
-        match &action {
+        match action {
             Action::CallFunction { name, argument } => {
                 fields.push(("action", "call".into()));
                 fields.push(("name", name.clone()));
@@ -192,28 +375,41 @@ impl Router {
             metrics::metrics()
                 .redis_errors
                 .add(1, &[metrics::kv("service", "gateway")]);
-            self.lock_waiting().remove(&request_id);
-            return Err(Failure::new(FailureKind::Internal, format!("redis: {e}")));
+            self.lock_waiting().remove(request_id);
+            return Attempt::Answer(Err(Failure::new(
+                FailureKind::Internal,
+                format!("redis: {e}"),
+            )));
         }
         // The owner enforces `timeout` towards the device; allow for the
-        // Redis hops on top before giving up here.
-        let outcome = tokio::time::timeout(timeout + Duration::from_secs(2), rx).await;
-        self.lock_waiting().remove(&request_id);
-        match outcome {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Failure::new(
-                FailureKind::Internal,
-                "router dropped the request",
-            )),
-            Err(_) => Err(Failure::new(
-                FailureKind::Timeout,
-                format!(
-                    "gateway {} did not answer for device {device_id} within {} ms",
-                    owner.gateway_id,
-                    timeout.as_millis()
-                ),
-            )),
-        }
+        // Redis hops on top. Meanwhile, watch the device's ownership: when
+        // its session moves (its gateway died or drained and the device
+        // reconnected elsewhere), no answer will come from the old owner.
+        let give_up = tokio::time::sleep(timeout + ROUTE_SLACK);
+        tokio::pin!(give_up);
+        let mut watch = tokio::time::interval_at(Instant::now() + OWNER_WATCH, OWNER_WATCH);
+        let result = loop {
+            tokio::select! {
+                reply = &mut rx => break match reply {
+                    Ok(outcome) => Attempt::Answer(outcome),
+                    Err(_) => Attempt::Answer(Err(Failure::new(
+                        FailureKind::Internal,
+                        "router dropped the request",
+                    ))),
+                },
+                _ = &mut give_up => break Attempt::NoAnswer,
+                _ = watch.tick() => {
+                    match ownership::current(&mut redis, device_id).await {
+                        Ok(Some(o)) if o.gateway_id == owner.gateway_id && o.epoch == owner.epoch => {}
+                        Ok(_) => break Attempt::OwnerChanged,
+                        // Redis away: keep waiting for the answer.
+                        Err(_) => {}
+                    }
+                }
+            }
+        };
+        self.lock_waiting().remove(request_id);
+        result
     }
 
     /// Asks the gateway holding `epoch` of a device to close that session.
@@ -234,14 +430,19 @@ impl Router {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads this gateway's inbox until shutdown: commands for its devices,
-    /// answers to its routed requests, and close requests.
+    /// Reads this gateway's inbox until `shutdown` (which, in a drain, the
+    /// gateway triggers only after its sessions have closed): commands for
+    /// its devices, answers to its routed requests, and close requests.
+    /// Whatever is still in the inbox then is answered by `final_sweep`.
     pub async fn run_inbox(self: Arc<Self>, redis_url: String, mut shutdown: Shutdown) {
         let inbox = keys::gateway_commands(&self.gateway_id);
-        let mut last_id = "$".to_string();
+        // An explicit position (not `$`), so the last read of a drain knows
+        // where to resume even if nothing was read before it.
+        let mut last_id = self.inbox_tail(&inbox).await;
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         loop {
             if shutdown.is_triggered() {
+                self.final_sweep(&inbox, &last_id).await;
                 return;
             }
             let c = match &mut conn {
@@ -252,7 +453,10 @@ impl Router {
                         tracing::warn!(error = %e, "inbox: redis unavailable, retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                            _ = shutdown.wait() => return,
+                            _ = shutdown.wait() => {
+                                self.final_sweep(&inbox, &last_id).await;
+                                return;
+                            }
                         }
                         continue;
                     }
@@ -269,7 +473,10 @@ impl Router {
             let read = cmd.query_async::<Option<redis::streams::StreamReadReply>>(c);
             let reply = tokio::select! {
                 r = read => r,
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => {
+                    self.final_sweep(&inbox, &last_id).await;
+                    return;
+                }
             };
             match reply {
                 Ok(Some(reply)) => {
@@ -290,6 +497,101 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// The id of the newest entry already in the inbox (older ones are not
+    /// ours: a previous process with this id had them); `0-0` when empty.
+    async fn inbox_tail(&self, inbox: &str) -> String {
+        let mut redis = self.redis.clone();
+        let newest: redis::RedisResult<redis::streams::StreamRangeReply> = redis::cmd("XREVRANGE")
+            .arg(inbox)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut redis)
+            .await;
+        match newest {
+            Ok(r) => r
+                .ids
+                .first()
+                .map(|e| e.id.clone())
+                .unwrap_or_else(|| "0-0".to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox: cannot read its tail; starting from new entries");
+                "$".to_string()
+            }
+        }
+    }
+
+    /// The last read of the inbox when the gateway stops: answers still
+    /// waiting here go to their callers, and commands that arrived too late
+    /// are answered "not delivered" (they never reached a device, so their
+    /// askers retry them on the device's new session) instead of vanishing.
+    async fn final_sweep(self: &Arc<Self>, inbox: &str, last_id: &str) {
+        let span = tracing::info_span!("gateway.inbox_sweep", gateway = %self.gateway_id, commands = tracing::field::Empty, replies = tracing::field::Empty);
+        let mut redis = self.redis.clone();
+        let mut last_id = last_id.to_string();
+        if last_id == "$" {
+            // Position unknown (Redis was away at start): nothing to resume from.
+            return;
+        }
+        let (mut commands, mut replies) = (0u32, 0u32);
+        for _ in 0..64 {
+            let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(256)
+                    .arg("STREAMS")
+                    .arg(inbox)
+                    .arg(&last_id)
+                    .query_async(&mut redis)
+                    .instrument(span.clone())
+                    .await;
+            let entries: Vec<redis::streams::StreamId> = match read {
+                Ok(Some(reply)) => reply.keys.into_iter().flat_map(|k| k.ids).collect(),
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    span.in_scope(|| tracing::warn!(error = %e, "inbox: last read failed; senders fall back on their timeouts"));
+                    break;
+                }
+            };
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                last_id = entry.id.clone();
+                match InboxEntry::from_stream(&entry) {
+                    InboxEntry::Command {
+                        request,
+                        device,
+                        reply_to,
+                        ..
+                    } => {
+                        commands += 1;
+                        let failure = Failure::new(
+                            FailureKind::SessionLost,
+                            format!(
+                                "gateway {} stopped before delivering the command to device {device}; it was not delivered",
+                                self.gateway_id
+                            ),
+                        );
+                        self.send_reply(&reply_to, &request, Err(failure))
+                            .instrument(span.clone())
+                            .await;
+                    }
+                    other => {
+                        if matches!(other, InboxEntry::Reply { .. }) {
+                            replies += 1;
+                        }
+                        self.dispatch(other);
+                    }
+                }
+            }
+        }
+        span.record("commands", commands);
+        span.record("replies", replies);
+        span.in_scope(|| tracing::info!(commands, replies, "inbox: stopped reading"));
     }
 
     fn dispatch(self: &Arc<Self>, entry: InboxEntry) {
@@ -316,7 +618,10 @@ impl Router {
                 telemetry::extract_fields(&span, &trace);
                 tokio::spawn(
                     async move {
-                        let outcome = router.local.execute(&device, epoch, action, timeout).await;
+                        let outcome = router
+                            .local
+                            .execute(&device, epoch, Some(&request), action, timeout)
+                            .await;
                         router.send_reply(&reply_to, &request, outcome).await;
                     }
                     .instrument(span),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -145,7 +145,7 @@ impl Session {
 
     pub async fn run(
         mut self,
-        mut commands: mpsc::Receiver<SessionCommand>,
+        mut commands: mpsc::Receiver<Box<SessionCommand>>,
         mut shutdown: Shutdown,
     ) -> SessionEnd {
         let end = self.event_loop(&mut commands, &mut shutdown).await;
@@ -167,30 +167,48 @@ impl Session {
                 )));
             }
         }
+        // Released before the device sees the close, so its reconnect
+        // (through the load balancer, to any gateway) is a clean claim and
+        // not a suspected duplicate.
+        let mut redis = self.gw.redis.clone();
+        if let Err(e) = ownership::release(&mut redis, &self.device_id, self.epoch).await {
+            tracing::warn!(device = %self.device_id, error = %e, "could not release ownership; it expires on its own");
+        }
         let _ = self.stream.shutdown().await;
         end
     }
 
     async fn event_loop(
         &mut self,
-        commands: &mut mpsc::Receiver<SessionCommand>,
+        commands: &mut mpsc::Receiver<Box<SessionCommand>>,
         shutdown: &mut Shutdown,
     ) -> SessionEnd {
         let keepalive = Duration::from_secs(self.gw.config.keepalive_secs.max(1));
         let silence_limit = keepalive * 3;
         let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let mut buf = vec![0u8; 4096];
+        // Drain (gateway shutdown): take no new command, let the device
+        // answer what it was already asked, then end (the caller releases
+        // ownership and closes, and the device reconnects elsewhere).
+        let mut draining = false;
+        let drain_span =
+            tracing::info_span!("session.drain", device = %self.device_id, epoch = self.epoch);
         loop {
             tokio::select! {
-                read = self.stream.read(&mut buf) => {
-                    let n = match read {
+                ready = self.stream.readable() => {
+                    if let Err(e) = ready {
+                        return SessionEnd::Io(e);
+                    }
+                    // No read buffer held per session (4 KiB each, idle or
+                    // not): the bytes go through stack scratch space
+                    // straight into the frame decoder.
+                    match read_into_decoder(&self.stream, &mut self.cipher.decoder) {
                         Ok(0) => return SessionEnd::DeviceClosed,
-                        Ok(n) => n,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return SessionEnd::Io(e),
-                    };
+                    }
                     self.last_received = Instant::now();
-                    self.cipher.decoder.push(&buf[..n]);
                     loop {
                         match self.cipher.decoder.next_message() {
                             Ok(Some(plain)) => {
@@ -203,9 +221,14 @@ impl Session {
                         }
                     }
                 }
-                cmd = commands.recv() => match cmd {
-                    Some(SessionCommand::Execute { action, timeout, reply }) => {
-                        if let Err(end) = self.start_command(action, timeout, reply).await {
+                cmd = commands.recv() => match cmd.map(|c| *c) {
+                    Some(SessionCommand::Execute { action, timeout, request, reply }) => {
+                        if draining {
+                            let _ = reply.send(Err(Failure::new(
+                                FailureKind::SessionLost,
+                                format!("gateway {} is draining; the command was not delivered to device {}", self.gw.id, self.device_id),
+                            )));
+                        } else if let Err(end) = self.start_command(action, timeout, request, reply).await {
                             return end;
                         }
                     }
@@ -213,6 +236,10 @@ impl Session {
                     None => return SessionEnd::Shutdown,
                 },
                 _ = tick.tick() => {
+                    if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota)) {
+                        drain_span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
+                        return SessionEnd::Shutdown;
+                    }
                     let silent = self.last_received.elapsed();
                     if !self.hello_seen && silent > hello_deadline {
                         return SessionEnd::Protocol("no Hello after the handshake".into());
@@ -230,7 +257,14 @@ impl Session {
                         return end;
                     }
                 }
-                _ = shutdown.wait() => return SessionEnd::Shutdown,
+                _ = shutdown.wait(), if !draining => {
+                    draining = true;
+                    let in_flight = self.pending.values().filter(|p| !matches!(p, Pending::Describe | Pending::Ota)).count();
+                    drain_span.in_scope(|| tracing::info!(in_flight, "draining"));
+                    if in_flight == 0 {
+                        return SessionEnd::Shutdown;
+                    }
+                }
             }
         }
     }
@@ -460,9 +494,27 @@ impl Session {
         &mut self,
         action: Action,
         timeout: Duration,
+        request: Option<String>,
         reply: oneshot::Sender<Outcome>,
     ) -> Result<(), SessionEnd> {
         let deadline = Instant::now() + timeout;
+        // Fencing at the point of delivery (fence.rs): nothing is written
+        // for a device this session no longer owns.
+        let what = crate::fence::describe(&action);
+        if let Err(refusal) = crate::fence::before_delivery(
+            &self.gw,
+            &self.device_id,
+            self.epoch,
+            request.as_deref(),
+            &what,
+        )
+        .await
+        {
+            let _ = reply.send(Err(refusal.failure));
+            return refusal
+                .end_session
+                .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
+        }
         tracing::debug!(device = %self.device_id, ?action, "command to device");
         let (name, is_call, argument) = match action {
             Action::DeliverUpdate { release_id, .. } => {
@@ -680,6 +732,23 @@ impl Session {
         // Tokens the transfer no longer waits on go back to the pool.
         self.pending
             .retain(|tok, p| !matches!(p, Pending::Ota) || t.sender.owns_token(*tok));
+        if !out.is_empty()
+            && let Err(refusal) = crate::fence::before_delivery(
+                &self.gw,
+                &self.device_id,
+                self.epoch,
+                None,
+                &format!("firmware transfer of {}", t.release_id),
+            )
+            .await
+        {
+            // Stale: the session ends and the transfer fails with it. Redis
+            // away: nothing is written now; the step timer sends it again.
+            self.transfer = Some(t);
+            return refusal
+                .end_session
+                .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
+        }
         for msg in &out {
             if let Err(e) = self.send(msg).await {
                 self.transfer = Some(t);
@@ -795,6 +864,18 @@ fn delivery_response(
             gateway_id: gateway_id.to_string(),
         },
     }
+}
+
+/// One non-blocking read of up to 4 KiB into `decoder`. The scratch buffer
+/// lives on this function's stack, never in the session's future.
+fn read_into_decoder(
+    stream: &TcpStream,
+    decoder: &mut trellis_wire::frame::FrameDecoder,
+) -> std::io::Result<usize> {
+    let mut scratch = [0u8; 4096];
+    let n = stream.try_read(&mut scratch)?;
+    decoder.push(&scratch[..n]);
+    Ok(n)
 }
 
 fn code_text(code: u8) -> String {

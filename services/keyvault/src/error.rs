@@ -28,10 +28,15 @@ impl From<KeyvaultError> for Status {
             KeyvaultError::InvalidArgument(_) => Status::invalid_argument(message),
             KeyvaultError::NotFound(_) => Status::not_found(message),
             KeyvaultError::FailedPrecondition(_) => Status::failed_precondition(message),
-            KeyvaultError::Pool(PoolError::Full { .. }) => Status::resource_exhausted(message),
+            KeyvaultError::Pool(PoolError::Full { .. } | PoolError::Expired { .. }) => {
+                Status::resource_exhausted(message)
+            }
             KeyvaultError::Pool(PoolError::Stopped) => Status::unavailable(message),
             KeyvaultError::Pool(PoolError::Backend(_)) => Status::internal(message),
-            KeyvaultError::Redis(_) => Status::unavailable(message),
+            KeyvaultError::Redis(e) => {
+                trellis_core::metrics::redis_error("keyvault", &e);
+                Status::unavailable(message)
+            }
             KeyvaultError::Internal(_) => Status::internal(message),
         }
     }

@@ -62,8 +62,11 @@ pub async fn serve_with_listener(
         queue_depth = service.pool().capacity(),
         "keyvault serving"
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY on accepted sockets: tonic sets it only on sockets it
+    // accepts itself, and Nagle + delayed ACK stall small gRPC replies 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let pool = service.pool().clone();
+    trellis_core::metrics::service_started("keyvault");
     trellis_core::metrics::gauge(
         "trellis_keyvault_queue_depth",
         "Private-key operations waiting for a worker",
@@ -84,10 +87,11 @@ pub async fn serve_with_listener(
 /// Everything but the listener: master key, Redis, cloud key, pool.
 pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     let master = MasterKey::from_config(&config.keyvault)?;
-    let url = config.redis.url.as_deref().context(
-        "keyvault needs Redis: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/)",
-    )?;
-    let mut redis = trellis_core::redis_conn::connect(url).await?;
+    // Durable records: `redis.durable_url` (default `redis.url`), or the
+    // primary Sentinel names when `redis.sentinels` is set.
+    let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("keyvault needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
     let cloud = cloud_key::load_or_create(&mut redis, &master).await?;
     let release = release_key::load_or_create(&mut redis, &master).await?;
     drop(master);
@@ -102,7 +106,11 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
         config.keyvault.queue_depth,
     )
     .context("cannot start keyvault's private-key worker threads")?;
-    Ok(KeyVaultService::new(pool, redis, public).with_release_key(Arc::new(release)))
+    Ok(KeyVaultService::new(pool, redis, public)
+        .with_release_key(Arc::new(release))
+        .with_max_queue_wait(std::time::Duration::from_millis(
+            config.keyvault.max_queue_wait_ms,
+        )))
 }
 
 /// Fills `buf` from the operating system's CSPRNG.

@@ -12,8 +12,9 @@
 //! new ones it cannot finish. Both queues are bounded.
 use crate::backend::{BackendError, PrivateOps};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
@@ -24,6 +25,12 @@ pub enum PoolError {
          (keyvault.queue_depth = {depth}); turn the device away and let it retry"
     )]
     Full { queued: usize, depth: usize },
+    #[error(
+        "keyvault is overloaded: the request waited {waited_ms} ms for a private-key worker, \
+         past its deadline (keyvault.max_queue_wait_ms or the caller's gRPC deadline); \
+         dropped without RSA work: turn the device away and let it retry"
+    )]
+    Expired { waited_ms: u64 },
     #[error("keyvault's private-key workers have stopped (shutting down)")]
     Stopped,
     #[error(transparent)]
@@ -45,6 +52,9 @@ struct Shared {
     depth: usize,
     continuation_depth: usize,
     rejected: AtomicU64,
+    expired: AtomicU64,
+    /// OpenSessions holding a [`HandshakeSlot`] (decrypt through sign).
+    handshakes: AtomicUsize,
 }
 
 impl Shared {
@@ -120,10 +130,15 @@ impl Pool {
             ready: Condvar::new(),
             backend,
             depth,
-            // Every continuation comes from an admitted handshake; this bound
-            // only matters if Redis stalls while admissions keep arriving.
-            continuation_depth: depth + workers,
+            // Every continuation comes from a handshake holding a
+            // `HandshakeSlot`, and there are at most this many of those: the
+            // queue of signatures can never refuse an admitted handshake.
+            // Twice the admission queue, so that handshakes waiting on Redis
+            // between decrypt and sign do not hold back new admissions.
+            continuation_depth: 2 * depth + workers,
             rejected: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            handshakes: AtomicUsize::new(0),
         });
         let mut threads = Threads {
             shared: shared.clone(),
@@ -163,15 +178,57 @@ impl Pool {
         self.shared.rejected.load(Ordering::Relaxed)
     }
 
+    /// Requests dropped unworked because they waited past their deadline.
+    pub fn expired(&self) -> u64 {
+        self.shared.expired.load(Ordering::Relaxed)
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.shared.backend.name()
     }
 
+    /// Reserves room for one whole handshake (its decryption, and later its
+    /// signature), or refuses at once when `2 * queue_depth + workers`
+    /// handshakes are already under way. Held for the whole OpenSession,
+    /// it guarantees that a handshake whose decryption ran always finds a
+    /// place in the signature queue: RSA work is never spent on a handshake
+    /// that is then turned away.
+    pub fn reserve_handshake(&self) -> Result<HandshakeSlot, PoolError> {
+        let limit = self.shared.continuation_depth;
+        let before = self.shared.handshakes.fetch_add(1, Ordering::AcqRel);
+        let slot = HandshakeSlot {
+            shared: self.shared.clone(),
+        };
+        if before >= limit {
+            drop(slot);
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(PoolError::Full {
+                queued: before,
+                depth: self.shared.depth,
+            });
+        }
+        Ok(slot)
+    }
+
     /// Decrypts a handshake ciphertext (an admission: refused when full).
     pub async fn decrypt(&self, ciphertext: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, PoolError> {
+        self.decrypt_by(ciphertext, None).await
+    }
+
+    /// Decrypts, unless the request is still waiting for a worker at
+    /// `deadline`: then it is dropped without any RSA work
+    /// ([`PoolError::Expired`]), because its caller has given up or is about
+    /// to, and the worker is better spent on a handshake that can finish.
+    pub async fn decrypt_by(
+        &self,
+        ciphertext: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Zeroizing<Vec<u8>>, PoolError> {
         let started = std::time::Instant::now();
         let r = self
-            .run(Class::Admission, move |ops| ops.decrypt(&ciphertext))
+            .run(Class::Admission, deadline, move |ops| {
+                ops.decrypt(&ciphertext)
+            })
             .await;
         record_op("decrypt", started);
         r
@@ -181,7 +238,7 @@ impl Pool {
     pub async fn sign_raw(&self, data: Vec<u8>) -> Result<Vec<u8>, PoolError> {
         let started = std::time::Instant::now();
         let r = self
-            .run(Class::Continuation, move |ops| ops.sign_raw(&data))
+            .run(Class::Continuation, None, move |ops| ops.sign_raw(&data))
             .await;
         record_op("sign", started);
         r
@@ -196,23 +253,40 @@ impl Pool {
         F: FnOnce() -> Result<T, BackendError> + Send + 'static,
     {
         let started = std::time::Instant::now();
-        let r = self.run(Class::Admission, move |_| op()).await;
+        let r = self.run(Class::Admission, None, move |_| op()).await;
         record_op(op_name, started);
         r
     }
 
-    async fn run<T, F>(&self, class: Class, op: F) -> Result<T, PoolError>
+    async fn run<T, F>(
+        &self,
+        class: Class,
+        deadline: Option<Instant>,
+        op: F,
+    ) -> Result<T, PoolError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn PrivateOps) -> Result<T, BackendError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let enqueued = Instant::now();
+        let shared = Arc::downgrade(&self.shared);
         let job: Job = Box::new(move |ops| {
             // The caller gave up (RPC cancelled): skip the work.
             if tx.is_closed() {
                 return;
             }
-            let _ = tx.send(op(ops));
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                if let Some(shared) = shared.upgrade() {
+                    shared.expired.fetch_add(1, Ordering::Relaxed);
+                }
+                let waited_ms =
+                    u64::try_from(now.duration_since(enqueued).as_millis()).unwrap_or(u64::MAX);
+                let _ = tx.send(Err(PoolError::Expired { waited_ms }));
+                return;
+            }
+            let _ = tx.send(op(ops).map_err(PoolError::from));
         });
         {
             let mut q = self.shared.lock();
@@ -236,9 +310,20 @@ impl Pool {
         }
         self.shared.ready.notify_one();
         match rx.await {
-            Ok(result) => result.map_err(PoolError::from),
+            Ok(result) => result,
             Err(_) => Err(PoolError::Stopped),
         }
+    }
+}
+
+/// One handshake's place in the pool; released when dropped.
+pub struct HandshakeSlot {
+    shared: Arc<Shared>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.shared.handshakes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -314,5 +399,61 @@ mod tests {
         assert_eq!(pool.rejected(), full);
         assert_eq!(pool.queue_depth(), 0);
         assert_eq!(pool.sign_raw(vec![1, 2]).await.unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn handshake_slots_are_bounded_and_released() {
+        let pool = Pool::new(Arc::new(Slow), 1, 1).unwrap();
+        // 2 * queue_depth 1 + 1 worker.
+        let a = pool.reserve_handshake().unwrap();
+        let _b = pool.reserve_handshake().unwrap();
+        let _c = pool.reserve_handshake().unwrap();
+        assert!(matches!(
+            pool.reserve_handshake(),
+            Err(PoolError::Full { .. })
+        ));
+        drop(a);
+        assert!(pool.reserve_handshake().is_ok());
+    }
+
+    /// A backend that counts the decryptions it really does.
+    struct Counting(std::sync::atomic::AtomicUsize);
+    impl PrivateOps for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn decrypt(&self, c: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(Zeroizing::new(c.to_vec()))
+        }
+        fn sign_raw(&self, d: &[u8]) -> Result<Vec<u8>, BackendError> {
+            Ok(d.to_vec())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_deadline_is_dropped_without_rsa_work() {
+        let backend = Arc::new(Counting(std::sync::atomic::AtomicUsize::new(0)));
+        let pool = Pool::new(backend.clone(), 1, 8).unwrap();
+        // Occupies the only worker for 100 ms.
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.decrypt(vec![0]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let r = pool.decrypt_by(vec![1], Some(deadline)).await;
+        assert!(matches!(r, Err(PoolError::Expired { .. })), "{r:?}");
+        assert!(busy.await.unwrap().is_ok());
+        assert_eq!(
+            backend.0.load(Ordering::SeqCst),
+            1,
+            "no RSA for the expired one"
+        );
+        assert_eq!(pool.expired(), 1);
+        // A deadline in the future is no obstacle.
+        let later = Instant::now() + Duration::from_secs(5);
+        assert!(pool.decrypt_by(vec![2], Some(later)).await.is_ok());
     }
 }

@@ -8,6 +8,7 @@ use crate::release_key::ReleaseKey;
 use crate::session;
 use crate::signing;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field};
 use trellis_core::redis_conn::Redis;
@@ -42,6 +43,8 @@ pub struct KeyVaultService {
     redis: Redis,
     cloud: Arc<CloudPublic>,
     release: Option<Arc<ReleaseKey>>,
+    /// `keyvault.max_queue_wait_ms` (None: only the caller's deadline).
+    max_queue_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for KeyVaultService {
@@ -60,7 +63,15 @@ impl KeyVaultService {
             redis,
             cloud: Arc::new(cloud),
             release: None,
+            max_queue_wait: None,
         }
+    }
+
+    /// Drops OpenSession decryptions that waited longer than this in the
+    /// queue (`keyvault.max_queue_wait_ms`; zero: no limit of our own).
+    pub fn with_max_queue_wait(mut self, wait: Duration) -> Self {
+        self.max_queue_wait = (!wait.is_zero()).then_some(wait);
+        self
     }
 
     /// Enables Sign and GetSigningKey for purpose "release".
@@ -75,11 +86,31 @@ impl KeyVaultService {
     }
 }
 
+/// The caller's deadline from the `grpc-timeout` header (gRPC over HTTP/2:
+/// at most 8 digits and a unit, H M S m u n), if it sent one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn status(e: KeyvaultError) -> Status {
     match &e {
         // A full queue is load shedding doing its job: counted by the pool,
         // not logged per request (a storm would flood the log).
-        KeyvaultError::Pool(PoolError::Full { .. }) => {}
+        KeyvaultError::Pool(PoolError::Full { .. } | PoolError::Expired { .. }) => {}
         KeyvaultError::Redis(_) | KeyvaultError::Internal(_) | KeyvaultError::Pool(_) => {
             tracing::warn!(error = %e, "request failed")
         }
@@ -175,6 +206,14 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        // The earlier of our own queue-wait limit and the caller's deadline
+        // (grpc-timeout): past it, nobody is waiting for the answer.
+        let received = Instant::now();
+        let deadline = [self.max_queue_wait, grpc_timeout(request.metadata())]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|wait| received + wait);
         let req = request.into_inner();
         let span = tracing::info_span!(
             "keyvault.open_session",
@@ -186,7 +225,7 @@ impl KeyVault for KeyVaultService {
         let mut redis = self.redis.clone();
         let pool = self.pool.clone();
         async move {
-            let result = session::open_session(&pool, &mut redis, &req).await;
+            let result = session::open_session(&pool, &mut redis, &req, deadline).await;
             let span = tracing::Span::current();
             match result {
                 Ok((response, outcome, device_id)) => {
@@ -283,5 +322,27 @@ impl KeyVault for KeyVaultService {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_is_read_in_every_unit() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (v, d) in [
+            ("2S", Duration::from_secs(2)),
+            ("1500m", Duration::from_millis(1500)),
+            ("3M", Duration::from_secs(180)),
+            ("10u", Duration::from_micros(10)),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
+        }
+        m.insert("grpc-timeout", "12X".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
     }
 }

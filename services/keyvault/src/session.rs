@@ -35,6 +35,7 @@ pub enum Outcome {
     UnknownDevice,
     Revoked,
     KeyMismatch,
+    Quarantined,
 }
 
 impl Outcome {
@@ -45,6 +46,7 @@ impl Outcome {
             Outcome::UnknownDevice => "unknown_device",
             Outcome::Revoked => "revoked",
             Outcome::KeyMismatch => "key_mismatch",
+            Outcome::Quarantined => "quarantined",
         }
     }
 
@@ -55,6 +57,7 @@ impl Outcome {
             Outcome::UnknownDevice => pb::RefusalReason::UnknownDevice,
             Outcome::Revoked => pb::RefusalReason::Revoked,
             Outcome::KeyMismatch => pb::RefusalReason::KeyMismatch,
+            Outcome::Quarantined => pb::RefusalReason::Quarantined,
         }
     }
 }
@@ -75,6 +78,7 @@ pub async fn open_session(
     pool: &Pool,
     redis: &mut Redis,
     req: &pb::OpenSessionRequest,
+    deadline: Option<std::time::Instant>,
 ) -> Result<(pb::OpenSessionResponse, Outcome, String)> {
     let nonce: [u8; NONCE_LEN] = req.nonce.as_slice().try_into().map_err(|_| {
         KeyvaultError::InvalidArgument(format!(
@@ -89,9 +93,14 @@ pub async fn open_session(
         )));
     }
 
+    // Room for the whole handshake (decrypt and sign), or RESOURCE_EXHAUSTED
+    // now, before any RSA work.
+    let _slot = pool.reserve_handshake()?;
+
     // Step 3: decrypt on the pool. A backend error (a ciphertext not below
     // the modulus) is treated exactly like bad padding.
-    let decrypted = match pool.decrypt(req.ciphertext.clone()).await {
+    // A request still queued at `deadline` is dropped unworked.
+    let decrypted = match pool.decrypt_by(req.ciphertext.clone(), deadline).await {
         Ok(plaintext) => Some(plaintext),
         Err(crate::pool::PoolError::Backend(_)) => None,
         Err(e) => return Err(e.into()),
@@ -156,6 +165,25 @@ pub async fn open_session(
         ));
     }
 
+    // A suspected clone under quarantine (set by a gateway's clone
+    // policy) is refused here, before the signature: no more RSA work.
+    if let Some(left_secs) = quarantine_left(redis, &device_id).await? {
+        let until = if left_secs < 0 {
+            "until an operator lifts it".to_string()
+        } else {
+            format!("for {left_secs} more seconds")
+        };
+        let message = format!(
+            "device {device_id} is quarantined as a suspected clone (in session from two \
+             addresses at once) {until}"
+        );
+        return Ok((
+            refused(Outcome::Quarantined, &device_id, message),
+            Outcome::Quarantined,
+            device_id,
+        ));
+    }
+
     // Step 4.
     let grant = grant(pool, &record).await?;
     Ok((
@@ -199,6 +227,17 @@ async fn grant(pool: &Pool, record: &DeviceRecord) -> Result<pb::SessionGrant> {
         product_id: record.product_id,
         organization: record.organization.clone(),
     })
+}
+
+/// Seconds of quarantine left for the device, if it is quarantined (-1:
+/// no expiry).
+async fn quarantine_left(redis: &mut Redis, device_id: &str) -> Result<Option<i64>> {
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(trellis_core::redis_conn::keys::quarantine(device_id))
+        .query_async(redis)
+        .await?;
+    // -2: no key; -1: a key without expiry (set by hand): quarantined.
+    Ok((ttl != -2).then_some(ttl))
 }
 
 /// The offered DER equals the registered one, or encodes the same key.

@@ -22,6 +22,9 @@ pub type Result<T, E = OtaError> = std::result::Result<T, E>;
 
 impl From<OtaError> for Status {
     fn from(e: OtaError) -> Self {
+        if let OtaError::Redis(r) = &e {
+            trellis_core::metrics::redis_error("ota", r);
+        }
         let code = match &e {
             OtaError::InvalidArgument(_) => Code::InvalidArgument,
             OtaError::NotFound(_) => Code::NotFound,

@@ -66,10 +66,11 @@ pub async fn serve_with_listener(
 /// The scheduler over Redis with the given parts (tests inject a clock, a
 /// simulated fleet, releases).
 pub async fn build(config: &Config, parts: Parts) -> anyhow::Result<Scheduler> {
-    let url = config.redis.url.as_deref().context(
-        "ota needs Redis: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/)",
-    )?;
-    let redis = trellis_core::redis_conn::connect(url).await?;
+    // Durable records: `redis.durable_url` (default `redis.url`), or the
+    // primary Sentinel names when `redis.sentinels` is set.
+    let redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("ota needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
     Ok(Scheduler::new(
         redis,
         Settings {
@@ -90,10 +91,12 @@ pub async fn serve_with_parts(
 ) -> anyhow::Result<()> {
     let scheduler = build(&config, parts).await?;
     scheduler::register_metrics();
+    trellis_core::metrics::service_started("ota");
     let addr = listener.local_addr().ok();
     tracing::info!(listen = ?addr, tick_ms = config.ota.tick_ms, lease_ms = config.ota.lease_ms, "ota serving");
     let ticker = tokio::spawn(scheduler.clone().run(shutdown.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY: Nagle + delayed ACK would stall small replies.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .trace_fn(trellis_core::telemetry::grpc_server_span)
         .add_service(trellis_proto::v1::ota_server::OtaServer::new(

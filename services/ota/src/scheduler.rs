@@ -175,6 +175,7 @@ impl Scheduler {
         let ids = match store::active_ids(&mut redis).await {
             Ok(ids) => ids,
             Err(e) => {
+                trellis_core::metrics::redis_error("ota", &e);
                 tracing::warn!(error = %e, "OTA tick: cannot list rollouts");
                 return;
             }
@@ -190,6 +191,9 @@ impl Scheduler {
             .retain(|id, _| ids.contains(id));
         for id in ids {
             if let Err(e) = self.advance(&id).await {
+                if let crate::error::OtaError::Redis(r) = &e {
+                    trellis_core::metrics::redis_error("ota", r);
+                }
                 tracing::warn!(rollout = %id, error = %e, "OTA tick failed for rollout");
             }
         }

@@ -60,7 +60,10 @@ impl From<SignerError> for Status {
                 Code::ResourceExhausted => Status::resource_exhausted(message),
                 _ => Status::internal(message),
             },
-            SignerError::Redis(_) => Status::unavailable(message),
+            SignerError::Redis(e) => {
+                trellis_core::metrics::redis_error("signer", &e);
+                Status::unavailable(message)
+            }
             SignerError::Corrupt(_) | SignerError::Internal(_) => Status::internal(message),
         }
     }

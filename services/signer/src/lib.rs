@@ -49,13 +49,15 @@ pub async fn serve_with_listener(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let service = build(&config).await?;
+    trellis_core::metrics::service_started("signer");
     tracing::info!(
         listen = ?listener.local_addr().ok(),
         keyvault = %config.signer.keyvault_url,
         max_image_bytes = config.signer.max_image_bytes,
         "signer serving"
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY: Nagle + delayed ACK would stall small replies.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // Chunks are small, but a whole image may arrive in one message.
     let max_message = usize::try_from(config.signer.max_image_bytes)
         .unwrap_or(usize::MAX)
@@ -76,10 +78,11 @@ pub async fn serve_with_listener(
 /// Everything but the listener: Redis and a (lazy) keyvault client, so the
 /// signer starts before keyvault does.
 pub async fn build(config: &Config) -> anyhow::Result<SignerService> {
-    let url = config.redis.url.as_deref().context(
-        "the signer needs Redis: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/)",
-    )?;
-    let redis = trellis_core::redis_conn::connect(url).await?;
+    // Durable records: `redis.durable_url` (default `redis.url`), or the
+    // primary Sentinel names when `redis.sentinels` is set.
+    let redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("the signer needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
     let keyvault_url = &config.signer.keyvault_url;
     let channel = tonic::transport::Endpoint::from_shared(keyvault_url.clone())
         .with_context(|| format!("signer.keyvault_url {keyvault_url:?} is not a URL"))?

@@ -125,7 +125,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .await
                     }
                     Command::Policy(cmd) => {
-                        firmware_cli::policy(&cli.endpoints, cmd).instrument(span).await
+                        firmware_cli::policy(&cli.endpoints, cmd)
+                            .instrument(span)
+                            .await
                     }
                     command => ops::run(&cli.endpoints, command).instrument(span).await,
                 }

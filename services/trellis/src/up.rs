@@ -242,6 +242,7 @@ async fn demo(
         event_interval: 5,
         keepalive: config.gateway.keepalive_secs.max(1),
         duration: 0,
+        smoke: false,
     };
     let fleet_config = sim::sim_config(&sim_args)?;
     trellis_device::sim::run_fleet(
@@ -336,14 +337,9 @@ async fn demo(
         );
     }
     // Finally a signed firmware update, in two stages.
-    let release_id = demo_ota::signed_release(
-        &mut signer,
-        &customer,
-        PRODUCT,
-        2,
-        demo_ota::demo_image(2),
-    )
-    .await?;
+    let release_id =
+        demo_ota::signed_release(&mut signer, &customer, PRODUCT, 2, demo_ota::demo_image(2))
+            .await?;
     println!(
         "demo: release {release_id} signed by the customer's offline key and the cloud release key"
     );

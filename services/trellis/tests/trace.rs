@@ -196,6 +196,7 @@ async fn one_trace_from_cli_through_two_gateways_to_the_device() -> anyhow::Resu
         vec![
             "device.command",
             "command.deliver",
+            "command.attempt",
             "command.route",
             "rpc.call_function",
             "trellis.v1.DeviceService/CallFunction",
