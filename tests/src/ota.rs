@@ -19,6 +19,7 @@ use trellis_core::shutdown::ShutdownTrigger;
 use trellis_device::identity::DeviceIdentity;
 use trellis_device::sim::{DeviceReport, SimConfig};
 use trellis_firmware::{TrustPolicy, TrustedKey, sign_manifest};
+use trellis_ota::{Clock, GatewayDeliverer, HttpApprover, Parts, SignerReleases, SystemClock};
 use trellis_proto::v1::ota_client::OtaClient;
 use trellis_proto::v1::signer_client::SignerClient;
 use trellis_proto::v1::upload_image_request::Part;
@@ -34,6 +35,8 @@ pub struct OtaStack {
     signer_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     ota_trigger: Option<ShutdownTrigger>,
     ota_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The scheduler's time (maintenance windows, soak, timeouts).
+    clock: Arc<dyn Clock>,
 }
 
 impl Cluster {
@@ -42,6 +45,16 @@ impl Cluster {
     /// before anything starts.
     pub async fn start_with_ota(
         gateways: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<(Cluster, OtaStack)> {
+        Self::start_with_ota_clock(gateways, Arc::new(SystemClock), tweak).await
+    }
+
+    /// As [`Cluster::start_with_ota`], with the scheduler reading time from
+    /// `clock` (a `ManualClock` drives maintenance windows without sleeps).
+    pub async fn start_with_ota_clock(
+        gateways: usize,
+        clock: Arc<dyn Clock>,
         tweak: impl FnOnce(&mut Config),
     ) -> anyhow::Result<(Cluster, OtaStack)> {
         let redis = LocalRedis::start(RedisData::Ephemeral)?;
@@ -72,6 +85,7 @@ impl Cluster {
             signer_task: Some(signer_task),
             ota_trigger: None,
             ota_task: None,
+            clock,
         };
         stack.start_ota_on(ota_listener);
         Ok((cluster, stack))
@@ -82,11 +96,30 @@ impl OtaStack {
     fn start_ota_on(&mut self, listener: TcpListener) {
         let (trigger, shutdown) = Shutdown::new();
         self.ota_trigger = Some(trigger);
-        self.ota_task = Some(tokio::spawn(trellis_ota::serve_with_listener(
+        let parts = match self.parts() {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.ota_task = Some(tokio::spawn(async move { Err(e) }));
+                return;
+            }
+        };
+        self.ota_task = Some(tokio::spawn(trellis_ota::serve_with_parts(
             self.config.clone(),
             listener,
+            parts,
             shutdown,
         )));
+    }
+
+    /// What `trellis ota` runs with (real gateway, signer and approval
+    /// clients), except for the clock.
+    fn parts(&self) -> anyhow::Result<Parts> {
+        Ok(Parts {
+            clock: Arc::clone(&self.clock),
+            deliverer: Arc::new(GatewayDeliverer::new(&self.config.ota.gateway_url)?),
+            approver: Arc::new(HttpApprover::new()),
+            releases: Arc::new(SignerReleases::new(&self.config.ota.signer_url)?),
+        })
     }
 
     /// Stops the scheduler and waits until it has.
