@@ -10,6 +10,8 @@ command -v perl >/dev/null 2>&1 || need_apt+=(perl)   # builds the vendored Open
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 # The failover tests put HAProxy (TCP mode) in front of two gateways.
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+# Sentinel (tests/sentinel.rs, deploy/local/regions.sh) runs as `redis-server --sentinel`, the same program as redis-sentinel.
+grep -q -- --sentinel <<<"$(redis-server --help 2>&1)" || need_apt+=(redis-sentinel)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""

@@ -339,6 +339,8 @@ impl Config {
             .merge(
                 Env::prefixed("TRELLIS_")
                     .ignore(&[
+                        // Scripts and benches name the binary to run with it.
+                        "bin",
                         "config",
                         "gateway_url",
                         "keyvault_url",
