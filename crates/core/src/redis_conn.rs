@@ -241,6 +241,12 @@ pub mod keys {
     pub fn clone_flags(device_id: &str) -> String {
         format!("trellis:clones:{device_id}")
     }
+    /// Hash: the device's home across regions (region, gateway, epoch),
+    /// durable: the newest session claim in any region. A session elsewhere
+    /// with an older epoch closes itself when it sees a newer one here.
+    pub fn home(device_id: &str) -> String {
+        format!("trellis:home:{device_id}")
+    }
     /// String with a TTL: the device is quarantined as a suspected clone
     /// while it exists (keyvault refuses its handshakes).
     pub fn quarantine(device_id: &str) -> String {

@@ -46,6 +46,15 @@ pub struct SimConfig {
     pub trust_policy: Option<TrustPolicy>,
     /// Updates must have a version above this (and above the running one).
     pub version_floor: u32,
+    /// Region preference: the endpoints are in preferred order (the first
+    /// is home). With `Some(n)`, every (re)connect starts at the first
+    /// endpoint, and a device in session anywhere else probes the first
+    /// with a plain TCP connect about every `n` (each wait uniform in
+    /// [n/2, 3n/2], the first one uniform in [0, n], so a region that comes
+    /// back sees its devices return spread over `n`, not as one storm); when
+    /// the probe is accepted the device ends its session and goes home.
+    /// `None`: a device starts at the endpoint that last worked.
+    pub home_return: Option<Duration>,
 }
 
 impl Default for SimConfig {
@@ -65,6 +74,7 @@ impl Default for SimConfig {
             start_spread: Duration::ZERO,
             trust_policy: None,
             version_floor: 0,
+            home_return: None,
         }
     }
 }
@@ -113,6 +123,33 @@ fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     half + Duration::from_nanos(
         rand::rng().random_range(0..=u64::try_from(half.as_nanos()).unwrap_or(u64::MAX)),
     )
+}
+
+/// Probes `home` with a plain TCP connect (no handshake: nothing for the
+/// key vault to do) about every `every`, jittered, and cancels `leave` once
+/// it is accepted.
+async fn probe_home(
+    home: String,
+    every: Duration,
+    connect_timeout: Duration,
+    leave: CancellationToken,
+) {
+    let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+    // The first wait is uniform over the whole interval: devices that
+    // failed over together (one storm) must not probe, and return, together.
+    let mut wait = Duration::from_millis(rand::rng().random_range(0..=every_ms));
+    loop {
+        tokio::select! {
+            _ = leave.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if let Ok(Ok(stream)) = timeout(connect_timeout, TcpStream::connect(&home)).await {
+            drop(stream);
+            leave.cancel();
+            return;
+        }
+        wait = Duration::from_millis(every_ms / 2 + rand::rng().random_range(0..=every_ms));
+    }
 }
 
 /// Starts every device; the handle completes once all of them have stopped
@@ -188,6 +225,10 @@ impl Device {
         let mut attempt = 0u32;
         'outer: while !shutdown.is_cancelled() {
             let mut connected = false;
+            if self.config.home_return.is_some() {
+                // Home first, on every (re)connect.
+                preferred = 0;
+            }
             for step in 0..self.endpoints.len() {
                 let index = (preferred + step) % self.endpoints.len();
                 let Some(endpoint) = self.endpoints.get(index) else {
@@ -212,8 +253,22 @@ impl Device {
                             handshake: started.elapsed(),
                         });
                         let reports = self.reports.clone();
+                        // Away from home: a prober ends the session (through
+                        // its own token) once home accepts connections.
+                        let leave = shutdown.child_token();
+                        let prober = match self.config.home_return {
+                            Some(every) if index != 0 => self.endpoints.first().map(|home| {
+                                tokio::spawn(probe_home(
+                                    home.clone(),
+                                    every,
+                                    self.config.connect_timeout,
+                                    leave.clone(),
+                                ))
+                            }),
+                            _ => None,
+                        };
                         let outcome = session
-                            .run(self.app.as_ref(), shutdown.clone(), move |e| {
+                            .run(self.app.as_ref(), leave.clone(), move |e| {
                                 let _ = reports.send(match e {
                                     SessionEvent::EventPublished { name } => {
                                         DeviceReport::EventPublished { device_id, name }
@@ -243,7 +298,15 @@ impl Device {
                                 });
                             })
                             .await;
+                        if let Some(p) = prober {
+                            p.abort();
+                        }
+                        let going_home = leave.is_cancelled() && !shutdown.is_cancelled();
                         let reason = match outcome {
+                            Ok(SessionEnd::Shutdown) if going_home => {
+                                "going home: the preferred endpoint accepts connections again"
+                                    .to_owned()
+                            }
                             Ok(SessionEnd::Shutdown) => "shutdown".to_owned(),
                             Ok(SessionEnd::UpdateApplied(update)) => {
                                 let sha = update.sha256();
@@ -264,8 +327,9 @@ impl Device {
                         };
                         let updated = session_config.hello_flags & FLAG_UPDATED != 0;
                         self.report(DeviceReport::Disconnected { device_id, reason });
-                        if updated {
-                            // Restart into the new image: reconnect now.
+                        if updated || going_home {
+                            // Restart into the new image, or move home:
+                            // reconnect now (from the first endpoint).
                             continue 'outer;
                         }
                         break;
@@ -320,5 +384,46 @@ impl Device {
             Err(_) => Err("handshake took longer than 120 s".into()),
             Ok(r) => r.map_err(|e| e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probe_home_leaves_once_home_accepts_and_not_before() {
+        // Nothing listens on a port just released: probes fail, we stay.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.to_string())
+            .expect("a free port");
+        let leave = CancellationToken::new();
+        let probe = tokio::spawn(probe_home(
+            closed,
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            leave.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!leave.is_cancelled(), "left for a home that refuses");
+        leave.cancel();
+        let _ = probe.await;
+
+        // Home accepts: the session is ended within about one interval.
+        let home = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = home.local_addr().expect("addr").to_string();
+        let leave = CancellationToken::new();
+        tokio::spawn(probe_home(
+            addr,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            leave.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(2), leave.cancelled())
+            .await
+            .expect("went home");
     }
 }

@@ -16,6 +16,12 @@
 //!
 //! Every connect is also appended to a short per-device history (capped
 //! list with a TTL) that `trellis device show` prints with the clone flags.
+//!
+//! History, flags, quarantine and audit live in the durable store every
+//! region shares (`Gateway::durable`), so a clone that connects in another
+//! region is still seen in the history, and keyvault (which reads the
+//! quarantine from its durable store) refuses it everywhere. Ownership
+//! stays regional (`Gateway::redis`).
 use crate::Gateway;
 use crate::ownership::{self, Claim, Owner};
 use redis::Script;
@@ -100,12 +106,23 @@ pub async fn after_claim(
     peer: SocketAddr,
     claim: &Claim,
 ) -> Verdict {
-    let mut redis = gw.redis.clone();
+    let mut redis = gw.durable.clone();
     let peer_s = peer.to_string();
-    let quarantined = match record(gw, &mut redis, device_id, &peer_s, claim.epoch).await {
-        Ok(q) => q,
-        Err(e) => {
+    // Bounded: during a durable failover the write would wait for the new
+    // primary, and the device for its Hello answer (home.rs).
+    let recorded = tokio::time::timeout(
+        crate::home::DURABLE_WRITE_BUDGET,
+        record(gw, &mut redis, device_id, &peer_s, claim.epoch),
+    )
+    .await;
+    let quarantined = match recorded {
+        Ok(Ok(q)) => q,
+        Ok(Err(e)) => {
             tracing::warn!(device = %device_id, error = %e, "could not record the session history");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(device = %device_id, "recording the session history timed out (durable store failing over)");
             false
         }
     };
@@ -208,7 +225,7 @@ async fn suspected_clone(
                 tracing::warn!(device = %device_id, error = %e, "could not quarantine the device; closing both sessions anyway");
             }
             close_previous(gw, device_id, prev, "quarantined: suspected clone").await;
-            let _ = ownership::release(redis, device_id, claim.epoch).await;
+            let _ = ownership::release(&mut gw.redis.clone(), device_id, claim.epoch).await;
             Verdict::Refuse("quarantined: suspected clone".into())
         }
     }
@@ -222,7 +239,7 @@ async fn refuse_quarantined(
     peer: &str,
     claim: &Claim,
 ) -> Verdict {
-    let _ = ownership::release(redis, device_id, claim.epoch).await;
+    let _ = ownership::release(&mut gw.redis.clone(), device_id, claim.epoch).await;
     let record = AuditRecord::new(&gw.id, "session", device_id, "quarantined")
         .with("peer", peer.to_string())
         .with("epoch", claim.epoch.to_string());
@@ -243,9 +260,19 @@ async fn close_previous(gw: &Gateway, device_id: &str, prev: &Owner, reason: &st
     }
 }
 
+/// Audits into the durable store, bounded like the history write.
 async fn write_audit(redis: &mut Redis, record: &AuditRecord) {
-    if let Err(e) = audit::append(redis, record).await {
-        tracing::warn!(error = %e, action = %record.action, "audit write failed");
+    match tokio::time::timeout(
+        crate::home::DURABLE_WRITE_BUDGET,
+        audit::append(redis, record),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, action = %record.action, "audit write failed"),
+        Err(_) => {
+            tracing::warn!(action = %record.action, "audit write timed out (durable store failing over)")
+        }
     }
 }
 

@@ -80,8 +80,17 @@ pub async fn before_delivery(
                 .with("owner_epoch", current.to_string())
                 .with("what", what.to_string())
                 .with("request", request.unwrap_or_default().to_string());
-            if let Err(e) = audit::append(&mut redis, &record).await {
-                tracing::warn!(error = %e, "audit write failed");
+            // Audit is a durable record, shared by every region.
+            let mut durable = gw.durable.clone();
+            match tokio::time::timeout(
+                crate::home::DURABLE_WRITE_BUDGET,
+                audit::append(&mut durable, &record),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "audit write failed"),
+                Err(_) => tracing::warn!("audit write timed out (durable store failing over)"),
             }
             Err(Refusal {
                 failure: Failure::new(

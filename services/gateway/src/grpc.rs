@@ -167,7 +167,8 @@ impl DeviceService for DeviceApi {
             .await?
             .into_inner();
         let mut state = self.state_of(Some(&device), &id).await?;
-        let mut redis = self.gw.redis.clone();
+        // History, flags and quarantine are durable records (clones.rs).
+        let mut redis = self.gw.durable.clone();
         crate::clones::fill_state(&mut redis, &mut state, self.gw.config.session_history_len)
             .await
             .map_err(redis_status)?;

@@ -8,6 +8,7 @@ pub mod device_state;
 pub mod fence;
 mod grpc;
 pub mod handshake;
+pub mod home;
 pub mod local;
 pub mod ownership;
 mod release;
@@ -40,7 +41,13 @@ pub struct Gateway {
     pub id: String,
     pub region: String,
     pub config: GatewayConfig,
+    /// This region's Redis: ownership, fencing, routing, inboxes, events.
     pub redis: Redis,
+    /// The durable store every region shares (`connect_durable`): releases
+    /// and images, audit, session history, clone flags, quarantine and the
+    /// device's home region. Without `redis.durable_url`/`redis.sentinels`
+    /// it is the same server as `redis`.
+    pub durable: Redis,
     pub redis_url: String,
     pub keyvault: KeyVaultClient<TracedChannel>,
     /// The OTA scheduler, when configured (`gateway.ota_url`).
@@ -124,6 +131,9 @@ pub async fn serve_with_listeners(
         .clone()
         .context("the gateway needs redis.url (TRELLIS_REDIS__URL)")?;
     let redis = redis_conn::connect(&redis_url).await?;
+    let durable = redis_conn::connect_durable(&config.redis)
+        .await
+        .context("the gateway needs the durable store (redis.durable_url / redis.sentinels)")?;
     trellis_core::metrics::service_started("gateway");
     let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
         .with_context(|| {
@@ -155,6 +165,7 @@ pub async fn serve_with_listeners(
         region: config.region.clone(),
         config: config.gateway.clone(),
         redis,
+        durable,
         redis_url: redis_url.clone(),
         keyvault,
         ota,
@@ -334,8 +345,12 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
                     let record = AuditRecord::new(&gw.id, "handshake", "", failure.label())
                         .with("peer", peer.to_string())
                         .with("error", failure.to_string());
-                    let mut redis = gw.redis.clone();
-                    let _ = audit::append(&mut redis, &record).await;
+                    let mut durable = gw.durable.clone();
+                    let _ = tokio::time::timeout(
+                        home::DURABLE_WRITE_BUDGET,
+                        audit::append(&mut durable, &record),
+                    )
+                    .await;
                 }
                 return;
             }
@@ -362,6 +377,9 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
         tracing::warn!(device = %device_id, %reason, "session refused after the handshake");
         return;
     }
+    // Cross-region: the newest claim anywhere names the device's home; a
+    // session in another region sees it and closes (home.rs).
+    home::record_claim(&gw, &device_id, claim.epoch);
     if let Err(e) = device_state::record_connect(
         &mut redis,
         &device_id,

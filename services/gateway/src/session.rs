@@ -100,6 +100,8 @@ pub struct Session {
     last_received: Instant,
     last_refresh: Instant,
     transfer: Option<Transfer>,
+    /// The cross-region home check in flight, if any (one at a time).
+    home_check: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A firmware transfer in progress on this session (one at a time).
@@ -140,6 +142,7 @@ impl Session {
             last_received: Instant::now(),
             last_refresh: Instant::now(),
             transfer: None,
+            home_check: None,
         }
     }
 
@@ -578,6 +581,7 @@ impl Session {
         match ownership::refresh(&mut redis, &self.device_id, self.epoch, ttl).await {
             Ok(current) if current == self.epoch => {
                 let _ = device_state::touch(&mut redis, &self.device_id).await;
+                self.check_home();
                 Ok(())
             }
             Ok(current) if current > self.epoch => Err(SessionEnd::Closed(format!(
@@ -598,13 +602,66 @@ impl Session {
         }
     }
 
+    /// Closes this session when a newer claim in another region holds the
+    /// device (home.rs): regional ownership cannot see that one. One HMGET
+    /// per refresh, off the session loop (a durable store failing over must
+    /// not delay the device's pings); it is a read, so this region's replica
+    /// answers it while the primary is away. The verdict comes back as a
+    /// Close command. An unreadable record keeps the session (as a failed
+    /// ownership refresh does).
+    fn check_home(&mut self) {
+        if self.home_check.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let gw = Arc::clone(&self.gw);
+        let device = self.device_id.clone();
+        let epoch = self.epoch;
+        let span = tracing::info_span!("session.home_check", device = %device, epoch);
+        self.home_check = Some(tokio::spawn(
+            async move {
+                let mut durable = gw.durable.clone();
+                let read = tokio::time::timeout(
+                    crate::home::DURABLE_WRITE_BUDGET,
+                    crate::home::current(&mut durable, &device),
+                )
+                .await;
+                let home = match read {
+                    Ok(Ok(Some(home))) => home,
+                    Ok(Ok(None)) | Err(_) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "home record unreadable");
+                        return;
+                    }
+                };
+                let Some(newer) = crate::home::superseded_by(&home, &gw.region, epoch) else {
+                    return;
+                };
+                let reason = format!(
+                    "superseded by region {} (gateway {}, epoch {} > ours {epoch})",
+                    newer.region, newer.gateway, newer.epoch
+                );
+                tracing::warn!(%reason, "session held by another region; closing");
+                crate::home::audit_superseded(&gw, &device, epoch, newer).await;
+                gw.local.close(&device, epoch, &reason);
+            }
+            .instrument(span),
+        ));
+    }
+
     pub async fn audit_end(gw: &Gateway, device_id: &str, peer: SocketAddr, end: &SessionEnd) {
         let record = AuditRecord::new(&gw.id, "protocol_violation", device_id, end.label())
             .with("peer", peer.to_string())
             .with("error", end.to_string());
-        let mut redis = gw.redis.clone();
-        if let Err(e) = audit::append(&mut redis, &record).await {
-            tracing::warn!(error = %e, "audit write failed");
+        let mut durable = gw.durable.clone();
+        match tokio::time::timeout(
+            crate::home::DURABLE_WRITE_BUDGET,
+            audit::append(&mut durable, &record),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "audit write failed"),
+            Err(_) => tracing::warn!("audit write timed out (durable store failing over)"),
         }
     }
 
@@ -679,8 +736,9 @@ impl Session {
             )));
             return Ok(());
         }
-        let mut redis = self.gw.redis.clone();
-        let bundle = match crate::release::load(&mut redis, &release_id).await {
+        // The signer keeps releases and images in the durable store.
+        let mut durable = self.gw.durable.clone();
+        let bundle = match crate::release::load(&mut durable, &release_id).await {
             Ok(b) => b,
             Err(e) => {
                 let _ = reply.send(Err(Failure::new(FailureKind::NotFound, e)));

@@ -71,8 +71,23 @@ pub async fn build(config: &Config, parts: Parts) -> anyhow::Result<Scheduler> {
     let redis = trellis_core::redis_conn::connect_durable(&config.redis)
         .await
         .context("ota needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
-    Ok(Scheduler::new(
+    // Sessions and reported firmware live in this region's Redis
+    // (`redis.url`), which is not the durable store in a multi-region
+    // deployment.
+    let regional = match config.redis.url.as_deref() {
+        Some(url)
+            if Some(url) != config.redis.effective_durable_url()
+                || !config.redis.sentinels.is_empty() =>
+        {
+            trellis_core::redis_conn::connect(url)
+                .await
+                .context("ota needs this region's Redis (redis.url) for session ownership")?
+        }
+        _ => redis.clone(),
+    };
+    Ok(Scheduler::with_regional(
         redis,
+        regional,
         Settings {
             replica: replica_id(),
             tick_ms: config.ota.tick_ms,

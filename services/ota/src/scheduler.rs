@@ -52,6 +52,9 @@ pub struct Scheduler {
 
 struct Inner {
     redis: Redis,
+    /// This region's Redis, where gateways keep session ownership and the
+    /// devices' reported state (the same server as `redis` in one region).
+    regional: Redis,
     settings: Settings,
     parts: Parts,
     /// rollout id -> lease value this replica holds.
@@ -108,9 +111,16 @@ fn stage_span(rollout: &str, stage: u32, name: &str, event: &'static str) -> tra
 
 impl Scheduler {
     pub fn new(redis: Redis, settings: Settings, parts: Parts) -> Self {
+        Self::with_regional(redis.clone(), redis, settings, parts)
+    }
+
+    /// Rollouts in the durable store (`redis`), sessions and reported
+    /// firmware read from this region's Redis (`regional`).
+    pub fn with_regional(redis: Redis, regional: Redis, settings: Settings, parts: Parts) -> Self {
         Self {
             inner: Arc::new(Inner {
                 redis,
+                regional,
                 settings,
                 parts,
                 leases: Mutex::new(HashMap::new()),
@@ -121,6 +131,10 @@ impl Scheduler {
 
     fn redis(&self) -> Redis {
         self.inner.redis.clone()
+    }
+
+    fn regional(&self) -> Redis {
+        self.inner.regional.clone()
     }
 
     fn now(&self) -> i64 {
@@ -576,18 +590,18 @@ impl Scheduler {
             })
             .collect();
         let mut offline = 0usize;
-        let mut redis = self.redis();
+        let mut regional = self.regional();
         for i in candidates {
             if r.meta.inflight >= i64::from(max) {
                 break;
             }
             let device = r.devices[i].0.clone();
-            let Some(epoch) = store::session_epoch(&mut redis, &device).await? else {
+            let Some(epoch) = store::session_epoch(&mut regional, &device).await? else {
                 offline += 1;
                 continue;
             };
             let d = r.devices[i].2.clone();
-            if store::reported_sha(&mut redis, &device).await? == r.meta.release_sha256 {
+            if store::reported_sha(&mut regional, &device).await? == r.meta.release_sha256 {
                 let mut to = d.clone();
                 to.state = DevState::Applied;
                 to.updated_at_ms = now;
@@ -750,8 +764,7 @@ impl Scheduler {
                     .await?;
             }
             Decision::Approved => {
-                let mut redis = self.redis();
-                let Some(epoch) = store::session_epoch(&mut redis, device).await? else {
+                let Some(epoch) = store::session_epoch(&mut self.regional(), device).await? else {
                     // Gone offline while the hook thought: back in the queue.
                     let mut to = rec.clone();
                     to.state = DevState::Pending;
@@ -1165,7 +1178,7 @@ impl Scheduler {
         };
         let sha = req.firmware_sha256.trim().to_ascii_lowercase();
         // The gateway claimed the session (a new epoch) before it tells us.
-        let epoch = store::session_epoch(&mut redis, &device)
+        let epoch = store::session_epoch(&mut self.regional(), &device)
             .await?
             .unwrap_or(0);
         let now = self.now();

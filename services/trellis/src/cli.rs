@@ -141,6 +141,13 @@ pub struct SimArgs {
     /// Seconds between keepalive pings.
     #[arg(long, default_value_t = 15)]
     pub keepalive: u64,
+    /// Region preference: --gateway lists home first. Every (re)connect
+    /// starts at the first address, and a device connected elsewhere
+    /// probes the first (plain TCP connect) about every N seconds,
+    /// jittered over N, and moves home once it accepts (0: off; a device
+    /// starts at the address that last worked).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub home_return_secs: u64,
     /// Stop after this many seconds (0: run until Ctrl-C). With --smoke: the
     /// time the whole check may take (0: 60).
     #[arg(long, default_value_t = 0)]

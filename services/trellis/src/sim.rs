@@ -24,6 +24,8 @@ pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
         event_interval: (args.event_interval > 0).then(|| Duration::from_secs(args.event_interval)),
         keepalive: Duration::from_secs(args.keepalive.max(1)),
         event_name: "temperature".into(),
+        home_return: (args.home_return_secs > 0)
+            .then(|| Duration::from_secs(args.home_return_secs)),
         // Devices accept firmware only under the policy provisioned with
         // their keys; without policy.json they refuse every update.
         trust_policy: trellis_device::load_trust_policy(&args.keys)

@@ -241,6 +241,7 @@ async fn demo(
         firmware_image: None,
         event_interval: 5,
         keepalive: config.gateway.keepalive_secs.max(1),
+        home_return_secs: 0,
         duration: 0,
         smoke: false,
     };

@@ -1,0 +1,142 @@
+//! The device's home across regions. Session ownership (ownership.rs) lives
+//! in each region's own Redis, so two regions cannot see each other's
+//! claims there; the home record, in the durable store every region
+//! shares, names the region and gateway of the newest claim anywhere. A
+//! session whose region lost the device to a newer claim elsewhere sees it
+//! at its next ownership refresh (every half keepalive) and closes itself,
+//! so two regions never both talk to one device for longer than that.
+//!
+//! Epochs compare across regions because a claim's epoch is at least the
+//! wall-clock milliseconds (ownership.rs), so the newer claim has the
+//! larger epoch as long as the regions' clocks agree to within the time
+//! between the two claims.
+use crate::Gateway;
+use redis::Script;
+use std::time::Duration;
+use trellis_core::audit::{self, AuditRecord};
+use trellis_core::redis_conn::{Redis, keys};
+use trellis_core::time::now_ms;
+
+/// Only a newer epoch replaces the record: two claims' writes may arrive
+/// out of order (they are spawned, and one may wait out a failover).
+const RECORD: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if cur ~= nil and cur >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'region', ARGV[1], 'gateway', ARGV[2], 'epoch', ARGV[3], 'since', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
+/// The record outlives any session by far; it expires only so devices
+/// that are gone for good leave nothing behind.
+const HOME_TTL_SECS: u64 = 30 * 24 * 3600;
+
+/// How long a durable write on the session path may take before we go on
+/// without it. During a Sentinel failover a write waits for the new
+/// primary (`redis.failover_wait_ms`); a device must not wait that long
+/// for its Hello answer while its region is failing over.
+pub const DURABLE_WRITE_BUDGET: Duration = Duration::from_secs(2);
+
+/// The newest claim on a device, in any region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    pub region: String,
+    pub gateway: String,
+    pub epoch: u64,
+}
+
+/// Records this claim as the device's home, off the session path: the
+/// handshake never waits for (or fails on) the durable store, which may
+/// be in the middle of a failover. A lost write only means a session in
+/// another region is closed later (by its keepalive timeout) rather than
+/// at its next refresh.
+pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64) {
+    let mut durable = gw.durable.clone();
+    let (device, region, gateway) = (device_id.to_string(), gw.region.clone(), gw.id.clone());
+    tokio::spawn(async move {
+        let result: redis::RedisResult<i64> = Script::new(RECORD)
+            .key(keys::home(&device))
+            .arg(&region)
+            .arg(&gateway)
+            .arg(epoch)
+            .arg(now_ms())
+            .arg(HOME_TTL_SECS)
+            .invoke_async(&mut durable)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(%device, epoch, error = %e, "could not record the device's home region (durable store unavailable); going on without it");
+        }
+    });
+}
+
+/// The device's home record (`None`: none yet).
+pub async fn current(durable: &mut Redis, device_id: &str) -> redis::RedisResult<Option<Home>> {
+    let (region, gateway, epoch): (Option<String>, Option<String>, Option<String>) =
+        redis::cmd("HMGET")
+            .arg(keys::home(device_id))
+            .arg("region")
+            .arg("gateway")
+            .arg("epoch")
+            .query_async(durable)
+            .await?;
+    Ok(
+        match (region, gateway, epoch.and_then(|e| e.parse().ok())) {
+            (Some(region), Some(gateway), Some(epoch)) => Some(Home {
+                region,
+                gateway,
+                epoch,
+            }),
+            _ => None,
+        },
+    )
+}
+
+/// Whether a session of this gateway at `epoch` has lost the device to a
+/// newer claim in another region. Claims within our region are fenced by
+/// the regional ownership record already.
+pub fn superseded_by<'h>(home: &'h Home, region: &str, epoch: u64) -> Option<&'h Home> {
+    (home.epoch > epoch && home.region != region).then_some(home)
+}
+
+/// Audits a session closed because another region holds the device now.
+pub async fn audit_superseded(gw: &Gateway, device_id: &str, epoch: u64, home: &Home) {
+    let record = AuditRecord::new(&gw.id, "session_superseded", device_id, "closed")
+        .with("reason", format!("superseded by region {}", home.region))
+        .with("old_region", gw.region.clone())
+        .with("old_epoch", epoch.to_string())
+        .with("new_region", home.region.clone())
+        .with("new_gateway", home.gateway.clone())
+        .with("new_epoch", home.epoch.to_string());
+    let mut durable = gw.durable.clone();
+    match tokio::time::timeout(DURABLE_WRITE_BUDGET, audit::append(&mut durable, &record)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(device = %device_id, error = %e, "audit write failed"),
+        Err(_) => {
+            tracing::warn!(device = %device_id, "audit write timed out (durable store failing over)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn home(region: &str, epoch: u64) -> Home {
+        Home {
+            region: region.into(),
+            gateway: "gw".into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn only_a_newer_claim_in_another_region_supersedes() {
+        assert!(superseded_by(&home("b", 10), "a", 5).is_some());
+        assert!(superseded_by(&home("b", 5), "a", 5).is_none());
+        assert!(superseded_by(&home("b", 4), "a", 5).is_none());
+        // Same region: the regional ownership record decides.
+        assert!(superseded_by(&home("a", 10), "a", 5).is_none());
+    }
+}
