@@ -11,6 +11,12 @@
 //! (the gateway's outcome, the approval's answer) is a compare-and-set on
 //! the exact record the delivery began with: a replica that lost its lease
 //! mid-delivery still records what the device said, and nothing else.
+//!
+//! With several regions, a replica sees only the sessions of its own
+//! region. A lease holder with due devices of which none is in session
+//! here, and nothing of its own in flight, gives the lease up and leaves
+//! the rollout alone for about two lease periods, so that a replica of the
+//! region where the devices are takes it (see `Handoff`).
 use crate::approval::{ApprovalRequest, Approver, Decision};
 use crate::clock::Clock;
 use crate::deliver::{self, Deliverer};
@@ -21,7 +27,7 @@ use crate::spec;
 use crate::store::{self, Cas, Created, Guard, StateChange};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use trellis_core::Shutdown;
@@ -59,7 +65,32 @@ struct Inner {
     parts: Parts,
     /// rollout id -> lease value this replica holds.
     leases: Mutex<HashMap<String, String>>,
+    /// rollout id -> this replica's lease hand-off state (see
+    /// [`Scheduler::hand_off`]).
+    handoffs: Mutex<HashMap<String, Handoff>>,
     tasks: Mutex<JoinSet<()>>,
+}
+
+/// A rollout whose lease this replica gave up because none of its due
+/// devices is in session in this region: it does not try to take the lease
+/// again before `retry_at`, so a scheduler in the region where the devices
+/// are takes it. Real time (like the lease's expiry in Redis), not the
+/// scheduler's clock.
+#[derive(Debug, Clone, Default)]
+struct Handoff {
+    /// No lease attempt before this.
+    retry_at: Option<Instant>,
+    /// The fencing token of the lease given up (until the lease is taken
+    /// again): the next token being ours too means no other replica took it.
+    released_token: Option<u64>,
+    /// Hand-offs that in a row found no taker.
+    unanswered: u32,
+    /// No hand-off before this (the lease keeps with this replica).
+    keep_until: Option<Instant>,
+}
+
+fn fence_token(lease: &str) -> Option<u64> {
+    lease.rsplit_once(':').and_then(|(_, t)| t.parse().ok())
 }
 
 /// Per-rollout device counts for `trellis_ota_devices{rollout,state}`.
@@ -124,6 +155,7 @@ impl Scheduler {
                 settings,
                 parts,
                 leases: Mutex::new(HashMap::new()),
+                handoffs: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(JoinSet::new()),
             }),
         }
@@ -199,6 +231,11 @@ impl Scheduler {
             .lock()
             .expect("lease lock")
             .retain(|id, _| ids.contains(id));
+        self.inner
+            .handoffs
+            .lock()
+            .expect("handoff lock")
+            .retain(|id, _| ids.contains(id));
         gauge_snapshot()
             .lock()
             .expect("gauge lock")
@@ -222,6 +259,18 @@ impl Scheduler {
             .get(rollout)
             .cloned()
             .unwrap_or_default();
+        if held.is_empty() {
+            let mut handoffs = self.inner.handoffs.lock().expect("handoff lock");
+            if let Some(h) = handoffs.get_mut(rollout)
+                && let Some(at) = h.retry_at
+            {
+                if Instant::now() < at {
+                    // Gave it up for a scheduler where the devices are.
+                    return Ok(None);
+                }
+                h.retry_at = None;
+            }
+        }
         let mut redis = self.redis();
         let got = store::acquire_lease(
             &mut redis,
@@ -236,6 +285,7 @@ impl Scheduler {
             Some(v) => {
                 if *v != held {
                     tracing::info!(rollout, lease = %v, replica = %self.inner.settings.replica, "rollout lease taken");
+                    self.lease_taken(rollout, v);
                 }
                 leases.insert(rollout.to_string(), v.clone());
             }
@@ -590,6 +640,7 @@ impl Scheduler {
             })
             .collect();
         let mut offline = 0usize;
+        let mut online = 0usize;
         let mut regional = self.regional();
         for i in candidates {
             if r.meta.inflight >= i64::from(max) {
@@ -600,6 +651,7 @@ impl Scheduler {
                 offline += 1;
                 continue;
             };
+            online += 1;
             let d = r.devices[i].2.clone();
             if store::reported_sha(&mut regional, &device).await? == r.meta.release_sha256 {
                 let mut to = d.clone();
@@ -659,7 +711,113 @@ impl Scheduler {
             }
         );
         self.meta_fields(r, lease, &[], Some(&message)).await?;
+        if online > 0 {
+            self.progress_here(&id);
+        } else if offline > 0 {
+            // Due devices, none of them in session here: give the lease up
+            // when nothing of this replica's is in flight, for a scheduler
+            // in the region where the devices are.
+            let replica = &self.inner.settings.replica;
+            let owned_in_flight = r.devices.iter().any(|(_, _, d)| {
+                d.state.in_flight()
+                    && (d.owner == lease
+                        || d.owner.rsplit_once(':').map(|(o, _)| o) == Some(replica.as_str()))
+            });
+            if !owned_in_flight {
+                self.hand_off(&id, lease, offline).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Back-off before this replica tries a lease it gave up again.
+    fn handoff_backoff(&self) -> Duration {
+        let lease_ms = self.inner.settings.lease_ms.max(1);
+        let jitter = (rand::random::<f64>() * lease_ms as f64 / 2.0) as u64;
+        Duration::from_millis(2 * lease_ms + jitter)
+    }
+
+    /// Gives the rollout's lease up (see [`Handoff`]) unless this replica
+    /// keeps it for now: after hand-offs that nobody answered (the lease
+    /// came back to this replica with the next fencing token: no scheduler
+    /// elsewhere wants it), it keeps the lease for a growing while (2, then 4
+    /// lease periods) before it tries again, so a lone replica holds on to
+    /// its rollouts most of the time.
+    async fn hand_off(&self, rollout: &str, lease: &str, offline: usize) -> Result<()> {
+        let now = Instant::now();
+        {
+            let handoffs = self.inner.handoffs.lock().expect("handoff lock");
+            if let Some(until) = handoffs.get(rollout).and_then(|h| h.keep_until)
+                && now < until
+            {
+                return Ok(());
+            }
+        }
+        let replica = self.inner.settings.replica.clone();
+        let backoff = self.handoff_backoff();
+        let span = tracing::info_span!(
+            "ota.lease_handoff",
+            rollout = %rollout,
+            replica = %replica,
+            offline,
+            backoff_ms = backoff.as_millis() as u64,
+        );
+        self.inner
+            .leases
+            .lock()
+            .expect("lease lock")
+            .remove(rollout);
+        {
+            let mut handoffs = self.inner.handoffs.lock().expect("handoff lock");
+            let h = handoffs.entry(rollout.to_string()).or_default();
+            h.retry_at = Some(now + backoff);
+            h.released_token = fence_token(lease);
+            h.keep_until = None;
+        }
+        let mut redis = self.redis();
+        store::release_lease(&mut redis, rollout, lease)
+            .instrument(span.clone())
+            .await?;
+        span.in_scope(|| {
+            tracing::info!(
+                rollout,
+                replica = %replica,
+                lease,
+                offline,
+                backoff_ms = backoff.as_millis() as u64,
+                "rollout lease given up: no due device is in session in this region"
+            )
+        });
+        Ok(())
+    }
+
+    /// The lease was (re)taken: after a hand-off nobody answered, keep it
+    /// for a while before handing it off again.
+    fn lease_taken(&self, rollout: &str, lease: &str) {
+        let mut handoffs = self.inner.handoffs.lock().expect("handoff lock");
+        let Some(h) = handoffs.get_mut(rollout) else {
+            return;
+        };
+        let Some(released) = h.released_token.take() else {
+            return;
+        };
+        if fence_token(lease) == Some(released + 1) {
+            h.unanswered = (h.unanswered + 1).min(2);
+            let keep = 2 * self.inner.settings.lease_ms.max(1) * (1 << (h.unanswered - 1));
+            h.keep_until = Some(Instant::now() + Duration::from_millis(keep));
+        } else {
+            h.unanswered = 0;
+            h.keep_until = None;
+        }
+    }
+
+    /// Due devices are in session here: hand-offs start afresh.
+    fn progress_here(&self, rollout: &str) {
+        self.inner
+            .handoffs
+            .lock()
+            .expect("handoff lock")
+            .remove(rollout);
     }
 
     /// Writes rollout fields (and the message, when it changed) while the

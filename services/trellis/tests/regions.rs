@@ -612,8 +612,10 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
     a.start_services(dir, &sentinels, &master_key, 1, true)
         .await
         .with_context(|| a.outputs_tail())?;
-    // B's scheduler starts once A's holds the rollout (below).
-    b.start_services(dir, &sentinels, &master_key, 1, false)
+    // Both regions' schedulers run from the start: whichever takes a
+    // rollout's lease where its devices are not in session gives it up to
+    // the other.
+    b.start_services(dir, &sentinels, &master_key, 1, true)
         .await
         .with_context(|| b.outputs_tail())?;
     println!(
@@ -809,10 +811,9 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
     .await
     .with_context(|| a.outputs_tail())?;
     // A scheduler only sees the sessions of its own region (ownership is
-    // regional), so the rollout must be held by A's while its devices are
-    // there. B's starts now, while A's holds the lease: it takes the
-    // rollout over only once that lease expires with region A.
-    b.start_ota(dir).await?;
+    // regional): the rollout is held by A's while its devices are there
+    // (B's gave the lease up if it took it first), and B's takes it over
+    // once that lease expires with region A.
 
     // 2. Region A dies: every process, its Redis servers and its sentinel.
     let killed = Instant::now();
@@ -878,8 +879,9 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
     .await
     .with_context(|| b.outputs_tail())?;
     assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
-    // A's scheduler held the lease (fencing token 1); B's took it over
-    // once it expired, with the next token.
+    // A's scheduler held the lease (fencing token 1, or 2 when B's took it
+    // first and gave it up); B's took it over once it expired, with a
+    // later token.
     let fence: u64 = redis::cmd("GET")
         .arg(trellis_core::redis_conn::keys::rollout_fence(&rollout))
         .query_async(&mut conn(&format!("redis://127.0.0.1:{}/", b.durable_port)).await?)

@@ -335,3 +335,106 @@ impl Approver for NoApprover {
         Box::pin(async { Decision::Held("not expected".into()) })
     }
 }
+
+/// A redis-server of its own (a region's Redis) and a connection to it.
+pub async fn redis_server() -> (LocalRedis, Redis) {
+    let server = LocalRedis::start(RedisData::Ephemeral).expect("redis-server");
+    let redis = connect(&server.url()).await.expect("redis");
+    (server, redis)
+}
+
+impl Env {
+    /// A scheduler replica of one region: rollouts in this environment's
+    /// (durable) Redis, sessions and reported firmware in `regional`,
+    /// deliveries through `fleet`.
+    pub fn scheduler_in(
+        &self,
+        replica: &str,
+        regional: &Redis,
+        fleet: &Fleet,
+        lease_ms: u64,
+    ) -> Scheduler {
+        Scheduler::with_regional(
+            self.redis.clone(),
+            regional.clone(),
+            Settings {
+                replica: replica.into(),
+                tick_ms: 20,
+                lease_ms,
+            },
+            Parts {
+                clock: Arc::new(self.clock.clone()),
+                deliverer: Arc::new(fleet.clone()),
+                approver: Arc::new(HttpApprover::new()),
+                releases: Arc::new(self.releases.clone()),
+            },
+        )
+    }
+
+    /// A scheduler over this environment with its own lease period.
+    pub fn scheduler_lease(&self, replica: &str, lease_ms: u64) -> Scheduler {
+        self.scheduler_in(replica, &self.redis.clone(), &self.fleet, lease_ms)
+    }
+}
+
+/// Puts registered devices in session in a region's Redis, reporting the
+/// old firmware there.
+pub async fn online_in(regional: &Redis, ids: &[String]) {
+    let mut redis = regional.clone();
+    for id in ids {
+        let _: () = redis
+            .hset(keys::device_state(id), "firmware_sha256", OLD_SHA)
+            .await
+            .unwrap();
+        connect_session(&mut redis, id).await;
+    }
+}
+
+/// [`reconnect_all`] for a region: the devices `fleet` delivered to come
+/// back in session in `regional` and say Hello to that region's `sched`.
+pub async fn reconnect_in(
+    env: &Env,
+    regional: &Redis,
+    fleet: &Fleet,
+    sched: &Scheduler,
+    rollout: &str,
+) {
+    let mut redis = env.redis.clone();
+    let mut region = regional.clone();
+    for (device, sha) in fleet.take_reconnects() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, rec) = trellis_ota::store::device(&mut redis, rollout, &device)
+                .await
+                .unwrap()
+                .unwrap();
+            if rec.sent || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        connect_session(&mut region, &device).await;
+        let _: () = region
+            .hset(keys::device_state(&device), "firmware_sha256", &sha)
+            .await
+            .unwrap();
+        sched
+            .device_hello(pb::DeviceHelloRequest {
+                device_id: device.clone(),
+                product_id: PRODUCT,
+                firmware_version: 2,
+                firmware_sha256: sha,
+                gateway_id: "gw-test".into(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// The rollout's lease as stored: (holder's lease value, fencing token).
+pub async fn lease_of(env: &Env, rollout: &str) -> (Option<String>, u64) {
+    let mut redis = env.redis.clone();
+    let holder: Option<String> = redis.get(keys::rollout_lease(rollout)).await.unwrap();
+    let fence: Option<u64> = redis.get(keys::rollout_fence(rollout)).await.unwrap();
+    (holder, fence.unwrap_or(0))
+}
