@@ -341,6 +341,8 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         cluster.redis.pid(),
         std::process::id(),
     ];
+    let redis_url = cluster.redis.url();
+    let redis0 = util::redis_calls(&redis_url).await?;
     let cpu0 = util::sample_cpu(&pids)?;
     let ok0 = counters.ok.load(Ordering::Relaxed);
     measuring.store(true, Ordering::Relaxed);
@@ -349,6 +351,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let elapsed = t_measure.elapsed().as_secs_f64();
     let cpu1 = util::sample_cpu(&pids)?;
     let ok = counters.ok.load(Ordering::Relaxed) - ok0;
+    let redis_during = util::redis_calls_delta(&redis0, &util::redis_calls(&redis_url).await?);
     let failed = counters.failed.load(Ordering::Relaxed);
     let mut lat = Vec::new();
     let mut errors = Vec::new();
@@ -419,6 +422,21 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             per_hs(server_cpu),
             util::fmt_rate(server_only),
             server_only / limit.per_sec * 100.0
+        );
+    }
+    if ok > 0 {
+        // Every session also ends here (the devices hang up after Hello),
+        // so this is the Redis work of one whole short session.
+        let total: u64 = redis_during.iter().map(|(_, k)| k).sum();
+        let shown: Vec<String> = redis_during
+            .iter()
+            .take(12)
+            .map(|(c, k)| format!("{c} {:.2}", *k as f64 / ok as f64))
+            .collect();
+        println!(
+            "redis   : {:.1} commands per handshake in the window (those run inside scripts count too): {}",
+            total as f64 / ok as f64,
+            shown.join(", ")
         );
     }
     if !errors.is_empty() {

@@ -16,7 +16,11 @@
 //!
 //! The devices run in this process and decrypt every byte the gateway
 //! encrypts, on the same cores: the run reports each process's CPU time so
-//! the reader can see who spent the cores.
+//! the reader can see who spent the cores, the gateway's bytes per second
+//! of its own CPU (`per core`, independent of the devices' share), the
+//! Redis commands per chunk, and the `framing` rate: one core doing only
+//! the gateway's per-chunk computation (copy, CRC, CoAP, AES frame) with no
+//! I/O, which bounds what any I/O design could reach with these chunks.
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::util::{self, Latencies, micros};
 use anyhow::{Context, bail};
@@ -151,6 +155,32 @@ pub fn aes_limit(window: Duration) -> anyhow::Result<AesLimit> {
     })
 }
 
+/// Image bytes per second of CPU that one core spends turning the image
+/// into encrypted chunk frames the way the gateway does (slice copy,
+/// CRC-32, CoAP message, CoAP encode, AES-128-CBC frame), with no socket,
+/// no Redis, no runtime: what the framing alone allows, beside the AES
+/// limit, so the rest of the gap is I/O and bookkeeping.
+pub fn framing_rate(window: Duration, image: &[u8], chunk_size: usize) -> f64 {
+    use trellis_wire::message;
+    use trellis_wire::ota::Chunk;
+    let key: [u8; 16] = rand::random();
+    let iv: [u8; 16] = rand::random();
+    let mut encoder = trellis_wire::frame::FrameEncoder::new(key, iv);
+    let mut index = 0usize;
+    let chunks = image.len().div_ceil(chunk_size).max(1);
+    per_core_rate(window, || {
+        let start = index * chunk_size;
+        let end = (start + chunk_size).min(image.len());
+        let mut data = image[start..end].to_vec();
+        data.resize(chunk_size, 0);
+        let chunk = Chunk::new(Some(index as u16), data);
+        let frame = encoder.encode(&message::chunk(index as u16, 1, &chunk).encode());
+        std::hint::black_box(&frame);
+        index = (index + 1) % chunks;
+        chunk_size
+    })
+}
+
 /// A deterministic, incompressible-looking image of `len` bytes.
 fn image(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 32);
@@ -278,6 +308,20 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let mut kv = cluster.keyvault_client().await?;
     let image = image(image_len);
     let expected_sha: [u8; 32] = sha2::Sha256::digest(&image).into();
+    let chunk_size = usize::from(trellis_firmware::SenderConfig::default().chunk_size);
+    // The gateway's chunk size, and a 4x larger one (still inside a
+    // 4 KiB frame) to show what the per-chunk work costs.
+    let big_chunk = chunk_size * 4;
+    let (framing, framing_big) = {
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            (
+                framing_rate(window, &image, chunk_size),
+                framing_rate(window, &image, big_chunk),
+            )
+        })
+        .await?
+    };
     let (release_id, policy) = signed_release(&mut kv, &mut signer, &image).await?;
     println!(
         "release {release_id}: {image_len} bytes, signed by keyvault's cloud release key; devices trust that key (threshold 1)"
@@ -385,6 +429,8 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         signer_pid,
         std::process::id(),
     ];
+    let redis_url = cluster.redis.url();
+    let redis0 = util::redis_calls(&redis_url).await?;
     let cpu0 = util::sample_cpu(&pids)?;
     let start = Instant::now();
     let timeout_ms = (args.timeout * 1000.0) as u32;
@@ -434,7 +480,10 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     }
     let last = applied.iter().copied().max().unwrap_or(0);
     let cpu = util::sample_cpu(&pids)?.delta(&cpu0);
+    let redis_during = util::redis_calls_delta(&redis0, &util::redis_calls(&redis_url).await?);
     let gw_hwm = util::status_kib(gw_pid, "VmHWM").unwrap_or(0);
+    // Each process's CPU since it started (signing, handshakes, transfer).
+    let total_cpu = util::sample_cpu(&pids)?.0;
     stop.cancel();
     // The gateway's answers to DeliverUpdate (each returns once UpdateDone
     // was acknowledged).
@@ -485,6 +534,13 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         util::fmt_rate(mib(aes.openssl_enc)),
     );
     println!(
+        "framing : {} MiB/s = {:.1} % of the limit: one core turning the image into {chunk_size}-byte chunk frames as the gateway does (copy, CRC-32, CoAP, AES-CBC frame), no I/O; {} MiB/s = {:.1} % with {big_chunk}-byte chunks",
+        util::fmt_rate(mib(framing)),
+        framing / limit * 100.0,
+        util::fmt_rate(mib(framing_big)),
+        framing_big / limit * 100.0,
+    );
+    println!(
         "system  : {} MiB/s delivered = {} devices x {} KiB in {elapsed:.2} s (first DeliverUpdate to last device applied); per device applied after p50 {:.2} s, p99 {:.2} s; {others} not applied, {bad_sha} with a wrong SHA-256; DeliverUpdate answers: {sent} sent, {refused} refused, {failed} failed",
         util::fmt_rate(mib(rate)),
         applied.len(),
@@ -507,6 +563,18 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         1e3 / mib(limit),
         gw_hwm as f64 / 1024.0,
     );
+    println!(
+        "cpu     : gateway {:.2} s, redis {:.2} s, keyvault {:.2} s, signer {:.2} s, this process (devices + gRPC callers) {:.2} s over the {elapsed:.2} s transfer; whole run: gateway {:.2} s, keyvault {:.2} s, signer {:.2} s, redis {:.2} s",
+        cpu[0],
+        cpu[1],
+        cpu[2],
+        cpu[3],
+        cpu[4],
+        total_cpu[0],
+        total_cpu[2],
+        total_cpu[3],
+        total_cpu[1],
+    );
     if elapsed > 0.0 {
         println!(
             "cores   : gateway {:.2}, devices {:.2}, redis {:.2} of {} cores busy on average over the transfer",
@@ -516,13 +584,45 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             util::cores()
         );
     }
+    if cpu[0] > 0.0 {
+        // The gateway's own efficiency, whatever share of the cores it got:
+        // bytes per second of its CPU time, against the same one-core limit.
+        let per_core = bytes_delivered as f64 / cpu[0];
+        println!(
+            "per core: the gateway sent {} MiB per CPU-second = {:.1} % of the AES limit; gateway+redis {} MiB per CPU-second",
+            util::fmt_rate(mib(per_core)),
+            per_core / limit * 100.0,
+            util::fmt_rate(mib(bytes_delivered as f64 / (cpu[0] + cpu[1]))),
+        );
+    }
+    let chunks = applied.len() as u64 * image_len.div_ceil(chunk_size) as u64;
+    if chunks > 0 {
+        let shown: Vec<String> = redis_during
+            .iter()
+            .take(4)
+            .map(|(c, k)| format!("{c} {k} ({:.2}/chunk)", *k as f64 / chunks as f64))
+            .collect();
+        let total: u64 = redis_during.iter().map(|(_, k)| k).sum();
+        println!(
+            "redis   : {total} commands during the transfer (those run inside scripts count too) for {chunks} chunks of {chunk_size} B = {:.2} per chunk: {}",
+            total as f64 / chunks as f64,
+            shown.join(", ")
+        );
+    }
     if !other.is_empty() || !call_errors.is_empty() {
         println!("errors  : {}", [other, call_errors].concat().join(" | "));
     }
     println!(
-        "RESULT ota devices={} image_bytes={image_len} rate_bytes_per_s={rate:.0} limit_bytes_per_s={limit:.0} ratio={:.3} target={TARGET_RATIO}",
+        "RESULT ota devices={} failed={} image_bytes={image_len} rate_bytes_per_s={rate:.0} limit_bytes_per_s={limit:.0} ratio={:.3} target={TARGET_RATIO} gateway_per_core_ratio={:.3} framing_ratio={:.3}",
         applied.len(),
-        rate / limit
+        n - applied.len(),
+        rate / limit,
+        if cpu[0] > 0.0 {
+            bytes_delivered as f64 / cpu[0] / limit
+        } else {
+            0.0
+        },
+        framing / limit
     );
     if applied.len() < n || bad_sha > 0 {
         bail!(

@@ -186,3 +186,57 @@ pub fn cores() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+/// Calls per Redis command so far (`INFO commandstats`), by command name.
+pub async fn redis_calls(url: &str) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    Ok(parse_commandstats(&info))
+}
+
+/// `cmdstat_evalsha:calls=12,usec=...` lines into {"evalsha": 12}.
+fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// The commands called between two `redis_calls`, most called first.
+pub fn redis_calls_delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = after
+        .iter()
+        .map(|(k, n)| (k.clone(), n - before.get(k).copied().unwrap_or(0).min(*n)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commandstats() {
+        let info = "# Commandstats\r\ncmdstat_evalsha:calls=12,usec=30,usec_per_call=2.5\r\ncmdstat_get:calls=3,usec=1\r\n";
+        let m = super::parse_commandstats(info);
+        assert_eq!(m.get("evalsha"), Some(&12));
+        assert_eq!(m.get("get"), Some(&3));
+        let before = [("get".to_string(), 1u64)].into_iter().collect();
+        let d = super::redis_calls_delta(&before, &m);
+        assert_eq!(d, vec![("evalsha".into(), 12), ("get".into(), 2)]);
+    }
+}
