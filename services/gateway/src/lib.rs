@@ -56,6 +56,8 @@ pub struct Gateway {
     pub router: Arc<Router>,
     /// Handshake admission (token bucket); `None`: unlimited.
     pub admission: Option<governor::DefaultDirectRateLimiter>,
+    /// Verified firmware images, shared by the deliveries of this gateway.
+    pub(crate) releases: release::Cache,
 }
 
 fn admission(config: &GatewayConfig) -> Option<governor::DefaultDirectRateLimiter> {
@@ -172,6 +174,7 @@ pub async fn serve_with_listeners(
         local,
         router: Arc::clone(&router),
         admission: admission(&config.gateway),
+        releases: release::Cache::default(),
     });
     let addrs = BoundAddrs {
         devices: devices.local_addr()?,

@@ -2,6 +2,7 @@
 //! under an epoch that only grows. A new session bumps the epoch; whoever
 //! holds an older epoch has lost the device and must stop talking to it.
 use redis::Script;
+use std::sync::LazyLock;
 use trellis_core::redis_conn::{Redis, keys};
 use trellis_core::time::now_ms;
 
@@ -46,6 +47,7 @@ redis.call('HSET', KEYS[1], 'gateway', ARGV[1], 'epoch', epoch, 'peer', ARGV[2],
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {epoch, prev}
 "#;
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 
 /// Refreshes the record only while we still own it; returns the current
 /// owner's epoch (0 when there is none) so the caller can fence itself.
@@ -56,6 +58,7 @@ if epoch == ARGV[1] then
 end
 return tonumber(epoch or '0')
 "#;
+static REFRESH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REFRESH));
 
 const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
@@ -64,6 +67,7 @@ if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
 end
 return 0
 "#;
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
 pub async fn claim(
     redis: &mut Redis,
@@ -72,7 +76,7 @@ pub async fn claim(
     peer_addr: &str,
     ttl_secs: u64,
 ) -> redis::RedisResult<Claim> {
-    let (epoch, prev): (u64, Vec<String>) = Script::new(CLAIM)
+    let (epoch, prev): (u64, Vec<String>) = CLAIM_SCRIPT
         .key(keys::session(device_id))
         .key(keys::session_epoch(device_id))
         .arg(gateway_id)
@@ -94,7 +98,7 @@ pub async fn refresh(
     epoch: u64,
     ttl_secs: u64,
 ) -> redis::RedisResult<u64> {
-    Script::new(REFRESH)
+    REFRESH_SCRIPT
         .key(keys::session(device_id))
         .arg(epoch.to_string())
         .arg(ttl_secs)
@@ -103,7 +107,7 @@ pub async fn refresh(
 }
 
 pub async fn release(redis: &mut Redis, device_id: &str, epoch: u64) -> redis::RedisResult<bool> {
-    let n: i64 = Script::new(RELEASE)
+    let n: i64 = RELEASE_SCRIPT
         .key(keys::session(device_id))
         .arg(epoch.to_string())
         .invoke_async(redis)
@@ -154,6 +158,7 @@ if #KEYS > 1 then
 end
 return {1}
 "#;
+static FENCE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FENCE));
 
 /// The asker gives a command attempt up, unless it was delivered: returns
 /// '' when it is now withdrawn (it never reached the device, so it may be
@@ -164,6 +169,7 @@ if redis.call('SET', KEYS[1], 'withdrawn', 'NX', 'PX', ARGV[1]) then
 end
 return redis.call('GET', KEYS[1]) or ''
 "#;
+static WITHDRAW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WITHDRAW));
 
 /// How long delivery records live: well beyond any command's timeout.
 const DELIVERY_RECORD_MS: u64 = 10 * 60 * 1000;
@@ -189,8 +195,7 @@ pub async fn fence(
     epoch: u64,
     request: Option<&str>,
 ) -> redis::RedisResult<Fence> {
-    let script = Script::new(FENCE);
-    let mut invocation = script.key(keys::session(device_id));
+    let mut invocation = FENCE_SCRIPT.key(keys::session(device_id));
     if let Some(request) = request {
         invocation.key(keys::command_delivery(request));
     }
@@ -222,7 +227,7 @@ pub async fn fence(
 /// withdrawn, safe to send again; `Ok(Some(record))`: it was delivered
 /// (`delivered:<gateway>:<epoch>`), sending it again could run it twice.
 pub async fn withdraw(redis: &mut Redis, request: &str) -> redis::RedisResult<Option<String>> {
-    let record: String = Script::new(WITHDRAW)
+    let record: String = WITHDRAW_SCRIPT
         .key(keys::command_delivery(request))
         .arg(DELIVERY_RECORD_MS)
         .invoke_async(redis)

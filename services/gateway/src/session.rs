@@ -100,6 +100,8 @@ pub struct Session {
     last_received: Instant,
     last_refresh: Instant,
     transfer: Option<Transfer>,
+    /// The transfer took answers that the next pump acts on.
+    pump_deferred: bool,
     /// The cross-region home check in flight, if any (one at a time).
     home_check: Option<tokio::task::JoinHandle<()>>,
 }
@@ -142,6 +144,7 @@ impl Session {
             last_received: Instant::now(),
             last_refresh: Instant::now(),
             transfer: None,
+            pump_deferred: false,
             home_check: None,
         }
     }
@@ -222,6 +225,13 @@ impl Session {
                             Ok(None) => break,
                             Err(e) => return SessionEnd::BadFrame(e.to_string()),
                         }
+                    }
+                    // Every transfer answer of this read is in: one pump
+                    // (one fence, one write) refills the window for all.
+                    if std::mem::take(&mut self.pump_deferred)
+                        && let Err(end) = self.pump_transfer().await
+                    {
+                        return end;
                     }
                 }
                 cmd = commands.recv() => match cmd.map(|c| *c) {
@@ -318,7 +328,9 @@ impl Session {
             && t.sender.handle(&msg)
         {
             t.last_heard = Instant::now();
-            return self.pump_transfer().await;
+            // Pumped once the frames already read are all handled.
+            self.pump_deferred = true;
+            return Ok(());
         }
         let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
         match incoming {
@@ -738,15 +750,18 @@ impl Session {
         }
         // The signer keeps releases and images in the durable store.
         let mut durable = self.gw.durable.clone();
-        let bundle = match crate::release::load(&mut durable, &release_id).await {
+        let bundle = match crate::release::load(&mut durable, &self.gw.releases, &release_id).await
+        {
             Ok(b) => b,
             Err(e) => {
                 let _ = reply.send(Err(Failure::new(FailureKind::NotFound, e)));
                 return Ok(());
             }
         };
+        // OtaSender owns a Vec: this copy is per device (the load and the
+        // SHA-256 above are shared through the gateway's release cache).
         let sender = match OtaSender::new(
-            bundle.image,
+            bundle.image.to_vec(),
             bundle.signed_manifest,
             SenderConfig::default(),
         ) {
@@ -807,10 +822,17 @@ impl Session {
                 .end_session
                 .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
         }
-        for msg in &out {
-            if let Err(e) = self.send(msg).await {
+        if !out.is_empty() {
+            // One write for the whole pump: frames encoded in order, so the
+            // IV chain and message ids are what sending them one by one
+            // would give.
+            let mut frames = Vec::with_capacity(out.len() * 600);
+            for msg in &out {
+                frames.extend_from_slice(&self.cipher.encoder.encode(&msg.encode()));
+            }
+            if let Err(e) = self.stream.write_all(&frames).await {
                 self.transfer = Some(t);
-                return Err(e);
+                return Err(e.into());
             }
         }
         if let Some(outcome) = t.sender.outcome().cloned() {
