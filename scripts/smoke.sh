@@ -4,7 +4,9 @@
 # an event, then a signed two-stage rollout that completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p trellis
+# The whole workspace, as `cargo test --workspace` built it: building one
+# package alone would resolve dependency features differently and rebuild them.
+cargo build -q --workspace --locked
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 out="$data/up.log"

@@ -44,6 +44,7 @@ async fn fifty_devices_take_a_dual_signed_release_in_stages() -> anyhow::Result<
                 product_id: PRODUCT,
                 device_ids: vec![],
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![
                 stage("canary", 2, 0),
@@ -297,6 +298,7 @@ async fn the_fleet_refuses_what_it_must_and_a_failing_rollout_aborts() -> anyhow
                 product_id: PRODUCT,
                 device_ids: ids.clone(),
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![
                 stage("canary", 3, 0),
@@ -398,6 +400,7 @@ async fn a_restarted_scheduler_carries_on_and_updates_no_device_twice() -> anyho
                 product_id: PRODUCT,
                 device_ids: ids.clone(),
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![stage("all", 0, 100)],
             max_failure_ratio: 0.2,

@@ -365,3 +365,34 @@ async fn handshakes_beyond_the_admission_rate_are_turned_away_before_rsa() -> an
     cluster.stop().await;
     Ok(())
 }
+
+/// `gateway.max_frame_len` is the limit the gateway applies, not only the
+/// default: a frame header under the default but over the configured limit
+/// closes the session, and a frame under it still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_frame_limit_is_the_one_enforced() -> anyhow::Result<()> {
+    let redis = trellis_core::local_redis::LocalRedis::start(
+        trellis_core::local_redis::RedisData::Ephemeral,
+    )?;
+    let mut config = trellis_tests::test_config(&redis.url());
+    config.gateway.max_frame_len = 1024;
+    let cluster = Cluster::start_with(redis, config, 1).await?;
+
+    // 2,048 bytes announced: under the 4,096 default, over the setting.
+    let (mut dev, id) = session(&cluster).await?;
+    dev.send_raw(&[0x08, 0x00]).await?;
+    assert!(
+        dev.closed_within(Duration::from_secs(3)).await,
+        "a frame over the configured limit must close the session"
+    );
+    audit_outcome(&cluster, Some(&id), "protocol_violation", "bad_frame").await?;
+
+    // A normal frame under the limit is answered.
+    let (mut dev, _) = session(&cluster).await?;
+    let mid = dev.take_id();
+    dev.send(&message::ping(mid)).await?;
+    let ack = dev.recv(Duration::from_secs(5)).await?.expect("ping ack");
+    assert_eq!(ack.message_id, mid);
+    cluster.stop().await;
+    Ok(())
+}

@@ -209,6 +209,26 @@ pub enum Request {
     UpdateDone,
 }
 
+impl Request {
+    /// A stable lowercase name for logs, spans and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "hello",
+            Request::Ping => "ping",
+            Request::Describe => "describe",
+            Request::FunctionCall { .. } => "function_call",
+            Request::VariableRequest { .. } => "variable_request",
+            Request::Event { .. } => "event",
+            Request::Subscribe { .. } => "subscribe",
+            Request::GetTime => "get_time",
+            Request::UpdateBegin(_) => "update_begin",
+            Request::Chunk(_) => "chunk",
+            Request::ChunkMissed(_) => "chunk_missed",
+            Request::UpdateDone => "update_done",
+        }
+    }
+}
+
 /// What an incoming message is. Responses are matched by the caller, by
 /// token (separate replies) or message id (piggybacked ACKs).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,7 +76,7 @@ async fn steps(
 ) -> Result<Established, HandshakeFailure> {
     let step = Duration::from_millis(gw.config.handshake_step_timeout_ms);
     let nonce: [u8; NONCE_LEN] = rand::random();
-    let mut hs = ServerHandshake::new(nonce);
+    let mut hs = ServerHandshake::new(nonce).with_max_frame_len(gw.config.max_frame_len);
     stream.write_all(hs.nonce()).await?;
 
     let mut buf = [0u8; 512];

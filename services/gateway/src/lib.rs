@@ -127,6 +127,14 @@ pub async fn serve_with_listeners(
     grpc: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // A firmware chunk (512 bytes plus CoAP and padding) must fit in a frame,
+    // and the frame header's length is a u16.
+    if !(1024..=65535).contains(&config.gateway.max_frame_len) {
+        anyhow::bail!(
+            "gateway.max_frame_len is {}; give 1024..=65535 (default 4096)",
+            config.gateway.max_frame_len
+        );
+    }
     let redis_url = config
         .redis
         .url

@@ -300,6 +300,17 @@ impl Session {
         self.next_token
     }
 
+    fn message_span(&self, msg: &CoapMessage, kind: &'static str) -> tracing::Span {
+        tracing::info_span!(
+            "device.message",
+            device = %self.device_id,
+            messaging.system = "trellis-coap",
+            messaging.operation.name = kind,
+            messaging.message.id = msg.message_id,
+            coap.type = ?msg.mtype,
+        )
+    }
+
     async fn handle_message(&mut self, plain: &[u8]) -> Result<(), SessionEnd> {
         let msg = CoapMessage::decode(plain).map_err(|e| SessionEnd::BadCoap(e.to_string()))?;
         let is_request_flow = matches!(
@@ -314,7 +325,8 @@ impl Session {
                     ));
                 };
                 self.incoming.start(msg.message_id);
-                return self.on_hello(hello).await;
+                let span = self.message_span(&msg, "hello");
+                return self.on_hello(hello).instrument(span).await;
             }
             self.incoming
                 .check(msg.message_id)
@@ -333,10 +345,17 @@ impl Session {
             return Ok(());
         }
         let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
+        // One span per message handled (transfer acks above are the
+        // transfer's own: thousands per image, summed in its log line).
+        let kind = match &incoming {
+            Incoming::Request(req) => req.kind(),
+            Incoming::Response => "response",
+        };
+        let span = self.message_span(&msg, kind);
         match incoming {
-            Incoming::Request(req) => self.on_request(&msg, req).await,
+            Incoming::Request(req) => self.on_request(&msg, req).instrument(span).await,
             Incoming::Response => {
-                self.on_response(&msg).await;
+                self.on_response(&msg).instrument(span).await;
                 Ok(())
             }
         }

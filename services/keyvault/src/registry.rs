@@ -39,6 +39,8 @@ pub struct DeviceRecord {
     pub registered_at_ms: i64,
     pub revoked_at_ms: i64,
     pub revoke_reason: String,
+    /// Sorted, distinct, each valid per [`parse_tags`].
+    pub tags: Vec<String>,
 }
 
 impl DeviceRecord {
@@ -51,6 +53,7 @@ impl DeviceRecord {
             revoked: self.revoked,
             registered_at_ms: self.registered_at_ms,
             revoked_at_ms: self.revoked_at_ms,
+            tags: self.tags.clone(),
         }
     }
 
@@ -64,6 +67,7 @@ impl DeviceRecord {
             ("registered_at_ms", self.registered_at_ms.to_string()),
             ("revoked_at_ms", self.revoked_at_ms.to_string()),
             ("revoke_reason", self.revoke_reason.clone()),
+            ("tags", self.tags.join(",")),
         ]
     }
 
@@ -90,6 +94,11 @@ impl DeviceRecord {
             registered_at_ms: get("registered_at_ms").parse().unwrap_or(0),
             revoked_at_ms: get("revoked_at_ms").parse().unwrap_or(0),
             revoke_reason: get("revoke_reason").to_string(),
+            tags: get("tags")
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect(),
         })
     }
 }
@@ -191,6 +200,7 @@ pub async fn register(redis: &mut Redis, req: pb::RegisterDeviceRequest) -> Resu
         registered_at_ms: now_ms(),
         revoked_at_ms: 0,
         revoke_reason: String::new(),
+        tags: Vec::new(),
     };
     let mut script = PUT_IF_UNCHANGED.prepare_invoke();
     script
@@ -287,6 +297,75 @@ pub async fn revoke(redis: &mut Redis, device_id: &str, reason: &str) -> Result<
         .await;
         tracing::info!(device_id = %device_id, reason, "device revoked");
     }
+    get_device(redis, &device_id).await
+}
+
+/// Most tags one device may carry.
+pub const MAX_TAGS: usize = 16;
+
+/// Checks and normalises a tag set: each tag 1..=64 characters of
+/// `[a-z0-9._-]` (stored as given, lowercased), at most [`MAX_TAGS`],
+/// duplicates folded; returned sorted. Commas would break the stored form
+/// and the `--tag` flags, so the alphabet is narrow on purpose.
+pub fn parse_tags(tags: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(tags.len());
+    for tag in tags {
+        let tag = tag.trim().to_lowercase();
+        if tag.is_empty() || tag.len() > 64 {
+            return Err(KeyvaultError::InvalidArgument(format!(
+                "tag {tag:?} must be 1 to 64 characters"
+            )));
+        }
+        if let Some(bad) = tag
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(*c)))
+        {
+            return Err(KeyvaultError::InvalidArgument(format!(
+                "tag {tag:?} has {bad:?}; tags use a-z, 0-9, '.', '_' and '-'"
+            )));
+        }
+        out.push(tag);
+    }
+    out.sort();
+    out.dedup();
+    if out.len() > MAX_TAGS {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "{} tags given; a device carries at most {MAX_TAGS}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+// Sets the tags field of an existing record; returns 0 if there is none.
+static SET_TAGS: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(SET_TAGS_LUA));
+const SET_TAGS_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'tags', ARGV[1])
+return 1
+"#;
+
+/// Replaces a device's tags (revoked devices too: tags describe the
+/// hardware, not the key).
+pub async fn set_tags(redis: &mut Redis, device_id: &str, tags: &[String]) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(device_id)?;
+    let tags = parse_tags(tags)?;
+    let joined = tags.join(",");
+    let result: i64 = SET_TAGS
+        .key(keys::device(&device_id))
+        .arg(&joined)
+        .invoke_async(redis)
+        .await?;
+    if result == 0 {
+        return Err(KeyvaultError::NotFound(format!(
+            "device {device_id} is not registered"
+        )));
+    }
+    audit_write(
+        redis,
+        AuditRecord::new(OPERATOR, "set_tags", &device_id, "ok").with("tags", joined),
+    )
+    .await;
     get_device(redis, &device_id).await
 }
 

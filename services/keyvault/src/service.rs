@@ -191,6 +191,23 @@ impl KeyVault for KeyVaultService {
         .await
     }
 
+    async fn set_device_tags(
+        &self,
+        request: Request<pb::SetDeviceTagsRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.set_device_tags", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            registry::set_tags(&mut redis, &req.device_id, &req.tags)
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn get_cloud_public_key(
         &self,
         _request: Request<pb::GetCloudPublicKeyRequest>,

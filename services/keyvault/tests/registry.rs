@@ -218,3 +218,79 @@ async fn redis_going_away_is_unavailable_not_a_panic() {
         .unwrap();
     kv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn tags_are_set_normalised_validated_and_audited() {
+    let redis = start_redis();
+    let mut kv = Keyvault::start(config(&redis, &master_hex(8)))
+        .await
+        .unwrap();
+    let c = &mut kv.client;
+    let a = Device::new();
+    c.register_device(req(&a.id_string(), 3, a.der.clone()))
+        .await
+        .unwrap();
+    let set = |tags: &[&str]| pb::SetDeviceTagsRequest {
+        device_id: a.id_string(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    };
+
+    // Lowercased, sorted, duplicates folded; GetDevice shows the same.
+    let d = c
+        .set_device_tags(set(&["Site-A", "lobby", "site-a", "rev.2_b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.tags, vec!["lobby", "rev.2_b", "site-a"]);
+    let got = c
+        .get_device(pb::GetDeviceRequest {
+            device_id: a.id_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.tags, d.tags);
+
+    // Bad tags are refused and change nothing.
+    for bad in ["a,b", "", "with space", "ünï"] {
+        let err = c.set_device_tags(set(&[bad])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    let many: Vec<String> = (0..17).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = c.set_device_tags(set(&refs)).await.unwrap_err();
+    assert!(err.message().contains("at most 16"), "{}", err.message());
+    let unchanged = c
+        .get_device(pb::GetDeviceRequest {
+            device_id: a.id_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.tags, vec!["lobby", "rev.2_b", "site-a"]);
+
+    // An unknown device: NOT_FOUND. An empty set clears the tags.
+    let err = c
+        .set_device_tags(pb::SetDeviceTagsRequest {
+            device_id: Device::new().id_string(),
+            tags: vec!["x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let cleared = c.set_device_tags(set(&[])).await.unwrap().into_inner();
+    assert!(cleared.tags.is_empty());
+
+    let audit = c
+        .list_audit(pb::ListAuditRequest {
+            limit: 10,
+            device_id: a.id_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, vec!["register", "set_tags", "set_tags"]);
+    kv.stop().await.unwrap();
+}

@@ -1084,7 +1084,8 @@ impl Scheduler {
         let mut redis = self.redis();
         let mut organization = String::new();
         let selection: Vec<String> = if target.device_ids.is_empty() {
-            let fleet = store::fleet(&mut redis, product).await?;
+            let tag = Some(target.tag.as_str()).filter(|t| !t.is_empty());
+            let fleet = store::fleet(&mut redis, product, tag).await?;
             if let Some((_, org)) = fleet.first() {
                 organization = org.clone();
             }
@@ -1114,7 +1115,13 @@ impl Scheduler {
         };
         let selection = spec::take_percent(selection, target.percent);
         if selection.is_empty() {
-            return Err(OtaError::InvalidArgument(if target.device_ids.is_empty() {
+            return Err(OtaError::InvalidArgument(if !target.tag.is_empty() {
+                format!(
+                    "the target is empty: no registered device of product {product} carries \
+                     the tag {:?} (trellis device tag ID {})",
+                    target.tag, target.tag
+                )
+            } else if target.device_ids.is_empty() {
                 format!(
                     "the target is empty: product {product} has no registered devices \
                      (register some, or name devices in target.device_ids)"

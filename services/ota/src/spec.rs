@@ -49,6 +49,25 @@ pub fn normalize(mut req: CreateRolloutRequest) -> Result<CreateRolloutRequest> 
         ids.push(id);
     }
     target.device_ids = ids;
+    target.tag = target.tag.trim().to_lowercase();
+    if !target.tag.is_empty() {
+        if !target.device_ids.is_empty() {
+            return Err(invalid(
+                "target names both device_ids and a tag; give one (a tag selects among the product's devices)",
+            ));
+        }
+        if target.tag.len() > 64
+            || !target
+                .tag
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+        {
+            return Err(invalid(format!(
+                "target.tag {:?} is not a tag: 1 to 64 characters of a-z, 0-9, '.', '_' and '-'",
+                target.tag
+            )));
+        }
+    }
     check_ratio("max_failure_ratio", req.max_failure_ratio)?;
     check_stages(&req.stages)?;
     if let Some(w) = &req.window {

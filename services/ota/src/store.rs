@@ -378,9 +378,12 @@ pub async fn reported_sha(redis: &mut Redis, device_id: &str) -> redis::RedisRes
 
 /// A product's registered, unrevoked devices (keyvault's registry), with
 /// their organisation.
+/// The product's registered, unrevoked devices (with their organisation),
+/// only those carrying `tag` when one is given.
 pub async fn fleet(
     redis: &mut Redis,
     product_id: u32,
+    tag: Option<&str>,
 ) -> redis::RedisResult<Vec<(String, String)>> {
     let mut ids: Vec<String> = redis.smembers(keys::DEVICE_INDEX).await?;
     ids.sort();
@@ -388,15 +391,29 @@ pub async fn fleet(
     for chunk in ids.chunks(500) {
         let mut pipe = redis::pipe();
         for id in chunk {
-            pipe.cmd("HMGET")
-                .arg(keys::device(id))
-                .arg(&["product_id", "revoked", "organization"]);
+            pipe.cmd("HMGET").arg(keys::device(id)).arg(&[
+                "product_id",
+                "revoked",
+                "organization",
+                "tags",
+            ]);
         }
-        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
-            pipe.query_async(redis).await?;
-        for (id, (product, revoked, org)) in chunk.iter().zip(rows) {
+        type Row = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = pipe.query_async(redis).await?;
+        for (id, (product, revoked, org, tags)) in chunk.iter().zip(rows) {
             let product: Option<u32> = product.and_then(|p| p.parse().ok());
-            if product == Some(product_id) && revoked.as_deref() != Some("1") {
+            let tagged = tag.is_none_or(|want| {
+                tags.as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .any(|t| t == want)
+            });
+            if product == Some(product_id) && revoked.as_deref() != Some("1") && tagged {
                 out.push((id.clone(), org.unwrap_or_default()));
             }
         }

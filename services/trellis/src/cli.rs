@@ -222,6 +222,9 @@ pub enum DeviceCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Set a device's tags (replacing its old ones; none: clear them), for
+    /// `trellis rollout create --tag`. Tags: a-z, 0-9, '.', '_', '-'.
+    Tag { id: String, tags: Vec<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -272,6 +275,7 @@ impl Command {
                 DeviceCommand::Call { .. } => "device call",
                 DeviceCommand::Get { .. } => "device get",
                 DeviceCommand::Revoke { .. } => "device revoke",
+                DeviceCommand::Tag { .. } => "device tag",
             },
             Command::Events(_) => "events tail",
             Command::Audit(_) => "audit tail",

@@ -233,6 +233,7 @@ pub async fn two_stage_rollout(
                 product_id: product,
                 device_ids: devices,
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![
                 Stage {

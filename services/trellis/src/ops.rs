@@ -239,6 +239,22 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 .into_inner();
             println!("revoked {}", d.device_id);
         }
+        DeviceCommand::Tag { id, tags } => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let d = kv
+                .set_device_tags(SetDeviceTagsRequest {
+                    device_id: id,
+                    tags,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if d.tags.is_empty() {
+                println!("{}: no tags", d.device_id);
+            } else {
+                println!("{}: {}", d.device_id, d.tags.join(" "));
+            }
+        }
     }
     Ok(())
 }

@@ -51,6 +51,9 @@ pub struct CreateArgs {
     /// Target these devices (comma-separated ids) instead of the whole fleet.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// Target the product's devices carrying this tag (trellis device tag).
+    #[arg(long, conflicts_with = "devices")]
+    pub tag: Option<String>,
     /// Product (default: the release's).
     #[arg(long, default_value_t = 0)]
     pub product: u32,
@@ -218,6 +221,7 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateRolloutRequest> {
             product_id: a.product,
             device_ids: a.devices.iter().map(|d| d.trim().to_string()).collect(),
             percent: a.percent,
+            tag: a.tag.clone().unwrap_or_default(),
         }),
         stages,
         max_failure_ratio: a.max_failure,

@@ -214,6 +214,20 @@ async fn provision_sim_list_call_get_events_audit_revoke() -> anyhow::Result<()>
         out
     );
 
+    // Tags, for rollouts by tag: normalised, and a bad one says why.
+    let tagged = ok(trellis(
+        &cluster,
+        0,
+        &["device", "tag", &ids[1], "Lobby", "site-a"],
+    ));
+    assert_eq!(tagged.trim(), format!("{}: lobby site-a", ids[1]));
+    let out = trellis(&cluster, 0, &["device", "tag", &ids[1], "a,b"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tags use a-z"),
+        "{out:?}"
+    );
+
     // Revoke: the device is thrown out at its next handshake, and the audit
     // log shows registry changes and key uses.
     ok(trellis(

@@ -521,6 +521,7 @@ async fn every_dashboard_metric_is_exported_after_real_traffic() -> anyhow::Resu
                 product_id: 1,
                 device_ids: vec![ids[0].clone(), ids[1].clone(), offline.clone()],
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![pb::Stage {
                 name: "all".into(),

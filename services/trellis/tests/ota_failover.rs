@@ -97,6 +97,7 @@ async fn gateway_killed_mid_transfer_the_update_completes_elsewhere() -> anyhow:
                 product_id: PRODUCT,
                 device_ids: ids.clone(),
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![Stage {
                 name: "all".into(),

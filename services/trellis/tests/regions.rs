@@ -784,6 +784,7 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
                 product_id: PRODUCT,
                 device_ids: rollout_ids.clone(),
                 percent: 0,
+                tag: String::new(),
             }),
             stages: vec![Stage {
                 name: "all".into(),

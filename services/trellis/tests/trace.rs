@@ -240,6 +240,28 @@ async fn one_trace_from_cli_through_two_gateways_to_the_device() -> anyhow::Resu
         "{chain:?}"
     );
 
+    // Each message a gateway handles has its span, named by what it is.
+    let operations: Vec<String> = all
+        .iter()
+        .filter(|(_, s)| s.name == "device.message")
+        .flat_map(|(_, s)| {
+            s.attributes
+                .iter()
+                .filter(|a| a.key == "messaging.operation.name")
+                .filter_map(|a| match a.value.as_ref()?.value.as_ref()? {
+                    AnyValue::StringValue(v) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for op in ["hello", "response"] {
+        assert!(
+            operations.iter().any(|o| o == op),
+            "no device.message span for {op}: {operations:?}"
+        );
+    }
+
     // No secret in any span attribute or event of the run.
     let secrets = raw.session_secrets_hex.clone();
     for (_, span) in &all {

@@ -1,0 +1,222 @@
+//! Which devices a rollout takes (a tag) and how fast it goes through them
+//! (devices updating at once, a stage's soak time, its success gate), against
+//! a real redis-server, a simulated fleet and a manual clock.
+mod common;
+
+use common::*;
+use pb::DeviceUpdateState as D;
+use redis::AsyncCommands;
+use std::collections::HashSet;
+use std::time::Duration;
+use trellis_core::redis_conn::keys;
+use trellis_proto::v1 as pb;
+
+/// Tags as keyvault stores them (`registry::set_tags`: sorted, comma-joined).
+async fn tag(env: &Env, device: &str, tags: &str) {
+    let mut redis = env.redis.clone();
+    let _: () = redis
+        .hset(keys::device(device), "tags", tags)
+        .await
+        .unwrap();
+}
+
+fn tagged(t: &str) -> pb::CreateRolloutRequest {
+    let mut req = request(vec![stage_pct(100)]);
+    if let Some(target) = req.target.as_mut() {
+        target.tag = t.into();
+    }
+    req
+}
+
+#[tokio::test]
+async fn a_tag_targets_exactly_the_devices_that_carry_it() {
+    let env = env().await;
+    let ids = env.devices(PRODUCT, 10, true).await;
+    for id in &ids[..4] {
+        tag(&env, id, "lobby,site-a").await;
+    }
+    // Tags are whole words: "site-ab" is not "site-a".
+    tag(&env, &ids[4], "site-ab").await;
+    tag(&env, &ids[5], "site-b").await;
+    let sched = env.scheduler("a");
+
+    let created = sched.create(tagged("Site-A ")).await.unwrap();
+    let targeted: HashSet<String> = created
+        .devices
+        .iter()
+        .map(|d| d.device_id.clone())
+        .collect();
+    let want: HashSet<String> = ids[..4].iter().cloned().collect();
+    assert_eq!(targeted, want);
+    let done = drive(&env, &sched, &created.rollout_id, ended).await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    assert_eq!(count(&done, D::Applied), 4);
+    assert_eq!(
+        env.fleet.delivered(),
+        want,
+        "only tagged devices are touched"
+    );
+
+    // Refusals, each with a message that says what to fix, and no record.
+    let before: Vec<String> = env.redis.clone().keys("trellis:rollout*").await.unwrap();
+    let err = sched.create(tagged("nobody")).await.unwrap_err();
+    assert!(err.to_string().contains("\"nobody\""), "{err}");
+    let err = sched.create(tagged("bad,tag")).await.unwrap_err();
+    assert!(err.to_string().contains("not a tag"), "{err}");
+    let mut both = tagged("site-a");
+    if let Some(t) = both.target.as_mut() {
+        t.device_ids = vec![ids[0].clone()];
+    }
+    let err = sched.create(both).await.unwrap_err();
+    assert!(
+        err.to_string().contains("both device_ids and a tag"),
+        "{err}"
+    );
+    let after: Vec<String> = env.redis.clone().keys("trellis:rollout*").await.unwrap();
+    assert_eq!(before.len(), after.len(), "a refused rollout left records");
+}
+
+#[tokio::test]
+async fn no_more_than_max_concurrent_devices_update_at_once() {
+    let env = env().await;
+    env.devices(PRODUCT, 10, true).await;
+    let sched = env.scheduler("a");
+    let mut req = request(vec![stage_pct(100)]);
+    req.max_concurrent = 3;
+    let rid = sched.create(req).await.unwrap().rollout_id;
+
+    // Devices that took the image have not come back yet: still in flight.
+    for _ in 0..5 {
+        sched.tick().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(env.fleet.delivered().len(), 3, "max_concurrent 3");
+
+    // As they come back, the next ones start, never more than 3 at once.
+    let mut peak = 0;
+    let done = drive(&env, &sched, &rid, |s| {
+        let in_flight = count(s, D::Delivering) + count(s, D::WaitingApproval);
+        peak = peak.max(in_flight);
+        ended(s)
+    })
+    .await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    assert_eq!(count(&done, D::Applied), 10);
+    assert!(peak <= 3, "{peak} devices were updating at once");
+    env.fleet.assert_at_most_once();
+}
+
+#[tokio::test]
+async fn the_next_stage_waits_out_the_soak_time() {
+    let env = env().await;
+    env.devices(PRODUCT, 6, true).await;
+    let sched = env.scheduler("a");
+    let mut canary = stage_count(2);
+    canary.soak_secs = 600;
+    let rid = sched
+        .create(request(vec![canary, stage_pct(100)]))
+        .await
+        .unwrap()
+        .rollout_id;
+
+    // The canary finishes; the clock has not moved, so the stage soaks.
+    let soaking = drive(&env, &sched, &rid, |s| s.message.contains("soaking")).await;
+    assert_eq!(count(&soaking, D::Applied), 2);
+    assert_eq!(soaking.current_stage, 0);
+    for _ in 0..5 {
+        sched.tick().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        env.fleet.delivered().len(),
+        2,
+        "nothing past the canary while soaking"
+    );
+
+    // Nine minutes in: still soaking. Past ten: the next stage opens.
+    env.clock.advance_ms(540_000);
+    sched.tick().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(env.fleet.delivered().len(), 2);
+    env.clock.advance_ms(61_000);
+    let done = drive(&env, &sched, &rid, ended).await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    assert_eq!(count(&done, D::Applied), 6);
+}
+
+#[tokio::test]
+async fn a_stage_below_its_success_ratio_pauses_until_an_operator_resumes() {
+    let env = env().await;
+    let ids = env.devices(PRODUCT, 8, true).await;
+    let sched = env.scheduler("a");
+    let mut canary = stage_count(4);
+    canary.min_success_ratio = 0.9;
+    let mut req = request(vec![canary, stage_pct(100)]);
+    // High enough that the failures pause the rollout rather than abort it.
+    req.max_failure_ratio = 0.6;
+    let rid = sched.create(req).await.unwrap().rollout_id;
+    let created = sched.status(&rid, true).await.unwrap();
+    let canary_ids: Vec<String> = created
+        .devices
+        .iter()
+        .filter(|d| d.stage == 0)
+        .map(|d| d.device_id.clone())
+        .collect();
+    assert_eq!(canary_ids.len(), 4);
+    env.fleet
+        .set(&canary_ids[0], Behaviour::Reject("version_rollback"));
+
+    // 3 of 4 applied = 0.75 < 0.9: paused, with the reason, nothing further.
+    let paused = drive(&env, &sched, &rid, |s| {
+        s.state() == pb::RolloutState::Paused || ended(s)
+    })
+    .await;
+    assert_eq!(
+        paused.state(),
+        pb::RolloutState::Paused,
+        "{}",
+        paused.message
+    );
+    assert!(
+        paused.message.contains("min_success_ratio"),
+        "{}",
+        paused.message
+    );
+    for _ in 0..5 {
+        sched.tick().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        env.fleet.delivered().len(),
+        4,
+        "nothing past the gated stage"
+    );
+
+    // The operator looks and resumes: the next stage opens.
+    sched.resume(&rid, "looked at it").await.unwrap();
+    let done = drive(&env, &sched, &rid, ended).await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    assert_eq!(count(&done, D::Applied), 7);
+    assert_eq!(count(&done, D::RejectedByDevice), 1);
+    assert_eq!(ids.len(), 8);
+}
