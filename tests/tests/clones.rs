@@ -308,3 +308,119 @@ async fn quarantine_closes_both_and_refuses_the_identity_for_a_while() -> anyhow
     cluster.stop().await;
     Ok(())
 }
+
+/// A gateway of another region: its own Redis for sessions and routing,
+/// the cluster's Redis as the durable store both regions share, the same
+/// keyvault. Returns its device address and what stops it.
+async fn gateway_in_region(
+    cluster: &Cluster,
+    region: &str,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    LocalRedis,
+    trellis_core::shutdown::ShutdownTrigger,
+)> {
+    let regional = LocalRedis::start(RedisData::Ephemeral)?;
+    let mut config = cluster.config.clone();
+    config.region = region.into();
+    config.redis.durable_url = Some(cluster.redis.url());
+    config.redis.url = Some(regional.url());
+    config.gateway.id = format!("gw-{region}");
+    config.gateway.keyvault_url = format!("http://{}", cluster.keyvault);
+    let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = devices.local_addr()?;
+    let (trigger, shutdown) = trellis_core::shutdown::Shutdown::new();
+    tokio::spawn(trellis_gateway::serve_with_listeners(
+        config, devices, grpc, shutdown,
+    ));
+    Ok((addr, regional, trigger))
+}
+
+/// The same key in session in two regions from two addresses: the older
+/// region's gateway sees the newer claim at its next ownership refresh
+/// (half a keepalive), flags a suspected clone and closes its session. A
+/// device that fails over from the same address is not flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_in_another_region_is_flagged_within_one_keepalive() -> anyhow::Result<()> {
+    let region = "clones-cross-a";
+    let redis = LocalRedis::start(RedisData::Ephemeral)?;
+    let mut config = test_config(&redis.url());
+    config.region = region.into();
+    config.gateway.keepalive_secs = 4;
+    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let (gw_b, _regional_b, stop_b) = gateway_in_region(&cluster, "clones-cross-b").await?;
+    let keepalive = Duration::from_secs(4);
+
+    // Failover from the same address: superseded, not a clone.
+    let mover = cluster.provision(1).await?;
+    let mover_id = mover.device_id.to_string();
+    let mut in_a = connect(&cluster, 0, HOST_A, &mover).await?;
+    online_at(&cluster, &mover_id, HOST_A).await?;
+    let mut in_b = RawDevice::connect_from(gw_b, HOST_A, &mover).await?;
+    in_b.hello(mover.device_id, [7; 32]).await?;
+    assert!(
+        in_a.closed_within(keepalive).await,
+        "region A closes the session region B took over"
+    );
+    assert!(alive(&mut in_b).await?);
+    let audit = cluster.audit(Some(&mover_id)).await?;
+    assert!(
+        audit.iter().any(|r| r.action == "session_superseded"),
+        "{audit:?}"
+    );
+    assert!(
+        !audit.iter().any(|r| r.action == "clone_suspected"),
+        "a failover from the same address is not a clone: {audit:?}"
+    );
+
+    // The same key from another address in the other region: a clone.
+    let identity = cluster.provision(1).await?;
+    let id = identity.device_id.to_string();
+    let mut original = connect(&cluster, 0, HOST_A, &identity).await?;
+    online_at(&cluster, &id, HOST_A).await?;
+    let started = Instant::now();
+    let mut clone = RawDevice::connect_from(gw_b, HOST_B, &identity).await?;
+    clone.hello(identity.device_id, [7; 32]).await?;
+    let record = eventually(keepalive, "cross-region clone_suspected record", || async {
+        cluster
+            .audit(Some(&id))
+            .await
+            .ok()?
+            .into_iter()
+            .find(|r| r.action == "clone_suspected")
+    })
+    .await?;
+    eprintln!(
+        "cross-region clone detected {:?} after the second connect",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < keepalive);
+    let detail = |k: &str| {
+        record
+            .detail
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(detail("scope"), "cross_region");
+    assert_eq!(detail("old_region"), region);
+    assert_eq!(detail("new_region"), "clones-cross-b");
+    assert!(detail("old_peer").starts_with("127.0.0.2:"), "{record:?}");
+    assert!(detail("new_peer").starts_with("127.0.0.3:"), "{record:?}");
+    assert!(
+        original.closed_within(keepalive).await,
+        "the older session is closed"
+    );
+    assert!(
+        alive(&mut clone).await?,
+        "newest wins: the newer session goes on"
+    );
+    let state = show(&cluster, &id).await?;
+    assert_eq!(state.clone_flags.len(), 1, "{:?}", state.clone_flags);
+    assert_eq!(clone_suspicions(region), 1.0);
+    drop(stop_b);
+    cluster.stop().await;
+    Ok(())
+}

@@ -231,6 +231,83 @@ async fn suspected_clone(
     }
 }
 
+/// A session of ours (`peer`, `epoch`) that was still live when a claim
+/// from another address was made in another region (`newer`): flagged,
+/// counted and audited like a clone seen within the region. Our session
+/// closes either way (the newer claim holds the device); with
+/// `quarantine`, the identity is also quarantined in the durable store,
+/// so keyvault refuses its next handshake in every region, and the other
+/// region's session is closed by its own gateway at its next ownership
+/// refresh (it finds the quarantine, `quarantined_now`).
+pub async fn across_regions(
+    gw: &Gateway,
+    device_id: &str,
+    peer: &str,
+    epoch: u64,
+    newer: &crate::home::Home,
+) {
+    let policy = gw.config.clone_policy;
+    let mut redis = gw.durable.clone();
+    metrics().clone_suspicions.add(
+        1,
+        &[
+            kv("gateway", gw.id.clone()),
+            kv("region", gw.region.clone()),
+        ],
+    );
+    tracing::warn!(
+        device = %device_id,
+        peer,
+        other_peer = %newer.peer,
+        other_region = %newer.region,
+        other_gateway = %newer.gateway,
+        policy = policy.as_str(),
+        "suspected clone: one device identity in session in two regions from two addresses"
+    );
+    let flag = CloneFlag {
+        time_ms: now_ms(),
+        gateway: newer.gateway.clone(),
+        peer: newer.peer.clone(),
+        other_gateway: gw.id.clone(),
+        other_peer: peer.to_string(),
+        action: policy.as_str().to_string(),
+    };
+    if let Err(e) = push_flag(gw, &mut redis, device_id, &flag).await {
+        tracing::warn!(device = %device_id, error = %e, "could not record the clone flag");
+    }
+    let outcome = match policy {
+        ClonePolicy::NewestWins => "previous_closed",
+        ClonePolicy::Quarantine => "quarantined",
+    };
+    let record = AuditRecord::new(&gw.id, "clone_suspected", device_id, outcome)
+        .with("policy", policy.as_str())
+        .with("scope", "cross_region")
+        .with("old_peer", peer.to_string())
+        .with("old_gateway", gw.id.clone())
+        .with("old_region", gw.region.clone())
+        .with("old_epoch", epoch.to_string())
+        .with("new_peer", newer.peer.clone())
+        .with("new_gateway", newer.gateway.clone())
+        .with("new_region", newer.region.clone())
+        .with("new_epoch", newer.epoch.to_string());
+    write_audit(&mut redis, &record).await;
+    if policy == ClonePolicy::Quarantine
+        && let Err(e) = quarantine(&mut redis, device_id, gw.config.clone_quarantine_secs).await
+    {
+        tracing::warn!(device = %device_id, error = %e, "could not quarantine the device");
+    }
+}
+
+/// Whether the identity is quarantined now (a clone seen in another
+/// region): a live session checks at its ownership refresh and closes.
+pub async fn quarantined_now(gw: &Gateway, device_id: &str) -> redis::RedisResult<bool> {
+    let mut redis = gw.durable.clone();
+    redis::cmd("EXISTS")
+        .arg(keys::quarantine(device_id))
+        .query_async(&mut redis)
+        .await
+}
+
 /// The identity was quarantined between keyvault's check and our claim.
 async fn refuse_quarantined(
     gw: &Gateway,

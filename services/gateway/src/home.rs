@@ -24,7 +24,7 @@ local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if cur ~= nil and cur >= tonumber(ARGV[3]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'region', ARGV[1], 'gateway', ARGV[2], 'epoch', ARGV[3], 'since', ARGV[4])
+redis.call('HSET', KEYS[1], 'region', ARGV[1], 'gateway', ARGV[2], 'epoch', ARGV[3], 'since', ARGV[4], 'peer', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
@@ -45,6 +45,9 @@ pub struct Home {
     pub region: String,
     pub gateway: String,
     pub epoch: u64,
+    /// The device's address as that claim's gateway saw it ("" in records
+    /// written before it was kept).
+    pub peer: String,
 }
 
 /// Records this claim as the device's home, off the session path: the
@@ -52,9 +55,10 @@ pub struct Home {
 /// be in the middle of a failover. A lost write only means a session in
 /// another region is closed later (by its keepalive timeout) rather than
 /// at its next refresh.
-pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64) {
+pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64, peer: &str) {
     let mut durable = gw.durable.clone();
     let (device, region, gateway) = (device_id.to_string(), gw.region.clone(), gw.id.clone());
+    let peer = peer.to_string();
     tokio::spawn(async move {
         let result: redis::RedisResult<i64> = Script::new(RECORD)
             .key(keys::home(&device))
@@ -63,6 +67,7 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64) {
             .arg(epoch)
             .arg(now_ms())
             .arg(HOME_TTL_SECS)
+            .arg(&peer)
             .invoke_async(&mut durable)
             .await;
         if let Err(e) = result {
@@ -73,20 +78,27 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64) {
 
 /// The device's home record (`None`: none yet).
 pub async fn current(durable: &mut Redis, device_id: &str) -> redis::RedisResult<Option<Home>> {
-    let (region, gateway, epoch): (Option<String>, Option<String>, Option<String>) =
-        redis::cmd("HMGET")
-            .arg(keys::home(device_id))
-            .arg("region")
-            .arg("gateway")
-            .arg("epoch")
-            .query_async(durable)
-            .await?;
+    type Fields = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let (region, gateway, epoch, peer): Fields = redis::cmd("HMGET")
+        .arg(keys::home(device_id))
+        .arg("region")
+        .arg("gateway")
+        .arg("epoch")
+        .arg("peer")
+        .query_async(durable)
+        .await?;
     Ok(
         match (region, gateway, epoch.and_then(|e| e.parse().ok())) {
             (Some(region), Some(gateway), Some(epoch)) => Some(Home {
                 region,
                 gateway,
                 epoch,
+                peer: peer.unwrap_or_default(),
             }),
             _ => None,
         },
@@ -128,6 +140,7 @@ mod tests {
             region: region.into(),
             gateway: "gw".into(),
             epoch,
+            peer: String::new(),
         }
     }
 

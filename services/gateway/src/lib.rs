@@ -390,7 +390,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     }
     // Cross-region: the newest claim anywhere names the device's home; a
     // session in another region sees it and closes (home.rs).
-    home::record_claim(&gw, &device_id, claim.epoch);
+    home::record_claim(&gw, &device_id, claim.epoch, &peer.to_string());
     if let Err(e) = device_state::record_connect(
         &mut redis,
         &device_id,

@@ -647,6 +647,7 @@ impl Session {
         let gw = Arc::clone(&self.gw);
         let device = self.device_id.clone();
         let epoch = self.epoch;
+        let peer = self.peer.to_string();
         let span = tracing::info_span!("session.home_check", device = %device, epoch);
         self.home_check = Some(tokio::spawn(
             async move {
@@ -665,6 +666,15 @@ impl Session {
                     }
                 };
                 let Some(newer) = crate::home::superseded_by(&home, &gw.region, epoch) else {
+                    // Still ours; under `quarantine`, a clone seen from
+                    // another region may have quarantined the identity.
+                    if gw.config.clone_policy == trellis_core::config::ClonePolicy::Quarantine
+                        && matches!(crate::clones::quarantined_now(&gw, &device).await, Ok(true))
+                    {
+                        tracing::warn!("identity quarantined (suspected clone); closing");
+                        gw.local
+                            .close(&device, epoch, "quarantined: suspected clone");
+                    }
                     return;
                 };
                 let reason = format!(
@@ -673,6 +683,12 @@ impl Session {
                 );
                 tracing::warn!(%reason, "session held by another region; closing");
                 crate::home::audit_superseded(&gw, &device, epoch, newer).await;
+                // This session was live when the other region's claim came,
+                // so a different address there is one identity in two
+                // places at once: the cross-region half of clones.rs.
+                if !newer.peer.is_empty() && !crate::clones::same_host(&newer.peer, &peer) {
+                    crate::clones::across_regions(&gw, &device, &peer, epoch, newer).await;
+                }
                 gw.local.close(&device, epoch, &reason);
             }
             .instrument(span),
