@@ -129,6 +129,9 @@ pub struct GatewayConfig {
     pub command_timeout_ms: u64,
     /// Device events kept in the capped Redis stream.
     pub events_max_len: usize,
+    /// Firmware chunks sent ahead of the device's ChunkReceived (1..=128):
+    /// deeper windows put many chunks in one write and one ownership check.
+    pub ota_window: usize,
     /// New handshakes admitted per second by this gateway (token bucket);
     /// the rest are turned away before any RSA work, and the devices'
     /// backoff spreads them out. Size it to what keyvault serves (README).
@@ -292,6 +295,7 @@ impl Default for GatewayConfig {
             max_frame_len: 4096,
             command_timeout_ms: 10_000,
             events_max_len: 10_000,
+            ota_window: 32,
             ota_url: String::new(),
             handshake_rate: 1_000,
             handshake_burst: 200,

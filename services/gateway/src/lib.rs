@@ -135,6 +135,13 @@ pub async fn serve_with_listeners(
             config.gateway.max_frame_len
         );
     }
+    // One-byte CoAP tokens: the window must leave room for the others.
+    if !(1..=128).contains(&config.gateway.ota_window) {
+        anyhow::bail!(
+            "gateway.ota_window is {}; give 1..=128 (default 32)",
+            config.gateway.ota_window
+        );
+    }
     let redis_url = config
         .redis
         .url

@@ -798,7 +798,10 @@ impl Session {
         let sender = match OtaSender::new(
             bundle.image.to_vec(),
             bundle.signed_manifest,
-            SenderConfig::default(),
+            SenderConfig {
+                window: self.gw.config.ota_window,
+                ..SenderConfig::default()
+            },
         ) {
             Ok(s) => s,
             Err(e) => {
