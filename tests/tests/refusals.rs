@@ -396,3 +396,46 @@ async fn the_configured_frame_limit_is_the_one_enforced() -> anyhow::Result<()> 
     cluster.stop().await;
     Ok(())
 }
+
+/// A device that stops sending anything (no pings) after its Hello is
+/// dropped by the gateway after three keepalive intervals, and shows as
+/// offline; one that keeps pinging stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_session_is_dropped_after_three_keepalives() -> anyhow::Result<()> {
+    let redis = trellis_core::local_redis::LocalRedis::start(
+        trellis_core::local_redis::RedisData::Ephemeral,
+    )?;
+    let mut config = trellis_tests::test_config(&redis.url());
+    config.gateway.keepalive_secs = 1;
+    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let (mut silent, silent_id) = session(&cluster).await?;
+    let (mut pinging, pinging_id) = session(&cluster).await?;
+    let started = std::time::Instant::now();
+    let mut closed_after = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        let mid = pinging.take_id();
+        pinging.send(&message::ping(mid)).await?;
+        if closed_after.is_none() && silent.closed_within(Duration::from_millis(500)).await {
+            closed_after = Some(started.elapsed());
+        }
+        if closed_after.is_some() && started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the silent session was never closed");
+    assert!(
+        closed_after >= Duration::from_millis(2500),
+        "closed before three keepalives: {closed_after:?}"
+    );
+    let mut gw = cluster.gateway_client(0).await?;
+    let state = |id: String| GetDeviceStateRequest { device_id: id };
+    let silent_state = gw.get_device_state(state(silent_id)).await?.into_inner();
+    assert!(
+        !silent_state.online,
+        "a dropped session leaves the device offline"
+    );
+    let pinging_state = gw.get_device_state(state(pinging_id)).await?.into_inner();
+    assert!(pinging_state.online, "a device that pings stays in session");
+    cluster.stop().await;
+    Ok(())
+}

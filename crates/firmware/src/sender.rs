@@ -18,6 +18,7 @@
 //! asks for it at UpdateDone if it really is missing.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::message::{self, Incoming, Request};
@@ -147,7 +148,8 @@ struct Flight {
 }
 
 pub struct OtaSender {
-    image: Vec<u8>,
+    /// Shared: a gateway sends one image to many devices at once.
+    image: Arc<[u8]>,
     signed_manifest: Vec<u8>,
     config: SenderConfig,
     chunks_total: usize,
@@ -172,10 +174,11 @@ impl OtaSender {
     /// `signed_manifest` is the `trellis.v1.SignedManifest` wire bytes, sent
     /// as they are after UpdateBegin's 12 bytes.
     pub fn new(
-        image: Vec<u8>,
+        image: impl Into<Arc<[u8]>>,
         signed_manifest: Vec<u8>,
         config: SenderConfig,
     ) -> Result<Self, SenderError> {
+        let image: Arc<[u8]> = image.into();
         if image.is_empty() {
             return Err(SenderError::EmptyImage);
         }

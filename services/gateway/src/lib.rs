@@ -331,7 +331,11 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
             device = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let result = handshake::run(&gw, &mut stream, peer)
+        // Boxed here and below: an async fn's future is as large as its
+        // largest await, and each session task keeps its future for life;
+        // boxing the one-off steps (handshake, claim, audits) keeps the idle
+        // session's task down to the session loop itself.
+        let result = Box::pin(handshake::run(&gw, &mut stream, peer))
             .instrument(hs_span.clone())
             .await;
         let (outcome, reason) = match &result {
@@ -366,7 +370,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
                     let mut durable = gw.durable.clone();
                     let _ = tokio::time::timeout(
                         home::DURABLE_WRITE_BUDGET,
-                        audit::append(&mut durable, &record),
+                        Box::pin(audit::append(&mut durable, &record)),
                     )
                     .await;
                 }
@@ -379,7 +383,14 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
 
     let mut redis = gw.redis.clone();
     let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
-    let claim = match ownership::claim(&mut redis, &device_id, &gw.id, &peer.to_string(), ttl).await
+    let claim = match Box::pin(ownership::claim(
+        &mut redis,
+        &device_id,
+        &gw.id,
+        &peer.to_string(),
+        ttl,
+    ))
+    .await
     {
         Ok(c) => c,
         Err(e) => {
@@ -390,7 +401,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     // Reconnect or suspected clone: audited, counted, and the policy
     // (gateway.clone_policy) decides which session survives.
     if let clones::Verdict::Refuse(reason) =
-        clones::after_claim(&gw, &device_id, peer, &claim).await
+        Box::pin(clones::after_claim(&gw, &device_id, peer, &claim)).await
     {
         tracing::warn!(device = %device_id, %reason, "session refused after the handshake");
         return;
@@ -398,13 +409,13 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     // Cross-region: the newest claim anywhere names the device's home; a
     // session in another region sees it and closes (home.rs).
     home::record_claim(&gw, &device_id, claim.epoch, &peer.to_string());
-    if let Err(e) = device_state::record_connect(
+    if let Err(e) = Box::pin(device_state::record_connect(
         &mut redis,
         &device_id,
         &gw.id,
         &peer.to_string(),
         established.product_id,
-    )
+    ))
     .await
     {
         tracing::warn!(device = %device_id, error = %e, "could not record the connection");
@@ -429,9 +440,9 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     let end = session.run(rx, shutdown).await;
     metrics().sessions_open.add(-1, &gauge_labels);
     gw.local.remove(&device_id, claim.epoch);
-    let _ = ownership::release(&mut redis, &device_id, claim.epoch).await;
+    let _ = Box::pin(ownership::release(&mut redis, &device_id, claim.epoch)).await;
     if end.is_violation() {
-        session::Session::audit_end(&gw, &device_id, peer, &end).await;
+        Box::pin(session::Session::audit_end(&gw, &device_id, peer, &end)).await;
         tracing::warn!(device = %device_id, reason = end.label(), error = %end, "session closed: protocol violation");
     } else {
         tracing::info!(device = %device_id, reason = end.label(), detail = %end, "session closed");

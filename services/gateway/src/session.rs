@@ -115,6 +115,11 @@ struct Transfer {
     last_heard: Instant,
 }
 
+/// Housekeeping period while a deadline is near (see `event_loop`).
+const BUSY_TICK: Duration = Duration::from_millis(500);
+/// Housekeeping period of an idle session (at most a quarter keepalive).
+const IDLE_TICK: Duration = Duration::from_secs(2);
+
 /// Silence during a transfer after which the awaited step is sent again.
 const TRANSFER_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -177,7 +182,8 @@ impl Session {
         // (through the load balancer, to any gateway) is a clean claim and
         // not a suspected duplicate.
         let mut redis = self.gw.redis.clone();
-        if let Err(e) = ownership::release(&mut redis, &self.device_id, self.epoch).await {
+        if let Err(e) = Box::pin(ownership::release(&mut redis, &self.device_id, self.epoch)).await
+        {
             tracing::warn!(device = %self.device_id, error = %e, "could not release ownership; it expires on its own");
         }
         let _ = self.stream.shutdown().await;
@@ -192,7 +198,13 @@ impl Session {
         let keepalive = Duration::from_secs(self.gw.config.keepalive_secs.max(1));
         let silence_limit = keepalive * 3;
         let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // The housekeeping timer: every 500 ms while something has a
+        // deadline (no Hello yet, commands waiting for the device, a
+        // transfer, a drain), every IDLE_TICK otherwise. Idle sessions are
+        // nearly all of them, and each wake-up costs a little CPU: the
+        // deadlines left then (silence, ownership refresh) are seconds long.
+        let tick = tokio::time::sleep(BUSY_TICK);
+        tokio::pin!(tick);
         // Drain (gateway shutdown): take no new command, let the device
         // answer what it was already asked, then end (the caller releases
         // ownership and closes, and the device reconnects elsewhere).
@@ -218,7 +230,10 @@ impl Session {
                     loop {
                         match self.cipher.decoder.next_message() {
                             Ok(Some(plain)) => {
-                                if let Err(end) = self.handle_message(&plain).await {
+                                // Boxed (here and below): the idle session's
+                                // task holds only the loop, not the largest
+                                // handler's state (lib.rs, `connection`).
+                                if let Err(end) = Box::pin(self.handle_message(&plain)).await {
                                     return end;
                                 }
                             }
@@ -229,7 +244,7 @@ impl Session {
                     // Every transfer answer of this read is in: one pump
                     // (one fence, one write) refills the window for all.
                     if std::mem::take(&mut self.pump_deferred)
-                        && let Err(end) = self.pump_transfer().await
+                        && let Err(end) = Box::pin(self.pump_transfer()).await
                     {
                         return end;
                     }
@@ -241,14 +256,25 @@ impl Session {
                                 FailureKind::SessionLost,
                                 format!("gateway {} is draining; the command was not delivered to device {}", self.gw.id, self.device_id),
                             )));
-                        } else if let Err(end) = self.start_command(action, timeout, request, reply).await {
+                        } else if let Err(end) = Box::pin(self.start_command(action, timeout, request, reply)).await {
                             return end;
+                        }
+                        // The command has a deadline now: tick soon.
+                        let soon = tokio::time::Instant::now() + BUSY_TICK;
+                        if tick.deadline() > soon {
+                            tick.as_mut().reset(soon);
                         }
                     }
                     Some(SessionCommand::Close { reason }) => return SessionEnd::Closed(reason),
                     None => return SessionEnd::Shutdown,
                 },
-                _ = tick.tick() => {
+                () = &mut tick => {
+                    let busy = draining
+                        || !self.hello_seen
+                        || !self.pending.is_empty()
+                        || self.transfer.is_some();
+                    let period = if busy { BUSY_TICK } else { IDLE_TICK.min(keepalive / 4) };
+                    tick.as_mut().reset(tokio::time::Instant::now() + period);
                     if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota)) {
                         drain_span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
                         return SessionEnd::Shutdown;
@@ -261,11 +287,13 @@ impl Session {
                         return SessionEnd::Silent(silent.as_secs());
                     }
                     self.expire_pending();
-                    if let Err(end) = self.transfer_tick().await {
+                    if self.transfer.is_some()
+                        && let Err(end) = Box::pin(self.transfer_tick()).await
+                    {
                         return end;
                     }
                     if self.last_refresh.elapsed() >= keepalive / 2
-                        && let Err(end) = self.refresh_ownership().await
+                        && let Err(end) = Box::pin(self.refresh_ownership()).await
                     {
                         return end;
                     }
@@ -793,10 +821,10 @@ impl Session {
                 return Ok(());
             }
         };
-        // OtaSender owns a Vec: this copy is per device (the load and the
-        // SHA-256 above are shared through the gateway's release cache).
+        // One copy of the image for every device it goes to (the gateway's
+        // release cache holds it; the SHA-256 was checked once, at load).
         let sender = match OtaSender::new(
-            bundle.image.to_vec(),
+            bundle.image,
             bundle.signed_manifest,
             SenderConfig {
                 window: self.gw.config.ota_window,
