@@ -105,6 +105,100 @@ pub async fn current(durable: &mut Redis, device_id: &str) -> redis::RedisResult
     )
 }
 
+/// The cross-region check for many live sessions at once (refresher.rs):
+/// one pipelined read of their home records (a read, so this region's
+/// replica answers it while the durable primary is away), then, per
+/// session, what `superseded_by` says: closed, audited, and flagged as a
+/// suspected clone when the newer claim came from another address. Under
+/// the `quarantine` policy a quarantined identity's session closes too.
+/// An unreadable store keeps every session (as a failed refresh does).
+pub async fn check_many(gw: &Gateway, sessions: &[(String, u64, std::net::SocketAddr)]) {
+    let quarantine = gw.config.clone_policy == trellis_core::config::ClonePolicy::Quarantine;
+    for chunk in sessions.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for (device, _, _) in chunk {
+            pipe.cmd("HMGET")
+                .arg(keys::home(device))
+                .arg("region")
+                .arg("gateway")
+                .arg("epoch")
+                .arg("peer");
+            if quarantine {
+                pipe.cmd("EXISTS").arg(keys::quarantine(device));
+            }
+        }
+        let mut durable = gw.durable.clone();
+        let read: redis::RedisResult<Vec<redis::Value>> = match tokio::time::timeout(
+            DURABLE_WRITE_BUDGET,
+            pipe.query_async(&mut durable),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!("home records: read timed out (durable store failing over)");
+                continue;
+            }
+        };
+        let values = match read {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "home records unreadable");
+                continue;
+            }
+        };
+        let per = if quarantine { 2 } else { 1 };
+        for ((device, epoch, peer), answer) in chunk.iter().zip(values.chunks(per)) {
+            type Fields = (
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            );
+            let home: Option<Fields> = redis::from_redis_value_ref(&answer[0]).ok();
+            let home = match home {
+                Some((Some(region), Some(gateway), Some(e), peer)) => {
+                    e.parse().ok().map(|epoch| Home {
+                        region,
+                        gateway,
+                        epoch,
+                        peer: peer.unwrap_or_default(),
+                    })
+                }
+                _ => None,
+            };
+            let quarantined = quarantine
+                && answer
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value_ref::<bool>(v).ok())
+                    .unwrap_or(false);
+            if let Some(newer) = home
+                .as_ref()
+                .and_then(|h| superseded_by(h, &gw.region, *epoch))
+            {
+                let reason = format!(
+                    "superseded by region {} (gateway {}, epoch {} > ours {epoch})",
+                    newer.region, newer.gateway, newer.epoch
+                );
+                tracing::warn!(device = %device, %reason, "session held by another region; closing");
+                audit_superseded(gw, device, *epoch, newer).await;
+                // This session was live when the other region's claim came,
+                // so a different address there is one identity in two
+                // places at once: the cross-region half of clones.rs.
+                let peer = peer.to_string();
+                if !newer.peer.is_empty() && !crate::clones::same_host(&newer.peer, &peer) {
+                    crate::clones::across_regions(gw, device, &peer, *epoch, newer).await;
+                }
+                gw.local.close(device, *epoch, &reason);
+            } else if quarantined {
+                tracing::warn!(device = %device, "identity quarantined (suspected clone); closing");
+                gw.local
+                    .close(device, *epoch, "quarantined: suspected clone");
+            }
+        }
+    }
+}
+
 /// Whether a session of this gateway at `epoch` has lost the device to a
 /// newer claim in another region. Claims within our region are fenced by
 /// the regional ownership record already.

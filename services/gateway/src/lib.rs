@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod home;
 pub mod local;
 pub mod ownership;
+pub mod refresher;
 mod release;
 pub mod routing;
 pub mod session;
@@ -200,6 +201,7 @@ pub async fn serve_with_listeners(
     // In a drain the inbox outlives the device listener: it carries answers
     // and "not delivered" refusals until the sessions have closed.
     let (inbox_stop, inbox_shutdown) = Shutdown::new();
+    let refresher = tokio::spawn(refresher::run(Arc::clone(&gw), inbox_shutdown.clone()));
     let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown));
     let grpc_task = {
         let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
@@ -234,6 +236,7 @@ pub async fn serve_with_listeners(
         }
     }
     inbox_stop.trigger();
+    let _ = refresher.await;
     if tokio::time::timeout(Duration::from_secs(3), inbox)
         .await
         .is_err()
@@ -422,7 +425,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     }
 
     let (tx, rx) = mpsc::channel(32);
-    gw.local.insert(&device_id, claim.epoch, tx);
+    gw.local.insert(&device_id, claim.epoch, peer, tx);
     tracing::info!(device = %device_id, epoch = claim.epoch, "session open");
     let session = session::Session::new(
         Arc::clone(&gw),

@@ -27,6 +27,8 @@ pub enum SessionCommand {
 #[derive(Debug, Clone)]
 struct Handle {
     epoch: u64,
+    /// The device's address, for the refresher's cross-region clone check.
+    peer: std::net::SocketAddr,
     /// Boxed: a channel allocates 32 slots up front, and an idle session
     /// should not hold 32 full-size commands' worth of memory.
     tx: mpsc::Sender<Box<SessionCommand>>,
@@ -44,10 +46,16 @@ impl LocalSessions {
 
     /// Registers a session; an older local session of the same device (same
     /// gateway, reconnect) is told to close.
-    pub fn insert(&self, device_id: &str, epoch: u64, tx: mpsc::Sender<Box<SessionCommand>>) {
+    pub fn insert(
+        &self,
+        device_id: &str,
+        epoch: u64,
+        peer: std::net::SocketAddr,
+        tx: mpsc::Sender<Box<SessionCommand>>,
+    ) {
         let old = self
             .lock()
-            .insert(device_id.to_string(), Handle { epoch, tx });
+            .insert(device_id.to_string(), Handle { epoch, peer, tx });
         if let Some(old) = old
             && old.epoch < epoch
         {
@@ -63,6 +71,14 @@ impl LocalSessions {
         if map.get(device_id).is_some_and(|h| h.epoch == epoch) {
             map.remove(device_id);
         }
+    }
+
+    /// Every session now: (device, epoch, peer), for one refresh pass.
+    pub fn snapshot(&self) -> Vec<(String, u64, std::net::SocketAddr)> {
+        self.lock()
+            .iter()
+            .map(|(d, h)| (d.clone(), h.epoch, h.peer))
+            .collect()
     }
 
     pub fn len(&self) -> usize {

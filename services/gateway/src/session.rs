@@ -98,12 +98,9 @@ pub struct Session {
     pending: HashMap<u8, Pending>,
     describe: Option<Describe>,
     last_received: Instant,
-    last_refresh: Instant,
     transfer: Option<Transfer>,
     /// The transfer took answers that the next pump acts on.
     pump_deferred: bool,
-    /// The cross-region home check in flight, if any (one at a time).
-    home_check: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A firmware transfer in progress on this session (one at a time).
@@ -117,8 +114,6 @@ struct Transfer {
 
 /// Housekeeping period while a deadline is near (see `event_loop`).
 const BUSY_TICK: Duration = Duration::from_millis(500);
-/// Housekeeping period of an idle session (at most a quarter keepalive).
-const IDLE_TICK: Duration = Duration::from_secs(2);
 
 /// Silence during a transfer after which the awaited step is sent again.
 const TRANSFER_STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,10 +142,8 @@ impl Session {
             pending: HashMap::new(),
             describe: None,
             last_received: Instant::now(),
-            last_refresh: Instant::now(),
             transfer: None,
             pump_deferred: false,
-            home_check: None,
         }
     }
 
@@ -200,9 +193,9 @@ impl Session {
         let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
         // The housekeeping timer: every 500 ms while something has a
         // deadline (no Hello yet, commands waiting for the device, a
-        // transfer, a drain), every IDLE_TICK otherwise. Idle sessions are
-        // nearly all of them, and each wake-up costs a little CPU: the
-        // deadlines left then (silence, ownership refresh) are seconds long.
+        // transfer, a drain), otherwise only when the ownership refresh or
+        // the silence limit is due. Idle sessions are nearly all of them,
+        // and every wake-up of every session costs CPU.
         let tick = tokio::time::sleep(BUSY_TICK);
         tokio::pin!(tick);
         // Drain (gateway shutdown): take no new command, let the device
@@ -269,12 +262,6 @@ impl Session {
                     None => return SessionEnd::Shutdown,
                 },
                 () = &mut tick => {
-                    let busy = draining
-                        || !self.hello_seen
-                        || !self.pending.is_empty()
-                        || self.transfer.is_some();
-                    let period = if busy { BUSY_TICK } else { IDLE_TICK.min(keepalive / 4) };
-                    tick.as_mut().reset(tokio::time::Instant::now() + period);
                     if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota)) {
                         drain_span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
                         return SessionEnd::Shutdown;
@@ -292,11 +279,20 @@ impl Session {
                     {
                         return end;
                     }
-                    if self.last_refresh.elapsed() >= keepalive / 2
-                        && let Err(end) = Box::pin(self.refresh_ownership()).await
-                    {
-                        return end;
-                    }
+                    let busy = draining
+                        || !self.hello_seen
+                        || !self.pending.is_empty()
+                        || self.transfer.is_some();
+                    let next = if busy {
+                        tokio::time::Instant::now() + BUSY_TICK
+                    } else {
+                        // Idle: wake only when the silence limit is due
+                        // (ownership is refreshed for all sessions at once,
+                        // refresher.rs); each ping moves it on.
+                        let due = self.last_received + silence_limit;
+                        tokio::time::Instant::from_std(due.max(Instant::now() + BUSY_TICK))
+                    };
+                    tick.as_mut().reset(next);
                 }
                 _ = shutdown.wait(), if !draining => {
                     draining = true;
@@ -629,98 +625,6 @@ impl Session {
                 )));
             }
         }
-    }
-
-    /// Keeps our ownership record alive, and fences this session off the
-    /// moment another session of the device holds a newer epoch.
-    async fn refresh_ownership(&mut self) -> Result<(), SessionEnd> {
-        self.last_refresh = Instant::now();
-        let ttl = ownership::session_ttl_secs(self.gw.config.keepalive_secs);
-        let mut redis = self.gw.redis.clone();
-        match ownership::refresh(&mut redis, &self.device_id, self.epoch, ttl).await {
-            Ok(current) if current == self.epoch => {
-                let _ = device_state::touch(&mut redis, &self.device_id).await;
-                self.check_home();
-                Ok(())
-            }
-            Ok(current) if current > self.epoch => Err(SessionEnd::Closed(format!(
-                "superseded: epoch {current} is newer than ours ({})",
-                self.epoch
-            ))),
-            Ok(_) => {
-                // Our record expired (Redis restarted or we were paused):
-                // claim again only if nobody else holds the device.
-                Err(SessionEnd::Closed("ownership record lost".into()))
-            }
-            Err(e) => {
-                // Redis away: keep the session (devices should not pay for
-                // our outage); the next refresh decides.
-                tracing::warn!(device = %self.device_id, error = %e, "ownership refresh failed");
-                Ok(())
-            }
-        }
-    }
-
-    /// Closes this session when a newer claim in another region holds the
-    /// device (home.rs): regional ownership cannot see that one. One HMGET
-    /// per refresh, off the session loop (a durable store failing over must
-    /// not delay the device's pings); it is a read, so this region's replica
-    /// answers it while the primary is away. The verdict comes back as a
-    /// Close command. An unreadable record keeps the session (as a failed
-    /// ownership refresh does).
-    fn check_home(&mut self) {
-        if self.home_check.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        let gw = Arc::clone(&self.gw);
-        let device = self.device_id.clone();
-        let epoch = self.epoch;
-        let peer = self.peer.to_string();
-        let span = tracing::info_span!("session.home_check", device = %device, epoch);
-        self.home_check = Some(tokio::spawn(
-            async move {
-                let mut durable = gw.durable.clone();
-                let read = tokio::time::timeout(
-                    crate::home::DURABLE_WRITE_BUDGET,
-                    crate::home::current(&mut durable, &device),
-                )
-                .await;
-                let home = match read {
-                    Ok(Ok(Some(home))) => home,
-                    Ok(Ok(None)) | Err(_) => return,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "home record unreadable");
-                        return;
-                    }
-                };
-                let Some(newer) = crate::home::superseded_by(&home, &gw.region, epoch) else {
-                    // Still ours; under `quarantine`, a clone seen from
-                    // another region may have quarantined the identity.
-                    if gw.config.clone_policy == trellis_core::config::ClonePolicy::Quarantine
-                        && matches!(crate::clones::quarantined_now(&gw, &device).await, Ok(true))
-                    {
-                        tracing::warn!("identity quarantined (suspected clone); closing");
-                        gw.local
-                            .close(&device, epoch, "quarantined: suspected clone");
-                    }
-                    return;
-                };
-                let reason = format!(
-                    "superseded by region {} (gateway {}, epoch {} > ours {epoch})",
-                    newer.region, newer.gateway, newer.epoch
-                );
-                tracing::warn!(%reason, "session held by another region; closing");
-                crate::home::audit_superseded(&gw, &device, epoch, newer).await;
-                // This session was live when the other region's claim came,
-                // so a different address there is one identity in two
-                // places at once: the cross-region half of clones.rs.
-                if !newer.peer.is_empty() && !crate::clones::same_host(&newer.peer, &peer) {
-                    crate::clones::across_regions(&gw, &device, &peer, epoch, newer).await;
-                }
-                gw.local.close(&device, epoch, &reason);
-            }
-            .instrument(span),
-        ));
     }
 
     pub async fn audit_end(gw: &Gateway, device_id: &str, peer: SocketAddr, end: &SessionEnd) {

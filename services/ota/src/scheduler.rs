@@ -34,6 +34,10 @@ use trellis_core::Shutdown;
 use trellis_core::redis_conn::{Redis, keys};
 use trellis_proto::v1 as pb;
 
+/// How often `device_hello` reads again after losing a race for the
+/// device record.
+const HELLO_RETRIES: usize = 5;
+
 /// What the scheduler is built from; tests replace any part.
 pub struct Parts {
     pub clock: Arc<dyn Clock>,
@@ -1338,86 +1342,105 @@ impl Scheduler {
         let Some(meta) = store::load_meta(&mut redis, &rollout).await? else {
             return Ok(none);
         };
-        let Some((raw, rec)) = store::device(&mut redis, &rollout, &device).await? else {
-            return Ok(none);
-        };
-        let sha = req.firmware_sha256.trim().to_ascii_lowercase();
-        // The gateway claimed the session (a new epoch) before it tells us.
-        let epoch = store::session_epoch(&mut self.regional(), &device)
-            .await?
-            .unwrap_or(0);
-        let now = self.now();
-        let runs_release = !sha.is_empty() && sha == meta.release_sha256;
-        match rec.state {
-            DevState::Delivering | DevState::Pending if runs_release => {
-                let mut to = rec.clone();
-                to.state = DevState::Applied;
-                to.updated_at_ms = now;
-                to.epoch = epoch;
-                to.reason = if rec.state == DevState::Pending {
-                    "already running the release".into()
-                } else {
-                    format!("reconnected running {}", short(&sha))
-                };
-                self.cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
-                    .await?;
-                Ok(none)
-            }
-            DevState::Delivering if rec.sent && (epoch == 0 || epoch != rec.epoch) => {
-                let mut to = rec.clone();
-                to.state = DevState::Failed;
-                to.updated_at_ms = now;
-                to.reason = format!(
-                    "not_applied: the device took the image but came back running {} instead of {}",
-                    if sha.is_empty() {
-                        "an unreported image".to_string()
+        // The record may change between our read and our write (the
+        // delivery's own report lands at the same moment as a fast
+        // device's Hello): a stale write is read again and retried, so a
+        // Hello is never lost.
+        for _ in 0..HELLO_RETRIES {
+            let Some((raw, rec)) = store::device(&mut redis, &rollout, &device).await? else {
+                return Ok(none);
+            };
+            let sha = req.firmware_sha256.trim().to_ascii_lowercase();
+            // The gateway claimed the session (a new epoch) before it tells us.
+            let epoch = store::session_epoch(&mut self.regional(), &device)
+                .await?
+                .unwrap_or(0);
+            let now = self.now();
+            let runs_release = !sha.is_empty() && sha == meta.release_sha256;
+            return match rec.state {
+                DevState::Delivering | DevState::Pending if runs_release => {
+                    let mut to = rec.clone();
+                    to.state = DevState::Applied;
+                    to.updated_at_ms = now;
+                    to.epoch = epoch;
+                    to.reason = if rec.state == DevState::Pending {
+                        "already running the release".into()
                     } else {
-                        short(&sha)
-                    },
-                    short(&meta.release_sha256)
-                );
-                self.cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
-                    .await?;
-                Ok(none)
-            }
-            DevState::Pending
-                if meta.state == RolloutState::Running
-                    && rec.stage <= meta.current_stage
-                    && meta.spec.approval_url.is_empty()
-                    && spec::in_window(
-                        meta.spec.window.as_ref(),
-                        self.inner.parts.clock.weekday(),
-                        self.inner.parts.clock.hour(),
-                    ) =>
-            {
-                let mut to = rec.clone();
-                to.state = DevState::Delivering;
-                to.attempts += 1;
-                to.epoch = epoch;
-                to.sent = false;
-                to.owner.clear();
-                to.updated_at_ms = now;
-                to.reason = format!("delivery handed to gateway {} at Hello", req.gateway_id);
-                let guard = Guard {
-                    lease: "",
-                    running: true,
-                    max_inflight: meta.spec.max_concurrent,
-                };
-                if self
-                    .cas(&rollout, &device, &raw, rec.state, &to, &guard)
-                    .await?
-                    == Cas::Done
-                {
-                    Ok(pb::DeviceHelloResponse {
-                        rollout_id: rollout,
-                        release_id: meta.spec.release_id.clone(),
-                    })
-                } else {
+                        format!("reconnected running {}", short(&sha))
+                    };
+                    if self
+                        .cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
+                        .await?
+                        == Cas::Stale
+                    {
+                        continue;
+                    }
                     Ok(none)
                 }
-            }
-            _ => Ok(none),
+                DevState::Delivering if rec.sent && (epoch == 0 || epoch != rec.epoch) => {
+                    let mut to = rec.clone();
+                    to.state = DevState::Failed;
+                    to.updated_at_ms = now;
+                    to.reason = format!(
+                        "not_applied: the device took the image but came back running {} instead of {}",
+                        if sha.is_empty() {
+                            "an unreported image".to_string()
+                        } else {
+                            short(&sha)
+                        },
+                        short(&meta.release_sha256)
+                    );
+                    if self
+                        .cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
+                        .await?
+                        == Cas::Stale
+                    {
+                        continue;
+                    }
+                    Ok(none)
+                }
+                DevState::Pending
+                    if meta.state == RolloutState::Running
+                        && rec.stage <= meta.current_stage
+                        && meta.spec.approval_url.is_empty()
+                        && spec::in_window(
+                            meta.spec.window.as_ref(),
+                            self.inner.parts.clock.weekday(),
+                            self.inner.parts.clock.hour(),
+                        ) =>
+                {
+                    let mut to = rec.clone();
+                    to.state = DevState::Delivering;
+                    to.attempts += 1;
+                    to.epoch = epoch;
+                    to.sent = false;
+                    to.owner.clear();
+                    to.updated_at_ms = now;
+                    to.reason = format!("delivery handed to gateway {} at Hello", req.gateway_id);
+                    let guard = Guard {
+                        lease: "",
+                        running: true,
+                        max_inflight: meta.spec.max_concurrent,
+                    };
+                    if self
+                        .cas(&rollout, &device, &raw, rec.state, &to, &guard)
+                        .await?
+                        == Cas::Done
+                    {
+                        Ok(pb::DeviceHelloResponse {
+                            rollout_id: rollout,
+                            release_id: meta.spec.release_id.clone(),
+                        })
+                    } else {
+                        Ok(none)
+                    }
+                }
+                _ => Ok(none),
+            };
         }
+        Err(OtaError::Unavailable(format!(
+            "device {device}'s update record kept changing; its gateway asks again at the next Hello"
+        )))
     }
 
     /// The outcome of a delivery a gateway made after DeviceHello.

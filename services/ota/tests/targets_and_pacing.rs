@@ -220,3 +220,55 @@ async fn a_stage_below_its_success_ratio_pauses_until_an_operator_resumes() {
     assert_eq!(count(&done, D::RejectedByDevice), 1);
     assert_eq!(ids.len(), 8);
 }
+
+/// A fast device reboots and says Hello running the release before its
+/// gateway's report of the delivery reaches the scheduler: it still counts
+/// as applied (the Hello is never lost to the report's write).
+#[tokio::test]
+async fn a_hello_that_beats_the_delivery_report_counts() {
+    let env = env().await;
+    let ids = env.devices(PRODUCT, 4, true).await;
+    for id in &ids {
+        env.fleet.set(id, Behaviour::SlowReport(300));
+    }
+    let sched = env.scheduler("a");
+    let rid = sched
+        .create(request(vec![stage_pct(100)]))
+        .await
+        .unwrap()
+        .rollout_id;
+    sched.tick().await;
+    // Hello while the delivery's answer is still on its way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut helloed = 0;
+    while helloed < ids.len() && std::time::Instant::now() < deadline {
+        for (device, sha) in env.fleet.take_early() {
+            let mut redis = env.redis.clone();
+            connect_session(&mut redis, &device).await;
+            sched
+                .device_hello(pb::DeviceHelloRequest {
+                    device_id: device,
+                    product_id: PRODUCT,
+                    firmware_version: 2,
+                    firmware_sha256: sha,
+                    gateway_id: "gw-test".into(),
+                })
+                .await
+                .unwrap();
+            helloed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(helloed, ids.len());
+    // Reports land after the Hellos; nothing undoes Applied.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let done = drive(&env, &sched, &rid, ended).await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    assert_eq!(count(&done, D::Applied), 4, "{done:#?}");
+    env.fleet.assert_at_most_once();
+}

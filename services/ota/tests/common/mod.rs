@@ -129,6 +129,9 @@ pub enum Behaviour {
     Fail,
     /// Takes the image but comes back running the old one.
     NotApplied,
+    /// Takes the image, but the gateway's answer (SENT) comes only after
+    /// this many ms: the device's Hello with the new image can come first.
+    SlowReport(u64),
 }
 
 #[derive(Clone, Default)]
@@ -143,6 +146,8 @@ struct FleetState {
     order: Vec<String>,
     /// Devices that took an image and will reconnect: (device, sha they report).
     reconnect: Vec<(String, String)>,
+    /// Devices that reconnect before their gateway's report (SlowReport).
+    early: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -169,6 +174,9 @@ impl Fleet {
     }
     pub fn requeue(&self, device: String, sha: String) {
         self.inner.lock().unwrap().reconnect.push((device, sha));
+    }
+    pub fn take_early(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.inner.lock().unwrap().early)
     }
     pub fn take_reconnects(&self) -> Vec<(String, String)> {
         std::mem::take(&mut self.inner.lock().unwrap().reconnect)
@@ -197,10 +205,18 @@ impl Deliverer for Fleet {
             bytes_sent: 0,
             gateway_id: "gw-test".into(),
         };
+        let delay = match b {
+            Behaviour::SlowReport(ms) => ms,
+            _ => 0,
+        };
         let r = match b {
             Behaviour::Accept => {
                 s.reconnect
                     .push((device_id.to_string(), NEW_SHA.to_string()));
+                outcome(pb::DeliveryOutcome::Sent, "")
+            }
+            Behaviour::SlowReport(_) => {
+                s.early.push((device_id.to_string(), NEW_SHA.to_string()));
                 outcome(pb::DeliveryOutcome::Sent, "")
             }
             Behaviour::NotApplied => {
@@ -211,7 +227,12 @@ impl Deliverer for Fleet {
             Behaviour::Reject(reason) => outcome(pb::DeliveryOutcome::Rejected, reason),
             Behaviour::Fail => outcome(pb::DeliveryOutcome::Failed, "session_lost"),
         };
-        Box::pin(async move { Ok(r) })
+        Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            Ok(r)
+        })
     }
 }
 
