@@ -19,6 +19,7 @@ if [ -x ci/chart/check.sh ]; then
   echo "== helm chart"
   ci/chart/check.sh
 fi
-passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+# Only cargo's own "test result:" lines count (log lines say "failed" too).
+passed=$(grep -E '^test result:' target/test-output.txt | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' target/test-output.txt | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "tests: ${passed} passed, ${failed} failed"

@@ -162,13 +162,6 @@ async fn suspected_clone(
     prev: &Owner,
 ) -> Verdict {
     let policy = gw.config.clone_policy;
-    metrics().clone_suspicions.add(
-        1,
-        &[
-            kv("gateway", gw.id.clone()),
-            kv("region", gw.region.clone()),
-        ],
-    );
     tracing::warn!(
         device = %device_id,
         peer,
@@ -185,13 +178,7 @@ async fn suspected_clone(
         other_peer: prev.peer_addr.clone(),
         action: policy.as_str().to_string(),
     };
-    if let Err(e) = push_flag(gw, redis, device_id, &flag).await {
-        tracing::warn!(device = %device_id, error = %e, "could not record the clone flag");
-    }
-    let outcome = match policy {
-        ClonePolicy::NewestWins => "previous_closed",
-        ClonePolicy::Quarantine => "quarantined",
-    };
+    let outcome = record_suspicion(gw, redis, device_id, &flag).await;
     let mut record = AuditRecord::new(&gw.id, "clone_suspected", device_id, outcome)
         .with("policy", policy.as_str())
         .with("old_peer", prev.peer_addr.clone())
@@ -248,13 +235,6 @@ pub async fn across_regions(
 ) {
     let policy = gw.config.clone_policy;
     let mut redis = gw.durable.clone();
-    metrics().clone_suspicions.add(
-        1,
-        &[
-            kv("gateway", gw.id.clone()),
-            kv("region", gw.region.clone()),
-        ],
-    );
     tracing::warn!(
         device = %device_id,
         peer,
@@ -272,13 +252,7 @@ pub async fn across_regions(
         other_peer: peer.to_string(),
         action: policy.as_str().to_string(),
     };
-    if let Err(e) = push_flag(gw, &mut redis, device_id, &flag).await {
-        tracing::warn!(device = %device_id, error = %e, "could not record the clone flag");
-    }
-    let outcome = match policy {
-        ClonePolicy::NewestWins => "previous_closed",
-        ClonePolicy::Quarantine => "quarantined",
-    };
+    let outcome = record_suspicion(gw, &mut redis, device_id, &flag).await;
     let record = AuditRecord::new(&gw.id, "clone_suspected", device_id, outcome)
         .with("policy", policy.as_str())
         .with("scope", "cross_region")
@@ -377,6 +351,30 @@ async fn record(
         .invoke_async(redis)
         .await?;
     Ok(quarantined == 1)
+}
+
+/// What every suspected clone leaves, wherever it was seen: the metric and
+/// the device's clone flag. Returns the audit outcome the policy implies.
+async fn record_suspicion(
+    gw: &Gateway,
+    redis: &mut Redis,
+    device_id: &str,
+    flag: &CloneFlag,
+) -> &'static str {
+    metrics().clone_suspicions.add(
+        1,
+        &[
+            kv("gateway", gw.id.clone()),
+            kv("region", gw.region.clone()),
+        ],
+    );
+    if let Err(e) = push_flag(gw, redis, device_id, flag).await {
+        tracing::warn!(device = %device_id, error = %e, "could not record the clone flag");
+    }
+    match gw.config.clone_policy {
+        ClonePolicy::NewestWins => "previous_closed",
+        ClonePolicy::Quarantine => "quarantined",
+    }
 }
 
 async fn push_flag(

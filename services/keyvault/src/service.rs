@@ -262,6 +262,24 @@ impl KeyVault for KeyVaultService {
                 }
                 Err(e) => {
                     span.record("outcome", "error");
+                    // A failure after the private-key step (the registry or
+                    // the grant's Redis writes) still used the key: audited.
+                    // A full or expired queue and a malformed request never
+                    // reached it, and a storm of those must not flood the log.
+                    if matches!(e, KeyvaultError::Redis(_) | KeyvaultError::Internal(_)) {
+                        registry::audit_write(
+                            &mut redis,
+                            trellis_core::audit::AuditRecord::new(
+                                &req.gateway_id,
+                                "open_session",
+                                "",
+                                "error",
+                            )
+                            .with("peer_addr", &req.peer_addr)
+                            .with("error", e.to_string()),
+                        )
+                        .await;
+                    }
                     Err(status(e))
                 }
             }
