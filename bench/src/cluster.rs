@@ -101,6 +101,8 @@ pub struct ClusterOptions {
     pub trellis_bin: Option<PathBuf>,
     /// Also run `trellis signer` (firmware images and signed releases).
     pub signer: bool,
+    /// Extra settings for every gateway (`TRELLIS_GATEWAY__*` variables).
+    pub gateway_env: Vec<(String, String)>,
 }
 
 /// Redis + keyvault + gateways, all children of this process, killed on drop.
@@ -207,6 +209,9 @@ impl Cluster {
                     "TRELLIS_GATEWAY__KEEPALIVE_SECS",
                     opts.keepalive_secs.to_string(),
                 );
+            for (k, v) in &opts.gateway_env {
+                cmd.env(k, v);
+            }
             if known_setting("gateway", "handshake_rate") {
                 // No admission limit: the benchmarks measure what the
                 // gateway can do, not the rate it is configured to allow.

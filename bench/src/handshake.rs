@@ -232,6 +232,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         log: "warn".into(),
         trellis_bin,
         signer: false,
+        gateway_env: Vec::new(),
     })
     .await?;
     let concurrency = args.concurrency.max(1);

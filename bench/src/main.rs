@@ -126,6 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         concurrency: 48,
                         timeout: 600.0,
                         aes_seconds: 2.0,
+                        chunk_size: 512,
                     },
                 ),
                 bin.clone(),

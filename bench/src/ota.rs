@@ -59,6 +59,9 @@ pub struct Args {
     /// Seconds per AES implementation for the limit.
     #[arg(long, default_value_t = 2.0)]
     pub aes_seconds: f64,
+    /// The gateway's `gateway.ota_chunk_size` (bytes per chunk).
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: u16,
 }
 
 impl Args {
@@ -69,6 +72,7 @@ impl Args {
             concurrency: 16,
             timeout: 60.0,
             aes_seconds: 0.3,
+            chunk_size: 512,
         }
     }
 }
@@ -297,6 +301,10 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         log: "warn".into(),
         trellis_bin,
         signer: true,
+        gateway_env: vec![(
+            "TRELLIS_GATEWAY__OTA_CHUNK_SIZE".into(),
+            args.chunk_size.to_string(),
+        )],
     })
     .await?;
     let signer_addr = cluster
@@ -308,10 +316,14 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let mut kv = cluster.keyvault_client().await?;
     let image = image(image_len);
     let expected_sha: [u8; 32] = sha2::Sha256::digest(&image).into();
-    let chunk_size = usize::from(trellis_firmware::SenderConfig::default().chunk_size);
-    // The gateway's chunk size, and a 4x larger one (still inside a
-    // 4 KiB frame) to show what the per-chunk work costs.
-    let big_chunk = chunk_size * 4;
+    let chunk_size = usize::from(args.chunk_size.max(1));
+    // The gateway's chunk size, and 2,048 bytes (or 4x, if that is what
+    // the gateway uses) to show what the per-chunk work costs.
+    let big_chunk = if chunk_size >= 2048 {
+        chunk_size * 4
+    } else {
+        2048
+    };
     let (framing, framing_big) = {
         let image = image.clone();
         tokio::task::spawn_blocking(move || {

@@ -454,3 +454,59 @@ async fn a_restarted_scheduler_carries_on_and_updates_no_device_twice() -> anyho
     cluster.stop().await;
     Ok(())
 }
+
+/// `gateway.ota_chunk_size`: the gateway announces larger chunks in
+/// UpdateBegin, the devices take the size from there, and an image that is
+/// not a whole number of chunks arrives whole (SHA-256 checked on the
+/// device). A size whose frame cannot fit is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn larger_chunks_are_announced_and_taken() -> anyhow::Result<()> {
+    let (cluster, stack) = Cluster::start_with_ota(1, |c| c.gateway.ota_chunk_size = 2048).await?;
+    let keys = ReleaseKeys::provision(&cluster, &stack, &[PRODUCT]).await?;
+    let config = device_config(PRODUCT, 1, &keys.policy);
+    let gw_addr = cluster.gateways[0].devices.to_string();
+    let fleet = Fleet::start(&cluster, 3, PRODUCT, config, vec![gw_addr]).await?;
+    let ids = fleet.ids();
+    all_online(&cluster, &ids, Duration::from_secs(30)).await?;
+    let image = test_image(PRODUCT, 2, 3 * 2048 * 5 + 123);
+    let (release, sha) = make_release(&stack, &keys, PRODUCT, 2, &image, Signers::Both).await?;
+    let mut gw = cluster.gateway_client(0).await?;
+    for id in &ids {
+        let r = deliver(&mut gw, id, &release).await?;
+        assert_eq!(r.outcome(), DeliveryOutcome::Sent, "{id}: {r:?}");
+        assert_eq!(r.bytes_sent, image.len() as u64, "{id}: {r:?}");
+    }
+    trellis_tests::eventually(
+        Duration::from_secs(30),
+        "every device runs the image",
+        || async {
+            let states = device_states(&cluster).await.ok()?;
+            ids.iter()
+                .all(|id| {
+                    states
+                        .iter()
+                        .any(|s| &s.device_id == id && s.online && s.firmware_sha256 == sha)
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    fleet.stop().await;
+    stack.stop().await;
+    cluster.stop().await;
+
+    // 4,000-byte chunks cannot fit in a 4,096-byte frame with their framing.
+    let redis = trellis_core::local_redis::LocalRedis::start(
+        trellis_core::local_redis::RedisData::Ephemeral,
+    )?;
+    let mut bad = trellis_tests::test_config(&redis.url());
+    bad.gateway.ota_chunk_size = 4000;
+    let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (_trigger, shutdown) = trellis_core::shutdown::Shutdown::new();
+    let err = trellis_gateway::serve_with_listeners(bad, devices, grpc, shutdown)
+        .await
+        .expect_err("a chunk size whose frame cannot fit is refused");
+    assert!(err.to_string().contains("gateway.ota_chunk_size"), "{err}");
+    Ok(())
+}

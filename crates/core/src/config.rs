@@ -132,6 +132,11 @@ pub struct GatewayConfig {
     /// Firmware chunks sent ahead of the device's ChunkReceived (1..=128):
     /// deeper windows put many chunks in one write and one ownership check.
     pub ota_window: usize,
+    /// Firmware bytes per chunk, announced in UpdateBegin (the device takes
+    /// the size from there). 512 suits Particle-class firmware; devices
+    /// with the RAM for it take larger chunks, which cost fewer frames,
+    /// acks and syscalls per image.
+    pub ota_chunk_size: u16,
     /// New handshakes admitted per second by this gateway (token bucket);
     /// the rest are turned away before any RSA work, and the devices'
     /// backoff spreads them out. Size it to what keyvault serves (README).
@@ -296,6 +301,7 @@ impl Default for GatewayConfig {
             command_timeout_ms: 10_000,
             events_max_len: 10_000,
             ota_window: 32,
+            ota_chunk_size: 512,
             ota_url: String::new(),
             handshake_rate: 1_000,
             handshake_burst: 200,

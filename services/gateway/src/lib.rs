@@ -136,6 +136,18 @@ pub async fn serve_with_listeners(
             config.gateway.max_frame_len
         );
     }
+    // A chunk's frame (CoAP header, token, options, CRC, padding: under
+    // 128 bytes) must fit under the frame limit the device applies, which
+    // for our SDK is the same default as ours.
+    let chunk = usize::from(config.gateway.ota_chunk_size);
+    if chunk < 64 || chunk + 128 > config.gateway.max_frame_len.min(4096) {
+        anyhow::bail!(
+            "gateway.ota_chunk_size is {chunk}; give 64..={} (a chunk and its framing must fit in \
+             a {}-byte frame; default 512)",
+            config.gateway.max_frame_len.min(4096) - 128,
+            config.gateway.max_frame_len.min(4096)
+        );
+    }
     // One-byte CoAP tokens: the window must leave room for the others.
     if !(1..=128).contains(&config.gateway.ota_window) {
         anyhow::bail!(

@@ -732,6 +732,7 @@ impl Session {
             bundle.signed_manifest,
             SenderConfig {
                 window: self.gw.config.ota_window,
+                chunk_size: self.gw.config.ota_chunk_size,
                 ..SenderConfig::default()
             },
         ) {
