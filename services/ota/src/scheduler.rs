@@ -38,6 +38,10 @@ use trellis_proto::v1 as pb;
 /// device record.
 const HELLO_RETRIES: usize = 5;
 
+/// How long after its image was sent a device must have said Hello before
+/// the scheduler looks for that Hello in Redis itself (housekeeping).
+const MISSED_HELLO_AFTER_MS: i64 = 3_000;
+
 /// What the scheduler is built from; tests replace any part.
 pub struct Parts {
     pub clock: Arc<dyn Clock>,
@@ -401,6 +405,35 @@ impl Scheduler {
         };
         for i in 0..r.devices.len() {
             let d = r.devices[i].2.clone();
+            // A Hello the scheduler never heard of (it was down, or the
+            // gateway's call failed): the gateway recorded the device's
+            // Hello in Redis all the same. Checked only once the device has
+            // had time to say it the usual way.
+            if d.state == DevState::Delivering
+                && d.sent
+                && now - d.updated_at_ms > MISSED_HELLO_AFTER_MS
+            {
+                let device = r.devices[i].0.clone();
+                let mut regional = self.regional();
+                let reconnected = store::session_epoch(&mut regional, &device)
+                    .await?
+                    .is_some_and(|e| e != d.epoch);
+                if reconnected
+                    && store::reported_sha(&mut regional, &device).await? == r.meta.release_sha256
+                {
+                    let mut to = d.clone();
+                    to.state = DevState::Applied;
+                    to.updated_at_ms = now;
+                    to.reason = format!(
+                        "reconnected running {} (its Hello record; the scheduler was not told)",
+                        short(&r.meta.release_sha256)
+                    );
+                    if self.step(r, i, to, &guard).await? == Cas::LeaseLost {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
             if d.state == DevState::Delivering && apply_ms > 0 && now - d.updated_at_ms > apply_ms {
                 let mut to = d.clone();
                 to.updated_at_ms = now;

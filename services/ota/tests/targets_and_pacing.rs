@@ -272,3 +272,43 @@ async fn a_hello_that_beats_the_delivery_report_counts() {
     assert_eq!(count(&done, D::Applied), 4, "{done:#?}");
     env.fleet.assert_at_most_once();
 }
+
+/// The scheduler was down (or the gateway's call failed) when a device came
+/// back running the release: the gateway still recorded the Hello in
+/// Redis, and the scheduler finds it there instead of timing the device out.
+#[tokio::test]
+async fn a_hello_the_scheduler_never_heard_is_found_in_redis() {
+    let env = env().await;
+    let ids = env.devices(PRODUCT, 3, true).await;
+    let sched = env.scheduler("a");
+    let mut req = request(vec![stage_pct(100)]);
+    req.apply_timeout_secs = 600;
+    let rid = sched.create(req).await.unwrap().rollout_id;
+    sched.tick().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Every device took the image and reconnects running it, but nobody
+    // tells the scheduler: only the gateway's records change.
+    let mut redis = env.redis.clone();
+    let back = env.fleet.take_reconnects();
+    assert_eq!(back.len(), 3);
+    for (device, sha) in &back {
+        connect_session(&mut redis, device).await;
+        let _: () = redis
+            .hset(keys::device_state(device), "firmware_sha256", sha)
+            .await
+            .unwrap();
+    }
+    // Not before the device had its chance to say Hello the usual way.
+    sched.tick().await;
+    let s = sched.status(&rid, true).await.unwrap();
+    assert_eq!(count(&s, D::Applied), 0, "{s:#?}");
+    env.clock.advance_ms(4_000);
+    sched.tick().await;
+    let s = sched.status(&rid, true).await.unwrap();
+    assert_eq!(count(&s, D::Applied), 3, "{s:#?}");
+    assert!(
+        s.devices.iter().all(|d| d.reason.contains("Hello record")),
+        "{s:#?}"
+    );
+    assert_eq!(ids.len(), 3);
+}
