@@ -109,7 +109,6 @@ impl LocalSessions {
         }
     }
 
-    #[tracing::instrument(name = "device.command", skip(self, action, timeout))]
     pub async fn execute(
         &self,
         device_id: &str,
@@ -118,6 +117,25 @@ impl LocalSessions {
         action: Action,
         timeout: Duration,
     ) -> Outcome {
+        self.submit(device_id, epoch, request, action, timeout)?
+            .answer()
+            .await
+    }
+
+    /// Hands the command to the session now, without waiting: commands and
+    /// closes from one inbox reach the session in the order they were
+    /// read (a close read after a command must not overtake it, or the
+    /// command would miss the delivery fence and its audit record). Wait
+    /// for the device's answer with [`Submitted::answer`].
+    #[tracing::instrument(name = "device.command", skip(self, action, timeout))]
+    pub fn submit(
+        &self,
+        device_id: &str,
+        epoch: u64,
+        request: Option<&str>,
+        action: Action,
+        timeout: Duration,
+    ) -> Result<Submitted, Failure> {
         let handle = self.lock().get(device_id).cloned();
         let Some(handle) = handle else {
             return Err(Failure::new(
@@ -135,16 +153,46 @@ impl LocalSessions {
             ));
         }
         let (tx, rx) = oneshot::channel();
-        let cmd = SessionCommand::Execute {
+        let cmd = Box::new(SessionCommand::Execute {
             action,
             timeout,
             request: request.map(str::to_string),
             reply: tx,
+        });
+        let queued = match handle.tx.try_send(cmd) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
+            }
+            // 32 commands already waiting: queue behind them (order among
+            // commands still holds; the session reads its channel in order).
+            Err(mpsc::error::TrySendError::Full(cmd)) => Some((handle.tx, cmd)),
         };
-        if handle.tx.send(Box::new(cmd)).await.is_err() {
+        Ok(Submitted {
+            device_id: device_id.to_string(),
+            queued,
+            rx,
+            timeout,
+        })
+    }
+}
+
+/// A command handed to a session; its answer is still to come.
+pub struct Submitted {
+    device_id: String,
+    queued: Option<(mpsc::Sender<Box<SessionCommand>>, Box<SessionCommand>)>,
+    rx: oneshot::Receiver<Outcome>,
+    timeout: Duration,
+}
+
+impl Submitted {
+    pub async fn answer(self) -> Outcome {
+        if let Some((tx, cmd)) = self.queued
+            && tx.send(cmd).await.is_err()
+        {
             return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
         }
-        match tokio::time::timeout(timeout + Duration::from_millis(500), rx).await {
+        match tokio::time::timeout(self.timeout + Duration::from_millis(500), self.rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Failure::new(
                 FailureKind::SessionLost,
@@ -153,8 +201,9 @@ impl LocalSessions {
             Err(_) => Err(Failure::new(
                 FailureKind::Timeout,
                 format!(
-                    "device {device_id} did not answer within {} ms",
-                    timeout.as_millis()
+                    "device {} did not answer within {} ms",
+                    self.device_id,
+                    self.timeout.as_millis()
                 ),
             )),
         }

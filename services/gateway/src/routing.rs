@@ -616,12 +616,20 @@ impl Router {
                     %device,
                 );
                 telemetry::extract_fields(&span, &trace);
+                // Handed to the session here, in inbox order (a Close read
+                // after this command must not overtake it); only the wait
+                // for the device's answer runs apart.
+                let submitted = span.in_scope(|| {
+                    router
+                        .local
+                        .submit(&device, epoch, Some(&request), action, timeout)
+                });
                 tokio::spawn(
                     async move {
-                        let outcome = router
-                            .local
-                            .execute(&device, epoch, Some(&request), action, timeout)
-                            .await;
+                        let outcome = match submitted {
+                            Ok(s) => s.answer().await,
+                            Err(failure) => Err(failure),
+                        };
                         router.send_reply(&reply_to, &request, outcome).await;
                     }
                     .instrument(span),
