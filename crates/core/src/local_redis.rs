@@ -145,6 +145,18 @@ fn ping(port: u16) -> bool {
 }
 
 /// A free TCP port on 127.0.0.1 (bind to port 0, read it, release it).
+///
+/// Never the same port twice in one process: the kernel may hand a port
+/// just released by `bind(0)` out again, and two servers started from one
+/// process (a test's Redis and its services) would then collide.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }

@@ -19,9 +19,7 @@ impl Drop for Killed {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(trellis_core::local_redis::free_port()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free loopback port (bound, then released for the child to take).
+/// A free port, never the same one twice in this test process (see
+/// `trellis_core::local_redis::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    trellis_core::local_redis::free_port().expect("a free port")
 }
 
 pub fn addr() -> String {
