@@ -11,7 +11,9 @@ struct Up {
     keyvault: String,
     devices: String,
     grpc: String,
-    _proc: Proc,
+    /// Stopped with SIGTERM at the end: SIGKILL (its drop) would leave
+    /// the redis-server `trellis up` started behind.
+    proc: Proc,
 }
 
 async fn up(dir: &std::path::Path) -> anyhow::Result<Up> {
@@ -35,7 +37,7 @@ async fn up(dir: &std::path::Path) -> anyhow::Result<Up> {
         keyvault,
         devices,
         grpc,
-        _proc: proc,
+        proc,
     })
 }
 
@@ -74,7 +76,7 @@ fn smoke(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_passes_against_a_working_cloud_and_fails_clearly_otherwise() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let up = up(dir.path()).await?;
+    let mut up = up(dir.path()).await?;
 
     // A working cloud: provision, handshake, event, routed call, event back.
     let keys = dir.path().join("smoke-keys");
@@ -117,5 +119,6 @@ async fn smoke_passes_against_a_working_cloud_and_fails_clearly_otherwise() -> a
         "{stderr}"
     );
     assert!(secs < 20.0, "took {secs} s despite --duration=5");
+    up.proc.terminate(Duration::from_secs(15));
     Ok(())
 }
