@@ -63,6 +63,18 @@ impl Cluster {
         Self::start_with(redis, config, gateways).await
     }
 
+    /// A cluster on a fresh redis-server with [`test_config`] adjusted by
+    /// `tweak` before anything starts.
+    pub async fn start_configured(
+        gateways: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
+        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        let mut config = test_config(&redis.url());
+        tweak(&mut config);
+        Self::start_with(redis, config, gateways).await
+    }
+
     pub async fn start_with(
         redis: LocalRedis,
         mut config: Config,

@@ -4,6 +4,7 @@
 //! its own region, so the metric series it reads are its own.
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+use trellis_core::audit::AuditRecord;
 use trellis_core::config::ClonePolicy;
 use trellis_core::local_redis::{LocalRedis, RedisData};
 use trellis_device::identity::DeviceIdentity;
@@ -99,6 +100,33 @@ fn peer_ips(state: &DeviceState) -> Vec<String> {
         .collect()
 }
 
+/// The device's first `clone_suspected` audit record, waited for.
+async fn clone_record(
+    cluster: &Cluster,
+    device: &str,
+    within: Duration,
+) -> anyhow::Result<AuditRecord> {
+    eventually(within, "clone_suspected audit record", || async {
+        cluster
+            .audit(Some(device))
+            .await
+            .ok()?
+            .into_iter()
+            .find(|r| r.action == "clone_suspected")
+    })
+    .await
+}
+
+/// One detail of an audit record ("" when absent).
+fn detail_of(record: &AuditRecord, key: &str) -> String {
+    record
+        .detail
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
 async fn online_at(cluster: &Cluster, device: &str, host: IpAddr) -> anyhow::Result<()> {
     let prefix = format!("{host}:");
     eventually(Duration::from_secs(5), "device online", || async {
@@ -154,27 +182,12 @@ async fn a_key_used_from_two_addresses_is_flagged_and_a_reconnect_is_not() -> an
     let started = Instant::now();
     let mut b = connect(&cluster, 1, HOST_B, &identity).await?;
     let keepalive = Duration::from_secs(KEEPALIVE_SECS);
-    let record = eventually(keepalive, "clone_suspected audit record", || async {
-        cluster
-            .audit(Some(&id))
-            .await
-            .ok()?
-            .into_iter()
-            .find(|r| r.action == "clone_suspected")
-    })
-    .await?;
+    let record = clone_record(&cluster, &id, keepalive).await?;
     let detected = started.elapsed();
     eprintln!("clone detected {detected:?} after the second connect");
     assert!(detected < keepalive);
     assert_eq!(record.outcome, "previous_closed");
-    let detail = |k: &str| {
-        record
-            .detail
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let detail = |k: &str| detail_of(&record, k);
     assert!(detail("old_peer").starts_with("127.0.0.2:"), "{record:?}");
     assert!(detail("new_peer").starts_with("127.0.0.3:"), "{record:?}");
     assert_eq!(detail("old_gateway"), cluster.gateways[0].id);
@@ -344,11 +357,11 @@ async fn gateway_in_region(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_in_another_region_is_flagged_within_one_keepalive() -> anyhow::Result<()> {
     let region = "clones-cross-a";
-    let redis = LocalRedis::start(RedisData::Ephemeral)?;
-    let mut config = test_config(&redis.url());
-    config.region = region.into();
-    config.gateway.keepalive_secs = 4;
-    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.region = region.into();
+        c.gateway.keepalive_secs = 4;
+    })
+    .await?;
     let (gw_b, _regional_b, stop_b) = gateway_in_region(&cluster, "clones-cross-b").await?;
     let keepalive = Duration::from_secs(4);
 
@@ -382,28 +395,13 @@ async fn a_clone_in_another_region_is_flagged_within_one_keepalive() -> anyhow::
     let started = Instant::now();
     let mut clone = RawDevice::connect_from(gw_b, HOST_B, &identity).await?;
     clone.hello(identity.device_id, [7; 32]).await?;
-    let record = eventually(keepalive, "cross-region clone_suspected record", || async {
-        cluster
-            .audit(Some(&id))
-            .await
-            .ok()?
-            .into_iter()
-            .find(|r| r.action == "clone_suspected")
-    })
-    .await?;
+    let record = clone_record(&cluster, &id, keepalive).await?;
     eprintln!(
         "cross-region clone detected {:?} after the second connect",
         started.elapsed()
     );
     assert!(started.elapsed() < keepalive);
-    let detail = |k: &str| {
-        record
-            .detail
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let detail = |k: &str| detail_of(&record, k);
     assert_eq!(detail("scope"), "cross_region");
     assert_eq!(detail("old_region"), region);
     assert_eq!(detail("new_region"), "clones-cross-b");

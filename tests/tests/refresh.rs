@@ -3,10 +3,9 @@
 //! gateway took without the close reaching us is closed within one
 //! keepalive; one whose record vanished is closed too; the others stay.
 use std::time::{Duration, Instant};
-use trellis_core::local_redis::{LocalRedis, RedisData};
 use trellis_core::redis_conn::keys;
 use trellis_proto::v1::GetDeviceStateRequest;
-use trellis_tests::{Cluster, RawDevice, test_config};
+use trellis_tests::{Cluster, RawDevice};
 use trellis_wire::message;
 
 const KEEPALIVE_SECS: u64 = 2;
@@ -39,10 +38,10 @@ async fn closed_while_pinging(dev: &mut RawDevice, within: Duration) -> Option<D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_lost_records_close_their_sessions_and_only_those() -> anyhow::Result<()> {
-    let redis = LocalRedis::start(RedisData::Ephemeral)?;
-    let mut config = test_config(&redis.url());
-    config.gateway.keepalive_secs = KEEPALIVE_SECS;
-    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.keepalive_secs = KEEPALIVE_SECS;
+    })
+    .await?;
     let (mut taken, taken_id) = session(&cluster).await?;
     let (mut lost, lost_id) = session(&cluster).await?;
     let (mut kept, kept_id) = session(&cluster).await?;

@@ -328,13 +328,11 @@ async fn a_second_session_closes_the_first_and_is_audited() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_beyond_the_admission_rate_are_turned_away_before_rsa() -> anyhow::Result<()> {
-    let redis = trellis_core::local_redis::LocalRedis::start(
-        trellis_core::local_redis::RedisData::Ephemeral,
-    )?;
-    let mut config = trellis_tests::test_config(&redis.url());
-    config.gateway.handshake_rate = 1;
-    config.gateway.handshake_burst = 2;
-    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.handshake_rate = 1;
+        c.gateway.handshake_burst = 2;
+    })
+    .await?;
     let gw = cluster.gateways[0].devices;
 
     // A burst of ten connections: two get a nonce, the rest are closed at
@@ -371,12 +369,10 @@ async fn handshakes_beyond_the_admission_rate_are_turned_away_before_rsa() -> an
 /// closes the session, and a frame under it still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configured_frame_limit_is_the_one_enforced() -> anyhow::Result<()> {
-    let redis = trellis_core::local_redis::LocalRedis::start(
-        trellis_core::local_redis::RedisData::Ephemeral,
-    )?;
-    let mut config = trellis_tests::test_config(&redis.url());
-    config.gateway.max_frame_len = 1024;
-    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.max_frame_len = 1024;
+    })
+    .await?;
 
     // 2,048 bytes announced: under the 4,096 default, over the setting.
     let (mut dev, id) = session(&cluster).await?;
@@ -402,12 +398,10 @@ async fn the_configured_frame_limit_is_the_one_enforced() -> anyhow::Result<()> 
 /// offline; one that keeps pinging stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_session_is_dropped_after_three_keepalives() -> anyhow::Result<()> {
-    let redis = trellis_core::local_redis::LocalRedis::start(
-        trellis_core::local_redis::RedisData::Ephemeral,
-    )?;
-    let mut config = trellis_tests::test_config(&redis.url());
-    config.gateway.keepalive_secs = 1;
-    let cluster = Cluster::start_with(redis, config, 1).await?;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.keepalive_secs = 1;
+    })
+    .await?;
     let (mut silent, silent_id) = session(&cluster).await?;
     let (mut pinging, pinging_id) = session(&cluster).await?;
     let started = std::time::Instant::now();

@@ -27,6 +27,7 @@ use crate::ownership::{self, Claim, Owner};
 use redis::Script;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::config::ClonePolicy;
 use trellis_core::metrics::{kv, metrics};
@@ -72,6 +73,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return redis.call('EXISTS', KEYS[3])
 "#;
+static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
 
 const FLAG: &str = r#"
 redis.call('LPUSH', KEYS[1], ARGV[1])
@@ -79,6 +81,7 @@ redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
+static FLAG_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FLAG));
 
 /// The IP of a `host:port` peer string (IPv4-mapped IPv6 made IPv4).
 fn peer_ip(peer: &str) -> Option<IpAddr> {
@@ -225,7 +228,7 @@ async fn suspected_clone(
 /// `quarantine`, the identity is also quarantined in the durable store,
 /// so keyvault refuses its next handshake in every region, and the other
 /// region's session is closed by its own gateway at its next ownership
-/// refresh (it finds the quarantine, `quarantined_now`).
+/// refresh (the home check reads the quarantine, `home::check_many`).
 pub async fn across_regions(
     gw: &Gateway,
     device_id: &str,
@@ -270,16 +273,6 @@ pub async fn across_regions(
     {
         tracing::warn!(device = %device_id, error = %e, "could not quarantine the device");
     }
-}
-
-/// Whether the identity is quarantined now (a clone seen in another
-/// region): a live session checks at its ownership refresh and closes.
-pub async fn quarantined_now(gw: &Gateway, device_id: &str) -> redis::RedisResult<bool> {
-    let mut redis = gw.durable.clone();
-    redis::cmd("EXISTS")
-        .arg(keys::quarantine(device_id))
-        .query_async(&mut redis)
-        .await
 }
 
 /// The identity was quarantined between keyvault's check and our claim.
@@ -341,7 +334,7 @@ async fn record(
         epoch,
     };
     let json = serde_json::to_string(&entry).unwrap_or_default();
-    let quarantined: i64 = Script::new(RECORD)
+    let quarantined: i64 = RECORD_SCRIPT
         .key(keys::session_history(device_id))
         .key(keys::clone_flags(device_id))
         .key(keys::quarantine(device_id))
@@ -384,7 +377,7 @@ async fn push_flag(
     flag: &CloneFlag,
 ) -> Result<(), redis::RedisError> {
     let json = serde_json::to_string(flag).unwrap_or_default();
-    let _: i64 = Script::new(FLAG)
+    let _: i64 = FLAG_SCRIPT
         .key(keys::clone_flags(device_id))
         .arg(json)
         .arg(gw.config.session_history_len.max(1))

@@ -72,13 +72,14 @@ pub async fn record_describe(
         .await
 }
 
-pub async fn touch(redis: &mut Redis, device_id: &str) -> redis::RedisResult<()> {
-    redis::cmd("HSET")
+/// Adds "the device was in session at `now_ms`" to `pipe` (no answer), for
+/// the refresher's pass over every session.
+pub fn touch_in(pipe: &mut redis::Pipeline, device_id: &str, now_ms: i64) {
+    pipe.cmd("HSET")
         .arg(keys::device_state(device_id))
         .arg("last_seen")
-        .arg(now_ms())
-        .query_async(redis)
-        .await
+        .arg(now_ms)
+        .ignore();
 }
 
 /// Appends a device event to the capped events stream.

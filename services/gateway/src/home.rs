@@ -12,9 +12,10 @@
 //! between the two claims.
 use crate::Gateway;
 use redis::Script;
+use std::sync::LazyLock;
 use std::time::Duration;
 use trellis_core::audit::{self, AuditRecord};
-use trellis_core::redis_conn::{Redis, keys};
+use trellis_core::redis_conn::keys;
 use trellis_core::time::now_ms;
 
 /// Only a newer epoch replaces the record: two claims' writes may arrive
@@ -28,6 +29,7 @@ redis.call('HSET', KEYS[1], 'region', ARGV[1], 'gateway', ARGV[2], 'epoch', ARGV
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
+static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
 
 /// The record outlives any session by far; it expires only so devices
 /// that are gone for good leave nothing behind.
@@ -60,7 +62,7 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64, peer: &str) {
     let (device, region, gateway) = (device_id.to_string(), gw.region.clone(), gw.id.clone());
     let peer = peer.to_string();
     tokio::spawn(async move {
-        let result: redis::RedisResult<i64> = Script::new(RECORD)
+        let result: redis::RedisResult<i64> = RECORD_SCRIPT
             .key(keys::home(&device))
             .arg(&region)
             .arg(&gateway)
@@ -74,35 +76,6 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64, peer: &str) {
             tracing::warn!(%device, epoch, error = %e, "could not record the device's home region (durable store unavailable); going on without it");
         }
     });
-}
-
-/// The device's home record (`None`: none yet).
-pub async fn current(durable: &mut Redis, device_id: &str) -> redis::RedisResult<Option<Home>> {
-    type Fields = (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    );
-    let (region, gateway, epoch, peer): Fields = redis::cmd("HMGET")
-        .arg(keys::home(device_id))
-        .arg("region")
-        .arg("gateway")
-        .arg("epoch")
-        .arg("peer")
-        .query_async(durable)
-        .await?;
-    Ok(
-        match (region, gateway, epoch.and_then(|e| e.parse().ok())) {
-            (Some(region), Some(gateway), Some(epoch)) => Some(Home {
-                region,
-                gateway,
-                epoch,
-                peer: peer.unwrap_or_default(),
-            }),
-            _ => None,
-        },
-    )
 }
 
 /// The cross-region check for many live sessions at once (refresher.rs):

@@ -454,8 +454,8 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     metrics().sessions_open.add(1, &gauge_labels);
     let end = session.run(rx, shutdown).await;
     metrics().sessions_open.add(-1, &gauge_labels);
+    // Session::run released the ownership record before closing the socket.
     gw.local.remove(&device_id, claim.epoch);
-    let _ = Box::pin(ownership::release(&mut redis, &device_id, claim.epoch)).await;
     if end.is_violation() {
         Box::pin(session::Session::audit_end(&gw, &device_id, peer, &end)).await;
         tracing::warn!(device = %device_id, reason = end.label(), error = %end, "session closed: protocol violation");

@@ -106,29 +106,20 @@ pub async fn refresh(
         .await
 }
 
-/// [`refresh`] for many sessions in one pipelined round trip (the script
-/// loaded first in the same pipeline, so a restarted Redis needs nothing
-/// else), with each device's `last_seen` touched beside it. Returns each
-/// session's current owner epoch, in order.
-pub async fn refresh_many(
-    redis: &mut Redis,
-    sessions: &[(String, u64)],
-    ttl_secs: u64,
-) -> redis::RedisResult<Vec<u64>> {
-    let now = now_ms();
-    let mut pipe = redis::pipe();
+/// Adds [`refresh`] of one session to `pipe` (its answer: the current
+/// owner's epoch), for a pass over many sessions in one round trip. The
+/// pipeline must start with [`load_refresh`], so a restarted Redis needs
+/// nothing else.
+pub fn refresh_in(pipe: &mut redis::Pipeline, device_id: &str, epoch: u64, ttl_secs: u64) {
+    let mut invocation = REFRESH_SCRIPT.key(keys::session(device_id));
+    invocation.arg(epoch.to_string()).arg(ttl_secs);
+    pipe.invoke_script(&invocation);
+}
+
+/// Loads the refresh script first in a pipeline of [`refresh_in`] calls
+/// (no answer of its own).
+pub fn load_refresh(pipe: &mut redis::Pipeline) {
     pipe.load_script(&REFRESH_SCRIPT).ignore();
-    for (device_id, epoch) in sessions {
-        let mut invocation = REFRESH_SCRIPT.key(keys::session(device_id));
-        invocation.arg(epoch.to_string()).arg(ttl_secs);
-        pipe.invoke_script(&invocation);
-        pipe.cmd("HSET")
-            .arg(keys::device_state(device_id))
-            .arg("last_seen")
-            .arg(now)
-            .ignore();
-    }
-    pipe.query_async(redis).await
 }
 
 pub async fn release(redis: &mut Redis, device_id: &str, epoch: u64) -> redis::RedisResult<bool> {

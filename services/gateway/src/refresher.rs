@@ -18,7 +18,7 @@
 //!   closes, and the device reconnects for a clean claim;
 //! - Redis away: every session is kept (devices should not pay for our
 //!   outage); the next pass decides.
-use crate::{Gateway, ownership};
+use crate::{Gateway, device_state, ownership};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,58 +48,55 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: Shutdown) {
     }
 }
 
-/// One refresh of every session; returns how many were kept.
-/// `superseded`: the sessions the previous pass found superseded (and left
-/// open); replaced by this pass's.
-pub async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) -> usize {
+/// One refresh of every session. `superseded`: the sessions the previous
+/// pass found superseded (and left open); replaced by this pass's.
+async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) {
     let seen_before = std::mem::take(superseded);
     let sessions = gw.local.snapshot();
     tracing::Span::current().record("sessions", sessions.len());
     if sessions.is_empty() {
-        return 0;
+        return;
     }
     let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
     let mut redis = gw.redis.clone();
     let mut kept: Vec<(String, u64, SocketAddr)> = Vec::with_capacity(sessions.len());
     for chunk in sessions.chunks(BATCH) {
-        let ids: Vec<(String, u64)> = chunk.iter().map(|(d, e, _)| (d.clone(), *e)).collect();
-        match ownership::refresh_many(&mut redis, &ids, ttl).await {
-            Ok(currents) if currents.len() == chunk.len() => {
-                for (session, current) in chunk.iter().zip(currents) {
-                    let (device, epoch, _) = session;
-                    if current == *epoch {
-                        kept.push(session.clone());
-                    } else if current > *epoch {
-                        let key = (device.clone(), *epoch);
-                        if seen_before.contains(&key) {
-                            gw.local.close(
-                                device,
-                                *epoch,
-                                &format!(
-                                    "superseded: epoch {current} is newer than ours ({epoch})"
-                                ),
-                            );
-                        } else {
-                            superseded.insert(key);
-                        }
-                    } else {
-                        gw.local.close(device, *epoch, "ownership record lost");
-                    }
-                }
-            }
-            Ok(currents) => {
-                tracing::warn!(
-                    asked = chunk.len(),
-                    answered = currents.len(),
-                    "ownership refresh: short answer; keeping these sessions until the next pass"
-                );
-            }
+        // One round trip: each session's refresh (answered, in order) and
+        // its `last_seen` touch (not answered).
+        let now = trellis_core::time::now_ms();
+        let mut pipe = redis::pipe();
+        ownership::load_refresh(&mut pipe);
+        for (device, epoch, _) in chunk {
+            ownership::refresh_in(&mut pipe, device, *epoch, ttl);
+            device_state::touch_in(&mut pipe, device, now);
+        }
+        let currents: Vec<u64> = match pipe.query_async(&mut redis).await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, sessions = chunk.len(), "ownership refresh failed; keeping the sessions");
+                continue;
+            }
+        };
+        for (session, current) in chunk.iter().zip(currents) {
+            let (device, epoch, _) = session;
+            if current == *epoch {
+                kept.push(session.clone());
+            } else if current > *epoch {
+                let key = (device.clone(), *epoch);
+                if seen_before.contains(&key) {
+                    gw.local.close(
+                        device,
+                        *epoch,
+                        &format!("superseded: epoch {current} is newer than ours ({epoch})"),
+                    );
+                } else {
+                    superseded.insert(key);
+                }
+            } else {
+                gw.local.close(device, *epoch, "ownership record lost");
             }
         }
     }
-    let n = kept.len();
     // Off the pass: a durable store failing over must not delay the next
     // regional refresh.
     let gw = Arc::clone(gw);
@@ -107,5 +104,4 @@ pub async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) ->
         async move { crate::home::check_many(&gw, &kept).await }
             .instrument(tracing::debug_span!("gateway.home_check")),
     );
-    n
 }

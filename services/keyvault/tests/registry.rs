@@ -13,6 +13,18 @@ fn req(device_id: &str, product_id: u32, key: Vec<u8>) -> pb::RegisterDeviceRequ
     }
 }
 
+/// The device's newest audit records (at most 10), oldest first.
+async fn audit_of(c: &mut Client, device_id: &str) -> Vec<pb::AuditRecord> {
+    c.list_audit(pb::ListAuditRequest {
+        limit: 10,
+        device_id: device_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+}
+
 #[tokio::test]
 async fn register_get_list_revoke() {
     let redis = start_redis();
@@ -173,15 +185,7 @@ async fn register_get_list_revoke() {
     assert_eq!(back.public_key_der, rekeyed.der);
 
     // Every change is audited by "operator".
-    let audit = c
-        .list_audit(pb::ListAuditRequest {
-            limit: 10,
-            device_id: a.id_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let audit = audit_of(c, &a.id_string()).await;
     let seen: Vec<(&str, &str, &str)> = audit
         .iter()
         .map(|r| (r.actor.as_str(), r.action.as_str(), r.outcome.as_str()))
@@ -281,15 +285,7 @@ async fn tags_are_set_normalised_validated_and_audited() {
     let cleared = c.set_device_tags(set(&[])).await.unwrap().into_inner();
     assert!(cleared.tags.is_empty());
 
-    let audit = c
-        .list_audit(pb::ListAuditRequest {
-            limit: 10,
-            device_id: a.id_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let audit = audit_of(c, &a.id_string()).await;
     let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
     assert_eq!(actions, vec!["register", "set_tags", "set_tags"]);
     kv.stop().await.unwrap();

@@ -91,10 +91,7 @@ async fn no_more_than_max_concurrent_devices_update_at_once() {
     let rid = sched.create(req).await.unwrap().rollout_id;
 
     // Devices that took the image have not come back yet: still in flight.
-    for _ in 0..5 {
-        sched.tick().await;
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    idle_ticks(&sched, 5, 30).await;
     assert_eq!(env.fleet.delivered().len(), 3, "max_concurrent 3");
 
     // As they come back, the next ones start, never more than 3 at once.
@@ -133,10 +130,7 @@ async fn the_next_stage_waits_out_the_soak_time() {
     let soaking = drive(&env, &sched, &rid, |s| s.message.contains("soaking")).await;
     assert_eq!(count(&soaking, D::Applied), 2);
     assert_eq!(soaking.current_stage, 0);
-    for _ in 0..5 {
-        sched.tick().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    idle_ticks(&sched, 5, 20).await;
     assert_eq!(
         env.fleet.delivered().len(),
         2,
@@ -197,10 +191,7 @@ async fn a_stage_below_its_success_ratio_pauses_until_an_operator_resumes() {
         "{}",
         paused.message
     );
-    for _ in 0..5 {
-        sched.tick().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    idle_ticks(&sched, 5, 20).await;
     assert_eq!(
         env.fleet.delivered().len(),
         4,
@@ -245,16 +236,7 @@ async fn a_hello_that_beats_the_delivery_report_counts() {
         for (device, sha) in env.fleet.take_early() {
             let mut redis = env.redis.clone();
             connect_session(&mut redis, &device).await;
-            sched
-                .device_hello(pb::DeviceHelloRequest {
-                    device_id: device,
-                    product_id: PRODUCT,
-                    firmware_version: 2,
-                    firmware_sha256: sha,
-                    gateway_id: "gw-test".into(),
-                })
-                .await
-                .unwrap();
+            hello(&sched, &device, &sha).await;
             helloed += 1;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

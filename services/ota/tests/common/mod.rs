@@ -258,16 +258,30 @@ pub async fn reconnect_all(env: &Env, sched: &Scheduler, rollout: &str) {
             .hset(keys::device_state(&device), "firmware_sha256", &sha)
             .await
             .unwrap();
-        sched
-            .device_hello(pb::DeviceHelloRequest {
-                device_id: device.clone(),
-                product_id: PRODUCT,
-                firmware_version: 2,
-                firmware_sha256: sha,
-                gateway_id: "gw-test".into(),
-            })
-            .await
-            .unwrap();
+        hello(sched, &device, &sha).await;
+    }
+}
+
+/// What the device's gateway tells the scheduler at its Hello.
+pub async fn hello(sched: &Scheduler, device: &str, sha: &str) {
+    sched
+        .device_hello(pb::DeviceHelloRequest {
+            device_id: device.to_string(),
+            product_id: PRODUCT,
+            firmware_version: 2,
+            firmware_sha256: sha.to_string(),
+            gateway_id: "gw-test".into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// `n` scheduler ticks with `pause_ms` between them, and nothing else (no
+/// device comes back): for "nothing more starts" checks.
+pub async fn idle_ticks(sched: &Scheduler, n: usize, pause_ms: u64) {
+    for _ in 0..n {
+        sched.tick().await;
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
     }
 }
 
