@@ -48,13 +48,7 @@ async fn a_tag_targets_exactly_the_devices_that_carry_it() {
         .collect();
     let want: HashSet<String> = ids[..4].iter().cloned().collect();
     assert_eq!(targeted, want);
-    let done = drive(&env, &sched, &created.rollout_id, ended).await;
-    assert_eq!(
-        done.state(),
-        pb::RolloutState::Completed,
-        "{}",
-        done.message
-    );
+    let done = completed(&env, &sched, &created.rollout_id).await;
     assert_eq!(count(&done, D::Applied), 4);
     assert_eq!(
         env.fleet.delivered(),
@@ -143,13 +137,7 @@ async fn the_next_stage_waits_out_the_soak_time() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(env.fleet.delivered().len(), 2);
     env.clock.advance_ms(61_000);
-    let done = drive(&env, &sched, &rid, ended).await;
-    assert_eq!(
-        done.state(),
-        pb::RolloutState::Completed,
-        "{}",
-        done.message
-    );
+    let done = completed(&env, &sched, &rid).await;
     assert_eq!(count(&done, D::Applied), 6);
 }
 
@@ -200,13 +188,7 @@ async fn a_stage_below_its_success_ratio_pauses_until_an_operator_resumes() {
 
     // The operator looks and resumes: the next stage opens.
     sched.resume(&rid, "looked at it").await.unwrap();
-    let done = drive(&env, &sched, &rid, ended).await;
-    assert_eq!(
-        done.state(),
-        pb::RolloutState::Completed,
-        "{}",
-        done.message
-    );
+    let done = completed(&env, &sched, &rid).await;
     assert_eq!(count(&done, D::Applied), 7);
     assert_eq!(count(&done, D::RejectedByDevice), 1);
     assert_eq!(ids.len(), 8);
@@ -244,13 +226,7 @@ async fn a_hello_that_beats_the_delivery_report_counts() {
     assert_eq!(helloed, ids.len());
     // Reports land after the Hellos; nothing undoes Applied.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let done = drive(&env, &sched, &rid, ended).await;
-    assert_eq!(
-        done.state(),
-        pb::RolloutState::Completed,
-        "{}",
-        done.message
-    );
+    let done = completed(&env, &sched, &rid).await;
     assert_eq!(count(&done, D::Applied), 4, "{done:#?}");
     env.fleet.assert_at_most_once();
 }

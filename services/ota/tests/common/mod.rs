@@ -308,6 +308,18 @@ pub async fn drive(
     }
 }
 
+/// Drives the rollout to its end and checks that it completed.
+pub async fn completed(env: &Env, sched: &Scheduler, rollout: &str) -> pb::RolloutStatus {
+    let done = drive(env, sched, rollout, ended).await;
+    assert_eq!(
+        done.state(),
+        pb::RolloutState::Completed,
+        "{}",
+        done.message
+    );
+    done
+}
+
 pub fn state_of(status: &pb::RolloutStatus, device: &str) -> pb::DeviceUpdateState {
     status
         .devices
