@@ -152,6 +152,11 @@ pub struct Session {
     answered: VecDeque<(u16, Vec<CachedReply>)>,
     ota: OtaReceiver,
     applied: Option<ReceivedUpdate>,
+    /// Frames waiting for one write. While the messages of one read are
+    /// handled, replies (a firmware window's ChunkReceived, say) collect
+    /// here and go out in one write instead of one each.
+    outbox: Vec<u8>,
+    batching: bool,
 }
 
 async fn read_step(
@@ -223,6 +228,8 @@ impl Session {
             answered: VecDeque::new(),
             ota,
             applied: None,
+            outbox: Vec::new(),
+            batching: false,
         };
         let hello = Hello {
             product_id: session.config.product_id,
@@ -239,8 +246,20 @@ impl Session {
     }
 
     async fn send(&mut self, m: &CoapMessage) -> Result<(), SessionError> {
-        let frame = self.cipher.encoder.try_encode(&m.encode())?;
-        self.stream.write_all(&frame).await?;
+        self.cipher
+            .encoder
+            .try_encode_into(&m.encode(), &mut self.outbox)?;
+        if self.batching {
+            return Ok(());
+        }
+        self.flush_outbox().await
+    }
+
+    async fn flush_outbox(&mut self) -> Result<(), SessionError> {
+        if !self.outbox.is_empty() {
+            self.stream.write_all(&self.outbox).await?;
+            self.outbox.clear();
+        }
         Ok(())
     }
 
@@ -258,7 +277,8 @@ impl Session {
         shutdown: CancellationToken,
         mut on_event: impl FnMut(SessionEvent) + Send,
     ) -> Result<SessionEnd, SessionError> {
-        let mut buf = vec![0u8; 4096];
+        // Most of a firmware window (32 chunks of 512 bytes) in one read.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut last_rx = Instant::now();
         let mut ping_deadline: Option<Instant> = None;
         let mut next_event = self.config.event_interval.map(|i| Instant::now() + i);
@@ -275,15 +295,19 @@ impl Session {
                     last_rx = Instant::now();
                     ping_deadline = None;
                     self.cipher.decoder.push(&buf[..n]);
-                    while let Some(plain) = self.cipher.decoder.next_message()? {
-                        let m = CoapMessage::decode(&plain)?;
-                        self.handle(&m, app, &mut on_event).await?;
-                        if let Some(update) = self.applied.take() {
-                            // UpdateDone is acknowledged; the connection
-                            // closes as the device restarts into the image.
-                            self.stream.flush().await?;
-                            return Ok(SessionEnd::UpdateApplied(update));
-                        }
+                    self.batching = true;
+                    let handled = self.handle_buffered(app, &mut on_event).await;
+                    self.batching = false;
+                    // The replies to what was handled go out even when a
+                    // later message in the same read ends the session.
+                    let flushed = self.flush_outbox().await;
+                    let applied = handled?;
+                    flushed?;
+                    if let Some(update) = applied {
+                        // UpdateDone is acknowledged; the connection
+                        // closes as the device restarts into the image.
+                        self.stream.flush().await?;
+                        return Ok(SessionEnd::UpdateApplied(update));
                     }
                 }
                 _ = sleep_until(keepalive_at), if ping_deadline.is_none() => {
@@ -302,6 +326,22 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles every complete message buffered, up to an applied update.
+    async fn handle_buffered(
+        &mut self,
+        app: &dyn DeviceApp,
+        on_event: &mut (impl FnMut(SessionEvent) + Send),
+    ) -> Result<Option<ReceivedUpdate>, SessionError> {
+        while let Some(plain) = self.cipher.decoder.next_message()? {
+            let m = CoapMessage::decode(&plain)?;
+            self.handle(&m, app, on_event).await?;
+            if let Some(update) = self.applied.take() {
+                return Ok(Some(update));
+            }
+        }
+        Ok(None)
     }
 
     async fn handle(

@@ -237,9 +237,16 @@ impl CoapMessage {
     /// (a stable sort, so repeated options keep their relative order); at most
     /// 8 token bytes are written.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded message to `out` (a buffer reused across
+    /// messages allocates nothing per message).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let token = &self.token[..self.token.len().min(8)];
-        let mut out =
-            Vec::with_capacity(4 + token.len() + self.payload.len() + 8 * self.options.len() + 1);
+        out.reserve(4 + token.len() + self.payload.len() + 8 * self.options.len() + 1);
         out.push((1 << 6) | (self.mtype.bits() << 4) | token.len() as u8);
         out.push(self.code);
         out.extend_from_slice(&self.message_id.to_be_bytes());
@@ -261,7 +268,6 @@ impl CoapMessage {
             out.push(PAYLOAD_MARKER);
             out.extend_from_slice(&self.payload);
         }
-        out
     }
 
     /// Values of every option with this number, in order.

@@ -55,25 +55,54 @@ impl FrameEncoder {
 
     /// Encrypts and frames one message, refusing one that cannot be framed.
     pub fn try_encode(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, FrameError> {
-        if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(FrameError::PlaintextTooLong {
-                len: plaintext.len(),
-                max: MAX_PLAINTEXT_LEN,
-            });
-        }
-        let ciphertext =
-            Enc::new(&self.key.into(), &self.iv.into()).encrypt_padded_vec::<Pkcs7>(plaintext);
-        // PKCS#7 always adds at least one block, so both of these hold; fall
-        // back to errors rather than panics all the same.
-        let len = u16::try_from(ciphertext.len()).map_err(|_| FrameError::PlaintextTooLong {
+        let mut frame = Vec::new();
+        self.try_encode_into(plaintext, &mut frame)?;
+        Ok(frame)
+    }
+
+    /// Appends one framed, encrypted message to `out`: the plaintext is
+    /// copied once and encrypted in place there, so a firmware transfer
+    /// writing many frames into one buffer allocates nothing per frame.
+    /// On an error `out` is as it was.
+    pub fn try_encode_into(
+        &mut self,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
+        let too_long = FrameError::PlaintextTooLong {
             len: plaintext.len(),
             max: MAX_PLAINTEXT_LEN,
-        })?;
-        self.iv = first_block(&ciphertext).ok_or(FrameError::Empty)?;
-        let mut frame = Vec::with_capacity(2 + ciphertext.len());
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(&ciphertext);
-        Ok(frame)
+        };
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(too_long);
+        }
+        // PKCS#7 always adds 1..=16 bytes.
+        let padded = (plaintext.len() / BLOCK + 1) * BLOCK;
+        let len = u16::try_from(padded).map_err(|_| too_long.clone())?;
+        let start = out.len();
+        out.reserve(2 + padded);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(plaintext);
+        out.resize(start + 2 + padded, 0);
+        let encrypted = Enc::new(&self.key.into(), &self.iv.into())
+            .encrypt_padded::<Pkcs7>(&mut out[start + 2..], plaintext.len())
+            .map(|c| first_block(c).ok_or(FrameError::Empty));
+        match encrypted {
+            Ok(Ok(iv)) => {
+                self.iv = iv;
+                Ok(())
+            }
+            // Cannot happen (the room is exactly the padded length); undo
+            // rather than panic all the same.
+            Ok(Err(e)) => {
+                out.truncate(start);
+                Err(e)
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(too_long)
+            }
+        }
     }
 }
 
@@ -90,6 +119,10 @@ pub struct FrameDecoder {
     iv: [u8; 16],
     max_frame_len: usize,
     buf: Vec<u8>,
+    /// Bytes at the front of `buf` already returned as messages. Dropped at
+    /// the next push, not one message at a time: a read holding many frames
+    /// (a firmware window) would otherwise move its tail once per frame.
+    start: usize,
     failed: Option<FrameError>,
 }
 
@@ -110,6 +143,7 @@ impl FrameDecoder {
             iv,
             max_frame_len,
             buf: Vec::new(),
+            start: 0,
             failed: None,
         }
     }
@@ -121,7 +155,7 @@ impl FrameDecoder {
 
     /// Bytes received but not yet returned as a message.
     pub fn buffered_len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     pub fn max_frame_len(&self) -> usize {
@@ -129,7 +163,8 @@ impl FrameDecoder {
     }
 
     fn check_header(&self) -> Result<Option<usize>, FrameError> {
-        let (Some(&hi), Some(&lo)) = (self.buf.first(), self.buf.get(1)) else {
+        let pending = &self.buf[self.start..];
+        let (Some(&hi), Some(&lo)) = (pending.first(), pending.get(1)) else {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes([hi, lo]));
@@ -151,6 +186,7 @@ impl FrameDecoder {
     fn fail(&mut self, e: FrameError) -> FrameError {
         self.buf.zeroize();
         self.buf = Vec::new();
+        self.start = 0;
         self.failed = Some(e.clone());
         e
     }
@@ -159,6 +195,10 @@ impl FrameDecoder {
     pub fn push(&mut self, input: &[u8]) {
         if self.failed.is_some() {
             return;
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         if self.buf.len() < 2 {
             // Only take what completes the header, check it, then the rest:
@@ -186,7 +226,8 @@ impl FrameDecoder {
             Ok(None) => return Ok(None),
             Err(e) => return Err(self.fail(e)),
         };
-        let Some(ciphertext) = self.buf.get(2..2 + len) else {
+        let at = self.start + 2;
+        let Some(ciphertext) = self.buf.get(at..at + len) else {
             return Ok(None);
         };
         let Some(next_iv) = first_block(ciphertext) else {
@@ -199,7 +240,11 @@ impl FrameDecoder {
             Err(_) => return Err(self.fail(FrameError::BadPadding)),
         };
         self.iv = next_iv;
-        self.buf.drain(..2 + len);
+        self.start = at + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         Ok(Some(plaintext))
     }
 }

@@ -78,6 +78,62 @@ proptest! {
     }
 
     #[test]
+    fn frames_appended_to_one_buffer_are_the_frames_encoded_one_by_one(
+        key in any::<[u8; 16]>(),
+        iv in any::<[u8; 16]>(),
+        messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..6),
+        prefix in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let mut one_by_one = FrameEncoder::new(key, iv);
+        let mut appending = FrameEncoder::new(key, iv);
+        let expected: Vec<u8> = prefix
+            .iter()
+            .copied()
+            .chain(messages.iter().flat_map(|m| one_by_one.encode(m)))
+            .collect();
+        let mut buffer = prefix.clone();
+        for m in &messages {
+            appending.try_encode_into(m, &mut buffer).expect("fits");
+        }
+        prop_assert_eq!(buffer, expected);
+        prop_assert_eq!(appending.iv(), one_by_one.iv());
+    }
+
+    #[test]
+    fn frames_taken_one_per_read_with_more_pushed_behind_them(
+        key in any::<[u8; 16]>(),
+        iv in any::<[u8; 16]>(),
+        messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..10),
+        cuts in proptest::collection::vec(any::<usize>(), 0..20),
+    ) {
+        // Frames left in the decoder when the next read arrives: the
+        // consumed front is dropped then, and what is left must still line up.
+        let mut enc = FrameEncoder::new(key, iv);
+        let stream: Vec<u8> = messages.iter().flat_map(|m| enc.encode(m)).collect();
+        let mut dec = FrameDecoder::new(key, iv, 4096);
+        let mut got = Vec::new();
+        for piece in cut(&stream, &cuts) {
+            dec.push(&piece);
+            if let Some(m) = dec.next_message().expect("valid stream") {
+                got.push(m);
+            }
+        }
+        while let Some(m) = dec.next_message().expect("valid stream") {
+            got.push(m);
+        }
+        prop_assert_eq!(got, messages);
+        prop_assert_eq!(dec.buffered_len(), 0);
+    }
+
+    #[test]
+    fn coap_encoded_into_a_used_buffer_appends_its_encoding(m in coap(), prefix in proptest::collection::vec(any::<u8>(), 0..40)) {
+        let mut buffer = prefix.clone();
+        m.encode_into(&mut buffer);
+        prop_assert_eq!(&buffer[..prefix.len()], &prefix[..]);
+        prop_assert_eq!(&buffer[prefix.len()..], &m.encode()[..]);
+    }
+
+    #[test]
     fn hello_round_trip(
         product_id in any::<u16>(), firmware_version in any::<u16>(), reserved in any::<u8>(), flags in any::<u8>(),
         platform_id in any::<u16>(), id in proptest::option::of(any::<[u8; 12]>()), sha in proptest::option::of(any::<[u8; 32]>()),

@@ -5,15 +5,17 @@ use trellis_core::redis_conn::{Redis, keys};
 use trellis_core::time::now_ms;
 use trellis_wire::hello::Hello;
 
-pub async fn record_connect(
-    redis: &mut Redis,
+/// Adds the record of a new connection to `pipe` (no answer), to go with
+/// the session claim (`ownership::claim_with`).
+pub fn record_connect_in(
+    pipe: &mut redis::Pipeline,
     device_id: &str,
     gateway_id: &str,
     peer: &str,
     product_id: u32,
-) -> redis::RedisResult<()> {
+) {
     let now = now_ms().to_string();
-    redis::cmd("HSET")
+    pipe.cmd("HSET")
         .arg(keys::device_state(device_id))
         .arg(&[
             ("gateway", gateway_id),
@@ -22,8 +24,7 @@ pub async fn record_connect(
             ("connected_at", &now),
             ("last_seen", &now),
         ])
-        .query_async(redis)
-        .await
+        .ignore();
 }
 
 pub async fn record_hello(

@@ -398,12 +398,23 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
 
     let mut redis = gw.redis.clone();
     let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
-    let claim = match Box::pin(ownership::claim(
+    let peer_s = peer.to_string();
+    // The connection record rides with the claim: one round trip.
+    let claim = match Box::pin(ownership::claim_with(
         &mut redis,
         &device_id,
         &gw.id,
-        &peer.to_string(),
+        &peer_s,
         ttl,
+        |pipe| {
+            device_state::record_connect_in(
+                pipe,
+                &device_id,
+                &gw.id,
+                &peer_s,
+                established.product_id,
+            )
+        },
     ))
     .await
     {
@@ -423,18 +434,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
     }
     // Cross-region: the newest claim anywhere names the device's home; a
     // session in another region sees it and closes (home.rs).
-    home::record_claim(&gw, &device_id, claim.epoch, &peer.to_string());
-    if let Err(e) = Box::pin(device_state::record_connect(
-        &mut redis,
-        &device_id,
-        &gw.id,
-        &peer.to_string(),
-        established.product_id,
-    ))
-    .await
-    {
-        tracing::warn!(device = %device_id, error = %e, "could not record the connection");
-    }
+    home::record_claim(&gw, &device_id, claim.epoch, &peer_s);
 
     let (tx, rx) = mpsc::channel(32);
     gw.local.insert(&device_id, claim.epoch, peer, tx);

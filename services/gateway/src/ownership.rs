@@ -76,15 +76,45 @@ pub async fn claim(
     peer_addr: &str,
     ttl_secs: u64,
 ) -> redis::RedisResult<Claim> {
-    let (epoch, prev): (u64, Vec<String>) = CLAIM_SCRIPT
-        .key(keys::session(device_id))
+    claim_with(redis, device_id, gateway_id, peer_addr, ttl_secs, |_| {}).await
+}
+
+/// [`claim`], with `also` (commands whose answers are ignored, such as
+/// the connection record) sent in the same round trip: every round trip on
+/// the handshake path costs the gateway and Redis CPU that the RSA work
+/// could have had. Not atomic with them, so `also` must be safe to repeat
+/// (it is sent again after a Redis restart forgot the script).
+pub async fn claim_with(
+    redis: &mut Redis,
+    device_id: &str,
+    gateway_id: &str,
+    peer_addr: &str,
+    ttl_secs: u64,
+    also: impl Fn(&mut redis::Pipeline),
+) -> redis::RedisResult<Claim> {
+    let mut invocation = CLAIM_SCRIPT.key(keys::session(device_id));
+    invocation
         .key(keys::session_epoch(device_id))
         .arg(gateway_id)
         .arg(peer_addr)
         .arg(now_ms())
-        .arg(ttl_secs)
-        .invoke_async(redis)
-        .await?;
+        .arg(ttl_secs);
+    let pipeline = || {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        also(&mut pipe);
+        pipe
+    };
+    type Answer = ((u64, Vec<String>),);
+    let answer: redis::RedisResult<Answer> = pipeline().query_async(redis).await;
+    let ((epoch, prev),) = match answer {
+        Ok(a) => a,
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            CLAIM_SCRIPT.load_async(redis).await?;
+            pipeline().query_async::<Answer>(redis).await?
+        }
+        Err(e) => return Err(e),
+    };
     Ok(Claim {
         epoch,
         previous: owner_from_pairs(&prev),

@@ -797,9 +797,24 @@ impl Session {
             // One write for the whole pump: frames encoded in order, so the
             // IV chain and message ids are what sending them one by one
             // would give.
-            let mut frames = Vec::with_capacity(out.len() * 600);
+            // Each message is encoded into one scratch buffer and framed
+            // straight into the write buffer: no allocation per chunk.
+            let room: usize = out.iter().map(|m| m.payload.len() + 64).sum();
+            let mut frames = Vec::with_capacity(room);
+            let mut plaintext =
+                Vec::with_capacity(out.iter().map(|m| m.payload.len() + 48).max().unwrap_or(0));
             for msg in &out {
-                frames.extend_from_slice(&self.cipher.encoder.encode(&msg.encode()));
+                plaintext.clear();
+                msg.encode_into(&mut plaintext);
+                if let Err(e) = self.cipher.encoder.try_encode_into(&plaintext, &mut frames) {
+                    // The chunk size is checked against the frame limit at
+                    // start, so this is a bug, not a device's doing.
+                    tracing::error!(device = %self.device_id, error = %e, "cannot frame a firmware chunk");
+                    self.transfer = Some(t);
+                    return Err(SessionEnd::Closed(format!(
+                        "cannot frame a firmware chunk: {e}"
+                    )));
+                }
             }
             if let Err(e) = self.stream.write_all(&frames).await {
                 self.transfer = Some(t);

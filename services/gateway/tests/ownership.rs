@@ -50,3 +50,39 @@ async fn a_redis_that_goes_away_is_an_error_not_a_panic() -> anyhow::Result<()> 
     assert!(r.is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_claim_and_its_companion_commands_survive_a_flushed_script_cache() -> anyhow::Result<()> {
+    let server = LocalRedis::start(RedisData::Ephemeral)?;
+    let mut redis = redis_conn::connect(&server.url()).await?;
+    let dev = "0123456789abcdef01234567";
+    let first = ownership::claim(&mut redis, dev, "gw-a", "10.0.0.1:1000", 60).await?;
+
+    // A restarted Redis has no scripts: the pipelined EVALSHA answers
+    // NOSCRIPT, and the claim must load the script and send it all again.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await?;
+    let second = ownership::claim_with(&mut redis, dev, "gw-b", "10.0.0.2:2000", 60, |pipe| {
+        pipe.cmd("INCR").arg("companion").ignore();
+    })
+    .await?;
+    assert!(second.epoch > first.epoch);
+    assert_eq!(
+        second.previous.map(|p| p.gateway_id).as_deref(),
+        Some("gw-a")
+    );
+    // Sent once with the NOSCRIPT answer and once more with the retry.
+    let companion: i64 = redis::cmd("GET")
+        .arg("companion")
+        .query_async(&mut redis)
+        .await?;
+    assert_eq!(companion, 2);
+    let owner = ownership::current(&mut redis, dev).await?.expect("owned");
+    assert_eq!(
+        (owner.gateway_id.as_str(), owner.epoch),
+        ("gw-b", second.epoch)
+    );
+    Ok(())
+}

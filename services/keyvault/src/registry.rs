@@ -113,6 +113,27 @@ pub fn parse_device_id(input: &str) -> Result<String> {
 }
 
 /// The record for an id, if registered.
+/// The record for an id (if registered) and the seconds of quarantine left
+/// on it (if quarantined; -1: no expiry), in one round trip: the handshake
+/// needs both, and each round trip costs keyvault and Redis CPU.
+pub async fn get_with_quarantine(
+    redis: &mut Redis,
+    device_id: &str,
+) -> Result<(Option<DeviceRecord>, Option<i64>)> {
+    let (map, ttl): (HashMap<String, String>, i64) = redis::pipe()
+        .hgetall(keys::device(device_id))
+        .ttl(keys::quarantine(device_id))
+        .query_async(redis)
+        .await?;
+    let record = if map.is_empty() {
+        None
+    } else {
+        Some(DeviceRecord::from_fields(device_id, &map)?)
+    };
+    // TTL -2: no key; -1: a key without expiry (set by hand): quarantined.
+    Ok((record, (ttl != -2).then_some(ttl)))
+}
+
 pub async fn get(redis: &mut Redis, device_id: &str) -> Result<Option<DeviceRecord>> {
     let map: HashMap<String, String> = redis.hgetall(keys::device(device_id)).await?;
     if map.is_empty() {

@@ -124,7 +124,8 @@ pub async fn open_session(
     };
     let device_id = plaintext.device_id.to_string();
 
-    let Some(record) = registry::get(redis, &device_id).await? else {
+    let (record, quarantine_left) = registry::get_with_quarantine(redis, &device_id).await?;
+    let Some(record) = record else {
         if let Some(der) = &plaintext.public_key_der {
             registry::keep_pending(redis, &device_id, der, &req.gateway_id, &req.peer_addr).await?;
         }
@@ -167,7 +168,7 @@ pub async fn open_session(
 
     // A suspected clone under quarantine (set by a gateway's clone
     // policy) is refused here, before the signature: no more RSA work.
-    if let Some(left_secs) = quarantine_left(redis, &device_id).await? {
+    if let Some(left_secs) = quarantine_left {
         let until = if left_secs < 0 {
             "until an operator lifts it".to_string()
         } else {
@@ -227,17 +228,6 @@ async fn grant(pool: &Pool, record: &DeviceRecord) -> Result<pb::SessionGrant> {
         product_id: record.product_id,
         organization: record.organization.clone(),
     })
-}
-
-/// Seconds of quarantine left for the device, if it is quarantined (-1:
-/// no expiry).
-async fn quarantine_left(redis: &mut Redis, device_id: &str) -> Result<Option<i64>> {
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(trellis_core::redis_conn::keys::quarantine(device_id))
-        .query_async(redis)
-        .await?;
-    // -2: no key; -1: a key without expiry (set by hand): quarantined.
-    Ok((ttl != -2).then_some(ttl))
 }
 
 /// The offered DER equals the registered one, or encodes the same key.
