@@ -98,7 +98,12 @@ struct Transfer {
     manifest: FirmwareManifest,
     chunk_size: usize,
     file_size: usize,
-    chunks: Vec<Option<Vec<u8>>>,
+    /// The image as it arrives, written in place (sized at UpdateBegin,
+    /// after the signed manifest and `max_image_size` allowed it): no
+    /// allocation per chunk and no copy at the end.
+    image: Vec<u8>,
+    /// Which chunks are in `image`.
+    stored: Vec<bool>,
     received: usize,
     /// Where an index-less (spark, slow OTA) chunk goes: the first gap.
     next_unindexed: usize,
@@ -203,7 +208,8 @@ impl OtaReceiver {
             manifest,
             chunk_size,
             file_size,
-            chunks: vec![None; count],
+            image: vec![0; file_size],
+            stored: vec![false; count],
             received: 0,
             next_unindexed: 0,
             crc_failures: HashMap::new(),
@@ -222,10 +228,10 @@ impl OtaReceiver {
             Some(i) => usize::from(i),
             None => t.next_unindexed,
         };
-        if index >= t.chunks.len() {
+        if index >= t.stored.len() {
             let detail = format!(
                 "chunk index {index} is past the last chunk ({})",
-                t.chunks.len().saturating_sub(1)
+                t.stored.len().saturating_sub(1)
             );
             return self.refuse_chunk(Rejection::BadTransfer { detail });
         }
@@ -254,11 +260,12 @@ impl OtaReceiver {
             );
             return self.refuse_chunk(Rejection::BadTransfer { detail });
         }
-        if t.chunks[index].is_none() {
+        if !t.stored[index] {
             t.received += 1;
+            t.stored[index] = true;
         }
-        t.chunks[index] = Some(chunk.data[..useful].to_vec());
-        while t.next_unindexed < t.chunks.len() && t.chunks[t.next_unindexed].is_some() {
+        t.image[start..start + useful].copy_from_slice(&chunk.data[..useful]);
+        while t.next_unindexed < t.stored.len() && t.stored[t.next_unindexed] {
             t.next_unindexed += 1;
         }
         ChunkOutcome::Stored { index: index16 }
@@ -275,7 +282,7 @@ impl OtaReceiver {
         let Some(t) = self.transfer.as_mut() else {
             return DoneOutcome::NotReceiving;
         };
-        if t.received < t.chunks.len() {
+        if t.received < t.stored.len() {
             if t.received > t.received_at_last_done {
                 t.rounds_without_progress = 0;
             } else {
@@ -284,17 +291,17 @@ impl OtaReceiver {
             t.received_at_last_done = t.received;
             if t.rounds_without_progress >= self.config.max_missed_rounds {
                 let r = Rejection::MissingChunks {
-                    missing: t.chunks.len() - t.received,
+                    missing: t.stored.len() - t.received,
                     rounds: t.rounds_without_progress,
                 };
                 self.transfer = None;
                 return DoneOutcome::Rejected(r);
             }
             let missing = t
-                .chunks
+                .stored
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.is_none())
+                .filter(|(_, stored)| !**stored)
                 .map(|(i, _)| i as u16)
                 .collect();
             return DoneOutcome::Missing(missing);
@@ -302,11 +309,7 @@ impl OtaReceiver {
         let Some(t) = self.transfer.take() else {
             return DoneOutcome::NotReceiving;
         };
-        let mut image = Vec::with_capacity(t.file_size);
-        for c in t.chunks.into_iter().flatten() {
-            image.extend_from_slice(&c);
-        }
-        image.truncate(t.file_size);
+        let image = t.image;
         match verify_image(&t.manifest, &image) {
             Ok(()) => DoneOutcome::Complete(ReceivedUpdate {
                 manifest: t.manifest,
