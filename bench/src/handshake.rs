@@ -426,6 +426,17 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         );
     }
     if ok > 0 {
+        // The best these cores could do with these devices on them: the
+        // servers doing nothing but the two RSA operations.
+        let devices_ms = per_hs(cpu[3]);
+        let ceiling = rsa_floor_ms / (rsa_floor_ms + devices_ms);
+        println!(
+            "ceiling : {:.1} % of the limit is the most this run could show: RSA floor {:.3} ms + the devices' own {:.3} ms per handshake on the same {cores} cores, with gateway, keyvault and Redis costing nothing beyond the RSA; the system reached {:.0} % of that ceiling",
+            ceiling * 100.0,
+            rsa_floor_ms,
+            devices_ms,
+            rate / limit.per_sec / ceiling * 100.0
+        );
         // Every session also ends here (the devices hang up after Hello),
         // so this is the Redis work of one whole short session.
         let total: u64 = redis_during.iter().map(|(_, k)| k).sum();

@@ -575,6 +575,20 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         1e3 / mib(limit),
         gw_hwm as f64 / 1024.0,
     );
+    if !applied.is_empty() {
+        // The best these cores could do with these devices on them: the
+        // gateway costing only its AES, Redis nothing.
+        let floor_ms = 1e3 / mib(limit);
+        let devices_ms = per_mib(cpu[4]);
+        let ceiling_mib_s = util::cores() as f64 * 1e3 / (floor_ms + devices_ms);
+        let ceiling = ceiling_mib_s / mib(limit);
+        println!(
+            "ceiling : {:.1} % of the limit is the most this run could show: the devices' own {devices_ms:.2} ms CPU per MiB (decrypt, CRC, store, SHA-256, acks) plus the AES floor {floor_ms:.2} ms on the same {} cores; the system reached {:.0} % of that ceiling",
+            ceiling * 100.0,
+            util::cores(),
+            rate / limit / ceiling * 100.0
+        );
+    }
     println!(
         "cpu     : gateway {:.2} s, redis {:.2} s, keyvault {:.2} s, signer {:.2} s, this process (devices + gRPC callers) {:.2} s over the {elapsed:.2} s transfer; whole run: gateway {:.2} s, keyvault {:.2} s, signer {:.2} s, redis {:.2} s",
         cpu[0],
