@@ -26,6 +26,13 @@ use trellis_wire::ota::{Chunk, UpdateBegin};
 
 use crate::rejection::parse_rejection_event;
 
+/// What `next_transmit` decided to send: a chunk is described, not
+/// built, so `poll_transmit_into` can encode it from the image in place.
+enum Next {
+    Message(CoapMessage),
+    Chunk { id: u16, token: u8, index: u16 },
+}
+
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
     /// Bytes per chunk, announced in UpdateBegin (spark: 256, Particle: 512).
@@ -298,15 +305,59 @@ impl OtaSender {
         &mut self,
         next_ids: &mut dyn FnMut() -> (u16, u8),
     ) -> Option<CoapMessage> {
+        match self.next_transmit(next_ids)? {
+            Next::Message(m) => Some(m),
+            Next::Chunk { id, token, index } => Some(message::chunk(id, token, &self.chunk(index))),
+        }
+    }
+
+    /// [`OtaSender::poll_transmit`], appending the next message's CoAP
+    /// bytes to `out` instead of returning it; `false` when there is
+    /// nothing to send. A chunk goes from the image slice straight into
+    /// `out` (`message::encode_chunk_into`): no copy of its data and no
+    /// allocation, byte for byte what `poll_transmit` would have built.
+    pub fn poll_transmit_into(
+        &mut self,
+        next_ids: &mut dyn FnMut() -> (u16, u8),
+        out: &mut Vec<u8>,
+    ) -> bool {
+        match self.next_transmit(next_ids) {
+            None => false,
+            Some(Next::Message(m)) => {
+                m.encode_into(out);
+                true
+            }
+            Some(Next::Chunk { id, token, index }) => {
+                let size = usize::from(self.config.chunk_size);
+                let start = usize::from(index) * size;
+                let end = (start + size).min(self.image.len());
+                message::encode_chunk_into(
+                    out,
+                    id,
+                    token,
+                    Some(index),
+                    &self.image[start..end],
+                    size,
+                );
+                true
+            }
+        }
+    }
+
+    fn next_transmit(&mut self, next_ids: &mut dyn FnMut() -> (u16, u8)) -> Option<Next> {
         if let Some(reply) = self.replies.pop_front() {
-            return Some(reply);
+            return Some(Next::Message(reply));
         }
         match self.phase {
             Phase::Begin => {
                 let (id, token) = next_ids();
                 self.begin_token = Some(token);
                 self.phase = Phase::AwaitReady;
-                Some(message::update_begin(id, token, &self.update_begin()))
+                Some(Next::Message(message::update_begin(
+                    id,
+                    token,
+                    &self.update_begin(),
+                )))
             }
             Phase::Sending => {
                 if self.in_flight.len() < self.config.window
@@ -327,13 +378,13 @@ impl OtaSender {
                     }
                     self.sends[i] += 1;
                     self.chunks_sent += 1;
-                    return Some(message::chunk(id, token, &self.chunk(index)));
+                    return Some(Next::Chunk { id, token, index });
                 }
                 if self.queue.is_empty() && self.in_flight.is_empty() {
                     let (id, token) = next_ids();
                     self.done_token = Some(token);
                     self.phase = Phase::AwaitDone;
-                    return Some(message::update_done(id, token));
+                    return Some(Next::Message(message::update_done(id, token)));
                 }
                 None
             }

@@ -12,7 +12,7 @@ use crate::error::CoapError;
 pub const OPTION_URI_PATH: u16 = 11;
 pub const OPTION_URI_QUERY: u16 = 15;
 
-const PAYLOAD_MARKER: u8 = 0xFF;
+pub(crate) const PAYLOAD_MARKER: u8 = 0xFF;
 
 /// CoAP message type (the two `T` bits of the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -134,6 +134,25 @@ proptest! {
     }
 
     #[test]
+    fn a_chunk_encoded_in_place_is_the_chunk_message(
+        id in any::<u16>(),
+        token in any::<u8>(),
+        index in proptest::option::of(any::<u16>()),
+        data in proptest::collection::vec(any::<u8>(), 0..700),
+        padding in 0usize..300,
+        prefix in proptest::collection::vec(any::<u8>(), 0..20),
+    ) {
+        let padded_len = data.len() + padding;
+        let mut padded = data.clone();
+        padded.resize(padded_len, 0);
+        let expected = trellis_wire::message::chunk(id, token, &trellis_wire::ota::Chunk::new(index, padded)).encode();
+        let mut out = prefix.clone();
+        trellis_wire::message::encode_chunk_into(&mut out, id, token, index, &data, padded_len);
+        prop_assert_eq!(&out[..prefix.len()], &prefix[..]);
+        prop_assert_eq!(&out[prefix.len()..], &expected[..]);
+    }
+
+    #[test]
     fn hello_round_trip(
         product_id in any::<u16>(), firmware_version in any::<u16>(), reserved in any::<u8>(), flags in any::<u8>(),
         platform_id in any::<u16>(), id in proptest::option::of(any::<[u8; 12]>()), sha in proptest::option::of(any::<[u8; 32]>()),

@@ -98,7 +98,9 @@ pub struct Session {
     pending: HashMap<u8, Pending>,
     describe: Option<Describe>,
     last_received: Instant,
-    transfer: Option<Transfer>,
+    /// Boxed: an idle session (nearly all of them) should not carry a
+    /// transfer's 400 bytes.
+    transfer: Option<Box<Transfer>>,
     /// The transfer took answers that the next pump acts on.
     pump_deferred: bool,
 }
@@ -202,8 +204,9 @@ impl Session {
         // answer what it was already asked, then end (the caller releases
         // ownership and closes, and the device reconnects elsewhere).
         let mut draining = false;
-        let drain_span =
-            tracing::info_span!("session.drain", device = %self.device_id, epoch = self.epoch);
+        // Made when a drain starts: a span held by every idle session for
+        // its whole life costs the tracing registry memory per session.
+        let mut drain_span: Option<tracing::Span> = None;
         loop {
             tokio::select! {
                 ready = self.stream.readable() => {
@@ -263,7 +266,8 @@ impl Session {
                 },
                 () = &mut tick => {
                     if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota)) {
-                        drain_span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
+                        let span = drain_span.get_or_insert_with(|| self.drain_span());
+                        span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
                         return SessionEnd::Shutdown;
                     }
                     let silent = self.last_received.elapsed();
@@ -297,13 +301,17 @@ impl Session {
                 _ = shutdown.wait(), if !draining => {
                     draining = true;
                     let in_flight = self.pending.values().filter(|p| !matches!(p, Pending::Describe | Pending::Ota)).count();
-                    drain_span.in_scope(|| tracing::info!(in_flight, "draining"));
+                    drain_span.get_or_insert_with(|| self.drain_span()).in_scope(|| tracing::info!(in_flight, "draining"));
                     if in_flight == 0 {
                         return SessionEnd::Shutdown;
                     }
                 }
             }
         }
+    }
+
+    fn drain_span(&self) -> tracing::Span {
+        tracing::info_span!("session.drain", device = %self.device_id, epoch = self.epoch)
     }
 
     async fn send(&mut self, msg: &CoapMessage) -> Result<(), SessionEnd> {
@@ -746,13 +754,13 @@ impl Session {
             }
         };
         tracing::info!(device = %self.device_id, release = %release_id, "firmware transfer starts");
-        self.transfer = Some(Transfer {
+        self.transfer = Some(Box::new(Transfer {
             sender,
             release_id,
             reply,
             deadline,
             last_heard: Instant::now(),
-        });
+        }));
         self.pump_transfer().await
     }
 
@@ -762,21 +770,26 @@ impl Session {
         let Some(mut t) = self.transfer.take() else {
             return Ok(());
         };
-        let mut out = Vec::new();
+        // The CoAP bytes of everything the transfer sends now, one after the
+        // other (`ends` marks where each message stops). Framing waits for
+        // the fence: a frame advances the session's IV chain, so nothing is
+        // framed that might not be written.
+        let mut plain = Vec::new();
+        let mut ends = Vec::new();
         {
             let mut next_ids = || {
                 let token = self.take_token();
                 self.pending.insert(token, Pending::Ota);
                 (self.outgoing.next(), token)
             };
-            while let Some(msg) = t.sender.poll_transmit(&mut next_ids) {
-                out.push(msg);
+            while t.sender.poll_transmit_into(&mut next_ids, &mut plain) {
+                ends.push(plain.len());
             }
         }
         // Tokens the transfer no longer waits on go back to the pool.
         self.pending
             .retain(|tok, p| !matches!(p, Pending::Ota) || t.sender.owns_token(*tok));
-        if !out.is_empty()
+        if !ends.is_empty()
             && let Err(refusal) = crate::fence::before_delivery(
                 &self.gw,
                 &self.device_id,
@@ -793,28 +806,28 @@ impl Session {
                 .end_session
                 .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
         }
-        if !out.is_empty() {
+        if !ends.is_empty() {
             // One write for the whole pump: frames encoded in order, so the
             // IV chain and message ids are what sending them one by one
-            // would give.
-            // Each message is encoded into one scratch buffer and framed
-            // straight into the write buffer: no allocation per chunk.
-            let room: usize = out.iter().map(|m| m.payload.len() + 64).sum();
-            let mut frames = Vec::with_capacity(room);
-            let mut plaintext =
-                Vec::with_capacity(out.iter().map(|m| m.payload.len() + 48).max().unwrap_or(0));
-            for msg in &out {
-                plaintext.clear();
-                msg.encode_into(&mut plaintext);
-                if let Err(e) = self.cipher.encoder.try_encode_into(&plaintext, &mut frames) {
+            // would give. Each frame is at most 2 + 16 bytes longer than
+            // its message.
+            let mut frames = Vec::with_capacity(plain.len() + 18 * ends.len());
+            let mut start = 0;
+            for &end in &ends {
+                if let Err(e) = self
+                    .cipher
+                    .encoder
+                    .try_encode_into(&plain[start..end], &mut frames)
+                {
                     // The chunk size is checked against the frame limit at
                     // start, so this is a bug, not a device's doing.
-                    tracing::error!(device = %self.device_id, error = %e, "cannot frame a firmware chunk");
+                    tracing::error!(device = %self.device_id, error = %e, "cannot frame a firmware message");
                     self.transfer = Some(t);
                     return Err(SessionEnd::Closed(format!(
-                        "cannot frame a firmware chunk: {e}"
+                        "cannot frame a firmware message: {e}"
                     )));
                 }
+                start = end;
             }
             if let Err(e) = self.stream.write_all(&frames).await {
                 self.transfer = Some(t);
