@@ -152,6 +152,19 @@ impl Cluster {
         Ok(identity)
     }
 
+    /// A freshly registered device (product 1) in session on the first
+    /// gateway: handshake, Hello sent, the server's Hello read. Returns the
+    /// device and its id.
+    pub async fn device_in_session(&self) -> anyhow::Result<(RawDevice, String)> {
+        let identity = self.provision(1).await?;
+        let mut dev = RawDevice::connect(self.gateways[0].devices, &identity).await?;
+        dev.hello(identity.device_id, [1; 32]).await?;
+        dev.recv(Duration::from_secs(5))
+            .await?
+            .expect("server hello");
+        Ok((dev, identity.device_id.to_string()))
+    }
+
     pub fn unregistered_identity(&self) -> anyhow::Result<DeviceIdentity> {
         Ok(DeviceIdentity {
             device_id: DeviceId(rand::random()),

@@ -10,16 +10,6 @@ use trellis_wire::message;
 
 const KEEPALIVE_SECS: u64 = 2;
 
-async fn session(cluster: &Cluster) -> anyhow::Result<(RawDevice, String)> {
-    let identity = cluster.provision(1).await?;
-    let mut dev = RawDevice::connect(cluster.gateways[0].devices, &identity).await?;
-    dev.hello(identity.device_id, [1; 32]).await?;
-    dev.recv(Duration::from_secs(5))
-        .await?
-        .expect("server hello");
-    Ok((dev, identity.device_id.to_string()))
-}
-
 /// Pings every 500 ms (so silence never ends the session) until it closes
 /// or `within` passes; returns when it closed.
 async fn closed_while_pinging(dev: &mut RawDevice, within: Duration) -> Option<Duration> {
@@ -42,9 +32,9 @@ async fn stale_and_lost_records_close_their_sessions_and_only_those() -> anyhow:
         c.gateway.keepalive_secs = KEEPALIVE_SECS;
     })
     .await?;
-    let (mut taken, taken_id) = session(&cluster).await?;
-    let (mut lost, lost_id) = session(&cluster).await?;
-    let (mut kept, kept_id) = session(&cluster).await?;
+    let (mut taken, taken_id) = cluster.device_in_session().await?;
+    let (mut lost, lost_id) = cluster.device_in_session().await?;
+    let (mut kept, kept_id) = cluster.device_in_session().await?;
     let mut r = cluster.redis().await?;
 
     // Another gateway claims `taken` (a newer epoch) and its close never

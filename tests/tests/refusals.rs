@@ -175,14 +175,9 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
 /// Connects a registered device, sends Hello and reads the server's Hello
 /// and Describe request.
 async fn session(cluster: &Cluster) -> anyhow::Result<(RawDevice, String)> {
-    let identity = cluster.provision(1).await?;
-    let mut dev = RawDevice::connect(cluster.gateways[0].devices, &identity).await?;
-    dev.hello(identity.device_id, [1; 32]).await?;
-    dev.recv(Duration::from_secs(5))
-        .await?
-        .expect("server hello");
+    let (mut dev, id) = cluster.device_in_session().await?;
     dev.recv(Duration::from_secs(5)).await?.expect("describe");
-    Ok((dev, identity.device_id.to_string()))
+    Ok((dev, id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

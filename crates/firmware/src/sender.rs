@@ -271,19 +271,17 @@ impl OtaSender {
         }
     }
 
-    fn chunk_len(&self, index: u16) -> usize {
+    /// The image bytes of chunk `index`, unpadded (the last one may be short).
+    fn chunk_data(&self, index: u16) -> &[u8] {
         let size = usize::from(self.config.chunk_size);
         let start = usize::from(index) * size;
-        size.min(self.image.len() - start)
+        &self.image[start..(start + size).min(self.image.len())]
     }
 
     /// The padded chunk `index` as sent (CRC over the padding included).
     pub fn chunk(&self, index: u16) -> Chunk {
-        let size = usize::from(self.config.chunk_size);
-        let start = usize::from(index) * size;
-        let end = (start + size).min(self.image.len());
-        let mut data = self.image[start..end].to_vec();
-        data.resize(size, 0);
+        let mut data = self.chunk_data(index).to_vec();
+        data.resize(usize::from(self.config.chunk_size), 0);
         Chunk::new(Some(index), data)
     }
 
@@ -328,16 +326,13 @@ impl OtaSender {
                 true
             }
             Some(Next::Chunk { id, token, index }) => {
-                let size = usize::from(self.config.chunk_size);
-                let start = usize::from(index) * size;
-                let end = (start + size).min(self.image.len());
                 message::encode_chunk_into(
                     out,
                     id,
                     token,
                     Some(index),
-                    &self.image[start..end],
-                    size,
+                    self.chunk_data(index),
+                    usize::from(self.config.chunk_size),
                 );
                 true
             }
@@ -497,7 +492,7 @@ impl OtaSender {
             if !self.acked[i] {
                 self.acked[i] = true;
                 self.acked_count += 1;
-                self.bytes_acked += self.chunk_len(index) as u64;
+                self.bytes_acked += self.chunk_data(index).len() as u64;
             }
         } else if m.code == code::BAD_REQUEST {
             self.queue_again(index, true);

@@ -46,6 +46,39 @@ fn cut(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The messages framed one after the other, and the encoder after them.
+fn framed(key: [u8; 16], iv: [u8; 16], messages: &[Vec<u8>]) -> (Vec<u8>, FrameEncoder) {
+    let mut enc = FrameEncoder::new(key, iv);
+    let stream = messages.iter().flat_map(|m| enc.encode(m)).collect();
+    (stream, enc)
+}
+
+/// Pushes `stream` cut at `cuts`; after each push takes every complete
+/// message, or at most one (`one_per_push`, the rest taken at the end).
+fn unframed(
+    key: [u8; 16],
+    iv: [u8; 16],
+    stream: &[u8],
+    cuts: &[usize],
+    one_per_push: bool,
+) -> (Vec<Vec<u8>>, FrameDecoder) {
+    let mut dec = FrameDecoder::new(key, iv, 4096);
+    let mut got = Vec::new();
+    for piece in cut(stream, cuts) {
+        dec.push(&piece);
+        while let Some(m) = dec.next_message().expect("valid stream") {
+            got.push(m);
+            if one_per_push {
+                break;
+            }
+        }
+    }
+    while let Some(m) = dec.next_message().expect("valid stream") {
+        got.push(m);
+    }
+    (got, dec)
+}
+
 proptest! {
     #[test]
     fn coap_round_trip(m in coap()) {
@@ -62,16 +95,8 @@ proptest! {
         messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..6),
         cuts in proptest::collection::vec(any::<usize>(), 0..20),
     ) {
-        let mut enc = FrameEncoder::new(key, iv);
-        let stream: Vec<u8> = messages.iter().flat_map(|m| enc.encode(m)).collect();
-        let mut dec = FrameDecoder::new(key, iv, 4096);
-        let mut got = Vec::new();
-        for piece in cut(&stream, &cuts) {
-            dec.push(&piece);
-            while let Some(m) = dec.next_message().expect("valid stream") {
-                got.push(m);
-            }
-        }
+        let (stream, enc) = framed(key, iv, &messages);
+        let (got, dec) = unframed(key, iv, &stream, &cuts, false);
         prop_assert_eq!(got, messages);
         prop_assert_eq!(dec.iv(), enc.iv());
         prop_assert_eq!(dec.buffered_len(), 0);
@@ -84,19 +109,15 @@ proptest! {
         messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..6),
         prefix in proptest::collection::vec(any::<u8>(), 0..40),
     ) {
-        let mut one_by_one = FrameEncoder::new(key, iv);
+        let (one_by_one, encoder) = framed(key, iv, &messages);
         let mut appending = FrameEncoder::new(key, iv);
-        let expected: Vec<u8> = prefix
-            .iter()
-            .copied()
-            .chain(messages.iter().flat_map(|m| one_by_one.encode(m)))
-            .collect();
+        let expected = [prefix.clone(), one_by_one].concat();
         let mut buffer = prefix.clone();
         for m in &messages {
             appending.try_encode_into(m, &mut buffer).expect("fits");
         }
         prop_assert_eq!(buffer, expected);
-        prop_assert_eq!(appending.iv(), one_by_one.iv());
+        prop_assert_eq!(appending.iv(), encoder.iv());
     }
 
     #[test]
@@ -108,19 +129,8 @@ proptest! {
     ) {
         // Frames left in the decoder when the next read arrives: the
         // consumed front is dropped then, and what is left must still line up.
-        let mut enc = FrameEncoder::new(key, iv);
-        let stream: Vec<u8> = messages.iter().flat_map(|m| enc.encode(m)).collect();
-        let mut dec = FrameDecoder::new(key, iv, 4096);
-        let mut got = Vec::new();
-        for piece in cut(&stream, &cuts) {
-            dec.push(&piece);
-            if let Some(m) = dec.next_message().expect("valid stream") {
-                got.push(m);
-            }
-        }
-        while let Some(m) = dec.next_message().expect("valid stream") {
-            got.push(m);
-        }
+        let (stream, _) = framed(key, iv, &messages);
+        let (got, dec) = unframed(key, iv, &stream, &cuts, true);
         prop_assert_eq!(got, messages);
         prop_assert_eq!(dec.buffered_len(), 0);
     }

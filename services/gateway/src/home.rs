@@ -87,7 +87,7 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64, peer: &str) {
 /// An unreadable store keeps every session (as a failed refresh does).
 pub async fn check_many(gw: &Gateway, sessions: &[(String, u64, std::net::SocketAddr)]) {
     let quarantine = gw.config.clone_policy == trellis_core::config::ClonePolicy::Quarantine;
-    for chunk in sessions.chunks(1000) {
+    for chunk in sessions.chunks(crate::refresher::BATCH) {
         let mut pipe = redis::pipe();
         for (device, _, _) in chunk {
             pipe.cmd("HMGET")

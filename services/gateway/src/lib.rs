@@ -140,12 +140,12 @@ pub async fn serve_with_listeners(
     // 128 bytes) must fit under the frame limit the device applies, which
     // for our SDK is the same default as ours.
     let chunk = usize::from(config.gateway.ota_chunk_size);
-    if chunk < 64 || chunk + 128 > config.gateway.max_frame_len.min(4096) {
+    let frame = config.gateway.max_frame_len.min(4096);
+    if chunk < 64 || chunk + 128 > frame {
         anyhow::bail!(
             "gateway.ota_chunk_size is {chunk}; give 64..={} (a chunk and its framing must fit in \
-             a {}-byte frame; default 512)",
-            config.gateway.max_frame_len.min(4096) - 128,
-            config.gateway.max_frame_len.min(4096)
+             a {frame}-byte frame; default 512)",
+            frame - 128,
         );
     }
     // One-byte CoAP tokens: the window must leave room for the others.

@@ -28,7 +28,7 @@ use trellis_core::shutdown::Shutdown;
 
 /// Sessions per pipelined round trip: big enough to amortise the round
 /// trip, small enough not to hold Redis for long.
-const BATCH: usize = 1000;
+pub(crate) const BATCH: usize = 1000;
 
 pub async fn run(gw: Arc<Gateway>, mut shutdown: Shutdown) {
     let period = Duration::from_secs(gw.config.keepalive_secs.max(1)) / 2;

@@ -71,6 +71,14 @@ impl DeviceRecord {
         ]
     }
 
+    /// The record an HGETALL answer holds (`None`: an empty answer, no record).
+    fn from_hash(id: &str, map: &HashMap<String, String>) -> Result<Option<Self>> {
+        if map.is_empty() {
+            return Ok(None);
+        }
+        Self::from_fields(id, map).map(Some)
+    }
+
     fn from_fields(id: &str, map: &HashMap<String, String>) -> Result<Self> {
         let damaged = |what: &str| {
             KeyvaultError::Internal(format!(
@@ -125,21 +133,14 @@ pub async fn get_with_quarantine(
         .ttl(keys::quarantine(device_id))
         .query_async(redis)
         .await?;
-    let record = if map.is_empty() {
-        None
-    } else {
-        Some(DeviceRecord::from_fields(device_id, &map)?)
-    };
+    let record = DeviceRecord::from_hash(device_id, &map)?;
     // TTL -2: no key; -1: a key without expiry (set by hand): quarantined.
     Ok((record, (ttl != -2).then_some(ttl)))
 }
 
 pub async fn get(redis: &mut Redis, device_id: &str) -> Result<Option<DeviceRecord>> {
     let map: HashMap<String, String> = redis.hgetall(keys::device(device_id)).await?;
-    if map.is_empty() {
-        return Ok(None);
-    }
-    DeviceRecord::from_fields(device_id, &map).map(Some)
+    DeviceRecord::from_hash(device_id, &map)
 }
 
 // Writes a record only if the stored state is still the one the caller saw:

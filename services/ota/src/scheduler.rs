@@ -1379,41 +1379,36 @@ impl Scheduler {
         // delivery's own report lands at the same moment as a fast
         // device's Hello): a stale write is read again and retried, so a
         // Hello is never lost.
+        let sha = req.firmware_sha256.trim().to_ascii_lowercase();
+        let runs_release = !sha.is_empty() && sha == meta.release_sha256;
+        // The gateway claimed the session (a new epoch) before it tells us.
+        let epoch = store::session_epoch(&mut self.regional(), &device)
+            .await?
+            .unwrap_or(0);
         for _ in 0..HELLO_RETRIES {
             let Some((raw, rec)) = store::device(&mut redis, &rollout, &device).await? else {
                 return Ok(none);
             };
-            let sha = req.firmware_sha256.trim().to_ascii_lowercase();
-            // The gateway claimed the session (a new epoch) before it tells us.
-            let epoch = store::session_epoch(&mut self.regional(), &device)
-                .await?
-                .unwrap_or(0);
             let now = self.now();
-            let runs_release = !sha.is_empty() && sha == meta.release_sha256;
-            return match rec.state {
+            let mut to = rec.clone();
+            to.updated_at_ms = now;
+            // What the Hello means for the record, the guard of its write,
+            // and the answer; a counted Hello whose write went stale is read
+            // again and retried, a delivery handed out is not (the next
+            // Hello asks again).
+            let (guard, answer) = match rec.state {
                 DevState::Delivering | DevState::Pending if runs_release => {
-                    let mut to = rec.clone();
                     to.state = DevState::Applied;
-                    to.updated_at_ms = now;
                     to.epoch = epoch;
                     to.reason = if rec.state == DevState::Pending {
                         "already running the release".into()
                     } else {
                         format!("reconnected running {}", short(&sha))
                     };
-                    if self
-                        .cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
-                        .await?
-                        == Cas::Stale
-                    {
-                        continue;
-                    }
-                    Ok(none)
+                    (Guard::default(), None)
                 }
                 DevState::Delivering if rec.sent && (epoch == 0 || epoch != rec.epoch) => {
-                    let mut to = rec.clone();
                     to.state = DevState::Failed;
-                    to.updated_at_ms = now;
                     to.reason = format!(
                         "not_applied: the device took the image but came back running {} instead of {}",
                         if sha.is_empty() {
@@ -1423,14 +1418,7 @@ impl Scheduler {
                         },
                         short(&meta.release_sha256)
                     );
-                    if self
-                        .cas(&rollout, &device, &raw, rec.state, &to, &Guard::default())
-                        .await?
-                        == Cas::Stale
-                    {
-                        continue;
-                    }
-                    Ok(none)
+                    (Guard::default(), None)
                 }
                 DevState::Pending
                     if meta.state == RolloutState::Running
@@ -1442,32 +1430,31 @@ impl Scheduler {
                             self.inner.parts.clock.hour(),
                         ) =>
                 {
-                    let mut to = rec.clone();
                     to.state = DevState::Delivering;
                     to.attempts += 1;
                     to.epoch = epoch;
                     to.sent = false;
                     to.owner.clear();
-                    to.updated_at_ms = now;
                     to.reason = format!("delivery handed to gateway {} at Hello", req.gateway_id);
                     let guard = Guard {
                         lease: "",
                         running: true,
                         max_inflight: meta.spec.max_concurrent,
                     };
-                    if self
-                        .cas(&rollout, &device, &raw, rec.state, &to, &guard)
-                        .await?
-                        == Cas::Done
-                    {
-                        Ok(pb::DeviceHelloResponse {
-                            rollout_id: rollout,
-                            release_id: meta.spec.release_id.clone(),
-                        })
-                    } else {
-                        Ok(none)
-                    }
+                    let answer = pb::DeviceHelloResponse {
+                        rollout_id: rollout.clone(),
+                        release_id: meta.spec.release_id.clone(),
+                    };
+                    (guard, Some(answer))
                 }
+                _ => return Ok(none),
+            };
+            let written = self
+                .cas(&rollout, &device, &raw, rec.state, &to, &guard)
+                .await?;
+            return match (written, answer) {
+                (Cas::Stale, None) => continue,
+                (Cas::Done, Some(answer)) => Ok(answer),
                 _ => Ok(none),
             };
         }

@@ -82,11 +82,7 @@ async fn a_lone_scheduler_keeps_its_rollout_and_completes_it_once_devices_connec
     let ids = env.devices(PRODUCT, 4, false).await;
     let lease_ms = 1_000;
     let sched = env.scheduler_lease("a", lease_ms);
-    let rid = sched
-        .create(request(vec![stage_pct(100)]))
-        .await
-        .unwrap()
-        .rollout_id;
+    let rid = create(&sched, vec![stage_pct(100)]).await;
 
     // Every device offline: the lease is given up once ...
     sched.tick().await;

@@ -71,11 +71,7 @@ async fn failure_ratio_in_canary_aborts_and_nothing_past_it_is_touched() {
             .set(id, Behaviour::Reject("insufficient_signatures"));
     }
     let sched = env.scheduler("a");
-    let rid = sched
-        .create(request(vec![stage_count(2), stage_pct(50), stage_pct(100)]))
-        .await
-        .unwrap()
-        .rollout_id;
+    let rid = create(&sched, vec![stage_count(2), stage_pct(50), stage_pct(100)]).await;
     let done = drive(&env, &sched, &rid, ended).await;
     assert_eq!(done.state(), pb::RolloutState::Aborted);
     assert!(
@@ -329,11 +325,7 @@ async fn offline_device_is_updated_when_it_connects() {
     let env = env().await;
     let ids = env.devices(PRODUCT, 3, false).await;
     let sched = env.scheduler("a");
-    let rid = sched
-        .create(request(vec![stage_pct(100)]))
-        .await
-        .unwrap()
-        .rollout_id;
+    let rid = create(&sched, vec![stage_pct(100)]).await;
     sched.tick().await;
     assert!(
         env.fleet.delivered().is_empty(),

@@ -114,11 +114,7 @@ async fn the_next_stage_waits_out_the_soak_time() {
     let sched = env.scheduler("a");
     let mut canary = stage_count(2);
     canary.soak_secs = 600;
-    let rid = sched
-        .create(request(vec![canary, stage_pct(100)]))
-        .await
-        .unwrap()
-        .rollout_id;
+    let rid = create(&sched, vec![canary, stage_pct(100)]).await;
 
     // The canary finishes; the clock has not moved, so the stage soaks.
     let soaking = drive(&env, &sched, &rid, |s| s.message.contains("soaking")).await;
@@ -205,11 +201,7 @@ async fn a_hello_that_beats_the_delivery_report_counts() {
         env.fleet.set(id, Behaviour::SlowReport(300));
     }
     let sched = env.scheduler("a");
-    let rid = sched
-        .create(request(vec![stage_pct(100)]))
-        .await
-        .unwrap()
-        .rollout_id;
+    let rid = create(&sched, vec![stage_pct(100)]).await;
     sched.tick().await;
     // Hello while the delivery's answer is still on its way.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -356,6 +356,11 @@ pub fn stage_pct(p: u32) -> pb::Stage {
     }
 }
 
+/// Creates a rollout of the test release in `stages`; its id.
+pub async fn create(sched: &Scheduler, stages: Vec<pb::Stage>) -> String {
+    sched.create(request(stages)).await.unwrap().rollout_id
+}
+
 pub fn request(stages: Vec<pb::Stage>) -> pb::CreateRolloutRequest {
     pb::CreateRolloutRequest {
         release_id: RELEASE.into(),
