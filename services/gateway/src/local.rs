@@ -73,6 +73,11 @@ impl LocalSessions {
         }
     }
 
+    /// Whether this gateway holds the device's session at `epoch`.
+    pub fn holds(&self, device_id: &str, epoch: u64) -> bool {
+        self.lock().get(device_id).is_some_and(|h| h.epoch == epoch)
+    }
+
     /// Every session now: (device, epoch, peer), for one refresh pass.
     pub fn snapshot(&self) -> Vec<(String, u64, std::net::SocketAddr)> {
         self.lock()

@@ -287,6 +287,15 @@ impl Router {
                 Ok(Some(o)) if o.gateway_id != prev.gateway_id || o.epoch != prev.epoch => {
                     return Ok(o);
                 }
+                // The same session, registered here since: the attempt came
+                // between its claim in Redis and its registration in this
+                // gateway (lib.rs, `connection`: the clone check runs in
+                // between), and found no session yet.
+                Ok(Some(o))
+                    if o.gateway_id == self.gateway_id && self.local.holds(device_id, o.epoch) =>
+                {
+                    return Ok(o);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     return Err(Failure::new(
