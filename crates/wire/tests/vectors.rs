@@ -1,8 +1,11 @@
-//! Reproduces every byte of the shared vectors: the protocol-v1 handshake and
-//! conversation, and the spark-protocol 0.1.6 transcript (the authority for
-//! version 1).
+//! Reproduces every byte of the protocol vectors: the protocol-v1 handshake
+//! and conversation, and the spark-protocol 0.1.6 transcript (the authority
+//! for version 1). The vectors are data in this repository
+//! (`tests/vectors/`, see its README); when the shared folder they were
+//! copied from lies beside the checkout (`../shared/vectors`), the copies
+//! must still be byte-identical to it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
@@ -20,26 +23,49 @@ use trellis_wire::message::{
 use trellis_wire::ota::{UpdateBegin, chunk_crc, padded_chunks};
 use trellis_wire::{DeviceId, Hello};
 
-fn load(name: &str) -> Option<Value> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors");
-    if !dir.is_dir() {
-        // CI lays shared/ beside the checkout: a missing folder there is a
-        // failure, not a pass. Elsewhere it may be skipped, loudly, on request.
-        assert!(
-            std::env::var_os("TRELLIS_SKIP_VECTORS").is_some(),
-            "{} does not exist: the protocol vectors are required \
-             (set TRELLIS_SKIP_VECTORS=1 to skip them outside CI)",
-            dir.display()
-        );
+/// Every vector file a test here reads, as kept in `tests/vectors/`.
+const VECTOR_FILES: [&str; 2] = ["protocol-v1.json", "spark-protocol-0.1.6.json"];
+
+/// The repository's copy of the vectors.
+fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/vectors")
+}
+
+/// The folder the vectors were copied from, when it lies beside the checkout.
+fn shared_vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors")
+}
+
+fn load(name: &str) -> Value {
+    let path = vectors_dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {name}: {e}"))
+}
+
+#[test]
+fn in_repo_vectors_match_shared() {
+    let shared = shared_vectors_dir();
+    if !shared.is_dir() {
         eprintln!(
-            "!!!!! SKIPPING VECTOR TEST: {} does not exist !!!!!",
-            dir.display()
+            "note: {} is not beside the checkout; the in-repo vectors ({}) are used \
+             as they are, without comparing them to it",
+            shared.display(),
+            vectors_dir().display()
         );
-        return None;
+        return;
     }
-    let text =
-        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
-    Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {name}: {e}")))
+    for name in VECTOR_FILES {
+        let ours = std::fs::read(vectors_dir().join(name))
+            .unwrap_or_else(|e| panic!("reading tests/vectors/{name}: {e}"));
+        let theirs = std::fs::read(shared.join(name))
+            .unwrap_or_else(|e| panic!("reading {}: {e}", shared.join(name).display()));
+        assert!(
+            ours == theirs,
+            "tests/vectors/{name} differs from {}: copy it again",
+            shared.join(name).display()
+        );
+    }
 }
 
 fn h(v: &Value) -> Vec<u8> {
@@ -89,9 +115,7 @@ fn check_frame(
 
 #[test]
 fn protocol_v1_handshake() {
-    let Some(v) = load("protocol-v1.json") else {
-        return;
-    };
+    let v = load("protocol-v1.json");
     let cloud_priv = private_key(&v["cloud_private_pem"]);
     let cloud_pub = public_key(&v["cloud_public_pem"]);
     let device_priv = private_key(&v["device_private_pem"]);
@@ -139,9 +163,7 @@ fn protocol_v1_handshake() {
 
 #[test]
 fn protocol_v1_conversation() {
-    let Some(v) = load("protocol-v1.json") else {
-        return;
-    };
+    let v = load("protocol-v1.json");
     let key = arr::<16>(&v["session_key"]);
     let device_id: DeviceId = v["device_id"].as_str().expect("id").parse().expect("id");
     let sha = arr::<32>(&v["image_sha256"]);
@@ -257,9 +279,7 @@ fn protocol_v1_conversation() {
 
 #[test]
 fn spark_0_1_6_handshake() {
-    let Some(v) = load("spark-protocol-0.1.6.json") else {
-        return;
-    };
+    let v = load("spark-protocol-0.1.6.json");
     let hs = &v["handshake"];
     let server_priv = private_key(&v["keys"]["server_private"]);
     let server_pub = public_key(&v["keys"]["server_public"]);
@@ -304,9 +324,7 @@ fn spark_0_1_6_handshake() {
 
 #[test]
 fn spark_0_1_6_transcript() {
-    let Some(v) = load("spark-protocol-0.1.6.json") else {
-        return;
-    };
+    let v = load("spark-protocol-0.1.6.json");
     let session = h(&v["handshake"]["session"]["hex"]);
     let material = SessionMaterial::from_bytes(&session).expect("material");
     let mut ivs = [material.iv, material.iv]; // device->server, server->device
