@@ -23,6 +23,14 @@ for figure in wire handshake routed ota idle; do
   timeout 120 "$bench" --smoke "$figure"
 done
 
+# The reconnect pattern (16 devices cycling 40 identities through handshake,
+# Hello and close against a gateway with its shipped admission limits): no
+# handshake may fail.
+echo "--- trellis-bench handshake (reconnect pattern)"
+reconnect=$(timeout 120 "$bench" handshake --seconds 3 --concurrency 16 --identities 40 --until-hello --admission --limit-seconds 0.4)
+echo "$reconnect"
+grep -q "^RESULT handshake .* failed=0 " <<<"$reconnect" || { echo "bench smoke: handshakes failed under the reconnect pattern"; exit 1; }
+
 # The criterion benchmarks must keep compiling and running: one quick pass.
 echo "--- criterion bench wire (test mode: each benchmark once)"
 cargo test -q --workspace --locked --bench wire

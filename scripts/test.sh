@@ -13,6 +13,17 @@ echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 echo "== trellis up --demo (smoke)"
 scripts/smoke.sh
+# The README's first command exactly as a new user runs it: from the clone,
+# nothing set, default ports and the default (relative) data directory.
+echo "== scripts/demo.sh --exit-after-demo (the README's first command)"
+demo_log=target/demo-output.txt
+if ! env -u TRELLIS_DATA_DIR -u TRELLIS_CONFIG timeout 900 scripts/demo.sh --exit-after-demo >"$demo_log" 2>&1; then
+  tail -50 "$demo_log"; echo "demo: scripts/demo.sh --exit-after-demo failed"; exit 1
+fi
+for want in "returned 5\$" "demo: done"; do
+  grep -qE "$want" "$demo_log" || { tail -50 "$demo_log"; echo "demo: missing \"$want\""; exit 1; }
+done
+echo "demo: scripts/demo.sh --exit-after-demo printed demo: done"
 echo "== benchmarks (smoke)"
 bench/smoke.sh
 if [ -x ci/chart/check.sh ]; then

@@ -103,6 +103,9 @@ pub struct ClusterOptions {
     pub signer: bool,
     /// Extra settings for every gateway (`TRELLIS_GATEWAY__*` variables).
     pub gateway_env: Vec<(String, String)>,
+    /// Keep the gateway's shipped handshake admission limits (otherwise
+    /// lifted, to measure what the gateway can do).
+    pub admission: bool,
 }
 
 /// Redis + keyvault + gateways, all children of this process, killed on drop.
@@ -212,7 +215,7 @@ impl Cluster {
             for (k, v) in &opts.gateway_env {
                 cmd.env(k, v);
             }
-            if known_setting("gateway", "handshake_rate") {
+            if !opts.admission && known_setting("gateway", "handshake_rate") {
                 // No admission limit: the benchmarks measure what the
                 // gateway can do, not the rate it is configured to allow.
                 cmd.env("TRELLIS_GATEWAY__HANDSHAKE_RATE", "0");

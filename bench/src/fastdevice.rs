@@ -108,3 +108,27 @@ pub async fn handshake(
     stream.write_all(&frame).await?;
     Ok((stream, cipher))
 }
+
+/// Reads until the server's Hello (`POST /h`) arrives: the point at which a
+/// device knows its session is established, not only its handshake.
+pub async fn wait_server_hello(
+    stream: &mut TcpStream,
+    cipher: &mut SessionCipher,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(plain) = cipher.decoder.next_message()? {
+            let msg = trellis_wire::coap::CoapMessage::decode(&plain)?;
+            if msg.uri_path().first() == Some(&b"h".as_slice()) {
+                return Ok(());
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .context("no server Hello in time")??;
+        ensure!(n > 0, "closed before the server's Hello");
+        cipher.decoder.push(&buf[..n]);
+    }
+}

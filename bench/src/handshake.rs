@@ -36,6 +36,18 @@ pub struct Args {
     /// servers get the cores) or the device SDK's pure-Rust `rsa`.
     #[arg(long, value_enum, default_value_t = DeviceCrypto::Openssl)]
     pub device_crypto: DeviceCrypto,
+    /// Share this many identities among all devices, taken in turn, so an
+    /// identity reconnects while its last session may still be closing
+    /// (0: each device cycles its own 16, which come back only long after).
+    #[arg(long, default_value_t = 0)]
+    pub identities: usize,
+    /// Count a handshake only once the server's Hello arrives (the session
+    /// is established), then close, as a device that reconnects would.
+    #[arg(long)]
+    pub until_hello: bool,
+    /// Keep the gateway's shipped admission limits instead of lifting them.
+    #[arg(long)]
+    pub admission: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +63,41 @@ impl Args {
             concurrency: 8,
             limit_seconds: 0.4,
             device_crypto: DeviceCrypto::Openssl,
+            identities: 0,
+            until_hello: false,
+            admission: false,
         }
+    }
+
+    /// The reconnect pattern: 16 devices cycling 40 identities through
+    /// handshake, Hello and close against a gateway as shipped.
+    pub fn reconnect_smoke() -> Self {
+        Self {
+            seconds: 2.0,
+            concurrency: 16,
+            limit_seconds: 0.4,
+            device_crypto: DeviceCrypto::Openssl,
+            identities: 40,
+            until_hello: true,
+            admission: true,
+        }
+    }
+}
+
+/// A failure's kind, from where in the exchange it happened.
+fn failure_reason(error: &str) -> &'static str {
+    if error.contains("reading the nonce") {
+        "turned away at accept (no nonce)"
+    } else if error.contains("reading the reply") {
+        "refused after the device's handshake (no reply)"
+    } else if error.contains("closed before the server's Hello") {
+        "closed before the server's Hello"
+    } else if error.contains("no server Hello in time") {
+        "no server Hello in time"
+    } else if error.contains("onnect") {
+        "connect failed"
+    } else {
+        "other"
     }
 }
 
@@ -233,15 +279,32 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         trellis_bin,
         signer: false,
         gateway_env: Vec::new(),
+        admission: args.admission,
     })
     .await?;
     let concurrency = args.concurrency.max(1);
     // Each worker cycles through its own ids, so an id comes back only after
     // the gateway has long released its previous session.
     let per_worker = 16;
-    let ids = cluster
-        .register_many(&key, concurrency * per_worker, 32)
-        .await?;
+    let pool = if args.identities > 0 {
+        args.identities
+    } else {
+        concurrency * per_worker
+    };
+    let ids = cluster.register_many(&key, pool, 32).await?;
+    let shared: Arc<Vec<DeviceIdentity>> = Arc::new(
+        ids.iter()
+            .map(|id| DeviceIdentity {
+                device_id: *id,
+                private_key: key.clone(),
+                cloud_public_key: cluster.cloud_public_key.clone(),
+            })
+            .collect(),
+    );
+    let next_shared = Arc::new(AtomicU64::new(0));
+    let failures: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>> =
+        Arc::default();
+    let (identities_shared, until_hello) = (args.identities > 0, args.until_hello);
     let gw = cluster.gateways[0].devices;
     let fast = {
         use rsa::pkcs8::EncodePublicKey;
@@ -276,14 +339,13 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let end = run_start + warmup + measured;
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let identities: Vec<DeviceIdentity> = ids[w * per_worker..(w + 1) * per_worker]
-            .iter()
-            .map(|id| DeviceIdentity {
-                device_id: *id,
-                private_key: key.clone(),
-                cloud_public_key: cluster.cloud_public_key.clone(),
-            })
-            .collect();
+        let own: Vec<DeviceIdentity> = if identities_shared {
+            Vec::new()
+        } else {
+            shared[w * per_worker..(w + 1) * per_worker].to_vec()
+        };
+        let (shared, next_shared, failures) =
+            (shared.clone(), next_shared.clone(), failures.clone());
         let counters = counters.clone();
         let measuring = measuring.clone();
         let config = session_config.clone();
@@ -294,7 +356,12 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             let mut errors: Vec<String> = Vec::new();
             let mut i = 0usize;
             while Instant::now() < end {
-                let identity = &identities[i % identities.len()];
+                let identity = if identities_shared {
+                    let n = next_shared.fetch_add(1, Ordering::Relaxed) as usize;
+                    &shared[n % shared.len()]
+                } else {
+                    &own[i % own.len()]
+                };
                 i += 1;
                 let t0 = Instant::now();
                 let result = async {
@@ -305,9 +372,22 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
                             .map(drop)
                             .map_err(anyhow::Error::from),
                         DeviceCrypto::Openssl => {
-                            crate::fastdevice::handshake(stream, &fast, identity.device_id, &hello)
-                                .await
-                                .map(drop)
+                            let (mut stream, mut cipher) = crate::fastdevice::handshake(
+                                stream,
+                                &fast,
+                                identity.device_id,
+                                &hello,
+                            )
+                            .await?;
+                            if until_hello {
+                                crate::fastdevice::wait_server_hello(
+                                    &mut stream,
+                                    &mut cipher,
+                                    Duration::from_secs(10),
+                                )
+                                .await?;
+                            }
+                            Ok(())
                         }
                     }
                 }
@@ -324,6 +404,12 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
                     Err(e) => {
                         if counted {
                             counters.failed.fetch_add(1, Ordering::Relaxed);
+                            let reason = failure_reason(&format!("{e:#}"));
+                            *failures
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(reason)
+                                .or_default() += 1;
                         }
                         if errors.len() < 3 {
                             errors.push(e.to_string());
@@ -392,6 +478,25 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             .collect::<String>()
     );
     println!(
+        "pattern : {concurrency} devices, {} identities{}, {}, gateway admission {}",
+        shared.len(),
+        if identities_shared {
+            " shared in turn (an identity returns while its last session may be closing)"
+        } else {
+            " (16 per device)"
+        },
+        if until_hello {
+            "handshake -> Hello -> server Hello -> close"
+        } else {
+            "handshake -> Hello -> close"
+        },
+        if args.admission {
+            "as shipped"
+        } else {
+            "lifted"
+        }
+    );
+    println!(
         "system  : {} handshakes/s over {elapsed:.1} s at {concurrency} in flight ({ok} ok, {failed} failed); latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         util::fmt_rate(rate),
         lat.pct_ms(50.0),
@@ -451,11 +556,25 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             shown.join(", ")
         );
     }
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    println!(
+        "failures: {}",
+        if failures.is_empty() {
+            "none".to_string()
+        } else {
+            failures
+                .iter()
+                .map(|(reason, n)| format!("{n} {reason}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     if !errors.is_empty() {
         println!("errors  : {}", errors.join(" | "));
     }
     println!(
-        "RESULT handshake devices={mode:?} rate={rate:.0}/s limit={:.0}/s ratio={:.3} p50_ms={:.2} p99_ms={:.2}",
+        "RESULT handshake devices={mode:?} identities={} rate={rate:.0}/s failed={failed} limit={:.0}/s ratio={:.3} p50_ms={:.2} p99_ms={:.2}",
+        shared.len(),
         limit.per_sec,
         rate / limit.per_sec,
         lat.pct_ms(50.0),

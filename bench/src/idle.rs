@@ -83,6 +83,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         trellis_bin,
         signer: false,
         gateway_env: Vec::new(),
+        admission: false,
     })
     .await?;
     let gw_pid = cluster.gateways[0].proc.pid();

@@ -98,6 +98,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         concurrency: 48,
                         limit_seconds: 3.0,
                         device_crypto: handshake::DeviceCrypto::Openssl,
+                        identities: 0,
+                        until_hello: false,
+                        admission: false,
+                    },
+                ),
+                bin.clone(),
+            )
+            .await?;
+            // The reconnect pattern against a gateway as shipped: the
+            // figure that matters is its failure count, which must be 0.
+            handshake::run(
+                &smoke_or(
+                    smoke,
+                    handshake::Args::reconnect_smoke(),
+                    handshake::Args {
+                        seconds: 15.0,
+                        ..handshake::Args::reconnect_smoke()
                     },
                 ),
                 bin.clone(),

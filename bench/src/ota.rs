@@ -229,7 +229,10 @@ async fn signed_release(
                     ..Default::default()
                 }],
                 threshold: 1,
+                cloud_only: false,
             }),
+            // The benchmark signs with the cloud release key only.
+            allow_cloud_only: true,
         })
         .await
         .context("signer SetPolicy")?;
@@ -305,6 +308,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             "TRELLIS_GATEWAY__OTA_CHUNK_SIZE".into(),
             args.chunk_size.to_string(),
         )],
+        admission: false,
     })
     .await?;
     let signer_addr = cluster

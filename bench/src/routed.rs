@@ -112,6 +112,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         trellis_bin,
         signer: false,
         gateway_env: Vec::new(),
+        admission: false,
     })
     .await?;
     let key = crate::handshake::device_key()?;

@@ -196,6 +196,16 @@ impl Cluster {
         Ok(trellis_core::audit::recent(&mut r, 1000, device).await?)
     }
 
+    /// Refused-handshake aggregates (most recent first), optionally those
+    /// whose last attempt claimed `device`.
+    pub async fn refusals(
+        &self,
+        device: Option<&str>,
+    ) -> anyhow::Result<Vec<trellis_core::audit::Refusal>> {
+        let mut r = self.redis().await?;
+        Ok(trellis_core::audit::refusals(&mut r, 1000, device).await?)
+    }
+
     pub async fn stop(mut self) {
         if let Some(t) = self.trigger.take() {
             t.trigger();

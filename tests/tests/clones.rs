@@ -296,12 +296,13 @@ async fn quarantine_closes_both_and_refuses_the_identity_for_a_while() -> anyhow
             "a quarantined identity is refused at the handshake"
         );
     }
-    let audit = cluster.audit(Some(&id)).await?;
-    let refusals = audit
+    let counted = cluster.refusals(Some(&id)).await?;
+    let refusals: u64 = counted
         .iter()
-        .filter(|r| r.action == "open_session" && r.outcome == "quarantined")
-        .count();
-    assert_eq!(refusals, 2, "{audit:?}");
+        .filter(|r| r.action == "open_session" && r.reason == "quarantined")
+        .map(|r| r.count)
+        .sum();
+    assert_eq!(refusals, 2, "{counted:?}");
     let state = show(&cluster, &id).await?;
     assert!(!state.online);
     assert!(state.quarantined_until_ms > trellis_core::time::now_ms());

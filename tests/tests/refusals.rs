@@ -40,6 +40,25 @@ async fn expect_refused(
     Ok(())
 }
 
+/// Waits until a refusal of `reason` claiming `device` has been counted.
+async fn refusal_counted(
+    cluster: &Cluster,
+    device: &str,
+    reason: &str,
+) -> anyhow::Result<trellis_core::audit::Refusal> {
+    eventually(
+        Duration::from_secs(5),
+        &format!("refusal {reason} for {device}"),
+        || async {
+            let refusals = cluster.refusals(Some(device)).await.ok()?;
+            refusals
+                .into_iter()
+                .find(|r| r.action == "open_session" && r.reason == reason)
+        },
+    )
+    .await
+}
+
 async fn read_nonce(stream: &mut TcpStream) -> anyhow::Result<[u8; 40]> {
     let mut nonce = [0u8; 40];
     stream.read_exact(&mut nonce).await?;
@@ -55,26 +74,14 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
     let stranger = cluster.unregistered_identity()?;
     expect_refused(&cluster, &stranger).await?;
     let stranger_id = stranger.device_id.to_string();
-    audit_outcome(
-        &cluster,
-        Some(&stranger_id),
-        "open_session",
-        "unknown_device",
-    )
-    .await?;
+    refusal_counted(&cluster, &stranger_id, "unknown_device").await?;
 
     // A device whose key differs from the registered one.
     let real = cluster.provision(1).await?;
     let mut impostor = cluster.unregistered_identity()?;
     impostor.device_id = real.device_id;
     expect_refused(&cluster, &impostor).await?;
-    audit_outcome(
-        &cluster,
-        Some(&real.device_id.to_string()),
-        "open_session",
-        "key_mismatch",
-    )
-    .await?;
+    refusal_counted(&cluster, &real.device_id.to_string(), "key_mismatch").await?;
 
     // A revoked device.
     let revoked = cluster.provision(1).await?;
@@ -87,13 +94,7 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
         })
         .await?;
     expect_refused(&cluster, &revoked).await?;
-    audit_outcome(
-        &cluster,
-        Some(&revoked.device_id.to_string()),
-        "open_session",
-        "revoked",
-    )
-    .await?;
+    refusal_counted(&cluster, &revoked.device_id.to_string(), "revoked").await?;
 
     // A handshake that echoes the wrong nonce.
     let good = cluster.provision(1).await?;
@@ -130,20 +131,31 @@ async fn handshake_refusals_are_audited_and_others_keep_working() -> anyhow::Res
         closed_within(&mut s, Duration::from_secs(5)).await,
         "garbage must close"
     );
-    let bad = eventually(
+    // Both counted into one aggregate for this address.
+    eventually(
         Duration::from_secs(5),
-        "two bad_handshake records",
+        "two bad_handshake refusals",
         || async {
-            let records = cluster.audit(None).await.ok()?;
-            let bad: Vec<_> = records
-                .into_iter()
-                .filter(|r| r.action == "open_session" && r.outcome == "bad_handshake")
-                .collect();
-            (bad.len() >= 2).then_some(bad)
+            let refusals = cluster.refusals(None).await.ok()?;
+            refusals
+                .iter()
+                .any(|r| {
+                    r.action == "open_session"
+                        && r.reason == "bad_handshake"
+                        && r.source == "127.0.0.1"
+                        && r.count >= 2
+                })
+                .then_some(())
         },
     )
     .await?;
-    assert_eq!(bad[0].outcome, bad[1].outcome);
+    let audit = cluster.audit(None).await?;
+    assert!(
+        audit
+            .iter()
+            .all(|r| r.outcome == "ok" || r.action != "open_session"),
+        "refusals must not be records of the audit stream: {audit:?}"
+    );
 
     // A client that connects and sends nothing is closed after the step
     // timeout (2 s in tests), not kept forever.
@@ -425,6 +437,212 @@ async fn a_silent_session_is_dropped_after_three_keepalives() -> anyhow::Result<
     );
     let pinging_state = gw.get_device_state(state(pinging_id)).await?.into_inner();
     assert!(pinging_state.online, "a device that pings stays in session");
+    cluster.stop().await;
+    Ok(())
+}
+
+/// A frame that has started must complete within
+/// `gateway.frame_read_timeout_secs`: a device that sends part of a frame
+/// and then nothing, or trickles one byte at a time, is closed as a
+/// protocol violation with that reason long before the keepalive limit
+/// (45 s here); a frame sent in two parts in time is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_frame_closes_the_session_at_the_read_deadline() -> anyhow::Result<()> {
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.frame_read_timeout_secs = 2;
+    })
+    .await?;
+
+    // Part of a real frame, then silence.
+    let (mut dev, id) = session(&cluster).await?;
+    let mid = dev.take_id();
+    let frame = dev
+        .cipher
+        .encoder
+        .encode(&message::event(mid, true, "temp", b"21").encode());
+    let started = std::time::Instant::now();
+    dev.send_raw(&frame[..5]).await?;
+    assert!(
+        dev.closed_within(Duration::from_secs(6)).await,
+        "a stalled frame must close the session"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_secs(5),
+        "closed after {after:?}, want about 2 s"
+    );
+    audit_outcome(
+        &cluster,
+        Some(&id),
+        "protocol_violation",
+        "frame_read_timeout",
+    )
+    .await?;
+
+    // One byte every 400 ms: each read is progress, the frame never ends in time.
+    let (mut dev, id) = session(&cluster).await?;
+    let mid = dev.take_id();
+    let frame = dev
+        .cipher
+        .encoder
+        .encode(&message::event(mid, true, "temp", b"21").encode());
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for byte in &frame {
+        if dev.send_raw(&[*byte]).await.is_err()
+            || dev.closed_within(Duration::from_millis(400)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a trickled frame must be closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    audit_outcome(
+        &cluster,
+        Some(&id),
+        "protocol_violation",
+        "frame_read_timeout",
+    )
+    .await?;
+
+    // A frame in two parts 500 ms apart is in time, and answered.
+    let (mut dev, _) = session(&cluster).await?;
+    let mid = dev.take_id();
+    let frame = dev.cipher.encoder.encode(&message::ping(mid).encode());
+    dev.send_raw(&frame[..3]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dev.send_raw(&frame[3..]).await?;
+    let ack = dev.recv(Duration::from_secs(5)).await?.expect("ping ack");
+    assert_eq!(ack.message_id, mid);
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Anyone who can reach the device port can cause refused handshakes, as
+/// fast as admission allows. 10,000 of them are one counted aggregate for
+/// their source address and reason: the audit stream does not grow, and
+/// every key-use record written before them is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_evicts_no_audit_record() -> anyhow::Result<()> {
+    const FLOOD: usize = 10_000;
+    const CONCURRENT: usize = 8;
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.handshake_rate = 1_000_000;
+        c.gateway.handshake_burst = 1_000_000;
+    })
+    .await?;
+    let gw = cluster.gateways[0].devices;
+    // Key uses worth keeping: three sessions opened.
+    for _ in 0..3 {
+        cluster.device_in_session().await?;
+    }
+    let before = cluster.audit(None).await?;
+    assert!(
+        before
+            .iter()
+            .filter(|r| r.action == "open_session" && r.outcome == "ok")
+            .count()
+            >= 3,
+        "{before:?}"
+    );
+
+    // 256 random bytes where the encrypted handshake belongs: keyvault
+    // decrypts (a private-key use) and refuses each as bad_handshake.
+    let mut tasks = Vec::new();
+    for worker in 0..CONCURRENT {
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0usize;
+            for _ in (worker..FLOOD).step_by(CONCURRENT) {
+                let mut s = TcpStream::connect(gw).await?;
+                read_nonce(&mut s).await?;
+                s.write_all(&rand::random::<[u8; 256]>()).await?;
+                if closed_within(&mut s, Duration::from_secs(10)).await {
+                    refused += 1;
+                }
+            }
+            anyhow::Ok(refused)
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        refused += t.await??;
+    }
+    assert_eq!(refused, FLOOD, "every garbage handshake must be closed");
+
+    let counted = eventually(
+        Duration::from_secs(10),
+        "10,000 refusals counted",
+        || async {
+            let refusals = cluster.refusals(None).await.ok()?;
+            refusals
+                .into_iter()
+                .find(|r| r.reason == "bad_handshake" && r.count as usize >= FLOOD)
+        },
+    )
+    .await?;
+    assert_eq!(counted.count as usize, FLOOD, "{counted:?}");
+    assert_eq!(counted.source, "127.0.0.1");
+    assert!(counted.first_ms <= counted.last_ms);
+
+    let after = cluster.audit(None).await?;
+    for record in &before {
+        assert!(
+            after.iter().any(|r| r.id == record.id),
+            "record {} ({} {}) was evicted by the flood",
+            record.id,
+            record.action,
+            record.outcome
+        );
+    }
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the flood added records to the audit stream"
+    );
+
+    // And the gateway still serves a real device.
+    cluster.device_in_session().await?;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// `gateway.handshake_concurrency` bounds the handshakes in progress: with
+/// two devices holding theirs open, a third connection is closed at once
+/// without a nonce, and gets one as soon as a slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_concurrency_limit_are_turned_away_at_accept() -> anyhow::Result<()> {
+    let cluster = Cluster::start_configured(1, |c| {
+        c.gateway.handshake_concurrency = 2;
+    })
+    .await?;
+    let gw = cluster.gateways[0].devices;
+    let mut first = TcpStream::connect(gw).await?;
+    read_nonce(&mut first).await?;
+    let mut second = TcpStream::connect(gw).await?;
+    read_nonce(&mut second).await?;
+
+    let mut third = TcpStream::connect(gw).await?;
+    let mut nonce = [0u8; 40];
+    let turned_away =
+        tokio::time::timeout(Duration::from_secs(2), third.read_exact(&mut nonce)).await;
+    assert!(
+        matches!(turned_away, Ok(Err(_))),
+        "a third handshake must be closed without a nonce: {turned_away:?}"
+    );
+
+    // One finishes (here: gives up); its slot is free again.
+    drop(first);
+    let identity = cluster.provision(1).await?;
+    eventually(Duration::from_secs(5), "a freed handshake slot", || async {
+        RawDevice::connect(gw, &identity).await.ok().map(drop)
+    })
+    .await?;
+    drop(second);
     cluster.stop().await;
     Ok(())
 }

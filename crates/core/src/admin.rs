@@ -111,3 +111,22 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readyz_never_shows_a_redis_password() {
+        // A port nothing listens on: the check fails and says why.
+        let port = crate::local_redis::free_port().expect("port");
+        let checks = vec![ReadinessCheck::redis(format!(
+            "redis://trellis:hunter2-s3cret@127.0.0.1:{port}/0"
+        ))];
+        let (status, body) = ready(State(Arc::new(checks))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("redis: "), "{body}");
+        assert!(!body.contains("hunter2"), "password in /readyz: {body}");
+        assert!(body.contains("trellis:***@127.0.0.1"), "{body}");
+    }
+}

@@ -125,6 +125,11 @@ pub struct GatewayConfig {
     pub keepalive_secs: u64,
     /// Largest frame a device may send (bytes after the 2-byte length).
     pub max_frame_len: usize,
+    /// A frame whose first bytes have arrived must be complete within this;
+    /// otherwise the session is closed as a protocol violation (a device
+    /// that stalls mid-frame would otherwise hold its session until the
+    /// keepalive limit).
+    pub frame_read_timeout_secs: u64,
     /// How long an operator's function call or variable read waits for the device.
     pub command_timeout_ms: u64,
     /// Device events kept in the capped Redis stream.
@@ -137,10 +142,16 @@ pub struct GatewayConfig {
     /// with the RAM for it take larger chunks, which cost fewer frames,
     /// acks and syscalls per image.
     pub ota_chunk_size: u16,
-    /// New handshakes admitted per second by this gateway (token bucket);
-    /// the rest are turned away before any RSA work, and the devices'
-    /// backoff spreads them out. Size it to what keyvault serves (README).
-    /// 0: no limit.
+    /// Handshakes this gateway works on at once (from accept until the
+    /// session is established or refused); a connection beyond it is
+    /// closed at accept, before the nonce and any RSA work, and the device
+    /// retries the same gateway after a jittered backoff. Bounds the work a
+    /// reconnect storm can queue without refusing any steady load the
+    /// servers can carry. 0: no limit.
+    pub handshake_concurrency: u32,
+    /// New handshakes admitted per second by this gateway (token bucket),
+    /// on top of `handshake_concurrency`: a fixed cap for an operator who
+    /// wants one (e.g. this gateway's share of keyvault). 0: no rate limit.
     pub handshake_rate: u32,
     /// Handshakes that may start at once above the steady rate.
     pub handshake_burst: u32,
@@ -298,12 +309,14 @@ impl Default for GatewayConfig {
             handshake_timeout_ms: 120_000,
             keepalive_secs: 15,
             max_frame_len: 4096,
+            frame_read_timeout_secs: 10,
             command_timeout_ms: 10_000,
             events_max_len: 10_000,
             ota_window: 32,
             ota_chunk_size: 512,
             ota_url: String::new(),
-            handshake_rate: 1_000,
+            handshake_concurrency: 64,
+            handshake_rate: 0,
             handshake_burst: 200,
             clone_policy: ClonePolicy::NewestWins,
             clone_quarantine_secs: 300,
@@ -329,6 +342,11 @@ impl Default for TelemetryConfig {
 pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
+    #[error("configuration: data_dir {dir}: {source}")]
+    DataDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Config {
@@ -337,9 +355,18 @@ impl Config {
         let file = file
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("trellis.toml"));
-        Self::figment(&file)
+        let mut config: Config = Self::figment(&file)
             .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        // Child processes (redis-server) change directory before they open
+        // the paths they are given, so a relative data directory would mean
+        // something else to them: pin it to the directory we started in.
+        config.data_dir =
+            std::path::absolute(&config.data_dir).map_err(|e| ConfigError::DataDir {
+                dir: config.data_dir.clone(),
+                source: e,
+            })?;
+        Ok(config)
     }
 
     pub fn figment(file: &Path) -> Figment {
@@ -407,6 +434,19 @@ mod tests {
             let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.redis.sentinels, vec!["x:1", "y:2"]);
             assert_eq!(c.redis.effective_durable_url(), Some("redis://r:1/"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relative_data_dir_is_made_absolute_against_the_working_directory() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(c.data_dir.is_absolute(), "{}", c.data_dir.display());
+            assert_eq!(c.data_dir, jail.directory().join("trellis-data"));
+            jail.set_env("TRELLIS_DATA_DIR", "sub/dir");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.data_dir, jail.directory().join("sub/dir"));
             Ok(())
         });
     }

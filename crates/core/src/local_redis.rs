@@ -14,8 +14,19 @@ pub enum LocalRedisError {
     Spawn(std::io::Error),
     #[error("no free loopback port: {0}")]
     NoPort(std::io::Error),
-    #[error("redis-server on port {port} did not answer PING within {secs} s (log: {log})")]
-    NotReady { port: u16, secs: u64, log: String },
+    #[error("redis-server on port {port} did not answer PING within {secs} s (log: {log}){tail}")]
+    NotReady {
+        port: u16,
+        secs: u64,
+        log: String,
+        tail: String,
+    },
+    #[error("redis-server exited at start ({status}; log: {log}){tail}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: String,
+        tail: String,
+    },
     #[error("cannot prepare the redis data directory {dir}: {source}")]
     DataDir {
         dir: PathBuf,
@@ -58,11 +69,20 @@ impl LocalRedis {
                 (tmp.path().to_path_buf(), Some(tmp), false)
             }
         };
-        std::fs::create_dir_all(&dir).map_err(|source| LocalRedisError::DataDir {
+        let data_dir = |source| LocalRedisError::DataDir {
             dir: dir.clone(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(&dir).map_err(data_dir)?;
+        // redis-server changes into --dir before it opens --logfile: every
+        // path it is given must be absolute or it means another file.
+        let dir = std::path::absolute(&dir).map_err(data_dir)?;
         let log = dir.join("redis.log");
+        // What it prints before its log file is open (a bad argument, a
+        // log file it cannot create) goes to its own stderr: keep that too.
+        let early = dir.join("redis-start.log");
+        let early_out = std::fs::File::create(&early).map_err(data_dir)?;
+        let early_err = early_out.try_clone().map_err(data_dir)?;
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(port.to_string())
@@ -79,15 +99,15 @@ impl LocalRedis {
             .arg("--protected-mode")
             .arg("yes")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(early_out)
+            .stderr(early_err);
         let child = cmd.spawn().map_err(LocalRedisError::Spawn)?;
-        let server = LocalRedis {
+        let mut server = LocalRedis {
             child,
             port,
             _tmp: tmp,
         };
-        server.wait_ready(Duration::from_secs(10), &log)?;
+        server.wait_ready(Duration::from_secs(10), &log, &early)?;
         Ok(server)
     }
 
@@ -109,11 +129,23 @@ impl LocalRedis {
         let _ = self.child.wait();
     }
 
-    fn wait_ready(&self, within: Duration, log: &Path) -> Result<(), LocalRedisError> {
+    fn wait_ready(
+        &mut self,
+        within: Duration,
+        log: &Path,
+        early: &Path,
+    ) -> Result<(), LocalRedisError> {
         let start = Instant::now();
         while start.elapsed() < within {
             if ping(self.port) {
                 return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(LocalRedisError::Exited {
+                    status,
+                    log: log.display().to_string(),
+                    tail: last_lines(&[early, log], 10),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -121,6 +153,7 @@ impl LocalRedis {
             port: self.port,
             secs: within.as_secs(),
             log: log.display().to_string(),
+            tail: last_lines(&[early, log], 10),
         })
     }
 }
@@ -129,6 +162,26 @@ impl Drop for LocalRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The last `n` lines of what the server wrote, as an indented block that
+/// follows an error sentence (empty when it wrote nothing).
+fn last_lines(files: &[&Path], n: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for file in files {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            lines.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    let start = lines.len().saturating_sub(n);
+    lines[start..]
+        .iter()
+        .map(|l| format!("\n  | {l}"))
+        .collect()
 }
 
 fn ping(port: u16) -> bool {
@@ -158,5 +211,28 @@ pub fn free_port() -> std::io::Result<u16> {
             given.push(port);
             return Ok(port);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_dies_at_start_is_reported_with_its_own_words() {
+        // Hold the port so redis-server cannot bind it and exits at once.
+        let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        let err = LocalRedis::start_on(port, RedisData::Ephemeral).expect_err("port is taken");
+        let text = err.to_string();
+        assert!(
+            matches!(err, LocalRedisError::Exited { .. }),
+            "expected an early exit, got: {text}"
+        );
+        assert!(text.contains("  | "), "no output tail in: {text}");
+        assert!(
+            text.to_lowercase().contains("address already in use") || text.contains("bind"),
+            "the tail should say why: {text}"
+        );
     }
 }

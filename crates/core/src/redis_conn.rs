@@ -85,6 +85,28 @@ pub enum RedisError {
     },
 }
 
+/// A Redis URL fit to print: its password, if any, replaced by `***`
+/// (`redis://user:secret@host/` -> `redis://user:***@host/`). Every message,
+/// log line and health report that names a Redis URL goes through this.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The last '@' of the authority ends the user info (a password may hold '@').
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let user_info = &rest[..at];
+    let user = match user_info.find(':') {
+        Some(colon) => &user_info[..colon],
+        // `redis://secret@host` is read as a password by some clients.
+        None => "",
+    };
+    format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+}
+
 /// Connects with a connection manager that reconnects by itself when Redis
 /// goes away and comes back.
 pub async fn connect(url: &str) -> Result<Redis, RedisError> {
@@ -93,7 +115,7 @@ pub async fn connect(url: &str) -> Result<Redis, RedisError> {
 
 async fn connect_manager(url: &str) -> Result<ConnectionManager, RedisError> {
     let client = redis::Client::open(url).map_err(|source| RedisError::BadUrl {
-        url: url.to_string(),
+        url: redact_url(url),
         source,
     })?;
     let config = redis::aio::ConnectionManagerConfig::new()
@@ -103,7 +125,7 @@ async fn connect_manager(url: &str) -> Result<ConnectionManager, RedisError> {
     ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|source| RedisError::Unreachable {
-            url: url.to_string(),
+            url: redact_url(url),
             source,
         })
 }
@@ -132,10 +154,7 @@ pub async fn connect_durable(config: &crate::config::RedisConfig) -> Result<Redi
     )
     .await
     .map_err(|source| RedisError::BadUrl {
-        url: config
-            .effective_durable_url()
-            .unwrap_or_default()
-            .to_string(),
+        url: redact_url(config.effective_durable_url().unwrap_or_default()),
         source,
     })?;
     match conn.primary_addr().await {
@@ -218,8 +237,14 @@ pub mod keys {
     pub fn policy(product_id: u32) -> String {
         format!("trellis:policy:{product_id}")
     }
-    /// Stream: the audit log.
+    /// Stream: the security audit log (private-key uses, registry, policy
+    /// and rollout changes, session events). Refusals never go here.
     pub const AUDIT: &str = "trellis:audit";
+    /// Sorted set: refusal aggregates (member `source|action|reason`) by
+    /// the time of their last refusal; capped, oldest dropped first.
+    pub const AUDIT_REFUSALS: &str = "trellis:audit:refusals";
+    /// Hash: each refusal aggregate's `count|first_ms|last_ms|device|gateway`.
+    pub const AUDIT_REFUSAL_COUNTS: &str = "trellis:audit:refusal-counts";
     /// Hash: who owns a device's session (gateway, epoch, peer, since).
     pub fn session(device_id: &str) -> String {
         format!("trellis:session:{device_id}")
@@ -302,4 +327,22 @@ pub mod keys {
     pub const OTA_DEVICE_PREFIX: &str = "trellis:ota:device:";
     /// Key prefix of [`rollout`], for Lua scripts that build the keys.
     pub const ROLLOUT_PREFIX: &str = "trellis:rollout:";
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_replaced_and_everything_else_kept() {
+        assert_eq!(
+            redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://:s3cret@host/"), "redis://:***@host/");
+        assert_eq!(redact_url("rediss://s3cret@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://u:p@ss@host/1"), "redis://u:***@host/1");
+        assert_eq!(redact_url("redis://host:6379/"), "redis://host:6379/");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }

@@ -23,6 +23,37 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Libraries whose info lines ("Global meter provider is set", connection
+/// chatter) mean nothing to an operator: warnings and errors only, unless
+/// `telemetry.log` names them or `RUST_LOG` is set.
+const QUIET_DEPENDENCIES: &[&str] = &[
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "opentelemetry-otlp",
+    "opentelemetry_prometheus",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "tonic",
+    "redis",
+];
+
+/// `telemetry.log` with the quiet dependencies added at `warn`.
+fn log_directives(log: &str) -> String {
+    let mut out = log.to_string();
+    for dep in QUIET_DEPENDENCIES {
+        let named = log
+            .split(',')
+            .any(|d| d.trim().split('=').next() == Some(*dep));
+        if !named {
+            out.push_str(&format!(",{dep}=warn"));
+        }
+    }
+    out
+}
+
 /// Keeps the exporters alive; dropping it flushes what is buffered.
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
@@ -96,8 +127,8 @@ pub fn init(service: &str, config: &Config) -> Telemetry {
     let resource = resource(service, config);
 
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.telemetry.log))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(log_directives(&config.telemetry.log)))
+        .unwrap_or_else(|_| EnvFilter::new(log_directives("info")));
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr);
@@ -274,4 +305,20 @@ pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
     let _ = span.set_parent(cx);
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependencies_are_quiet_unless_named() {
+        let d = log_directives("info");
+        assert!(d.starts_with("info,"), "{d}");
+        assert!(d.contains(",opentelemetry=warn"), "{d}");
+        assert!(EnvFilter::try_new(&d).is_ok(), "{d}");
+        let d = log_directives("info,opentelemetry=debug");
+        assert!(!d.contains("opentelemetry=warn"), "{d}");
+        assert!(d.contains("opentelemetry_sdk=warn"), "{d}");
+    }
 }

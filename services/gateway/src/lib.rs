@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tonic::transport::Endpoint;
 use tracing::Instrument;
 use trellis_core::Shutdown;
-use trellis_core::audit::{self, AuditRecord};
+use trellis_core::audit;
 use trellis_core::config::{Config, GatewayConfig};
 use trellis_core::metrics::{kv, metrics};
 use trellis_core::redis_conn::{self, Redis};
@@ -57,6 +57,8 @@ pub struct Gateway {
     pub router: Arc<Router>,
     /// Handshake admission (token bucket); `None`: unlimited.
     pub admission: Option<governor::DefaultDirectRateLimiter>,
+    /// Handshakes in progress (`gateway.handshake_concurrency`); `None`: unlimited.
+    pub handshakes_in_flight: Option<Arc<tokio::sync::Semaphore>>,
     /// Verified firmware images, shared by the deliveries of this gateway.
     pub(crate) releases: release::Cache,
 }
@@ -130,6 +132,11 @@ pub async fn serve_with_listeners(
 ) -> anyhow::Result<()> {
     // A firmware chunk (512 bytes plus CoAP and padding) must fit in a frame,
     // and the frame header's length is a u16.
+    if config.gateway.frame_read_timeout_secs == 0 {
+        anyhow::bail!(
+            "gateway.frame_read_timeout_secs is 0; give the seconds a started frame may take to arrive (default 10)"
+        );
+    }
     if !(1024..=65535).contains(&config.gateway.max_frame_len) {
         anyhow::bail!(
             "gateway.max_frame_len is {}; give 1024..=65535 (default 4096)",
@@ -202,6 +209,11 @@ pub async fn serve_with_listeners(
         local,
         router: Arc::clone(&router),
         admission: admission(&config.gateway),
+        handshakes_in_flight: (config.gateway.handshake_concurrency > 0).then(|| {
+            Arc::new(tokio::sync::Semaphore::new(
+                config.gateway.handshake_concurrency as usize,
+            ))
+        }),
         releases: release::Cache::default(),
     });
     let addrs = BoundAddrs {
@@ -268,21 +280,23 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
                 Ok((stream, peer)) => {
                     // Turned away before any RSA work or even a nonce: the
                     // cheapest possible refusal during a reconnect storm.
+                    let permit = match &gw.handshakes_in_flight {
+                        Some(slots) => match Arc::clone(slots).try_acquire_owned() {
+                            Ok(permit) => Some(permit),
+                            Err(_) => {
+                                turn_away(&gw, "busy");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
                     if gw.admission.as_ref().is_some_and(|l| l.check().is_err()) {
-                        metrics().handshakes.add(
-                            1,
-                            &[
-                                kv("gateway", gw.id.clone()),
-                                kv("outcome", "refused"),
-                                kv("reason", "rate_limited"),
-                            ],
-                        );
-                        drop(stream);
+                        turn_away(&gw, "rate_limited");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
                     let span = tracing::info_span!("device.session", gateway = %gw.id, %peer, device = tracing::field::Empty);
-                    sessions.spawn(connection(Arc::clone(&gw), stream, peer, shutdown.clone()).instrument(span));
+                    sessions.spawn(connection(Arc::clone(&gw), stream, peer, permit, shutdown.clone()).instrument(span));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -335,8 +349,27 @@ async fn accept_devices(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: S
     }
 }
 
-/// One device connection from TCP accept to close.
-async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+/// Counts a connection closed at accept (the stream is dropped by the caller).
+fn turn_away(gw: &Gateway, reason: &'static str) {
+    metrics().handshakes.add(
+        1,
+        &[
+            kv("gateway", gw.id.clone()),
+            kv("outcome", "refused"),
+            kv("reason", reason),
+        ],
+    );
+}
+
+/// One device connection from TCP accept to close. `handshake_slot` is
+/// held until the handshake ends, either way.
+async fn connection(
+    gw: Arc<Gateway>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    handshake_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    shutdown: Shutdown,
+) {
     let started = std::time::Instant::now();
     let established = {
         let hs_span = tracing::info_span!(
@@ -353,6 +386,7 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
         let result = Box::pin(handshake::run(&gw, &mut stream, peer))
             .instrument(hs_span.clone())
             .await;
+        drop(handshake_slot);
         let (outcome, reason) = match &result {
             Ok(e) => {
                 hs_span.record("device", e.device_id.as_str());
@@ -379,13 +413,19 @@ async fn connection(gw: Arc<Gateway>, mut stream: TcpStream, peer: SocketAddr, s
             Err(failure) => {
                 tracing::info!(gateway = %gw.id, %peer, outcome = failure.label(), error = %failure, "handshake refused");
                 if let handshake::HandshakeFailure::Malformed(_) = failure {
-                    let record = AuditRecord::new(&gw.id, "handshake", "", failure.label())
-                        .with("peer", peer.to_string())
-                        .with("error", failure.to_string());
+                    // Counted per source and reason, never one record each:
+                    // anyone who can reach this port can cause these.
                     let mut durable = gw.durable.clone();
                     let _ = tokio::time::timeout(
                         home::DURABLE_WRITE_BUDGET,
-                        Box::pin(audit::append(&mut durable, &record)),
+                        Box::pin(audit::record_refusal(
+                            &mut durable,
+                            &gw.id,
+                            "handshake",
+                            failure.label(),
+                            &peer.to_string(),
+                            "",
+                        )),
                     )
                     .await;
                 }

@@ -31,6 +31,8 @@ pub enum SessionEnd {
     Io(#[from] std::io::Error),
     #[error("no message for {0} s (keepalive timeout)")]
     Silent(u64),
+    #[error("a frame was started and not completed within {0} s")]
+    StalledFrame(u64),
     #[error("bad frame: {0}")]
     BadFrame(String),
     #[error("not a CoAP message: {0}")]
@@ -50,7 +52,11 @@ impl SessionEnd {
     pub fn is_violation(&self) -> bool {
         matches!(
             self,
-            Self::BadFrame(_) | Self::BadCoap(_) | Self::Counter(_) | Self::Protocol(_)
+            Self::BadFrame(_)
+                | Self::BadCoap(_)
+                | Self::Counter(_)
+                | Self::Protocol(_)
+                | Self::StalledFrame(_)
         )
     }
 
@@ -59,6 +65,7 @@ impl SessionEnd {
             Self::DeviceClosed => "device_closed",
             Self::Io(_) => "io",
             Self::Silent(_) => "keepalive_timeout",
+            Self::StalledFrame(_) => "frame_read_timeout",
             Self::BadFrame(_) => "bad_frame",
             Self::BadCoap(_) => "bad_coap",
             Self::Counter(_) => "bad_message_id",
@@ -193,6 +200,10 @@ impl Session {
         let keepalive = Duration::from_secs(self.gw.config.keepalive_secs.max(1));
         let silence_limit = keepalive * 3;
         let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
+        let frame_deadline = Duration::from_secs(self.gw.config.frame_read_timeout_secs.max(1));
+        // When the first bytes of a frame not yet complete arrived: a frame
+        // trickled in a byte at a time still has to finish in time.
+        let mut frame_started: Option<Instant> = None;
         // The housekeeping timer: every 500 ms while something has a
         // deadline (no Hello yet, commands waiting for the device, a
         // transfer, a drain), otherwise only when the ownership refresh or
@@ -223,9 +234,11 @@ impl Session {
                         Err(e) => return SessionEnd::Io(e),
                     }
                     self.last_received = Instant::now();
+                    let mut completed = false;
                     loop {
                         match self.cipher.decoder.next_message() {
                             Ok(Some(plain)) => {
+                                completed = true;
                                 // Boxed (here and below): the idle session's
                                 // task holds only the loop, not the largest
                                 // handler's state (lib.rs, `connection`).
@@ -235,6 +248,16 @@ impl Session {
                             }
                             Ok(None) => break,
                             Err(e) => return SessionEnd::BadFrame(e.to_string()),
+                        }
+                    }
+                    if self.cipher.decoder.buffered_len() == 0 {
+                        frame_started = None;
+                    } else if completed || frame_started.is_none() {
+                        // What is left is the start of a new frame.
+                        frame_started = Some(self.last_received);
+                        let due = tokio::time::Instant::from_std(self.last_received + frame_deadline);
+                        if tick.deadline() > due {
+                            tick.as_mut().reset(due);
                         }
                     }
                     // Every transfer answer of this read is in: one pump
@@ -277,6 +300,9 @@ impl Session {
                     if silent > silence_limit {
                         return SessionEnd::Silent(silent.as_secs());
                     }
+                    if frame_started.is_some_and(|t| t.elapsed() >= frame_deadline) {
+                        return SessionEnd::StalledFrame(frame_deadline.as_secs());
+                    }
                     self.expire_pending();
                     if self.transfer.is_some()
                         && let Err(end) = Box::pin(self.transfer_tick()).await
@@ -289,6 +315,8 @@ impl Session {
                         || self.transfer.is_some();
                     let next = if busy {
                         tokio::time::Instant::now() + BUSY_TICK
+                    } else if let Some(t) = frame_started {
+                        tokio::time::Instant::from_std((t + frame_deadline).max(Instant::now() + BUSY_TICK))
                     } else {
                         // Idle: wake only when the silence limit is due
                         // (ownership is refreshed for all sessions at once,

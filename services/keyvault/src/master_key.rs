@@ -42,6 +42,11 @@ pub enum MasterKeyError {
         source: std::io::Error,
     },
     #[error(
+        "the master key file {path} can be read by group or others (mode {mode:04o}); \
+         a master key must be private to keyvault's user: run `chmod 600 {path}`"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
         "the master key {origin} is not 64 hex characters ({problem}); make one with `openssl rand -hex 32`"
     )]
     Malformed { origin: String, problem: String },
@@ -86,6 +91,7 @@ impl MasterKey {
             (Some(_), Some(_)) => Err(MasterKeyError::Ambiguous),
             (Some(hex), None) => Self::from_hex(hex, "in keyvault.master_key"),
             (None, Some(path)) => {
+                refuse_if_exposed(path)?;
                 let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
                     MasterKeyError::Read {
                         path: path.clone(),
@@ -97,6 +103,34 @@ impl MasterKey {
             (None, None) => Err(MasterKeyError::Missing),
         }
     }
+}
+
+/// Refuses a key file that others may read, as ssh does with a private key:
+/// such a key may already have been copied. Group read is refused too when
+/// the file is ours (we could have made it 0600); it is accepted when
+/// another user owns the file and we read it through its group, which is
+/// how a Kubernetes Secret volume (root-owned, `fsGroup`, mode 0440) gives
+/// a non-root keyvault its key.
+fn refuse_if_exposed(path: &Path) -> Result<(), MasterKeyError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(path).map_err(|source| MasterKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o7777;
+        // /proc/self belongs to the process's effective user.
+        let ours = std::fs::metadata("/proc/self").map_or(true, |me| me.uid() == meta.uid());
+        let exposed = if ours { 0o077 } else { 0o007 };
+        if mode & exposed != 0 {
+            return Err(MasterKeyError::Exposed {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Development mode only (`trellis up`): makes `<data_dir>/master.key`
@@ -155,6 +189,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not hexadecimal"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        std::fs::write(&path, "ab".repeat(32)).unwrap();
+        let config = KeyvaultConfig {
+            master_key_file: Some(path.clone()),
+            ..KeyvaultConfig::default()
+        };
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = MasterKey::from_config(&config).unwrap_err().to_string();
+            assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+            assert!(err.contains(&format!("{mode:04o}")), "{mode:o}: {err}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let key = MasterKey::from_config(&config).unwrap();
+            assert_eq!(key.as_bytes(), &[0xab; 32]);
+        }
     }
 
     #[test]

@@ -441,3 +441,18 @@ pub async fn audit_write(redis: &mut Redis, record: AuditRecord) {
         );
     }
 }
+
+/// Counts a refused handshake into its (source, action, reason) aggregate;
+/// a failure is logged loudly, as for [`audit_write`].
+pub async fn refusal_write(
+    redis: &mut Redis,
+    actor: &str,
+    action: &str,
+    reason: &str,
+    peer: &str,
+    device_id: &str,
+) {
+    if let Err(e) = audit::record_refusal(redis, actor, action, reason, peer, device_id).await {
+        tracing::error!(error = %e, action, reason, peer, "refusal not counted");
+    }
+}

@@ -248,11 +248,25 @@ impl KeyVault for KeyVaultService {
                 Ok((response, outcome, device_id)) => {
                     span.record("device_id", device_id.as_str());
                     span.record("outcome", outcome.as_str());
-                    registry::audit_write(
-                        &mut redis,
-                        session::audit_record(&req, &device_id, outcome),
-                    )
-                    .await;
+                    if outcome == session::Outcome::Ok {
+                        registry::audit_write(
+                            &mut redis,
+                            session::audit_record(&req, &device_id, outcome),
+                        )
+                        .await;
+                    } else {
+                        // Counted per source and reason: a flood of these
+                        // cannot push key-use records out of the stream.
+                        registry::refusal_write(
+                            &mut redis,
+                            &req.gateway_id,
+                            "open_session",
+                            outcome.as_str(),
+                            &req.peer_addr,
+                            &device_id,
+                        )
+                        .await;
+                    }
                     if outcome == session::Outcome::Ok {
                         tracing::debug!("session granted");
                     } else {
@@ -354,6 +368,40 @@ impl KeyVault for KeyVaultService {
                     device_id: r.device_id,
                     outcome: r.outcome,
                     detail: r.detail.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_refusals(
+        &self,
+        request: Request<pb::ListRefusalsRequest>,
+    ) -> Result<Response<pb::ListRefusalsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => DEFAULT_AUDIT_LIMIT,
+            n => n.min(MAX_AUDIT_LIMIT),
+        };
+        let device = (!req.device_id.is_empty())
+            .then(|| registry::parse_device_id(&req.device_id))
+            .transpose()
+            .map_err(status)?;
+        let mut redis = self.redis.clone();
+        let refusals = trellis_core::audit::refusals(&mut redis, limit, device.as_deref())
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(pb::ListRefusalsResponse {
+            refusals: refusals
+                .into_iter()
+                .map(|r| pb::RefusalCount {
+                    source: r.source,
+                    action: r.action,
+                    reason: r.reason,
+                    count: r.count,
+                    first_ms: r.first_ms,
+                    last_ms: r.last_ms,
+                    last_device_id: r.last_device,
+                    last_actor: r.last_actor,
                 })
                 .collect(),
         }))

@@ -255,6 +255,16 @@ pub enum AuditCommand {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Refused handshakes, counted per source address and reason (most
+    /// recently refused first): count, first and last time, the device id
+    /// the last attempt claimed and the gateway that refused it.
+    Refusals {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only aggregates whose last attempt claimed this device id.
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 impl Command {
@@ -278,7 +288,8 @@ impl Command {
                 DeviceCommand::Tag { .. } => "device tag",
             },
             Command::Events(_) => "events tail",
-            Command::Audit(_) => "audit tail",
+            Command::Audit(AuditCommand::Tail { .. }) => "audit tail",
+            Command::Audit(AuditCommand::Refusals { .. }) => "audit refusals",
             Command::Rollout(r) => r.name(),
             Command::Firmware(c) => c.name(),
             Command::Release(c) => c.name(),

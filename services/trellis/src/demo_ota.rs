@@ -35,6 +35,13 @@ pub fn demo_image(version: u32) -> Vec<u8> {
 pub async fn customer_key(data_dir: &Path) -> anyhow::Result<rsa::PrivateKey> {
     let path = data_dir.join("demo-customer-release.pem");
     if let Ok(pem) = std::fs::read_to_string(&path) {
+        // Made by a release that wrote it world-readable: make it private.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} private (chmod 600)", path.display()))?;
+        }
         return rsa::PrivateKey::from_pkcs8_pem(&pem)
             .with_context(|| format!("{} is not a PKCS#8 private key", path.display()));
     }
@@ -45,8 +52,7 @@ pub async fn customer_key(data_dir: &Path) -> anyhow::Result<rsa::PrivateKey> {
     let pem = key
         .to_pkcs8_pem(LineEnding::LF)
         .context("encoding the demo customer key")?;
-    std::fs::write(&path, pem.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    crate::firmware_cli::write_private(&path, pem.as_bytes())?;
     Ok(key)
 }
 
@@ -94,7 +100,9 @@ pub async fn provision_trust(
                     },
                 ],
                 threshold: 2,
+                cloud_only: false,
             }),
+            allow_cloud_only: false,
         })
         .await
         .map_err(|e| anyhow::anyhow!("signer refused the policy: {}", e.message()))?;

@@ -339,7 +339,12 @@ pub async fn events(endpoints: &Endpoints, cmd: EventsCommand) -> anyhow::Result
 }
 
 pub async fn audit(endpoints: &Endpoints, cmd: AuditCommand) -> anyhow::Result<()> {
-    let AuditCommand::Tail { limit, device } = cmd;
+    let (limit, device) = match cmd {
+        AuditCommand::Tail { limit, device } => (limit, device),
+        AuditCommand::Refusals { limit, device } => {
+            return refusals(endpoints, limit, device).await;
+        }
+    };
     let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
     let records = kv
         .list_audit(ListAuditRequest {
@@ -360,6 +365,41 @@ pub async fn audit(endpoints: &Endpoints, cmd: AuditCommand) -> anyhow::Result<(
             r.device_id,
             r.outcome,
             detail.join(" ")
+        );
+    }
+    Ok(())
+}
+
+async fn refusals(endpoints: &Endpoints, limit: u32, device: Option<String>) -> anyhow::Result<()> {
+    let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+    let refusals = kv
+        .list_refusals(ListRefusalsRequest {
+            limit,
+            device_id: device.unwrap_or_default(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .refusals;
+    println!(
+        "{:<40} {:<13} {:<16} {:>9}  {:<24} {:<24} {:<24} by",
+        "source", "action", "reason", "count", "first", "last", "last device"
+    );
+    for r in refusals {
+        println!(
+            "{:<40} {:<13} {:<16} {:>9}  {:<24} {:<24} {:<24} {}",
+            r.source,
+            r.action,
+            r.reason,
+            r.count,
+            trellis_core::time::format_ms(r.first_ms),
+            trellis_core::time::format_ms(r.last_ms),
+            if r.last_device_id.is_empty() {
+                "-"
+            } else {
+                &r.last_device_id
+            },
+            r.last_actor
         );
     }
     Ok(())

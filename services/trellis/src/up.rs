@@ -23,7 +23,10 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     })?;
     let _redis = match &config.redis.url {
         Some(url) => {
-            println!("redis: {url} (configured)");
+            println!(
+                "redis: {} (configured)",
+                trellis_core::redis_conn::redact_url(url)
+            );
             None
         }
         None => {

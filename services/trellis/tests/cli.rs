@@ -242,6 +242,35 @@ async fn provision_sim_list_call_get_events_audit_revoke() -> anyhow::Result<()>
     );
     assert!(audit.contains("revoke"), "{audit}");
 
+    // The simulator keeps knocking with the revoked key: counted, per
+    // source and reason, under `audit refusals`, not in the audit stream.
+    let started = std::time::Instant::now();
+    loop {
+        let table = ok(trellis(
+            &cluster,
+            0,
+            &["audit", "refusals", "--device", &ids[0]],
+        ));
+        if let Some(line) = table.lines().find(|l| l.contains("revoked")) {
+            assert!(line.starts_with("127.0.0.1 "), "{table}");
+            assert!(
+                line.contains("open_session") && line.contains(&ids[0]),
+                "{table}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no revoked refusal counted: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let audit = ok(trellis(&cluster, 0, &["audit", "tail", "--limit", "500"]));
+    assert!(
+        !audit.contains("revoked"),
+        "a refusal in the audit stream: {audit}"
+    );
+
     let _ = sim.kill();
     let _ = sim.wait();
     cluster.stop().await;

@@ -78,7 +78,7 @@ impl SentinelConn {
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     // Not fatal: the replica is only a fallback for reads.
-                    tracing::warn!(url, error = %e, "durable replica unreachable; reads during a failover will wait for the new primary");
+                    tracing::warn!(url = %super::redact_url(url), error = %e, "durable replica unreachable; reads during a failover will wait for the new primary");
                     None
                 }
             },

@@ -30,15 +30,44 @@ pub struct Proc {
 impl Proc {
     /// Runs `trellis args…` with `env`, in `dir`, logging to `dir/<name>.log`.
     pub fn spawn(name: &str, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        cmd.env("TRELLIS_DATA_DIR", dir.join(format!("{name}-data")));
+        Self::spawn_command(cmd, name, dir, args, env)
+    }
+
+    /// As a new user runs it: working directory `dir`, no `TRELLIS_*`
+    /// variable from this process's environment (so the data directory is
+    /// the default, relative one), only those in `env`.
+    pub fn spawn_with_defaults(
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TRELLIS_") {
+                cmd.env_remove(key);
+            }
+        }
+        Self::spawn_command(cmd, name, dir, args, env)
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        let child = cmd
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .env_remove("TRELLIS_CONFIG")
-            .env("TRELLIS_DATA_DIR", dir.join(format!("{name}-data")))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
