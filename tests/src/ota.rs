@@ -229,7 +229,9 @@ impl ReleaseKeys {
                             },
                         ],
                         threshold: 2,
+                        cloud_only: false,
                     }),
+                    allow_cloud_only: false,
                 })
                 .await?;
         }

@@ -17,11 +17,20 @@
 //! ```
 //! `key_id` is optional on input (computed from the key) and checked when
 //! present, so a policy file whose ids and keys disagree is refused.
+//!
+//! An invalid policy cannot be made: the fields are private, and
+//! [`TrustPolicy::new`], [`TrustPolicy::from_json`] and serde's
+//! `Deserialize` all go through [`TrustPolicy::validate`] (at least one key,
+//! no key twice, `1 <= threshold <= keys`, every key long enough and its id
+//! matching). [`verify_update`] validates the policy again before it looks
+//! at a signature, so a policy that is wrong by any other means refuses
+//! every update (`invalid_trust_policy`) instead of accepting unsigned
+//! firmware.
 
 use std::fmt;
 
 use rsa::PublicKey;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::keys::{KeyError, check_release_key, key_id, public_key_from_pem, public_key_to_pem};
 use crate::manifest::{
@@ -101,11 +110,19 @@ pub enum PolicyError {
     Json(String),
 }
 
-/// Which trusted keys must have signed, and how many of them.
+/// Which trusted keys must have signed, and how many of them. Always valid
+/// (see [`TrustPolicy::validate`]): build it with [`TrustPolicy::new`],
+/// [`TrustPolicy::from_json`] or serde, read it with the accessors.
+///
+/// The fields are private, so an empty policy cannot be written down:
+///
+/// ```compile_fail,E0451
+/// let unsigned_ok = trellis_firmware::TrustPolicy { keys: vec![], threshold: 0 };
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrustPolicy {
-    pub keys: Vec<TrustedKey>,
-    pub threshold: usize,
+    keys: Vec<TrustedKey>,
+    threshold: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -138,16 +155,23 @@ pub struct PolicyReport {
 }
 
 impl PolicyReport {
-    /// Enough valid trusted signatures and no forged one.
+    /// Enough valid trusted signatures and no forged one. A threshold of 0
+    /// is never satisfied (no policy asks for no signature).
     pub fn satisfied(&self) -> bool {
-        self.invalid.is_empty() && self.valid.len() >= self.threshold
+        self.threshold > 0 && self.invalid.is_empty() && self.valid.len() >= self.threshold
     }
 
     /// The rejection a device reports, if any: a signature that claims a
     /// trusted key but does not verify is `bad_signature` even when the
     /// threshold is met otherwise; too few signatures is `unknown_key` when
     /// untrusted keys signed, `insufficient_signatures` when not.
+    /// A threshold of 0 is `invalid_trust_policy`.
     pub fn into_result(self) -> Result<(), Rejection> {
+        if self.threshold == 0 {
+            return Err(Rejection::InvalidTrustPolicy {
+                detail: "threshold 0 would accept firmware nobody signed".into(),
+            });
+        }
         if let Some(key) = self.invalid.into_iter().next() {
             return Err(Rejection::BadSignature { key });
         }
@@ -178,6 +202,10 @@ impl TrustPolicy {
         Ok(policy)
     }
 
+    /// The rules every policy meets: at least one key, `1 <= threshold <=
+    /// keys`, each key long enough, its id matching its public key, and no
+    /// key listed twice. Checked on every construction and again by
+    /// [`verify_update`].
     pub fn validate(&self) -> Result<(), PolicyError> {
         if self.keys.is_empty() {
             return Err(PolicyError::NoKeys);
@@ -210,6 +238,16 @@ impl TrustPolicy {
         Ok(())
     }
 
+    /// The trusted keys, in the policy's order.
+    pub fn keys(&self) -> &[TrustedKey] {
+        &self.keys
+    }
+
+    /// How many of [`keys`](Self::keys) must have signed (1 to all of them).
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
     pub fn key(&self, key_id: &str) -> Option<&TrustedKey> {
         self.keys.iter().find(|k| k.key_id == key_id)
     }
@@ -218,6 +256,11 @@ impl TrustPolicy {
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile =
             serde_json::from_str(text).map_err(|e| PolicyError::Json(e.to_string()))?;
+        Self::from_file(file)
+    }
+
+    /// The parsed JSON form, validated.
+    fn from_file(file: PolicyFile) -> Result<Self, PolicyError> {
         let mut keys = Vec::with_capacity(file.keys.len());
         for k in file.keys {
             let public_key =
@@ -246,6 +289,12 @@ impl TrustPolicy {
 
     /// The JSON form, pretty-printed, key ids included.
     pub fn to_json(&self) -> Result<String, PolicyError> {
+        serde_json::to_string_pretty(&self.to_file()?).map_err(|e| PolicyError::Json(e.to_string()))
+    }
+
+    /// The JSON form's fields; an invalid policy is never written out.
+    fn to_file(&self) -> Result<PolicyFile, PolicyError> {
+        self.validate()?;
         let keys = self
             .keys
             .iter()
@@ -257,11 +306,10 @@ impl TrustPolicy {
                 })
             })
             .collect::<Result<Vec<_>, KeyError>>()?;
-        serde_json::to_string_pretty(&PolicyFile {
+        Ok(PolicyFile {
             threshold: self.threshold,
             keys,
         })
-        .map_err(|e| PolicyError::Json(e.to_string()))
     }
 
     /// Checks every signature over `manifest_bytes` against the trusted
@@ -306,17 +354,41 @@ impl TrustPolicy {
     }
 }
 
+/// The JSON form (see the module documentation).
+impl Serialize for TrustPolicy {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_file()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
+    }
+}
+
+/// The JSON form, validated exactly as [`TrustPolicy::from_json`] does: an
+/// invalid policy is a deserialization error.
+impl<'de> Deserialize<'de> for TrustPolicy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        TrustPolicy::from_file(PolicyFile::deserialize(deserializer)?)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything a device checks about an offered update before it accepts a
 /// single chunk, in this order: the signatures over the exact manifest bytes
 /// against `policy` (before anything in the manifest is believed), then the
 /// manifest's form, its product, and that its version is above
-/// `version_floor`.
+/// `version_floor`. The policy itself is validated first: an invalid one
+/// (however it was made) refuses everything with `invalid_trust_policy`.
 pub fn verify_update(
     signed: &SignedManifest,
     policy: &TrustPolicy,
     device_product_id: u32,
     version_floor: u32,
 ) -> Result<FirmwareManifest, Rejection> {
+    policy
+        .validate()
+        .map_err(|e| Rejection::InvalidTrustPolicy {
+            detail: e.to_string(),
+        })?;
     if signed.manifest.is_empty() {
         return Err(Rejection::MalformedManifest {
             detail: "the signed envelope holds no manifest".into(),
@@ -370,4 +442,66 @@ pub fn verify_image(manifest: &FirmwareManifest, image: &[u8]) -> Result<(), Rej
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{build_manifest, encode_manifest};
+
+    fn unsigned_release() -> SignedManifest {
+        SignedManifest {
+            manifest: encode_manifest(&build_manifest(3, 2, b"firmware", 1, "acme")),
+            signatures: vec![],
+        }
+    }
+
+    /// A policy put together without the constructor (only this module
+    /// can) is still refused at verify time: no keys and threshold 0 would
+    /// otherwise accept firmware nobody signed.
+    #[test]
+    fn hand_built_invalid_policies_refuse_to_verify() {
+        let key = TrustedKey::new(
+            "customer",
+            rsa::PrivateKey::new(&mut rand::rng(), 2048)
+                .expect("key")
+                .to_public_key(),
+        )
+        .expect("trusted");
+        let signed = unsigned_release();
+        for (policy, needle) in [
+            (
+                TrustPolicy {
+                    keys: vec![],
+                    threshold: 0,
+                },
+                "trusts no keys",
+            ),
+            (
+                TrustPolicy {
+                    keys: vec![key.clone()],
+                    threshold: 0,
+                },
+                "threshold 0",
+            ),
+            (
+                TrustPolicy {
+                    keys: vec![key.clone(), key.clone()],
+                    threshold: 1,
+                },
+                "listed twice",
+            ),
+        ] {
+            // Without the verify-time check this would be "1 of 0 signed".
+            assert!(policy.evaluate(&signed.manifest, &[]).valid.is_empty());
+            let err = verify_update(&signed, &policy, 3, 1).unwrap_err();
+            assert_eq!(err.code(), "invalid_trust_policy", "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+            let bytes = crate::manifest::encode_signed_manifest(&signed);
+            assert_eq!(verify_update_bytes(&bytes, &policy, 3, 1).unwrap_err(), err);
+            // Nor is it ever written out for a device.
+            assert!(policy.to_json().is_err());
+            assert!(serde_json::to_string(&policy).is_err());
+        }
+    }
 }

@@ -20,6 +20,10 @@ const NOT_ACCEPTABLE: u8 = code::make(4, 6);
 pub enum Rejection {
     /// The device was provisioned without a trust policy: it accepts nothing.
     NoTrustPolicy,
+    /// The device's trust policy breaks the policy rules (no keys, threshold
+    /// 0 or above the key count, a key twice): it accepts nothing rather
+    /// than firmware nobody signed.
+    InvalidTrustPolicy { detail: String },
     /// UpdateBegin carried no manifest (a spark-style server).
     NoManifest,
     /// The signed manifest or the manifest inside it does not decode, or
@@ -74,6 +78,7 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::NoTrustPolicy => "no_trust_policy",
+            Rejection::InvalidTrustPolicy { .. } => "invalid_trust_policy",
             Rejection::NoManifest => "no_manifest",
             Rejection::MalformedManifest { .. } => "malformed_manifest",
             Rejection::InsufficientSignatures { .. } => "insufficient_signatures",
@@ -102,6 +107,7 @@ impl Rejection {
     pub fn coap_code(&self) -> u8 {
         match self {
             Rejection::NoTrustPolicy
+            | Rejection::InvalidTrustPolicy { .. }
             | Rejection::InsufficientSignatures { .. }
             | Rejection::UnknownKey { .. }
             | Rejection::BadSignature { .. }
@@ -119,6 +125,10 @@ impl fmt::Display for Rejection {
             Rejection::NoTrustPolicy => {
                 f.write_str("this device has no trust policy and accepts no firmware")
             }
+            Rejection::InvalidTrustPolicy { detail } => write!(
+                f,
+                "this device's trust policy is invalid ({detail}) and accepts no firmware"
+            ),
             Rejection::NoManifest => f.write_str("UpdateBegin carried no signed manifest"),
             Rejection::MalformedManifest { detail } => write!(f, "malformed manifest: {detail}"),
             Rejection::InsufficientSignatures {

@@ -230,9 +230,7 @@ fn image_size_and_hash() {
 #[test]
 fn one_of_two_accepts_either_key() {
     let k = keys();
-    let mut policy = policy_2_of_2();
-    policy.threshold = 1;
-    policy.validate().expect("valid");
+    let policy = TrustPolicy::new(policy_2_of_2().keys().to_vec(), 1).expect("valid");
     for signer in [&k.customer, &k.cloud] {
         let signed = release(PRODUCT, 2, &image(10), &[signer]);
         verify_update(&signed, &policy, PRODUCT, 0).expect("one is enough");
@@ -301,7 +299,7 @@ fn policy_json_round_trip_and_validation() {
     let no_id =
         serde_json::json!({"threshold": 1, "keys": [{"name": "customer", "public_key": pem}]});
     let p = TrustPolicy::from_json(&no_id.to_string()).expect("no key_id");
-    assert_eq!(p.keys[0].key_id, key_id(&k.customer.to_public_key()));
+    assert_eq!(p.keys()[0].key_id, key_id(&k.customer.to_public_key()));
     let wrong_id = serde_json::json!({"threshold": 1, "keys": [{"name": "customer", "key_id": "00", "public_key": pem}]});
     assert!(matches!(
         TrustPolicy::from_json(&wrong_id.to_string()),
@@ -333,6 +331,101 @@ fn policy_json_round_trip_and_validation() {
         TrustPolicy::from_json("{"),
         Err(PolicyError::Json(_))
     ));
+}
+
+#[test]
+fn no_policy_accepts_unsigned_firmware_however_it_is_made() {
+    let k = keys();
+    let customer = TrustedKey::new("customer", k.customer.to_public_key()).expect("key");
+    // The constructor refuses every policy that could accept too little.
+    assert!(matches!(
+        TrustPolicy::new(vec![], 0),
+        Err(PolicyError::NoKeys)
+    ));
+    assert!(matches!(
+        TrustPolicy::new(vec![], 1),
+        Err(PolicyError::NoKeys)
+    ));
+    assert!(matches!(
+        TrustPolicy::new(vec![customer.clone()], 0),
+        Err(PolicyError::Threshold {
+            threshold: 0,
+            keys: 1
+        })
+    ));
+    assert!(matches!(
+        TrustPolicy::new(vec![customer.clone()], 2),
+        Err(PolicyError::Threshold {
+            threshold: 2,
+            keys: 1
+        })
+    ));
+    assert!(matches!(
+        TrustPolicy::new(vec![customer.clone(), customer.clone()], 1),
+        Err(PolicyError::DuplicateKey { .. })
+    ));
+    let mut renamed = customer.clone();
+    renamed.key_id = key_id(&k.cloud.to_public_key());
+    assert!(matches!(
+        TrustPolicy::new(vec![renamed], 1),
+        Err(PolicyError::KeyIdMismatch { .. })
+    ));
+
+    // serde goes through the same checks as from_json.
+    let good = policy_2_of_2();
+    let value = serde_json::to_value(&good).expect("serialize");
+    assert_eq!(value["threshold"], 2);
+    assert_eq!(
+        serde_json::from_value::<TrustPolicy>(value.clone()).expect("valid"),
+        good
+    );
+    for bad in [
+        serde_json::json!({"threshold": 0, "keys": []}),
+        serde_json::json!({"threshold": 0, "keys": value["keys"].clone()}),
+        serde_json::json!({"threshold": 3, "keys": value["keys"].clone()}),
+    ] {
+        let err = serde_json::from_value::<TrustPolicy>(bad.clone()).unwrap_err();
+        assert!(
+            err.to_string().contains("trusts no keys") || err.to_string().contains("threshold"),
+            "{bad}: {err}"
+        );
+        assert!(TrustPolicy::from_json(&bad.to_string()).is_err(), "{bad}");
+    }
+    // Inside a larger document too (a device config holding its policy).
+    #[derive(serde::Deserialize)]
+    struct Device {
+        #[allow(dead_code)]
+        policy: TrustPolicy,
+    }
+    assert!(
+        serde_json::from_value::<Device>(serde_json::json!({
+            "policy": {"threshold": 0, "keys": []}
+        }))
+        .is_err()
+    );
+
+    // A report that asks for no signature (however it was put together) is
+    // never met: unsigned firmware is refused, not accepted.
+    let unsigned = release(PRODUCT, 2, &image(10), &[]);
+    assert!(unsigned.signatures.is_empty());
+    let report = trellis_firmware::PolicyReport {
+        threshold: 0,
+        valid: vec![],
+        missing: vec![],
+        invalid: vec![],
+        unknown: vec![],
+    };
+    assert!(!report.satisfied());
+    let err = report.into_result().unwrap_err();
+    assert_eq!(err.code(), "invalid_trust_policy");
+    assert!(err.to_string().contains("accepts no firmware"), "{err}");
+    // And a valid policy refuses the unsigned release as it always did.
+    assert_eq!(
+        verify_update(&unsigned, &good, PRODUCT, 1)
+            .unwrap_err()
+            .code(),
+        "insufficient_signatures"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The `Signer` gRPC service: the rules of each RPC, one tracing span per
 //! RPC, typed errors turned into statuses at the edge.
 use crate::error::{Result, SignerError};
-use crate::store::{self, Added, Created, ImageMeta, ReleaseRecord};
+use crate::store::{self, Added, Created, ImageMeta, ReleaseRecord, StoredPolicy};
 use crate::validate;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -342,7 +342,8 @@ impl SignerService {
                      `trellis policy set --product {} --key NAME=PUB.pem ... --threshold N` first",
                     release.product_id, release.product_id
                 ))
-            })?;
+            })?
+            .policy;
         let Some(key) = policy.key(&signature.key_id) else {
             return Err(SignerError::FailedPrecondition(format!(
                 "key {} is not in product {}'s signing policy (it trusts {}); sign with one of \
@@ -389,8 +390,14 @@ impl SignerService {
     }
 
     /// SetPolicy: every PEM parsed, key ids computed (and checked when
-    /// given), names distinct, threshold 1..=keys.
-    pub async fn set_policy(&self, policy: Option<pb::SigningPolicy>) -> Result<pb::SigningPolicy> {
+    /// given), names distinct, threshold 1..=keys, and not met by the
+    /// cloud's own keys alone unless `allow_cloud_only` (then recorded in
+    /// the policy and its audit record).
+    pub async fn set_policy(
+        &self,
+        policy: Option<pb::SigningPolicy>,
+        allow_cloud_only: bool,
+    ) -> Result<pb::SigningPolicy> {
         let policy = policy.ok_or_else(|| {
             SignerError::InvalidArgument("no policy given: send product_id, keys, threshold".into())
         })?;
@@ -426,30 +433,161 @@ impl SignerService {
         }
         let threshold = policy.threshold as usize;
         let checked = TrustPolicy::new(trusted, threshold).map_err(|e| bad(e.to_string()))?;
+        // Which keys are the cloud's: keyvault's release key. Without
+        // knowing it the policy cannot be checked, so it is refused, unless
+        // the operator allowed a cloud-only policy anyway.
+        let cloud_only = match self.cloud_release_key().await {
+            Ok(cloud) => {
+                let held = cloud_held(&checked, &cloud);
+                let cloud_only = held.len() >= checked.threshold();
+                if cloud_only && !allow_cloud_only {
+                    return Err(bad(format!(
+                        "the cloud alone could release firmware with it: it requires {} and the \
+                         cloud holds {} of its {} keys ({}), but a release must need the \
+                         customer's offline key AND the cloud release key. Add the customer's \
+                         key and require it (`trellis policy set --product {product_id} --key \
+                         customer.pub.pem --cloud-release-key` requires both), or pass \
+                         --allow-cloud-only (SetPolicyRequest.allow_cloud_only) if the cloud \
+                         alone is meant to release this product's firmware",
+                        signatures(checked.threshold()),
+                        held.len(),
+                        checked.keys().len(),
+                        held.iter()
+                            .map(|k| k.key_ref().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                cloud_only
+            }
+            Err(e) if allow_cloud_only => {
+                tracing::warn!(
+                    error = %e,
+                    product_id,
+                    "keyvault's release key is unknown; the policy is recorded as cloud-only \
+                     (allow_cloud_only)"
+                );
+                true
+            }
+            Err(SignerError::Keyvault { url, code, message }) => {
+                return Err(SignerError::Keyvault {
+                    url,
+                    code,
+                    message: format!(
+                        "{message} (the signer needs keyvault's release key to check that the \
+                         cloud alone cannot meet product {product_id}'s policy; nothing was set)"
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let stored = StoredPolicy {
+            policy: checked,
+            allow_cloud_only: cloud_only,
+        };
         let mut redis = self.redis.clone();
-        store::put_policy(&mut redis, product_id, &checked).await?;
+        store::put_policy(&mut redis, product_id, &stored).await?;
+        let checked = &stored.policy;
         let record = AuditRecord::new("operator", "set_policy", "", "ok")
             .with("product_id", product_id.to_string())
             .with("threshold", threshold.to_string())
             .with(
                 "keys",
                 checked
-                    .keys
+                    .keys()
                     .iter()
                     .map(|k| format!("{}={}", k.name, k.key_id))
                     .collect::<Vec<_>>()
                     .join(","),
-            );
+            )
+            .with("allow_cloud_only", allow_cloud_only.to_string())
+            .with("cloud_only", cloud_only.to_string());
         if let Err(e) = audit::append(&mut redis, &record).await {
             tracing::error!(error = %e, product_id, "audit record for set_policy not written");
         }
-        tracing::info!(
+        if cloud_only {
+            tracing::warn!(
+                product_id,
+                threshold,
+                keys = checked.keys().len(),
+                "signing policy set that cloud keys alone can meet (allow_cloud_only): the \
+                 customer's offline key is not needed to release firmware for this product"
+            );
+        } else {
+            tracing::info!(
+                product_id,
+                threshold,
+                keys = checked.keys().len(),
+                "signing policy set"
+            );
+        }
+        policy_to_proto(product_id, &stored.policy, cloud_only)
+    }
+
+    /// Whether cloud keys alone meet `stored`'s threshold, checked against
+    /// keyvault's release key; when keyvault cannot be asked, the stored
+    /// `allow_cloud_only` decides.
+    async fn cloud_only(&self, stored: &StoredPolicy) -> bool {
+        match self.cloud_release_key().await {
+            Ok(cloud) => cloud_held(&stored.policy, &cloud).len() >= stored.policy.threshold(),
+            Err(_) => stored.allow_cloud_only,
+        }
+    }
+
+    /// The warning every release operation on `product_id` carries while
+    /// its policy can be met by cloud keys alone (logged here too), or
+    /// `None`.
+    async fn cloud_only_warning(
+        &self,
+        product_id: u32,
+        policy: Option<&StoredPolicy>,
+    ) -> Option<String> {
+        let stored = policy?;
+        let cloud_only = self.cloud_only(stored).await;
+        if !cloud_only {
+            return None;
+        }
+        tracing::warn!(
             product_id,
-            threshold,
-            keys = checked.keys.len(),
-            "signing policy set"
+            allow_cloud_only = stored.allow_cloud_only,
+            "release operation on a product whose signing policy cloud keys alone can meet"
         );
-        policy_to_proto(product_id, &checked)
+        Some(format!(
+            "product {product_id}'s signing policy can be met by the cloud's keys alone{}: its \
+             releases do not need the customer's offline key. Require it with `trellis policy \
+             set --product {product_id} --key customer.pub.pem --cloud-release-key`",
+            if stored.allow_cloud_only {
+                " (set with --allow-cloud-only)"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// `cloud_only_warning` for a release's product (its policy read here).
+    /// The release operation itself already succeeded, so a policy that
+    /// cannot be read now costs the warning, not the reply.
+    async fn release_warning(&self, release: &ReleaseRecord) -> Option<String> {
+        let policy = match store::get_policy(&mut self.redis.clone(), release.product_id).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    product_id = release.product_id,
+                    "cannot read the signing policy to check it for a cloud-only warning"
+                );
+                None
+            }
+        };
+        self.cloud_only_warning(release.product_id, policy.as_ref())
+            .await
+    }
+
+    /// The release as the reply carries it, with the policy warning.
+    async fn release_reply(&self, release: ReleaseRecord) -> pb::Release {
+        let mut reply = release.to_proto();
+        reply.policy_warning = self.release_warning(&release).await.unwrap_or_default();
+        reply
     }
 
     pub async fn get_policy(&self, product_id: u32) -> Result<pb::SigningPolicy> {
@@ -461,7 +599,8 @@ impl SignerService {
                     "product {product_id} has no signing policy; set one with `trellis policy set`"
                 ))
             })?;
-        policy_to_proto(product_id, &policy)
+        let cloud_only = self.cloud_only(&policy).await;
+        policy_to_proto(product_id, &policy.policy, cloud_only)
     }
 
     /// VerifyRelease: the stored signatures against the product's policy.
@@ -480,10 +619,18 @@ impl SignerService {
                      to require. Set one with `trellis policy set`",
                     release.product_id
                 ),
+                policy_warning: String::new(),
             });
         };
-        let report = policy.evaluate(&release.manifest, &release.signatures);
-        Ok(verify_response(&release_id, &report))
+        let report = policy
+            .policy
+            .evaluate(&release.manifest, &release.signatures);
+        let mut response = verify_response(&release_id, &report);
+        response.policy_warning = self
+            .cloud_only_warning(release.product_id, Some(&policy))
+            .await
+            .unwrap_or_default();
+        Ok(response)
     }
 }
 
@@ -505,9 +652,28 @@ fn name_of(k: &KeyRef) -> String {
     }
 }
 
+/// The keys of `policy` whose private half the cloud holds: keyvault's
+/// release key (the only key keyvault signs releases with).
+fn cloud_held<'a>(policy: &'a TrustPolicy, cloud: &TrustedKey) -> Vec<&'a TrustedKey> {
+    policy
+        .keys()
+        .iter()
+        .filter(|k| k.key_id == cloud.key_id)
+        .collect()
+}
+
+/// "1 signature", "2 signatures".
+fn signatures(n: usize) -> String {
+    if n == 1 {
+        "1 signature".into()
+    } else {
+        format!("{n} signatures")
+    }
+}
+
 fn describe_keys(policy: &TrustPolicy) -> String {
     policy
-        .keys
+        .keys()
         .iter()
         .map(|k| k.key_ref().to_string())
         .collect::<Vec<_>>()
@@ -564,12 +730,17 @@ fn verify_response(release_id: &str, report: &PolicyReport) -> pb::VerifyRelease
         missing,
         threshold: u32::try_from(report.threshold).unwrap_or(u32::MAX),
         message,
+        policy_warning: String::new(),
     }
 }
 
-fn policy_to_proto(product_id: u32, policy: &TrustPolicy) -> Result<pb::SigningPolicy> {
+fn policy_to_proto(
+    product_id: u32,
+    policy: &TrustPolicy,
+    cloud_only: bool,
+) -> Result<pb::SigningPolicy> {
     let keys = policy
-        .keys
+        .keys()
         .iter()
         .map(|k| {
             Ok(pb::PolicyKey {
@@ -583,7 +754,8 @@ fn policy_to_proto(product_id: u32, policy: &TrustPolicy) -> Result<pb::SigningP
     Ok(pb::SigningPolicy {
         product_id,
         keys,
-        threshold: u32::try_from(policy.threshold).unwrap_or(u32::MAX),
+        threshold: u32::try_from(policy.threshold()).unwrap_or(u32::MAX),
+        cloud_only,
     })
 }
 
@@ -646,9 +818,12 @@ impl Signer for SignerService {
             version = req.version,
             image = %req.image_sha256
         );
-        in_span(span, SignerService::create_release(self, req))
-            .await
-            .map(|r| Response::new(r.to_proto()))
+        in_span(span, async {
+            let release = SignerService::create_release(self, req).await?;
+            Ok(self.release_reply(release).await)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn sign_release(
@@ -657,9 +832,12 @@ impl Signer for SignerService {
     ) -> Result<Response<pb::Release>, Status> {
         let req = request.into_inner();
         let span = tracing::info_span!("signer.sign_release", release_id = %req.release_id);
-        in_span(span, SignerService::sign_release(self, &req.release_id))
-            .await
-            .map(|r| Response::new(r.to_proto()))
+        in_span(span, async {
+            let release = SignerService::sign_release(self, &req.release_id).await?;
+            Ok(self.release_reply(release).await)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn add_signature(
@@ -672,12 +850,13 @@ impl Signer for SignerService {
             release_id = %req.release_id,
             key_id = %req.signature.as_ref().map(|s| s.key_id.as_str()).unwrap_or_default()
         );
-        in_span(
-            span,
-            SignerService::add_signature(self, &req.release_id, req.signature),
-        )
+        in_span(span, async {
+            let release =
+                SignerService::add_signature(self, &req.release_id, req.signature).await?;
+            Ok(self.release_reply(release).await)
+        })
         .await
-        .map(|r| Response::new(r.to_proto()))
+        .map(Response::new)
     }
 
     async fn get_release(
@@ -717,11 +896,15 @@ impl Signer for SignerService {
                 .policy
                 .as_ref()
                 .map(|p| p.product_id)
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            allow_cloud_only = req.allow_cloud_only
         );
-        in_span(span, SignerService::set_policy(self, req.policy))
-            .await
-            .map(Response::new)
+        in_span(
+            span,
+            SignerService::set_policy(self, req.policy, req.allow_cloud_only),
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn get_policy(

@@ -11,7 +11,9 @@
 //!   index `keys::RELEASE_INDEX`;
 //! - `keys::policy(product)`: the product's signing policy in the firmware
 //!   crate's `TrustPolicy` JSON form (the same file a device is provisioned
-//!   with).
+//!   with), plus `"allow_cloud_only": true` when the operator accepted a
+//!   policy cloud keys alone can meet (see [`StoredPolicy`]; devices ignore
+//!   the field).
 use crate::error::{Result, SignerError};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -114,6 +116,8 @@ impl ReleaseRecord {
             image_size: self.image_size,
             signed: Some(self.signed_manifest()),
             created_at_ms: self.created_at_ms,
+            // Filled by the service on the replies that carry it.
+            policy_warning: String::new(),
         }
     }
 
@@ -380,18 +384,30 @@ pub async fn add_signature(
     })
 }
 
-pub async fn put_policy(redis: &mut Redis, product_id: u32, policy: &TrustPolicy) -> Result<()> {
-    let json = policy
-        .to_json()
-        .map_err(|e| SignerError::Internal(e.to_string()))?;
+/// A product's signing policy as stored: the policy (validated when read,
+/// by `TrustPolicy`'s deserializer) and whether the operator accepted that
+/// cloud keys alone meet it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    #[serde(flatten)]
+    pub policy: TrustPolicy,
+    /// Set with `SetPolicyRequest.allow_cloud_only` when the cloud's keys
+    /// alone meet the threshold. Absent (false) in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cloud_only: bool,
+}
+
+pub async fn put_policy(redis: &mut Redis, product_id: u32, policy: &StoredPolicy) -> Result<()> {
+    let json =
+        serde_json::to_string_pretty(policy).map_err(|e| SignerError::Internal(e.to_string()))?;
     let _: () = redis.set(keys::policy(product_id), json).await?;
     Ok(())
 }
 
-pub async fn get_policy(redis: &mut Redis, product_id: u32) -> Result<Option<TrustPolicy>> {
+pub async fn get_policy(redis: &mut Redis, product_id: u32) -> Result<Option<StoredPolicy>> {
     let raw: Option<String> = redis.get(keys::policy(product_id)).await?;
     raw.map(|json| {
-        TrustPolicy::from_json(&json).map_err(|e| {
+        serde_json::from_str::<StoredPolicy>(&json).map_err(|e| {
             SignerError::Corrupt(format!(
                 "the signing policy {} is damaged ({e}); set it again with `trellis policy set`",
                 keys::policy(product_id)

@@ -657,11 +657,14 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
                     },
                 ],
                 threshold: 2,
+                cloud_only: false,
             }),
+            allow_cloud_only: false,
         })
         .await?
         .into_inner();
     assert_eq!(policy.threshold, 2);
+    assert!(!policy.cloud_only, "the customer's key is needed too");
     assert_eq!(policy.keys[0].key_id, signature.key_id, "ids filled in");
     assert_eq!(policy.keys[1].key_id, cloud_id);
     let shown = signer
@@ -675,8 +678,9 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
         .query_async(&mut stack.redis().await?)
         .await?;
     let parsed = TrustPolicy::from_json(&json).expect("policy JSON");
-    assert_eq!(parsed.threshold, 2);
-    assert_eq!(parsed.keys.len(), 2);
+    assert_eq!(parsed.threshold(), 2);
+    assert_eq!(parsed.keys().len(), 2);
+    assert!(!json.contains("allow_cloud_only"), "{json}");
 
     let v = verify(&mut signer, "7-3").await?;
     assert!(!v.satisfied);
@@ -811,6 +815,8 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
 
     let v = verify(&mut signer, "7-3").await?;
     assert!(v.satisfied, "{}", v.message);
+    assert!(v.policy_warning.is_empty(), "{}", v.policy_warning);
+    assert!(r.policy_warning.is_empty(), "{}", r.policy_warning);
     assert!(v.missing.is_empty());
     assert_eq!(v.signed_by, vec!["customer", "cloud-release"]);
     assert!(v.message.contains("meets its policy"), "{}", v.message);
@@ -872,7 +878,9 @@ async fn bad_policies_are_refused() -> anyhow::Result<()> {
             product_id: 7,
             keys,
             threshold,
+            cloud_only: false,
         }),
+        allow_cloud_only: false,
     };
     let before = stack.scan_keys().await?;
     for (req, needle) in [
@@ -898,6 +906,250 @@ async fn bad_policies_are_refused() -> anyhow::Result<()> {
         &["product 7 has no signing policy"],
     );
     assert_eq!(stack.scan_keys().await?, before, "no policy stored");
+    stack.stop().await;
+    Ok(())
+}
+
+/// The `set_policy` audit records, oldest first.
+async fn policy_audit(stack: &Stack) -> anyhow::Result<Vec<audit::AuditRecord>> {
+    let mut records = audit::recent(&mut stack.redis().await?, 1000, None).await?;
+    records.retain(|r| r.action == "set_policy");
+    Ok(records)
+}
+
+fn detail<'a>(r: &'a audit::AuditRecord, key: &str) -> Option<&'a str> {
+    r.detail
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let mut signer = stack.signer.clone();
+    let (cloud_pem, cloud_id) = stack.cloud_release_key().await?;
+    let (customer, customer_pem) = customer_key()?;
+    let (_, other_pem) = customer_key()?;
+    let key = |name: &str, pem: &str| pb::PolicyKey {
+        name: name.into(),
+        public_key_pem: pem.into(),
+        key_id: String::new(),
+    };
+    let set =
+        |keys: Vec<pb::PolicyKey>, threshold: u32, allow_cloud_only: bool| pb::SetPolicyRequest {
+            policy: Some(pb::SigningPolicy {
+                product_id: 9,
+                keys,
+                threshold,
+                cloud_only: false,
+            }),
+            allow_cloud_only,
+        };
+
+    // Policies the cloud's own key meets alone are refused, whatever the
+    // key is called, and nothing is stored or audited.
+    let before = stack.scan_keys().await?;
+    for (req, needle) in [
+        (
+            set(vec![key("cloud-release", &cloud_pem)], 1, false),
+            "it requires 1 signature and the cloud holds 1 of its 1 keys (cloud-release (key",
+        ),
+        (
+            set(
+                vec![key("customer", &customer_pem), key("ops", &cloud_pem)],
+                1,
+                false,
+            ),
+            "it requires 1 signature and the cloud holds 1 of its 2 keys (ops (key",
+        ),
+    ] {
+        assert_refused(
+            signer.set_policy(req).await,
+            Code::InvalidArgument,
+            &[
+                "signing policy for product 9",
+                "the cloud alone could release firmware",
+                needle,
+                &cloud_id[..16],
+                "the customer's offline key AND the cloud release key",
+                "trellis policy set --product 9 --key customer.pub.pem --cloud-release-key",
+                "--allow-cloud-only",
+            ],
+        );
+    }
+    assert_eq!(stack.scan_keys().await?, before, "no policy stored");
+    assert!(policy_audit(&stack).await?.is_empty());
+
+    // Policies that need a key the cloud does not hold are fine, with or
+    // without the flag (which then changes nothing).
+    for (req, threshold) in [
+        (set(vec![key("customer", &customer_pem)], 1, false), 1),
+        (
+            set(
+                vec![
+                    key("customer", &customer_pem),
+                    key("cloud-release", &cloud_pem),
+                ],
+                2,
+                true,
+            ),
+            2,
+        ),
+        (
+            set(
+                vec![
+                    key("customer", &customer_pem),
+                    key("other", &other_pem),
+                    key("cloud-release", &cloud_pem),
+                ],
+                2,
+                false,
+            ),
+            2,
+        ),
+    ] {
+        let p = signer.set_policy(req).await?.into_inner();
+        assert_eq!(p.threshold, threshold);
+        assert!(!p.cloud_only, "{p:?}");
+    }
+    let last = policy_audit(&stack).await?;
+    let last = last.last().expect("audited");
+    assert_eq!(detail(last, "cloud_only"), Some("false"));
+    assert_eq!(detail(last, "allow_cloud_only"), Some("false"));
+
+    // A release made while the policy needs the customer: no warning.
+    let image = image_bytes(5_000, 3);
+    let sha = upload(&mut signer, upload_messages(9, &image, 4096))
+        .await?
+        .sha256;
+    let r = create(&mut signer, 9, 1, &sha).await?;
+    assert!(r.policy_warning.is_empty(), "{}", r.policy_warning);
+
+    // With --allow-cloud-only the cloud-only policy is accepted and recorded.
+    let p = signer
+        .set_policy(set(
+            vec![
+                key("customer", &customer_pem),
+                key("cloud-release", &cloud_pem),
+            ],
+            1,
+            true,
+        ))
+        .await?
+        .into_inner();
+    assert!(p.cloud_only);
+    assert_eq!(p.threshold, 1);
+    let shown = signer
+        .get_policy(pb::GetPolicyRequest { product_id: 9 })
+        .await?
+        .into_inner();
+    assert_eq!(shown, p);
+    let json: String = redis::cmd("GET")
+        .arg(keys::policy(9))
+        .query_async(&mut stack.redis().await?)
+        .await?;
+    let record: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(record["allow_cloud_only"], true, "{json}");
+    // Still the policy file a device is given (the flag is ignored there).
+    let device_policy = TrustPolicy::from_json(&json).expect("a device policy");
+    assert_eq!(device_policy.threshold(), 1);
+    let audited = policy_audit(&stack).await?;
+    let audited = audited.last().expect("audited");
+    assert_eq!(audited.actor, "operator");
+    assert_eq!(detail(audited, "product_id"), Some("9"));
+    assert_eq!(detail(audited, "allow_cloud_only"), Some("true"));
+    assert_eq!(detail(audited, "cloud_only"), Some("true"));
+
+    // Every release operation on the product now says so.
+    let says_cloud_only = |w: &str| {
+        assert!(
+            w.contains("product 9's signing policy can be met by the cloud's keys alone")
+                && w.contains("(set with --allow-cloud-only)")
+                && w.contains("do not need the customer's offline key")
+                && w.contains("trellis policy set --product 9"),
+            "warning: {w:?}"
+        );
+    };
+    let r = create(&mut signer, 9, 2, &sha).await?;
+    says_cloud_only(&r.policy_warning);
+    let manifest = r.signed.unwrap_or_default().manifest;
+    let r = add_sig(&mut signer, "9-2", sign_manifest(&customer, &manifest)?).await?;
+    says_cloud_only(&r.policy_warning);
+    let v = verify(&mut signer, "9-2").await?;
+    assert!(
+        v.satisfied,
+        "the customer alone meets 1 of 2: {}",
+        v.message
+    );
+    says_cloud_only(&v.policy_warning);
+    let r = signer
+        .sign_release(pb::SignReleaseRequest {
+            release_id: "9-1".into(),
+        })
+        .await?
+        .into_inner();
+    says_cloud_only(&r.policy_warning);
+    let v = verify(&mut signer, "9-1").await?;
+    assert!(v.satisfied, "the cloud alone meets it: {}", v.message);
+    assert_eq!(v.signed_by, vec!["cloud-release"]);
+    says_cloud_only(&v.policy_warning);
+    // Other products are not affected.
+    let other = image_bytes(3_000, 4);
+    let other_sha = upload(&mut signer, upload_messages(8, &other, 4096))
+        .await?
+        .sha256;
+    let r = create(&mut signer, 8, 1, &other_sha).await?;
+    assert!(r.policy_warning.is_empty(), "{}", r.policy_warning);
+
+    // A cloud-only policy stored before such policies were refused (no
+    // allow_cloud_only in the record) warns too: the check is against the
+    // keys, not the flag.
+    let legacy = TrustPolicy::new(
+        vec![trellis_firmware::TrustedKey::new(
+            "cloud-release",
+            trellis_firmware::public_key_from_pem(&cloud_pem)?,
+        )?],
+        1,
+    )?
+    .to_json()?;
+    let _: () = redis::cmd("SET")
+        .arg(keys::policy(9))
+        .arg(&legacy)
+        .query_async(&mut stack.redis().await?)
+        .await?;
+    let v = verify(&mut signer, "9-1").await?;
+    assert!(
+        v.policy_warning
+            .contains("can be met by the cloud's keys alone")
+            && !v.policy_warning.contains("--allow-cloud-only"),
+        "{}",
+        v.policy_warning
+    );
+    let shown = signer
+        .get_policy(pb::GetPolicyRequest { product_id: 9 })
+        .await?
+        .into_inner();
+    assert!(shown.cloud_only);
+
+    // Requiring the customer again ends the warnings.
+    let p = signer
+        .set_policy(set(
+            vec![
+                key("customer", &customer_pem),
+                key("cloud-release", &cloud_pem),
+            ],
+            2,
+            false,
+        ))
+        .await?
+        .into_inner();
+    assert!(!p.cloud_only);
+    let v = verify(&mut signer, "9-2").await?;
+    assert!(!v.satisfied);
+    assert!(v.policy_warning.is_empty(), "{}", v.policy_warning);
+    let r = create(&mut signer, 9, 3, &sha).await?;
+    assert!(r.policy_warning.is_empty(), "{}", r.policy_warning);
     stack.stop().await;
     Ok(())
 }

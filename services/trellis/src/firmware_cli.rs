@@ -159,6 +159,13 @@ pub enum PolicyCommand {
         /// How many of the keys must have signed (default: all of them).
         #[arg(long)]
         threshold: Option<u32>,
+        /// Accept a policy the cloud's own keys can meet alone (only
+        /// --cloud-release-key, or a threshold it reaches by itself), which
+        /// the signer refuses otherwise: the customer's key is then not
+        /// needed to release firmware. Recorded and audited; every release
+        /// command on the product warns.
+        #[arg(long)]
+        allow_cloud_only: bool,
     },
     /// A product's signing policy.
     Show {
@@ -384,6 +391,7 @@ async fn upload(endpoints: &Endpoints, args: UploadArgs) -> anyhow::Result<()> {
             .into_inner();
         println!("{}", release.release_id);
         created_hint(&release);
+        policy_warning(&release.policy_warning);
     } else {
         eprintln!(
             "next: trellis release create --product {} --version V --image {}",
@@ -499,7 +507,9 @@ fn keygen(out: &Path, bits: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Creates `path` owner-only (0600) and writes a private key into it; an
+/// existing file is never overwritten.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -545,6 +555,7 @@ pub async fn release(endpoints: &Endpoints, cmd: ReleaseCommand) -> anyhow::Resu
                 .into_inner();
             println!("{}", release.release_id);
             created_hint(&release);
+            policy_warning(&release.policy_warning);
         }
         ReleaseCommand::Sign { release } => {
             let r = client
@@ -702,6 +713,7 @@ async fn print_verify(
         .map_err(status)?
         .into_inner();
     println!("{}", v.message);
+    policy_warning(&v.policy_warning);
     if v.threshold > 0 {
         println!(
             "signed by: {}",
@@ -721,6 +733,14 @@ async fn print_verify(
         );
     }
     Ok(v)
+}
+
+/// The signer's warning that a product's policy can be met by cloud keys
+/// alone (`policy set --allow-cloud-only`), on stderr; nothing when empty.
+fn policy_warning(warning: &str) {
+    if !warning.is_empty() {
+        eprintln!("warning: {warning}");
+    }
 }
 
 fn show_release(r: &pb::Release, json: bool) -> anyhow::Result<()> {
@@ -807,6 +827,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
             keys,
             cloud_release_key,
             threshold,
+            allow_cloud_only,
         } => {
             let mut policy_keys = Vec::new();
             for arg in &keys {
@@ -854,7 +875,9 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                         product_id: product,
                         keys: policy_keys,
                         threshold,
+                        cloud_only: false,
                     }),
+                    allow_cloud_only,
                 })
                 .await
                 .map_err(status)?
@@ -881,6 +904,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                     })).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
+                cloud_only_warning(&p);
             } else {
                 print_policy(&p);
             }
@@ -898,6 +922,18 @@ fn print_policy(p: &pb::SigningPolicy) {
     );
     for k in &p.keys {
         println!("  {:<16} {}", k.name, k.key_id);
+    }
+    cloud_only_warning(p);
+}
+
+/// A policy the cloud's keys meet alone: said on stderr.
+fn cloud_only_warning(p: &pb::SigningPolicy) {
+    if p.cloud_only {
+        policy_warning(&format!(
+            "product {}'s signing policy can be met by the cloud's keys alone: its releases do \
+             not need the customer's offline key",
+            p.product_id
+        ));
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use trellis_core::Shutdown;
+use trellis_core::shutdown::ShutdownTrigger;
 use trellis_tests::Cluster;
 
 struct Env {
@@ -67,9 +68,15 @@ fn sha_hex(b: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow::Result<()> {
-    let cluster = Cluster::start(0).await?;
+/// A signer on loopback next to `cluster`'s keyvault, and the URLs the CLI
+/// is given.
+async fn start_signer(
+    cluster: &Cluster,
+) -> anyhow::Result<(
+    Env,
+    ShutdownTrigger,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
     let mut config = cluster.config.clone();
     config.signer.keyvault_url = format!("http://{}", cluster.keyvault);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -82,6 +89,13 @@ async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow:
         keyvault: format!("http://{}", cluster.keyvault),
         signer: format!("http://{signer_addr}"),
     };
+    Ok((env, trigger, signer_task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow::Result<()> {
+    let cluster = Cluster::start(0).await?;
+    let (env, trigger, signer_task) = start_signer(&cluster).await?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
 
@@ -223,7 +237,7 @@ async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow:
     // The JSON is the policy file a device is provisioned with.
     let policy = trellis_firmware::TrustPolicy::from_json(&shown.to_string())
         .expect("policy show --json is a device policy file");
-    assert_eq!(policy.threshold, 2);
+    assert_eq!(policy.threshold(), 2);
 
     // Not signed yet: verify names both missing keys and exits non-zero.
     let out = refused(
@@ -343,7 +357,13 @@ async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow:
     assert!(out.contains("signed by: customer"), "{out}");
 
     // The cloud release key signs through keyvault.
-    ok(trellis(&env, &["release", "sign", "7-1"]));
+    let signed = trellis(&env, &["release", "sign", "7-1"]);
+    assert!(
+        !stderr(&signed).contains("warning"),
+        "the policy needs the customer: {}",
+        stderr(&signed)
+    );
+    ok(signed);
     let out = ok(trellis(&env, &["release", "verify", "7-1"]));
     assert!(out.contains("meets its policy"), "{out}");
     assert!(out.contains("signed by: customer, cloud-release"), "{out}");
@@ -373,6 +393,141 @@ async fn keygen_upload_policy_sign_offline_and_in_cloud_then_verify() -> anyhow:
         trellis(&offline, &["release", "list"]),
         &["cannot reach the signer", "--signer-url"],
     );
+
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// `policy set` refuses a policy the cloud release key meets alone unless
+/// `--allow-cloud-only` is given; then every release command warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_only_policy_needs_allow_cloud_only_and_every_release_command_warns()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start(0).await?;
+    let (env, trigger, signer_task) = start_signer(&cluster).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let customer = d.join("customer.pem");
+    ok(trellis(
+        &env,
+        &[
+            "firmware",
+            "keygen",
+            "--out",
+            p(&customer),
+            "--bits",
+            "2048",
+        ],
+    ));
+    let customer_pub = d.join("customer.pub.pem");
+
+    // The cloud release key alone, or with a threshold it meets alone.
+    for args in [
+        vec!["policy", "set", "--product", "5", "--cloud-release-key"],
+        vec![
+            "policy",
+            "set",
+            "--product",
+            "5",
+            "--key",
+            p(&customer_pub),
+            "--cloud-release-key",
+            "--threshold",
+            "1",
+        ],
+    ] {
+        refused(
+            trellis(&env, &args),
+            &[
+                "signing policy for product 5",
+                "the cloud alone could release firmware",
+                "the customer's offline key AND the cloud release key",
+                "trellis policy set --product 5 --key customer.pub.pem --cloud-release-key",
+                "--allow-cloud-only",
+                "(InvalidArgument)",
+            ],
+        );
+    }
+    refused(
+        trellis(&env, &["policy", "show", "--product", "5"]),
+        &["product 5 has no signing policy"],
+    );
+
+    // Allowed explicitly: accepted, shown, and warned about.
+    let set = trellis(
+        &env,
+        &[
+            "policy",
+            "set",
+            "--product",
+            "5",
+            "--cloud-release-key",
+            "--allow-cloud-only",
+        ],
+    );
+    let warning = "warning: product 5's signing policy can be met by the cloud's keys alone";
+    assert!(stderr(&set).contains(warning), "{}", stderr(&set));
+    let out = ok(set);
+    assert!(out.contains("1 of 1 keys must sign"), "{out}");
+    let shown = trellis(&env, &["policy", "show", "--product", "5"]);
+    assert!(stderr(&shown).contains(warning), "{}", stderr(&shown));
+    ok(shown);
+
+    let image = d.join("fw.bin");
+    std::fs::write(&image, b"cloud-only firmware".repeat(50))?;
+    let sha = ok(trellis(
+        &env,
+        &["firmware", "upload", p(&image), "--product", "5"],
+    ));
+    let release_warning = "warning: product 5's signing policy can be met by the cloud's keys \
+                           alone (set with --allow-cloud-only)";
+    for args in [
+        vec![
+            "release",
+            "create",
+            "--product",
+            "5",
+            "--version",
+            "1",
+            "--image",
+            sha.as_str(),
+        ],
+        vec!["release", "sign", "5-1"],
+        vec!["release", "verify", "5-1"],
+    ] {
+        let out = trellis(&env, &args);
+        let err = stderr(&out);
+        assert!(
+            err.lines().any(|l| l.starts_with(release_warning)),
+            "{args:?} should warn: {err}"
+        );
+        ok(out);
+    }
+
+    // Requiring the customer's key again: no more warnings.
+    let set = trellis(
+        &env,
+        &[
+            "policy",
+            "set",
+            "--product",
+            "5",
+            "--key",
+            p(&customer_pub),
+            "--cloud-release-key",
+        ],
+    );
+    assert!(!stderr(&set).contains("warning"), "{}", stderr(&set));
+    assert!(ok(set).contains("2 of 2 keys must sign"));
+    let out = refused(
+        trellis(&env, &["release", "verify", "5-1"]),
+        &["missing customer"],
+    );
+    assert!(out.contains("does not meet its policy"), "{out}");
+    let out = trellis(&env, &["release", "verify", "5-1"]);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 
     trigger.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;

@@ -457,7 +457,9 @@ async fn release_policy(
                     },
                 ],
                 threshold: 2,
+                cloud_only: false,
             }),
+            allow_cloud_only: false,
         })
         .await?;
     Ok((customer, policy))
