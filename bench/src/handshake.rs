@@ -48,6 +48,16 @@ pub struct Args {
     /// Keep the gateway's shipped admission limits instead of lifting them.
     #[arg(long)]
     pub admission: bool,
+    /// Extra gateway settings, `KEY=VALUE` (`TRELLIS_GATEWAY__HANDSHAKE_RATE=1000`),
+    /// e.g. to compare admission policies.
+    #[arg(long = "gateway-env", value_parser = parse_env)]
+    pub gateway_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +76,7 @@ impl Args {
             identities: 0,
             until_hello: false,
             admission: false,
+            gateway_env: Vec::new(),
         }
     }
 
@@ -80,6 +91,7 @@ impl Args {
             identities: 40,
             until_hello: true,
             admission: true,
+            gateway_env: Vec::new(),
         }
     }
 }
@@ -278,7 +290,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         log: "warn".into(),
         trellis_bin,
         signer: false,
-        gateway_env: Vec::new(),
+        gateway_env: args.gateway_env.clone(),
         admission: args.admission,
     })
     .await?;

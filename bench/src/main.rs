@@ -101,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         identities: 0,
                         until_hello: false,
                         admission: false,
+                        gateway_env: Vec::new(),
                     },
                 ),
                 bin.clone(),
