@@ -6,6 +6,7 @@
 //! `trellis/ota/rejected`.
 
 pub mod app;
+pub mod failover;
 pub mod identity;
 pub mod session;
 pub mod sim;

@@ -128,6 +128,20 @@ pub enum SessionError {
     PingTimeout(Duration),
 }
 
+/// The handshake step that waits for the server's nonce. A gateway sends
+/// its nonce as soon as it has accepted a connection (before any RSA
+/// work), so a connection on which it never comes is one nobody serves.
+pub const NONCE_STEP: &str = "server nonce";
+
+impl SessionError {
+    /// The server accepted the TCP connection but sent no nonce within the
+    /// step limit: a listener that does not serve (a hung process), not a
+    /// busy one (a busy gateway closes the connection).
+    pub fn no_nonce(&self) -> bool {
+        matches!(self, Self::HandshakeTimeout(step) if *step == NONCE_STEP)
+    }
+}
+
 /// How many answered CON requests are remembered for retransmissions.
 const DEDUP_WINDOW: usize = 32;
 
@@ -191,7 +205,7 @@ impl Session {
             &mut stream,
             &mut nonce,
             config.handshake_step_timeout,
-            "server nonce",
+            NONCE_STEP,
         )
         .await?;
         let hello_bytes = {

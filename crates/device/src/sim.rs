@@ -1,6 +1,8 @@
 //! The fleet simulator: thousands of devices as tasks on one runtime (no
 //! thread per device), each reconnecting with jittered exponential backoff
-//! and failing over across endpoints, reporting what happens on a channel.
+//! and failing over across endpoints (a gateway that does not accept is
+//! left at once, one that accepts and turns the handshake away as busy is
+//! retried first: failover.rs), reporting what happens on a channel.
 //! A device that receives a verified firmware update "applies" it: it swaps
 //! its running image and version, and reconnects at once with Hello flag
 //! bit 0 set and the new image's SHA-256.
@@ -20,6 +22,7 @@ use trellis_wire::DeviceId;
 use trellis_wire::hello::FLAG_UPDATED;
 
 use crate::app::{DemoApp, DeviceApp};
+use crate::failover::{DEFAULT_MAX_TURNED_AWAY, Failover, Failure, Next};
 use crate::identity::DeviceIdentity;
 use crate::session::{Session, SessionConfig, SessionEnd, SessionEvent};
 
@@ -55,6 +58,12 @@ pub struct SimConfig {
     /// the probe is accepted the device ends its session and goes home.
     /// `None`: a device starts at the endpoint that last worked.
     pub home_return: Option<Duration>,
+    /// A gateway that accepts the TCP connection and then turns the
+    /// handshake away (closes it: busy, most often) is retried with
+    /// backoff; after this many such failures in a row the device moves on
+    /// to the next endpoint (failover.rs). One that does not accept is left
+    /// at once. 1: move on after any failure.
+    pub max_turned_away: u32,
 }
 
 impl Default for SimConfig {
@@ -75,6 +84,7 @@ impl Default for SimConfig {
             trust_policy: None,
             version_floor: 0,
             home_return: None,
+            max_turned_away: DEFAULT_MAX_TURNED_AWAY,
         }
     }
 }
@@ -221,157 +231,168 @@ impl Device {
         }
         // What this device runs; an applied update changes it.
         let mut session_config = (*self.session_config).clone();
-        let mut preferred = 0usize;
-        let mut attempt = 0u32;
-        'outer: while !shutdown.is_cancelled() {
-            let mut connected = false;
-            if self.config.home_return.is_some() {
-                // Home first, on every (re)connect.
-                preferred = 0;
-            }
-            for step in 0..self.endpoints.len() {
-                let index = (preferred + step) % self.endpoints.len();
-                let Some(endpoint) = self.endpoints.get(index) else {
-                    continue;
-                };
-                let started = Instant::now();
-                let result = tokio::select! {
+        if self.endpoints.is_empty() {
+            shutdown.cancelled().await;
+            return;
+        }
+        // Which endpoint next, and when (failover.rs: a gateway that
+        // accepts and then turns the handshake away is retried, one that
+        // does not accept is left at once).
+        let mut failover = Failover::new(self.endpoints.len(), self.config.max_turned_away);
+        let mut wait: Option<Duration> = None;
+        while !shutdown.is_cancelled() {
+            if let Some(w) = wait.take() {
+                tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = self.connect(endpoint, &session_config) => r,
-                };
-                match result {
-                    Ok(session) => {
-                        // The flag reports an update once, in the first
-                        // Hello after it was applied.
-                        session_config.hello_flags &= !FLAG_UPDATED;
-                        preferred = index;
-                        connected = true;
-                        attempt = 0;
-                        self.report(DeviceReport::Connected {
-                            device_id,
-                            endpoint: endpoint.clone(),
-                            handshake: started.elapsed(),
-                        });
-                        let reports = self.reports.clone();
-                        // Away from home: a prober ends the session (through
-                        // its own token) once home accepts connections.
-                        let leave = shutdown.child_token();
-                        let prober = match self.config.home_return {
-                            Some(every) if index != 0 => self.endpoints.first().map(|home| {
-                                tokio::spawn(probe_home(
-                                    home.clone(),
-                                    every,
-                                    self.config.connect_timeout,
-                                    leave.clone(),
-                                ))
-                            }),
-                            _ => None,
-                        };
-                        let outcome = session
-                            .run(self.app.as_ref(), leave.clone(), move |e| {
-                                let _ = reports.send(match e {
-                                    SessionEvent::EventPublished { name } => {
-                                        DeviceReport::EventPublished { device_id, name }
-                                    }
-                                    SessionEvent::FunctionCalled {
-                                        name,
-                                        argument,
-                                        result,
-                                    } => DeviceReport::FunctionCalled {
-                                        device_id,
-                                        name,
-                                        argument,
-                                        result,
-                                    },
-                                    SessionEvent::VariableRead { name } => {
-                                        DeviceReport::VariableRead { device_id, name }
-                                    }
-                                    SessionEvent::UpdateRejected { reason_code, .. } => {
-                                        DeviceReport::EventPublished {
-                                            device_id,
-                                            name: format!(
-                                                "{}: {reason_code}",
-                                                trellis_firmware::REJECTED_EVENT
-                                            ),
-                                        }
-                                    }
-                                });
-                            })
-                            .await;
-                        if let Some(p) = prober {
-                            p.abort();
-                        }
-                        let going_home = leave.is_cancelled() && !shutdown.is_cancelled();
-                        let reason = match outcome {
-                            Ok(SessionEnd::Shutdown) if going_home => {
-                                "going home: the preferred endpoint accepts connections again"
-                                    .to_owned()
-                            }
-                            Ok(SessionEnd::Shutdown) => "shutdown".to_owned(),
-                            Ok(SessionEnd::UpdateApplied(update)) => {
-                                let sha = update.sha256();
-                                let version = update.manifest.version;
-                                session_config.firmware_sha256 = sha;
-                                session_config.firmware_version =
-                                    u16::try_from(version).unwrap_or(u16::MAX);
-                                session_config.version_floor =
-                                    session_config.version_floor.max(version);
-                                session_config.hello_flags |= FLAG_UPDATED;
-                                tracing::info!(%device_id, version, sha256 = %hex::encode(sha), "update applied");
-                                format!(
-                                    "update applied: version {version}, sha256 {}",
-                                    hex::encode(sha)
-                                )
-                            }
-                            Err(e) => e.to_string(),
-                        };
-                        let updated = session_config.hello_flags & FLAG_UPDATED != 0;
-                        self.report(DeviceReport::Disconnected { device_id, reason });
-                        if updated || going_home {
-                            // Restart into the new image, or move home:
-                            // reconnect now (from the first endpoint).
-                            continue 'outer;
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        tracing::debug!(%device_id, endpoint, %error, "connect failed");
-                        self.report(DeviceReport::HandshakeFailed {
-                            device_id,
-                            endpoint: endpoint.clone(),
-                            error,
-                        });
-                    }
+                    _ = tokio::time::sleep(w) => {}
                 }
             }
-            if shutdown.is_cancelled() {
+            let index = failover.current();
+            let Some(endpoint) = self.endpoints.get(index) else {
                 return;
-            }
-            let wait = backoff(self.config.backoff_base, self.config.backoff_max, attempt);
-            if !connected {
-                attempt = attempt.saturating_add(1);
-            }
-            tokio::select! {
+            };
+            let started = Instant::now();
+            let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                r = self.connect(endpoint, &session_config) => r,
+            };
+            let session = match result {
+                Ok(session) => session,
+                Err((failure, error)) => {
+                    tracing::debug!(%device_id, endpoint, %error, ?failure, "connect failed");
+                    self.report(DeviceReport::HandshakeFailed {
+                        device_id,
+                        endpoint: endpoint.clone(),
+                        error,
+                    });
+                    if let Next::Backoff(level) = failover.failed(failure) {
+                        wait = Some(backoff(
+                            self.config.backoff_base,
+                            self.config.backoff_max,
+                            level,
+                        ));
+                    }
+                    continue;
+                }
+            };
+            failover.connected();
+            // The flag reports an update once, in the first Hello after it
+            // was applied.
+            session_config.hello_flags &= !FLAG_UPDATED;
+            self.report(DeviceReport::Connected {
+                device_id,
+                endpoint: endpoint.clone(),
+                handshake: started.elapsed(),
+            });
+            let reports = self.reports.clone();
+            // Away from home: a prober ends the session (through its own
+            // token) once home accepts connections.
+            let leave = shutdown.child_token();
+            let prober = match self.config.home_return {
+                Some(every) if index != 0 => self.endpoints.first().map(|home| {
+                    tokio::spawn(probe_home(
+                        home.clone(),
+                        every,
+                        self.config.connect_timeout,
+                        leave.clone(),
+                    ))
+                }),
+                _ => None,
+            };
+            let outcome = session
+                .run(self.app.as_ref(), leave.clone(), move |e| {
+                    let _ = reports.send(match e {
+                        SessionEvent::EventPublished { name } => {
+                            DeviceReport::EventPublished { device_id, name }
+                        }
+                        SessionEvent::FunctionCalled {
+                            name,
+                            argument,
+                            result,
+                        } => DeviceReport::FunctionCalled {
+                            device_id,
+                            name,
+                            argument,
+                            result,
+                        },
+                        SessionEvent::VariableRead { name } => {
+                            DeviceReport::VariableRead { device_id, name }
+                        }
+                        SessionEvent::UpdateRejected { reason_code, .. } => {
+                            DeviceReport::EventPublished {
+                                device_id,
+                                name: format!(
+                                    "{}: {reason_code}",
+                                    trellis_firmware::REJECTED_EVENT
+                                ),
+                            }
+                        }
+                    });
+                })
+                .await;
+            if let Some(p) = prober {
+                p.abort();
+            }
+            let going_home = leave.is_cancelled() && !shutdown.is_cancelled();
+            let reason = match outcome {
+                Ok(SessionEnd::Shutdown) if going_home => {
+                    "going home: the preferred endpoint accepts connections again".to_owned()
+                }
+                Ok(SessionEnd::Shutdown) => "shutdown".to_owned(),
+                Ok(SessionEnd::UpdateApplied(update)) => {
+                    let sha = update.sha256();
+                    let version = update.manifest.version;
+                    session_config.firmware_sha256 = sha;
+                    session_config.firmware_version = u16::try_from(version).unwrap_or(u16::MAX);
+                    session_config.version_floor = session_config.version_floor.max(version);
+                    session_config.hello_flags |= FLAG_UPDATED;
+                    tracing::info!(%device_id, version, sha256 = %hex::encode(sha), "update applied");
+                    format!(
+                        "update applied: version {version}, sha256 {}",
+                        hex::encode(sha)
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            let updated = session_config.hello_flags & FLAG_UPDATED != 0;
+            self.report(DeviceReport::Disconnected { device_id, reason });
+            // Home first on every reconnect with a home; else the endpoint
+            // that last worked.
+            failover.restart_at(if self.config.home_return.is_some() {
+                0
+            } else {
+                index
+            });
+            // Restarting into a new image, or moving home: reconnect now.
+            if !(updated || going_home) {
+                wait = Some(backoff(
+                    self.config.backoff_base,
+                    self.config.backoff_max,
+                    0,
+                ));
             }
         }
     }
 
+    /// One connection attempt: TCP connect, then the handshake and Hello.
+    /// A failure says whether anything served there (failover.rs).
     async fn connect(
         &self,
         endpoint: &str,
         session_config: &SessionConfig,
-    ) -> Result<Session, String> {
+    ) -> Result<Session, (Failure, String)> {
         let stream = match timeout(self.config.connect_timeout, TcpStream::connect(endpoint)).await
         {
             Err(_) => {
-                return Err(format!(
-                    "TCP connect timed out after {:?}",
-                    self.config.connect_timeout
+                return Err((
+                    Failure::NotServed,
+                    format!(
+                        "TCP connect timed out after {:?}",
+                        self.config.connect_timeout
+                    ),
                 ));
             }
-            Ok(Err(e)) => return Err(format!("TCP connect: {e}")),
+            Ok(Err(e)) => return Err((Failure::NotServed, format!("TCP connect: {e}"))),
             Ok(Ok(s)) => s,
         };
         // The whole handshake is bounded too (protocol: 120 s).
@@ -381,8 +402,12 @@ impl Device {
         )
         .await
         {
-            Err(_) => Err("handshake took longer than 120 s".into()),
-            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err((
+                Failure::TurnedAway,
+                "handshake took longer than 120 s".into(),
+            )),
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(e)) => Err((Failure::of_handshake(&e), e.to_string())),
         }
     }
 }
@@ -390,6 +415,72 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener that accepts every connection and closes it at once,
+    /// before the nonce: what a gateway's admission control does to a
+    /// handshake it turns away as busy.
+    async fn busy_gateway() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_device_retries_a_busy_gateway_and_skips_a_dead_one() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.to_string())
+            .expect("a free port");
+        let (first, second) = (busy_gateway().await, busy_gateway().await);
+        let private_key =
+            crate::identity::generate_device_key(&mut rand::rng()).expect("device key");
+        let cloud_public_key = private_key.to_public_key();
+        let identity = DeviceIdentity {
+            device_id: DeviceId([7; 12]),
+            private_key,
+            cloud_public_key,
+        };
+        let config = SimConfig {
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(40),
+            max_turned_away: 3,
+            ..SimConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let fleet = run_fleet(
+            vec![identity],
+            config,
+            vec![dead.clone(), first.clone(), second.clone()],
+            stop.clone(),
+            tx,
+        );
+        let mut tried = Vec::new();
+        while tried.len() < 8 {
+            let report = timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("reports")
+                .expect("a report");
+            if let DeviceReport::HandshakeFailed { endpoint, .. } = report {
+                tried.push(endpoint);
+            }
+        }
+        stop.cancel();
+        let _ = fleet.await;
+        // Refused: on at once. Accepted and closed: the same gateway, three
+        // times in a row, then the next; then the whole list again.
+        let expected = [
+            &dead, &first, &first, &first, &second, &second, &second, &dead,
+        ];
+        assert_eq!(tried.iter().collect::<Vec<_>>(), expected);
+    }
 
     #[tokio::test]
     async fn probe_home_leaves_once_home_accepts_and_not_before() {

@@ -17,6 +17,10 @@
 //!
 //! Throughout, both regions' ownership records are sampled every 200 ms;
 //! no device may be owned in both regions in two consecutive samples.
+//!
+//! A second test (issue 10 item 9): a busy home region is not a lost one.
+//! 300 devices homed in A start at once while A's admission control turns
+//! most first handshakes away; at most 5 % may end up in B.
 mod common;
 
 use anyhow::{Context, bail};
@@ -198,16 +202,43 @@ struct Region {
     /// The OTA scheduler's name, environment and admin address, until it
     /// is started.
     pending_ota: Option<PendingProc>,
+    /// Extra settings for this region's gateways.
+    gateway_env: Vec<(&'static str, String)>,
 }
 
 impl Region {
+    /// A region with its own regional Redis and two device ports, its
+    /// durable records at `durable_port` (`durable`: that server, when this
+    /// region owns it). Nothing runs until `start_services`.
+    fn new(
+        name: &'static str,
+        durable_port: u16,
+        durable: Option<LocalRedis>,
+    ) -> anyhow::Result<Self> {
+        Ok(Region {
+            name,
+            device_addrs: vec![addr(), addr()],
+            durable_port,
+            regional: Some(LocalRedis::start(RedisData::Ephemeral)?),
+            durable,
+            procs: Vec::new(),
+            keyvault: String::new(),
+            gateway_grpc: Vec::new(),
+            signer: String::new(),
+            ota: String::new(),
+            pending_ota: None,
+            gateway_env: Vec::new(),
+        })
+    }
+
     fn regional_url(&self) -> Option<String> {
         self.regional.as_ref().map(LocalRedis::url)
     }
 
     /// Starts keyvault, then two gateways, signer and (with `with_ota`) ota,
     /// all pointing at this region's Redis and at the durable store through
-    /// Sentinel. Without `with_ota`, [`Region::start_ota`] starts it later.
+    /// Sentinel (`sentinels` empty: directly). Without `with_ota`,
+    /// [`Region::start_ota`] starts it later.
     async fn start_services(
         &mut self,
         dir: &Path,
@@ -220,16 +251,21 @@ impl Region {
         let durable = format!("redis://127.0.0.1:{}/", self.durable_port);
         let region = self.name;
         let env = |admin: &str| -> Vec<(&'static str, String)> {
-            vec![
+            let mut e = vec![
                 ("TRELLIS_REDIS__URL", regional.clone()),
                 ("TRELLIS_REDIS__DURABLE_URL", durable.clone()),
-                ("TRELLIS_REDIS__SENTINELS", sentinels.to_string()),
-                ("TRELLIS_REDIS__SENTINEL_MASTER", MASTER.to_string()),
-                ("TRELLIS_REDIS__FAILOVER_WAIT_MS", "5000".to_string()),
                 ("TRELLIS_REGION", region.to_string()),
                 ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.to_string()),
                 ("TRELLIS_TELEMETRY__LOG", "info".to_string()),
-            ]
+            ];
+            if !sentinels.is_empty() {
+                e.extend([
+                    ("TRELLIS_REDIS__SENTINELS", sentinels.to_string()),
+                    ("TRELLIS_REDIS__SENTINEL_MASTER", MASTER.to_string()),
+                    ("TRELLIS_REDIS__FAILOVER_WAIT_MS", "5000".to_string()),
+                ]);
+            }
+            e
         };
         let name = |what: &str| format!("{region}-{what}-{run}");
         let (keyvault, kv_admin) = (addr(), addr());
@@ -273,6 +309,7 @@ impl Region {
                 ("TRELLIS_GATEWAY__HANDSHAKE_TIMEOUT_MS", "30000".into()),
                 ("TRELLIS_GATEWAY__COMMAND_TIMEOUT_MS", "5000".into()),
             ]);
+            e.extend(self.gateway_env.iter().cloned());
             self.procs
                 .push(Proc::spawn(&name(&id), dir, &["gateway"], &e));
             admins.push(admin);
@@ -528,20 +565,80 @@ fn applied(s: &RolloutStatus) -> u32 {
     s.stages.iter().map(|st| st.applied).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> anyhow::Result<()> {
-    let test_start = Instant::now();
+/// `n` device keys made now and registered through `keyvault`.
+async fn register_fleet(keyvault: &str, n: usize) -> anyhow::Result<Vec<DeviceIdentity>> {
+    let mut kv = connect_keyvault(keyvault.parse()?).await?;
+    let cloud = kv
+        .get_cloud_public_key(GetCloudPublicKeyRequest {})
+        .await?
+        .into_inner();
+    let cloud_public_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)?;
+    let keys = tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| trellis_device::identity::generate_device_key(&mut rand::rng()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await??;
+    let mut identities = Vec::with_capacity(n);
+    for private_key in keys {
+        let identity = DeviceIdentity {
+            device_id: DeviceId(rand::random()),
+            private_key,
+            cloud_public_key: cloud_public_key.clone(),
+        };
+        let der = identity.private_key.to_public_key().to_public_key_der()?;
+        kv.register_device(RegisterDeviceRequest {
+            device_id: identity.device_id.to_string(),
+            product_id: PRODUCT,
+            public_key: der.as_bytes().to_vec(),
+            organization: String::new(),
+        })
+        .await?;
+        identities.push(identity);
+    }
+    Ok(identities)
+}
+
+/// A fresh keyvault master key in `dir`, private to this user (keyvault
+/// refuses one others can read).
+fn write_master_key(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("master.key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(hex::encode(rand::random::<[u8; 32]>()).as_bytes())?;
+    Ok(path)
+}
+
+/// The tests of this file run one at a time: each is two regions of
+/// processes, too much for two cores at once.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A temporary directory for the processes' logs and data;
+/// `KEEP_REGIONS_TEST_DIR=1` keeps it for a post-mortem. The directory is
+/// removed when the `TempDir` (if any) is dropped.
+fn test_dir() -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
     let tmp = tempfile::Builder::new()
         .prefix("trellis-regions-")
         .tempdir()?;
-    // KEEP_REGIONS_TEST_DIR=1 keeps every process's log for a post-mortem.
-    let dir = if std::env::var_os("KEEP_REGIONS_TEST_DIR").is_some() {
+    if std::env::var_os("KEEP_REGIONS_TEST_DIR").is_some() {
         let kept = tmp.keep();
         println!("logs kept in {}", kept.display());
-        kept
-    } else {
-        tmp.path().to_path_buf()
-    };
+        return Ok((None, kept));
+    }
+    let dir = tmp.path().to_path_buf();
+    Ok((Some(tmp), dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let test_start = Instant::now();
+    let (_tmp, dir) = test_dir()?;
     let dir = dir.as_path();
 
     // Durable store: primary in A, replica in B, sentinels in A, B and a
@@ -581,35 +678,10 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
         .map(|s| s.addr())
         .collect::<Vec<_>>()
         .join(",");
-    let master_key = dir.join("master.key");
-    std::fs::write(&master_key, hex::encode(rand::random::<[u8; 32]>()))?;
+    let master_key = write_master_key(dir)?;
 
-    let mut a = Region {
-        name: "a",
-        device_addrs: vec![addr(), addr()],
-        durable_port: durable_a.port(),
-        regional: Some(LocalRedis::start(RedisData::Ephemeral)?),
-        durable: Some(durable_a),
-        procs: Vec::new(),
-        keyvault: String::new(),
-        gateway_grpc: Vec::new(),
-        signer: String::new(),
-        ota: String::new(),
-        pending_ota: None,
-    };
-    let mut b = Region {
-        name: "b",
-        device_addrs: vec![addr(), addr()],
-        durable_port: durable_b.port(),
-        regional: Some(LocalRedis::start(RedisData::Ephemeral)?),
-        durable: Some(durable_b),
-        procs: Vec::new(),
-        keyvault: String::new(),
-        gateway_grpc: Vec::new(),
-        signer: String::new(),
-        ota: String::new(),
-        pending_ota: None,
-    };
+    let mut a = Region::new("a", durable_a.port(), Some(durable_a))?;
+    let mut b = Region::new("b", durable_b.port(), Some(durable_b))?;
     // A first: its keyvault creates the cloud keys that B's then unseals.
     a.start_services(dir, &sentinels, &master_key, 1, true)
         .await
@@ -626,35 +698,7 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
     );
 
     // Devices: keys made now, registered through A's keyvault.
-    let mut kv = connect_keyvault(a.keyvault.parse()?).await?;
-    let cloud = kv
-        .get_cloud_public_key(GetCloudPublicKeyRequest {})
-        .await?
-        .into_inner();
-    let cloud_public_key = rsa::PublicKey::from_public_key_der(&cloud.public_key_der)?;
-    let keys = tokio::task::spawn_blocking(move || {
-        (0..DEVICES)
-            .map(|_| trellis_device::identity::generate_device_key(&mut rand::rng()))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await??;
-    let mut identities = Vec::with_capacity(DEVICES);
-    for private_key in keys {
-        let identity = DeviceIdentity {
-            device_id: DeviceId(rand::random()),
-            private_key,
-            cloud_public_key: cloud_public_key.clone(),
-        };
-        let der = identity.private_key.to_public_key().to_public_key_der()?;
-        kv.register_device(RegisterDeviceRequest {
-            device_id: identity.device_id.to_string(),
-            product_id: PRODUCT,
-            public_key: der.as_bytes().to_vec(),
-            organization: String::new(),
-        })
-        .await?;
-        identities.push(identity);
-    }
+    let identities = register_fleet(&a.keyvault, DEVICES).await?;
     let ids: Vec<String> = identities.iter().map(|i| i.device_id.to_string()).collect();
     let (customer, policy) = release_policy(&a.signer, &a.keyvault).await?;
 
@@ -1025,6 +1069,153 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
     for f in fleets {
         let _ = tokio::time::timeout(Duration::from_secs(10), f).await;
     }
+    println!("test time: {:.1} s", test_start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Devices in the storm test (issue 10 item 9).
+const STORM_DEVICES: usize = 300;
+/// Region A's admission in the storm test, per gateway: handshakes per
+/// second and burst. The storm (every device at once) is several times
+/// that, so most first handshakes are turned away as busy.
+const STORM_RATE: u32 = 20;
+/// At most this share of the storm may end up in B while A is up.
+const STORM_SPILL_PERCENT: usize = 5;
+
+/// A busy home region is not a lost region: 300 devices homed in A (A's
+/// two gateways listed first, then B's) start at the same moment while A's
+/// admission control admits 20 handshakes/s per gateway. Turned away after
+/// accept, a device retries the same gateway with backoff instead of
+/// moving on to B; at most 5 % may end up in B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_home_region_keeps_its_devices() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let test_start = Instant::now();
+    let (_tmp, dir) = test_dir()?;
+    let dir = dir.as_path();
+    // One durable store for both regions, no Sentinel: nothing fails over.
+    let durable = LocalRedis::start(RedisData::Ephemeral)?;
+    let master_key = write_master_key(dir)?;
+    let mut a = Region::new("a", durable.port(), None)?;
+    a.gateway_env = vec![
+        ("TRELLIS_GATEWAY__HANDSHAKE_RATE", STORM_RATE.to_string()),
+        ("TRELLIS_GATEWAY__HANDSHAKE_BURST", STORM_RATE.to_string()),
+    ];
+    let mut b = Region::new("b", durable.port(), None)?;
+    a.start_services(dir, "", &master_key, 1, false)
+        .await
+        .with_context(|| a.outputs_tail())?;
+    b.start_services(dir, "", &master_key, 1, false)
+        .await
+        .with_context(|| b.outputs_tail())?;
+    let identities = register_fleet(&a.keyvault, STORM_DEVICES).await?;
+    println!(
+        "setup (both regions, {STORM_DEVICES} devices registered): {:.1} s",
+        test_start.elapsed().as_secs_f64()
+    );
+
+    // `trellis sim --gateway A1,A2,B1,B2 --home-return-secs 600` with the
+    // default backoff, every device at once.
+    let config = SimConfig {
+        product_id: PRODUCT as u16,
+        event_interval: None,
+        keepalive: Duration::from_secs(KEEPALIVE_SECS),
+        home_return: Some(Duration::from_secs(600)),
+        start_spread: Duration::ZERO,
+        ..SimConfig::default()
+    };
+    let endpoints: Vec<String> = a
+        .device_addrs
+        .iter()
+        .chain(&b.device_addrs)
+        .cloned()
+        .collect();
+    let stop = CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = Instant::now();
+    let fleet = run_fleet(identities, config, endpoints, stop.clone(), tx);
+
+    // Where each device got a session (each device's first, and whether
+    // any was in B), and the handshakes A turned away.
+    let mut first: HashMap<DeviceId, (String, Duration)> = HashMap::new();
+    let mut in_b: HashSet<DeviceId> = HashSet::new();
+    let mut turned_away_in_a = 0usize;
+    let mut failures_elsewhere = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while first.len() < STORM_DEVICES {
+        let report = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => bail!("the fleet stopped"),
+            Err(_) => bail!(
+                "only {}/{STORM_DEVICES} devices in session after 45 s\n{}",
+                first.len(),
+                a.outputs_tail()
+            ),
+        };
+        match report {
+            DeviceReport::Connected {
+                device_id,
+                endpoint,
+                ..
+            } => {
+                if b.device_addrs.contains(&endpoint) {
+                    in_b.insert(device_id);
+                }
+                first
+                    .entry(device_id)
+                    .or_insert((endpoint, started.elapsed()));
+            }
+            DeviceReport::HandshakeFailed { endpoint, .. } => {
+                if a.device_addrs.contains(&endpoint) {
+                    turned_away_in_a += 1;
+                } else {
+                    failures_elsewhere += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let all_in = started.elapsed();
+    // A little longer: a session that fails right after the storm and
+    // lands in B counts too.
+    let settle = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(report)) = tokio::time::timeout_at(settle, rx.recv()).await {
+        if let DeviceReport::Connected {
+            device_id,
+            endpoint,
+            ..
+        } = report
+            && b.device_addrs.contains(&endpoint)
+        {
+            in_b.insert(device_id);
+        }
+    }
+    let spilled = in_b.len();
+    let last_in_a = first
+        .values()
+        .filter(|(e, _)| a.device_addrs.contains(e))
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "storm: all {STORM_DEVICES} devices in session {:.1} s after the start (last in A at {:.1} s); \
+         {turned_away_in_a} handshakes turned away by A ({STORM_RATE}/s per gateway); \
+         {spilled} devices ({:.1} %) in B; {failures_elsewhere} failures in B",
+        all_in.as_secs_f64(),
+        last_in_a.as_secs_f64(),
+        spilled as f64 * 100.0 / STORM_DEVICES as f64
+    );
+    assert!(
+        turned_away_in_a > 0,
+        "A's admission control turned no handshake away: the storm did not test anything"
+    );
+    assert!(
+        spilled * 100 <= STORM_DEVICES * STORM_SPILL_PERCENT,
+        "{spilled}/{STORM_DEVICES} devices ended up in B while A was up"
+    );
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), fleet).await;
     println!("test time: {:.1} s", test_start.elapsed().as_secs_f64());
     Ok(())
 }
