@@ -9,6 +9,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo machete (unused dependencies)"
+command -v cargo-machete >/dev/null || cargo install --locked cargo-machete
+cargo machete
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 echo "== trellis up --demo (smoke)"
