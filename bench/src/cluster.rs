@@ -143,6 +143,8 @@ impl Cluster {
                 }
             }
             cmd.current_dir(dir.path())
+                // Benchmarks measure the data path; auth's cost is its own figure.
+                .env("TRELLIS_AUTH__MODE", "off")
                 .env("TRELLIS_REDIS__URL", redis.url())
                 .env("TRELLIS_TELEMETRY__LOG", &opts.log)
                 .stdin(Stdio::null());

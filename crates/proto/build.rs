@@ -11,11 +11,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "trellis/v1/firmware.proto",
         "trellis/v1/signer.proto",
         "trellis/v1/ota.proto",
+        "trellis/v1/access.proto",
     ];
     let paths: Vec<_> = files.iter().map(|f| root.join(f)).collect();
     for p in &paths {
         println!("cargo:rerun-if-changed={}", p.display());
     }
-    tonic_prost_build::configure().compile_protos(&paths, &[root])?;
+    // The descriptors let tests enumerate every method of every service
+    // (each must have an access rule).
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("trellis_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptors)
+        .compile_protos(&paths, &[root])?;
     Ok(())
 }

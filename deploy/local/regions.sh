@@ -198,6 +198,9 @@ region() {
     TRELLIS_REDIS__DURABLE_URL="redis://127.0.0.1:$durable/"
     TRELLIS_REDIS__SENTINELS="$sentinels"
     TRELLIS_REDIS__SENTINEL_MASTER=mymaster
+    # A local rehearsal of regions and failover, not of credentials: the
+    # services warn at start that nobody is checked.
+    TRELLIS_AUTH__MODE=off
   )
 
   start "keyvault-$r" "${common[@]}" \

@@ -141,6 +141,8 @@ named "trellis").
 - name: TRELLIS_TELEMETRY__OTLP_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
+- name: TRELLIS_AUTH__MODE
+  value: {{ .Values.auth.mode | quote }}
 - name: TRELLIS_TELEMETRY__LOG
   value: {{ .Values.telemetry.log | quote }}
 - name: TRELLIS_TELEMETRY__ADMIN_LISTEN

@@ -20,6 +20,45 @@ pub struct Config {
     pub ota: OtaConfig,
     pub signer: SignerConfig,
     pub telemetry: TelemetryConfig,
+    pub auth: AuthConfig,
+}
+
+/// How services check their callers (`trellis-auth`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every RPC needs a token with the scope its access rule names.
+    Tokens,
+    /// Nobody is checked. Development only: every start logs a warning.
+    Off,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Requests per second one operator token may make (0: no limit);
+    /// service credentials are not limited.
+    pub token_rate: u32,
+    /// Requests one operator token may make at once above the rate.
+    pub token_burst: u32,
+    /// The file holding this service's credential for the services it
+    /// calls (`trellis token create --service gateway|signer|ota`).
+    pub service_token_file: Option<PathBuf>,
+    /// The credential itself (prefer the file).
+    pub service_token: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Tokens,
+            token_rate: 50,
+            token_burst: 100,
+            service_token_file: None,
+            service_token: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -281,6 +320,7 @@ impl Default for Config {
             ota: OtaConfig::default(),
             signer: SignerConfig::default(),
             telemetry: TelemetryConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -383,6 +423,8 @@ impl Config {
                         "keyvault_url",
                         "ota_url",
                         "signer_url",
+                        // The CLI's token (TRELLIS_TOKEN).
+                        "token",
                     ])
                     .split("__"),
             )

@@ -265,10 +265,65 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Whose credential a client's requests carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// This process's service credential (gateway, signer, ota calling
+    /// another service): [`set_service_credential`].
+    Service,
+    /// The operator's token (CLI, demo): [`set_operator_credential`].
+    Operator,
+}
+
+type Bearer = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+static SERVICE_CREDENTIAL: std::sync::RwLock<Option<Bearer>> = std::sync::RwLock::new(None);
+static OPERATOR_CREDENTIAL: std::sync::RwLock<Option<Bearer>> = std::sync::RwLock::new(None);
+
+fn set_credential(
+    slot: &std::sync::RwLock<Option<Bearer>>,
+    token: Option<&str>,
+) -> Result<(), String> {
+    let value = match token {
+        Some(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse::<Bearer>()
+                .map_err(|_| "the token holds characters a header cannot carry".to_string())?,
+        ),
+        None => None,
+    };
+    *slot.write().unwrap_or_else(|p| p.into_inner()) = value;
+    Ok(())
+}
+
+/// The token this process's services send when they call other services.
+pub fn set_service_credential(token: Option<&str>) -> Result<(), String> {
+    set_credential(&SERVICE_CREDENTIAL, token)
+}
+
+/// Whether this process already has a service credential.
+pub fn has_service_credential() -> bool {
+    SERVICE_CREDENTIAL
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+}
+
+/// The token this process's operator clients (CLI, demo) send.
+pub fn set_operator_credential(token: Option<&str>) -> Result<(), String> {
+    set_credential(&OPERATOR_CREDENTIAL, token)
+}
+
 /// Client interceptor: sends the current span's trace context as gRPC
-/// metadata, so the server's span joins the caller's trace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceInterceptor;
+/// metadata, so the server's span joins the caller's trace, and the
+/// credential of its kind (`authorization: Bearer`), when this process
+/// has one.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceInterceptor(Credential);
+
+impl TraceInterceptor {
+    pub const SERVICE: Self = Self(Credential::Service);
+    pub const OPERATOR: Self = Self(Credential::Operator);
+}
 
 impl tonic::service::Interceptor for TraceInterceptor {
     fn call(
@@ -278,6 +333,13 @@ impl tonic::service::Interceptor for TraceInterceptor {
         let cx = tracing::Span::current().context();
         TraceContextPropagator::new()
             .inject_context(&cx, &mut HeaderInjector(request.metadata_mut()));
+        let slot = match self.0 {
+            Credential::Service => &SERVICE_CREDENTIAL,
+            Credential::Operator => &OPERATOR_CREDENTIAL,
+        };
+        if let Some(bearer) = slot.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            request.metadata_mut().insert("authorization", bearer);
+        }
         Ok(request)
     }
 }

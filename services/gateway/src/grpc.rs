@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use trellis_auth::Principal;
 use trellis_core::redis_conn::{self, keys};
 use trellis_proto::v1::device_service_server::DeviceService;
 use trellis_proto::v1::variable_value::Value;
@@ -15,11 +16,79 @@ use trellis_wire::DeviceId;
 
 pub struct DeviceApi {
     gw: Arc<Gateway>,
+    orgs: Arc<OrgCache>,
+}
+
+/// Which organisation each device belongs to, as keyvault's registry says
+/// (fixed at registration), remembered for a minute so a routed call or an
+/// event costs no registry read.
+#[derive(Default)]
+struct OrgCache(std::sync::Mutex<HashMap<String, (Option<String>, std::time::Instant)>>);
+
+const ORG_CACHE_FOR: Duration = Duration::from_secs(60);
+
+impl OrgCache {
+    /// The device's organisation; `None` when it is not registered.
+    async fn org_of(&self, gw: &Gateway, device_id: &str) -> Result<Option<String>, Status> {
+        {
+            let cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((org, at)) = cache.get(device_id)
+                && at.elapsed() < ORG_CACHE_FOR
+            {
+                return Ok(org.clone());
+            }
+        }
+        let mut keyvault = gw.keyvault.clone();
+        let org = match keyvault
+            .get_device(GetDeviceRequest {
+                device_id: device_id.to_string(),
+            })
+            .await
+        {
+            Ok(d) => Some(d.into_inner().organization),
+            Err(s) if s.code() == tonic::Code::NotFound => None,
+            Err(s) => return Err(s),
+        };
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 100_000 {
+            cache.retain(|_, (_, at)| at.elapsed() < ORG_CACHE_FOR);
+        }
+        cache.insert(
+            device_id.to_string(),
+            (org.clone(), std::time::Instant::now()),
+        );
+        Ok(org)
+    }
+
+    /// `Ok` when `principal` may see the device; otherwise NOT_FOUND with
+    /// keyvault's words for a device that is not registered, so another
+    /// organisation's device cannot be told apart from none.
+    async fn check(
+        &self,
+        gw: &Gateway,
+        principal: &Principal,
+        device_id: &str,
+    ) -> Result<(), Status> {
+        if principal.is_service() {
+            return Ok(());
+        }
+        match self.org_of(gw, device_id).await? {
+            Some(org) if principal.sees(&org) => Ok(()),
+            _ => Err(not_registered(device_id)),
+        }
+    }
+}
+
+fn not_registered(device_id: &str) -> Status {
+    Status::not_found(format!("device {device_id} is not registered"))
 }
 
 impl DeviceApi {
     pub fn new(gw: Arc<Gateway>) -> Self {
-        Self { gw }
+        Self {
+            gw,
+            orgs: Arc::default(),
+        }
     }
 
     fn timeout(&self, requested_ms: u32) -> Duration {
@@ -134,6 +203,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<ListDeviceStatesRequest>,
     ) -> Result<Response<ListDeviceStatesResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let req = request.into_inner();
         let mut keyvault = self.gw.keyvault.clone();
         let registry = keyvault
@@ -143,7 +213,11 @@ impl DeviceService for DeviceApi {
             .await?
             .into_inner();
         let mut devices = Vec::with_capacity(registry.devices.len());
-        for d in &registry.devices {
+        for d in registry
+            .devices
+            .iter()
+            .filter(|d| principal.sees(&d.organization))
+        {
             let state = self.state_of(Some(d), &d.device_id).await?;
             if req.online_only && !state.online {
                 continue;
@@ -158,6 +232,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<GetDeviceStateRequest>,
     ) -> Result<Response<DeviceState>, Status> {
+        let principal = Principal::of(&request)?;
         let id = parse_device_id(&request.into_inner().device_id)?;
         let mut keyvault = self.gw.keyvault.clone();
         let device = keyvault
@@ -166,6 +241,9 @@ impl DeviceService for DeviceApi {
             })
             .await?
             .into_inner();
+        if !principal.sees(&device.organization) {
+            return Err(not_registered(&id));
+        }
         let mut state = self.state_of(Some(&device), &id).await?;
         // History, flags and quarantine are durable records (clones.rs).
         let mut redis = self.gw.durable.clone();
@@ -180,10 +258,12 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<CallFunctionRequest>,
     ) -> Result<Response<CallFunctionResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let req = request.into_inner();
         let id = parse_device_id(&req.device_id)?;
         tracing::Span::current().record("device", id.as_str());
         tracing::Span::current().record("function", req.function.as_str());
+        self.orgs.check(&self.gw, &principal, &id).await?;
         if req.function.is_empty() || req.function.len() > 64 {
             return Err(Status::invalid_argument(
                 "function name must be 1 to 64 bytes",
@@ -218,10 +298,12 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<GetVariableRequest>,
     ) -> Result<Response<GetVariableResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let req = request.into_inner();
         let id = parse_device_id(&req.device_id)?;
         tracing::Span::current().record("device", id.as_str());
         tracing::Span::current().record("variable", req.name.as_str());
+        self.orgs.check(&self.gw, &principal, &id).await?;
         if req.name.is_empty() || req.name.len() > 64 {
             return Err(Status::invalid_argument(
                 "variable name must be 1 to 64 bytes",
@@ -292,12 +374,16 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<StreamEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let principal = Principal::of(&request)?;
         let req = request.into_inner();
         let device_filter = if req.device_id.is_empty() {
             None
         } else {
-            Some(parse_device_id(&req.device_id)?)
+            let id = parse_device_id(&req.device_id)?;
+            self.orgs.check(&self.gw, &principal, &id).await?;
+            Some(id)
         };
+        let (gw, orgs) = (Arc::clone(&self.gw), Arc::clone(&self.orgs));
         let mut conn = redis_conn::connect_blocking(&self.gw.redis_url)
             .await
             .map_err(redis_status)?;
@@ -346,6 +432,12 @@ impl DeviceService for DeviceApi {
                         .as_ref()
                         .is_some_and(|d| *d != event.device_id)
                         || !event.name.starts_with(&prefix)
+                    {
+                        continue;
+                    }
+                    // Another organisation's events are not this caller's.
+                    if device_filter.is_none()
+                        && orgs.check(&gw, &principal, &event.device_id).await.is_err()
                     {
                         continue;
                     }

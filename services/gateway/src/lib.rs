@@ -172,6 +172,7 @@ pub async fn serve_with_listeners(
         .await
         .context("the gateway needs the durable store (redis.durable_url / redis.sentinels)")?;
     trellis_core::metrics::service_started("gateway");
+    trellis_auth::setup::load_service_credential(&config, "gateway")?;
     let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
         .with_context(|| {
             format!(
@@ -181,8 +182,10 @@ pub async fn serve_with_listeners(
         })?
         .connect_timeout(Duration::from_secs(5));
     // Lazy: the gateway starts even while keyvault is still starting.
-    let keyvault =
-        KeyVaultClient::with_interceptor(keyvault_endpoint.connect_lazy(), TraceInterceptor);
+    let keyvault = KeyVaultClient::with_interceptor(
+        keyvault_endpoint.connect_lazy(),
+        TraceInterceptor::SERVICE,
+    );
     let ota = if config.gateway.ota_url.is_empty() {
         None
     } else {
@@ -191,7 +194,7 @@ pub async fn serve_with_listeners(
             .connect_timeout(Duration::from_secs(5));
         Some(OtaClient::with_interceptor(
             endpoint.connect_lazy(),
-            TraceInterceptor,
+            TraceInterceptor::SERVICE,
         ))
     };
     let id = config.gateway.effective_id();
@@ -229,10 +232,12 @@ pub async fn serve_with_listeners(
     let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown));
     let grpc_task = {
         let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
+        let auth = trellis_auth::setup::server_layer(&config, gw.durable.clone(), "gateway");
         let mut sd = shutdown.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .trace_fn(trellis_core::telemetry::grpc_server_span)
+                .layer(auth)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     // TCP_NODELAY: Nagle + delayed ACK would stall small replies.

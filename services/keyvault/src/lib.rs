@@ -72,10 +72,24 @@ pub async fn serve_with_listener(
         "Private-key operations waiting for a worker",
         move || i64::try_from(pool.queue_depth()).unwrap_or(i64::MAX),
     );
+    let durable = service.durable();
+    // Single-tenant data from before organisations belongs to `default`.
+    let mut migrate = durable.clone();
+    trellis_auth::store::ensure_org(&mut migrate, trellis_auth::DEFAULT_ORG)
+        .await
+        .context("cannot make the default organisation")?;
     tonic::transport::Server::builder()
         .trace_fn(trellis_core::telemetry::grpc_server_span)
+        .layer(trellis_auth::setup::server_layer(
+            &config,
+            durable.clone(),
+            "keyvault",
+        ))
         .add_service(trellis_proto::v1::key_vault_server::KeyVaultServer::new(
             service,
+        ))
+        .add_service(trellis_proto::v1::access_server::AccessServer::new(
+            trellis_auth::AccessService::new(durable),
         ))
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await

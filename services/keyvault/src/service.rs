@@ -84,6 +84,11 @@ impl KeyVaultService {
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
+
+    /// The durable Redis connection (tokens, organisations).
+    pub fn durable(&self) -> Redis {
+        self.redis.clone()
+    }
 }
 
 /// The caller's deadline from the `grpc-timeout` header (gRPC over HTTP/2:
@@ -125,7 +130,16 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::RegisterDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
-        let req = request.into_inner();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let mut req = request.into_inner();
+        // A device belongs to the organisation of whoever registers it.
+        if req.organization.trim().is_empty() {
+            req.organization = principal.org.clone();
+        } else if !principal.sees(req.organization.trim()) {
+            return Err(Status::permission_denied(
+                "devices are registered in your own organisation",
+            ));
+        }
         let span = tracing::info_span!("keyvault.register_device", device_id = %req.device_id, product_id = req.product_id);
         let mut redis = self.redis.clone();
         async move {
@@ -142,11 +156,12 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::GetDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("keyvault.get_device", device_id = %req.device_id);
         let mut redis = self.redis.clone();
         async move {
-            registry::get_device(&mut redis, &req.device_id)
+            visible_device(&mut redis, &principal, &req.device_id)
                 .await
                 .map(|r| Response::new(r.to_proto()))
                 .map_err(status)
@@ -159,6 +174,7 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("keyvault.list_devices", product_id = req.product_id);
         let mut redis = self.redis.clone();
@@ -167,7 +183,11 @@ impl KeyVault for KeyVaultService {
                 .await
                 .map_err(status)?;
             Ok(Response::new(pb::ListDevicesResponse {
-                devices: devices.iter().map(|d| d.to_proto()).collect(),
+                devices: devices
+                    .iter()
+                    .filter(|d| principal.sees(&d.organization))
+                    .map(|d| d.to_proto())
+                    .collect(),
             }))
         }
         .instrument(span)
@@ -178,10 +198,14 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::RevokeDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!("keyvault.revoke_device", device_id = %req.device_id);
         let mut redis = self.redis.clone();
         async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
             registry::revoke(&mut redis, &req.device_id, &req.reason)
                 .await
                 .map(|r| Response::new(r.to_proto()))
@@ -195,10 +219,14 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::SetDeviceTagsRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!("keyvault.set_device_tags", device_id = %req.device_id);
         let mut redis = self.redis.clone();
         async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
             registry::set_tags(&mut redis, &req.device_id, &req.tags)
                 .await
                 .map(|r| Response::new(r.to_proto()))
@@ -405,6 +433,24 @@ impl KeyVault for KeyVaultService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// The device's record if the caller may see it; another organisation's
+/// device is not found, exactly as one that does not exist.
+async fn visible_device(
+    redis: &mut Redis,
+    principal: &trellis_auth::Principal,
+    device_id: &str,
+) -> Result<registry::DeviceRecord, KeyvaultError> {
+    let record = registry::get_device(redis, device_id).await?;
+    if principal.sees(&record.organization) {
+        Ok(record)
+    } else {
+        Err(KeyvaultError::NotFound(format!(
+            "device {} is not registered",
+            record.device_id
+        )))
     }
 }
 

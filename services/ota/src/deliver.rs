@@ -37,7 +37,7 @@ impl GatewayDeliverer {
         Ok(Self {
             client: DeviceServiceClient::with_interceptor(
                 endpoint.connect_lazy(),
-                TraceInterceptor,
+                TraceInterceptor::SERVICE,
             ),
             timeout_ms: 0,
         })

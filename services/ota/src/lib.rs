@@ -104,7 +104,9 @@ pub async fn serve_with_parts(
     parts: Parts,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    trellis_auth::setup::load_service_credential(&config, "ota")?;
     let scheduler = build(&config, parts).await?;
+    let auth_store = trellis_core::redis_conn::connect_durable(&config.redis).await?;
     scheduler::register_metrics();
     trellis_core::metrics::service_started("ota");
     let addr = listener.local_addr().ok();
@@ -114,6 +116,9 @@ pub async fn serve_with_parts(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .trace_fn(trellis_core::telemetry::grpc_server_span)
+        .layer(trellis_auth::setup::server_layer(
+            &config, auth_store, "ota",
+        ))
         .add_service(trellis_proto::v1::ota_server::OtaServer::new(
             OtaService::new(scheduler, config.ota.tick_ms),
         ))

@@ -44,7 +44,10 @@ impl SignerReleases {
             .map_err(|e| anyhow::anyhow!("ota.signer_url {signer_url:?} is not a URL: {e}"))?
             .connect_timeout(Duration::from_secs(5));
         Ok(Self {
-            client: SignerClient::with_interceptor(endpoint.connect_lazy(), TraceInterceptor),
+            client: SignerClient::with_interceptor(
+                endpoint.connect_lazy(),
+                TraceInterceptor::SERVICE,
+            ),
         })
     }
 }

@@ -12,6 +12,7 @@ async fn create_get_watch_over_grpc() {
     let env = env().await;
     env.devices(PRODUCT, 6, true).await;
     let mut config = trellis_core::Config::default();
+    config.auth.mode = trellis_core::config::AuthMode::Off;
     config.redis.url = Some(env.redis_server.url());
     config.ota.tick_ms = 20;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -48,7 +48,9 @@ pub async fn serve_with_listener(
     listener: TcpListener,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    trellis_auth::setup::load_service_credential(&config, "signer")?;
     let service = build(&config).await?;
+    let auth_store = trellis_core::redis_conn::connect_durable(&config.redis).await?;
     trellis_core::metrics::service_started("signer");
     tracing::info!(
         listen = ?listener.local_addr().ok(),
@@ -64,6 +66,9 @@ pub async fn serve_with_listener(
         .saturating_add(64 * 1024);
     tonic::transport::Server::builder()
         .trace_fn(trellis_core::telemetry::grpc_server_span)
+        .layer(trellis_auth::setup::server_layer(
+            &config, auth_store, "signer",
+        ))
         .add_service(
             trellis_proto::v1::signer_server::SignerServer::new(service)
                 .max_decoding_message_size(max_message),
@@ -88,7 +93,7 @@ pub async fn build(config: &Config) -> anyhow::Result<SignerService> {
         .with_context(|| format!("signer.keyvault_url {keyvault_url:?} is not a URL"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect_lazy();
-    let keyvault = KeyVaultClient::with_interceptor(channel, TraceInterceptor);
+    let keyvault = KeyVaultClient::with_interceptor(channel, TraceInterceptor::SERVICE);
     Ok(SignerService::new(
         redis,
         keyvault,

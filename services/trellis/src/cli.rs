@@ -18,6 +18,10 @@ pub struct Cli {
     /// telemetry.otlp_endpoint when it is set).
     #[arg(long, global = true)]
     pub trace: bool,
+    /// API token (default: the file `trellis login` wrote, then
+    /// `data_dir/owner.token` of a local `trellis up`).
+    #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -94,6 +98,26 @@ pub enum Command {
     /// Per-product signing policies: set, show.
     #[command(subcommand)]
     Policy(crate::firmware_cli::PolicyCommand),
+    /// Checks a token and keeps it for later commands (0600 file under
+    /// the user's config directory).
+    Login {
+        #[arg(long)]
+        token: String,
+    },
+    /// Who this CLI's token says you are.
+    Whoami,
+    /// Organisations: create (with their first owner), list.
+    #[command(subcommand)]
+    Org(crate::access_cli::OrgCommand),
+    /// Products of your organisation: create, list.
+    #[command(subcommand)]
+    Product(crate::access_cli::ProductCommand),
+    /// Users of your organisation: add, list, remove.
+    #[command(subcommand)]
+    User(crate::access_cli::UserCommand),
+    /// API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(crate::access_cli::TokenCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -294,6 +318,12 @@ impl Command {
             Command::Firmware(c) => c.name(),
             Command::Release(c) => c.name(),
             Command::Policy(c) => c.name(),
+            Command::Login { .. } => "login",
+            Command::Whoami => "whoami",
+            Command::Org(_) => "org",
+            Command::Product(_) => "product",
+            Command::User(_) => "user",
+            Command::Token(_) => "token",
         }
     }
 }

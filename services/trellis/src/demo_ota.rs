@@ -215,7 +215,7 @@ async fn connect(url: &str, what: &str) -> anyhow::Result<TracedChannel> {
             Ok(channel) => {
                 return Ok(tonic::service::interceptor::InterceptedService::new(
                     channel,
-                    TraceInterceptor,
+                    TraceInterceptor::OPERATOR,
                 ));
             }
             Err(e) => last = Some(e),

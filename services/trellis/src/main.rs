@@ -1,5 +1,6 @@
 //! `trellis`: one binary that runs any service, all of them (`trellis up`),
 //! the operator CLI, and the device fleet simulator.
+mod access_cli;
 mod admin;
 mod cli;
 mod demo_ota;
@@ -39,6 +40,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    // What operator requests (CLI, simulator provisioning) carry.
+    let token = access_cli::find_token(cli.token.as_deref(), &config.data_dir);
+    telemetry::set_operator_credential(token.as_deref()).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Up(args) => {
             if args.demo.is_some() && config.telemetry.log == TelemetryConfig::default().log {
@@ -126,6 +130,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Command::Policy(cmd) => {
                         firmware_cli::policy(&cli.endpoints, cmd)
+                            .instrument(span)
+                            .await
+                    }
+                    Command::Login { token } => {
+                        access_cli::login(&cli.endpoints, &token)
+                            .instrument(span)
+                            .await
+                    }
+                    Command::Whoami => access_cli::whoami(&cli.endpoints).instrument(span).await,
+                    Command::Org(cmd) => {
+                        access_cli::org(&cli.endpoints, cmd).instrument(span).await
+                    }
+                    Command::Product(cmd) => {
+                        access_cli::product(&cli.endpoints, cmd)
+                            .instrument(span)
+                            .await
+                    }
+                    Command::User(cmd) => {
+                        access_cli::user(&cli.endpoints, cmd).instrument(span).await
+                    }
+                    Command::Token(cmd) => {
+                        access_cli::token(&cli.endpoints, cmd)
                             .instrument(span)
                             .await
                     }

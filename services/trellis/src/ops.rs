@@ -21,7 +21,7 @@ pub async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<Traced
         })?;
     Ok(tonic::service::interceptor::InterceptedService::new(
         channel,
-        TraceInterceptor,
+        TraceInterceptor::OPERATOR,
     ))
 }
 
@@ -48,7 +48,7 @@ pub async fn run(endpoints: &Endpoints, command: Command) -> anyhow::Result<()> 
 }
 
 /// gRPC errors as an operator should read them.
-fn status(e: tonic::Status) -> anyhow::Error {
+pub fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 

@@ -14,6 +14,39 @@ use trellis_core::{Config, Shutdown};
 use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
 use trellis_wire::DeviceId;
 
+/// Secure by default on one machine too: the first owner's token and the
+/// services' credential, kept in `data_dir` (0600) and reused while they
+/// are live. The CLI on this machine finds the owner token there.
+async fn bootstrap_access(config: &Config) -> anyhow::Result<()> {
+    use trellis_auth::setup::{Bootstrap, bootstrap_token};
+    if config.auth.mode == trellis_core::config::AuthMode::Off {
+        println!("auth: OFF (auth.mode = \"off\"): every service answers every caller");
+        return Ok(());
+    }
+    let mut durable = trellis_core::redis_conn::connect_durable(&config.redis).await?;
+    let owner_path = config.data_dir.join(crate::access_cli::OWNER_TOKEN_FILE);
+    let (owner, made) = bootstrap_token(&mut durable, &owner_path, Bootstrap::FirstOwner).await?;
+    let (services, _) = bootstrap_token(
+        &mut durable,
+        &config.data_dir.join("services.token"),
+        Bootstrap::Services,
+    )
+    .await?;
+    trellis_core::telemetry::set_service_credential(Some(&services)).map_err(anyhow::Error::msg)?;
+    // The demo's operator calls; a CLI's own --token / login still wins.
+    if crate::access_cli::find_token(None, &config.data_dir).as_deref() == Some(owner.as_str()) {
+        trellis_core::telemetry::set_operator_credential(Some(&owner))
+            .map_err(anyhow::Error::msg)?;
+    }
+    println!(
+        "auth: tokens required; {} first owner token in {} (mode 0600; the CLI on this machine uses it, or `trellis login --token $(cat {})`)",
+        if made { "made the" } else { "the" },
+        owner_path.display(),
+        owner_path.display()
+    );
+    Ok(())
+}
+
 pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -49,6 +82,8 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         );
         config.keyvault.master_key_file = Some(path);
     }
+
+    bootstrap_access(&config).await?;
 
     let (trigger, shutdown) = Shutdown::on_signals();
     let kv_listener = TcpListener::bind(&config.keyvault.listen)

@@ -107,6 +107,8 @@ fn spawn(
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env_remove("TRELLIS_CONFIG")
         .env("RUST_LOG", "info")
+        // About failover, not about who may ask: no credentials here.
+        .env("TRELLIS_AUTH__MODE", "off")
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(out)

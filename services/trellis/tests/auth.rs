@@ -1,0 +1,426 @@
+//! Access control against a real `trellis up` with tokens on (its
+//! default), every service behind its auth layer:
+//! - every method of every service, enumerated from the proto descriptors,
+//!   has an access rule (a new RPC without one fails here), and refuses
+//!   no credentials, revoked and expired tokens (UNAUTHENTICATED) and a
+//!   token without the scope or service kind it needs (PERMISSION_DENIED),
+//!   changing nothing;
+//! - a device of another organisation is NOT_FOUND, exactly like one that
+//!   does not exist, and never listed;
+//! - the CLI finds the first owner's token by itself, and makes, uses and
+//!   revokes scoped tokens.
+mod common;
+
+use common::{Proc, addr, wait_ok};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+use tonic::Code;
+use trellis_auth::{Rule, Scope, rule_for};
+
+struct Up {
+    dir: tempfile::TempDir,
+    keyvault: String,
+    gateway: String,
+    signer: String,
+    ota: String,
+    _proc: Proc,
+}
+
+impl Up {
+    /// The service that serves `package.Service`.
+    fn addr_of(&self, service: &str) -> &str {
+        match service {
+            "trellis.v1.KeyVault" | "trellis.v1.Access" => &self.keyvault,
+            "trellis.v1.DeviceService" => &self.gateway,
+            "trellis.v1.Signer" => &self.signer,
+            "trellis.v1.Ota" => &self.ota,
+            other => panic!("no address for service {other}: add it here"),
+        }
+    }
+
+    /// Runs the CLI in the directory `trellis up` runs in, with no token
+    /// unless `token` is given (it then finds `./trellis-data/owner.token`).
+    fn cli(&self, token: Option<&str>, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TRELLIS_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            // A login file of the machine's user must not be found.
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env("TRELLIS_KEYVAULT_URL", format!("http://{}", self.keyvault))
+            .env("TRELLIS_GATEWAY_URL", format!("http://{}", self.gateway))
+            .env("TRELLIS_SIGNER_URL", format!("http://{}", self.signer))
+            .env("TRELLIS_OTA_URL", format!("http://{}", self.ota))
+            .env_remove("RUST_LOG");
+        if let Some(t) = token {
+            cmd.env("TRELLIS_TOKEN", t);
+        }
+        cmd.output().expect("run trellis")
+    }
+
+    /// The last stdout line of a CLI run that must succeed.
+    fn ok(&self, token: Option<&str>, args: &[&str]) -> String {
+        let out = self.cli(token, args);
+        assert!(
+            out.status.success(),
+            "trellis {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+async fn up() -> anyhow::Result<Up> {
+    let dir = tempfile::tempdir()?;
+    let (keyvault, gateway, signer, ota, admin) = (addr(), addr(), addr(), addr(), addr());
+    let proc = Proc::spawn_with_defaults(
+        "up",
+        dir.path(),
+        &["up"],
+        &[
+            ("TRELLIS_KEYVAULT__LISTEN", keyvault.clone()),
+            ("TRELLIS_GATEWAY__DEVICE_LISTEN", addr()),
+            ("TRELLIS_GATEWAY__GRPC_LISTEN", gateway.clone()),
+            ("TRELLIS_SIGNER__LISTEN", signer.clone()),
+            ("TRELLIS_OTA__LISTEN", ota.clone()),
+            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.clone()),
+        ],
+    );
+    wait_ok(&admin, "/readyz", Duration::from_secs(90), &proc).await?;
+    Ok(Up {
+        dir,
+        keyvault,
+        gateway,
+        signer,
+        ota,
+        _proc: proc,
+    })
+}
+
+/// Every `(service, method)` the proto files declare.
+fn every_method() -> Vec<(String, String)> {
+    let set = prost_types::FileDescriptorSet::decode(trellis_proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    let mut out = Vec::new();
+    for file in set.file {
+        let package = file.package().to_string();
+        for service in &file.service {
+            for method in &service.method {
+                out.push((
+                    format!("{package}.{}", service.name()),
+                    method.name().to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Calls `path` on `addr` with an empty request message and `token`
+/// (if any); the gRPC code it answers with.
+async fn call(addr: &str, path: &str, token: Option<&str>) -> Code {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(tokio_stream::once(()));
+    if let Some(t) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path: http::uri::PathAndQuery = path.parse().expect("path");
+    match grpc.streaming(request, path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// `None` when `path` answers `want`; else what went wrong.
+async fn expect(
+    addr: &str,
+    path: &str,
+    what: &str,
+    token: Option<&str>,
+    want: Code,
+) -> Option<(String, String)> {
+    let got = call(addr, path, token).await;
+    (got != want).then(|| (format!("{path} {what}"), format!("{got:?}, want {want:?}")))
+}
+
+fn device_count(up: &Up, token: &str) -> usize {
+    let out = up.cli(Some(token), &["device", "list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or_else(|| text.lines().count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
+    let up = up().await?;
+    let owner_file = up.dir.path().join("trellis-data/owner.token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&owner_file)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner token file mode {mode:o}");
+    }
+    let owner = std::fs::read_to_string(&owner_file)?.trim().to_string();
+
+    // The CLI on this machine finds the owner token with no flag.
+    let who = up.cli(None, &["whoami"]);
+    let who_out = String::from_utf8_lossy(&who.stdout);
+    assert!(
+        who.status.success() && who_out.contains("owner@default"),
+        "{who:?}"
+    );
+
+    // A device, so "nothing changed" has something to compare.
+    up.ok(
+        None,
+        &[
+            "device",
+            "provision",
+            "--product",
+            "7",
+            "--count",
+            "1",
+            "--out",
+            "keys",
+        ],
+    );
+    let devices_before = device_count(&up, &owner);
+    assert_eq!(devices_before, 1);
+
+    // Tokens to refuse: revoked, expired, and one per scope lacking.
+    let revoked = up.ok(None, &["token", "create", "--name", "to-revoke"]);
+    let revoked_id = revoked.split('_').nth(1).expect("token id").to_string();
+    up.ok(None, &["token", "revoke", &revoked_id]);
+    let expired = up.ok(None, &["token", "create", "--expires-in", "1"]);
+    let audit_only = up.ok(None, &["token", "create", "--scope", "audit:read"]);
+    let viewer = up.ok(None, &["token", "create", "--scope", "devices:read"]);
+    // Past the expiry and the authenticators' cache.
+    tokio::time::sleep(Duration::from_millis(1000 + 2_500)).await;
+
+    let methods = every_method();
+    assert!(methods.len() >= 40, "only {} methods found", methods.len());
+    let mut missing = Vec::new();
+    let mut wrong: BTreeMap<String, String> = BTreeMap::new();
+    for (service, method) in &methods {
+        let path = format!("/{service}/{method}");
+        let Some(rule) = rule_for(&path) else {
+            missing.push(path);
+            continue;
+        };
+        if rule == Rule::Public {
+            continue;
+        }
+        let addr = up.addr_of(service);
+        let mut checks = vec![
+            expect(
+                addr,
+                &path,
+                "without credentials",
+                None,
+                Code::Unauthenticated,
+            )
+            .await,
+            expect(
+                addr,
+                &path,
+                "with a revoked token",
+                Some(&revoked),
+                Code::Unauthenticated,
+            )
+            .await,
+            expect(
+                addr,
+                &path,
+                "with an expired token",
+                Some(&expired),
+                Code::Unauthenticated,
+            )
+            .await,
+            expect(
+                addr,
+                &path,
+                "with a malformed token",
+                Some("trellis_nonsense"),
+                Code::Unauthenticated,
+            )
+            .await,
+        ];
+        // A token without what the rule needs.
+        let lacking = match rule {
+            Rule::Scope(Scope::DevicesRead) | Rule::ScopeOrService(Scope::DevicesRead, _) => {
+                Some(audit_only.as_str())
+            }
+            Rule::Scope(_) | Rule::ScopeOrService(_, _) => Some(viewer.as_str()),
+            // The owner holds every operator scope and no service kind.
+            Rule::Service(_) => Some(owner.as_str()),
+            Rule::Authenticated | Rule::Public => None,
+        };
+        if let Some(token) = lacking {
+            checks.push(
+                expect(
+                    addr,
+                    &path,
+                    "without the scope it needs",
+                    Some(token),
+                    Code::PermissionDenied,
+                )
+                .await,
+            );
+        }
+        for (what, got) in checks.into_iter().flatten() {
+            wrong.insert(what, got);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "RPCs without an access rule: {missing:?}"
+    );
+    assert!(wrong.is_empty(), "wrong answers:\n{wrong:#?}");
+    assert_eq!(
+        device_count(&up, &owner),
+        devices_before,
+        "a refused call changed the registry"
+    );
+
+    // The scoped token does what its scope allows, and no more, from the CLI.
+    let out = up.cli(Some(&viewer), &["device", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = up.cli(
+        Some(&viewer),
+        &["device", "revoke", "0123456789abcdef01234567"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PermissionDenied") && err.contains("devices:admin"),
+        "{err}"
+    );
+    let out = up.cli(Some(&revoked), &["device", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Unauthenticated") && err.contains("revoked"),
+        "{err}"
+    );
+    // A token never carries more than the one that made it.
+    let out = up.cli(
+        Some(&viewer),
+        &["token", "create", "--scope", "devices:call"],
+    );
+    assert!(
+        !out.status.success(),
+        "a viewer made a devices:call token: {out:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organisations_never_see_each_other() -> anyhow::Result<()> {
+    let up = up().await?;
+    // The installation's first owner makes a second organisation.
+    let acme = up.ok(None, &["org", "create", "acme", "--owner", "alice"]);
+    let who = up.ok(Some(&acme), &["whoami"]);
+    assert!(who.contains("scopes:") || !who.is_empty());
+    let orgs = String::from_utf8_lossy(&up.cli(None, &["org", "list"]).stdout).to_string();
+    assert!(orgs.contains("acme") && orgs.contains("default"), "{orgs}");
+    let acme_orgs =
+        String::from_utf8_lossy(&up.cli(Some(&acme), &["org", "list"]).stdout).to_string();
+    assert_eq!(
+        acme_orgs.trim(),
+        "acme",
+        "an organisation's owner sees only their own"
+    );
+
+    // One device in each organisation.
+    let ours = up.ok(
+        None,
+        &["device", "provision", "--product", "7", "--out", "ours"],
+    );
+    let theirs = up.ok(
+        Some(&acme),
+        &["device", "provision", "--product", "8", "--out", "theirs"],
+    );
+    let listed =
+        String::from_utf8_lossy(&up.cli(Some(&acme), &["device", "list"]).stdout).to_string();
+    assert!(
+        listed.contains(&theirs) && !listed.contains(&ours),
+        "{listed}"
+    );
+    let listed = String::from_utf8_lossy(&up.cli(None, &["device", "list"]).stdout).to_string();
+    assert!(
+        listed.contains(&ours) && !listed.contains(&theirs),
+        "{listed}"
+    );
+
+    // Another organisation's device answers exactly as one that does not exist.
+    let nobody = "00112233445566778899aabb";
+    for (args, what) in [
+        (vec!["device", "revoke", &ours], "revoke"),
+        (vec!["device", "tag", &ours, "x"], "tag"),
+        (vec!["device", "show", &ours], "show"),
+        (vec!["device", "call", &ours, "add", "2,3"], "call"),
+        (vec!["device", "get", &ours, "temp"], "get"),
+    ] {
+        let out = up.cli(Some(&acme), &args);
+        let err = String::from_utf8_lossy(&out.stderr).replace(&ours, "ID");
+        let mut args_nobody = args.clone();
+        args_nobody[2] = nobody;
+        let none = up.cli(Some(&acme), &args_nobody);
+        let err_none = String::from_utf8_lossy(&none.stderr).replace(nobody, "ID");
+        assert!(
+            !out.status.success(),
+            "{what} of another organisation's device succeeded"
+        );
+        assert!(err.contains("NotFound"), "{what}: {err}");
+        assert_eq!(
+            err, err_none,
+            "{what}: another organisation's device is told apart from none"
+        );
+    }
+    // Still ours, untouched.
+    let listed =
+        String::from_utf8_lossy(&up.cli(None, &["device", "list", "--json"]).stdout).to_string();
+    assert!(
+        listed.contains(&ours) && !listed.contains("\"revoked\": true"),
+        "{listed}"
+    );
+
+    // Users and tokens stay inside the organisation too.
+    up.ok(Some(&acme), &["user", "add", "bob", "--role", "viewer"]);
+    let users = String::from_utf8_lossy(&up.cli(None, &["user", "list"]).stdout).to_string();
+    assert!(
+        !users.contains("bob") && !users.contains("alice"),
+        "{users}"
+    );
+    let bob = up.ok(Some(&acme), &["token", "create", "--user", "bob"]);
+    let out = up.cli(Some(&bob), &["device", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let removed = up.ok(Some(&acme), &["user", "remove", "bob"]);
+    assert!(removed.contains("1 token(s) revoked"), "{removed}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let out = up.cli(Some(&bob), &["device", "list"]);
+    assert!(!out.status.success(), "a removed user's token still works");
+    Ok(())
+}
