@@ -83,6 +83,14 @@ pub enum TokenCommand {
     List,
     /// Revokes a token by its id (from `token list`).
     Revoke { id: String },
+    /// Straight to Redis (redis.url / redis.durable_url), no service
+    /// needed: the installation's first owner token, written to OUT (0600)
+    /// unless OUT already holds a live one. For deployments without
+    /// `trellis up`; run it once where the Redis credentials are.
+    Bootstrap {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Where this CLI's token comes from, first found wins: `--token` /
@@ -253,9 +261,32 @@ pub async fn user(endpoints: &Endpoints, cmd: UserCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-pub async fn token(endpoints: &Endpoints, cmd: TokenCommand) -> anyhow::Result<()> {
+pub async fn token(
+    endpoints: &Endpoints,
+    config: &trellis_core::Config,
+    cmd: TokenCommand,
+) -> anyhow::Result<()> {
+    if let TokenCommand::Bootstrap { out } = &cmd {
+        let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
+            .await
+            .context("token bootstrap writes to Redis: set redis.url (TRELLIS_REDIS__URL)")?;
+        let (_, made) = trellis_auth::setup::bootstrap_token(
+            &mut redis,
+            out,
+            trellis_auth::setup::Bootstrap::FirstOwner,
+        )
+        .await?;
+        println!(
+            "{} first owner token in {} (mode 0600): `trellis login --token $(cat {})`",
+            if made { "made the" } else { "kept the live" },
+            out.display(),
+            out.display()
+        );
+        return Ok(());
+    }
     let mut c = client(endpoints).await?;
     match cmd {
+        TokenCommand::Bootstrap { .. } => unreachable!("handled above"),
         TokenCommand::Create {
             scopes,
             expires_in,

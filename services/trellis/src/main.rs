@@ -151,7 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         access_cli::user(&cli.endpoints, cmd).instrument(span).await
                     }
                     Command::Token(cmd) => {
-                        access_cli::token(&cli.endpoints, cmd)
+                        access_cli::token(&cli.endpoints, &config, cmd)
                             .instrument(span)
                             .await
                     }

@@ -43,6 +43,15 @@ impl Up {
     /// Runs the CLI in the directory `trellis up` runs in, with no token
     /// unless `token` is given (it then finds `./trellis-data/owner.token`).
     fn cli(&self, token: Option<&str>, args: &[&str]) -> std::process::Output {
+        self.cli_env(token, args, &[])
+    }
+
+    fn cli_env(
+        &self,
+        token: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("TRELLIS_") {
@@ -61,6 +70,7 @@ impl Up {
         if let Some(t) = token {
             cmd.env("TRELLIS_TOKEN", t);
         }
+        cmd.envs(env.iter().copied());
         cmd.output().expect("run trellis")
     }
 
@@ -332,6 +342,41 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
     assert!(
         !out.status.success(),
         "a viewer made a devices:call token: {out:?}"
+    );
+
+    // Without `trellis up`: the first owner straight from Redis, and a
+    // service that refuses to start without its credential.
+    let log = up._proc.output();
+    let redis_url = log
+        .lines()
+        .find_map(|l| l.strip_prefix("redis: started redis-server on "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("trellis up names its Redis")
+        .to_string();
+    let out = up.cli_env(
+        None,
+        &["token", "bootstrap", "--out", "boot.token"],
+        &[("TRELLIS_REDIS__URL", &redis_url)],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let boot = std::fs::read_to_string(up.dir.path().join("boot.token"))?;
+    let who = String::from_utf8_lossy(&up.cli(Some(boot.trim()), &["whoami"]).stdout).to_string();
+    assert!(who.contains("cluster:admin"), "{who}");
+    let (devices, grpc) = (addr(), addr());
+    let out = up.cli_env(
+        None,
+        &["gateway"],
+        &[
+            ("TRELLIS_REDIS__URL", &redis_url),
+            ("TRELLIS_GATEWAY__DEVICE_LISTEN", &devices),
+            ("TRELLIS_GATEWAY__GRPC_LISTEN", &grpc),
+            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", ""),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("token create --service gateway"),
+        "a gateway without a credential: {err}"
     );
     Ok(())
 }
