@@ -242,8 +242,27 @@ async fn provision_sim_list_call_get_events_audit_revoke() -> anyhow::Result<()>
     );
     assert!(audit.contains("revoke"), "{audit}");
 
-    // The simulator keeps knocking with the revoked key: counted, per
+    // Revoking leaves a live session alone; the device's next handshake is
+    // refused. A fresh simulator knocks with the revoked key: counted, per
     // source and reason, under `audit refusals`, not in the audit stream.
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "sim",
+            "--keys",
+            &keys,
+            "--devices",
+            "2",
+            "--gateway",
+            &cluster.gateways[0].devices.to_string(),
+            "--duration",
+            "40",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let started = std::time::Instant::now();
     loop {
         let table = ok(trellis(
