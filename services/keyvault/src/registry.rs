@@ -13,7 +13,7 @@
 //!   the factory), which clears the revocation; its old key is never
 //!   trusted again, so re-registering the revoked key itself is refused.
 //!
-//! Every change is audited with actor "operator".
+//! Every change is audited with the authenticated caller as its actor.
 use crate::error::{KeyvaultError, Result};
 use redis::AsyncCommands;
 use std::collections::HashMap;
@@ -24,7 +24,6 @@ use trellis_core::time::now_ms;
 use trellis_proto::v1 as pb;
 use trellis_wire::DeviceId;
 
-pub const OPERATOR: &str = "operator";
 /// Device keys are RSA-1024 (PROTOCOL.md, "Keys").
 pub const DEVICE_KEY_BITS: usize = 1024;
 
@@ -160,7 +159,11 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 1
 "#;
 
-pub async fn register(redis: &mut Redis, req: pb::RegisterDeviceRequest) -> Result<DeviceRecord> {
+pub async fn register(
+    redis: &mut Redis,
+    req: pb::RegisterDeviceRequest,
+    actor: &str,
+) -> Result<DeviceRecord> {
     let device_id = parse_device_id(&req.device_id)?;
     if req.public_key.is_empty() {
         return Err(KeyvaultError::InvalidArgument(
@@ -247,7 +250,7 @@ pub async fn register(redis: &mut Redis, req: pb::RegisterDeviceRequest) -> Resu
     };
     audit_write(
         redis,
-        AuditRecord::new(OPERATOR, "register", &device_id, outcome)
+        AuditRecord::new(actor, "register", &device_id, outcome)
             .with("product_id", record.product_id.to_string())
             .with("key_id", trellis_core::keys::key_id(&record.public_key_der)),
     )
@@ -298,7 +301,12 @@ return 1
 
 /// Revokes a device: it can no longer open a session; the record is kept.
 /// Revoking a revoked device is a no-op.
-pub async fn revoke(redis: &mut Redis, device_id: &str, reason: &str) -> Result<DeviceRecord> {
+pub async fn revoke(
+    redis: &mut Redis,
+    device_id: &str,
+    reason: &str,
+    actor: &str,
+) -> Result<DeviceRecord> {
     let device_id = parse_device_id(device_id)?;
     let result: i64 = REVOKE
         .key(keys::device(&device_id))
@@ -314,7 +322,7 @@ pub async fn revoke(redis: &mut Redis, device_id: &str, reason: &str) -> Result<
     if result == 1 {
         audit_write(
             redis,
-            AuditRecord::new(OPERATOR, "revoke", &device_id, "ok").with("reason", reason),
+            AuditRecord::new(actor, "revoke", &device_id, "ok").with("reason", reason),
         )
         .await;
         tracing::info!(device_id = %device_id, reason, "device revoked");
@@ -369,7 +377,12 @@ return 1
 
 /// Replaces a device's tags (revoked devices too: tags describe the
 /// hardware, not the key).
-pub async fn set_tags(redis: &mut Redis, device_id: &str, tags: &[String]) -> Result<DeviceRecord> {
+pub async fn set_tags(
+    redis: &mut Redis,
+    device_id: &str,
+    tags: &[String],
+    actor: &str,
+) -> Result<DeviceRecord> {
     let device_id = parse_device_id(device_id)?;
     let tags = parse_tags(tags)?;
     let joined = tags.join(",");
@@ -385,7 +398,7 @@ pub async fn set_tags(redis: &mut Redis, device_id: &str, tags: &[String]) -> Re
     }
     audit_write(
         redis,
-        AuditRecord::new(OPERATOR, "set_tags", &device_id, "ok").with("tags", joined),
+        AuditRecord::new(actor, "set_tags", &device_id, "ok").with("tags", joined),
     )
     .await;
     get_device(redis, &device_id).await

@@ -143,7 +143,7 @@ impl KeyVault for KeyVaultService {
         let span = tracing::info_span!("keyvault.register_device", device_id = %req.device_id, product_id = req.product_id);
         let mut redis = self.redis.clone();
         async move {
-            registry::register(&mut redis, req)
+            registry::register(&mut redis, req, &principal.actor())
                 .await
                 .map(|r| Response::new(r.to_proto()))
                 .map_err(status)
@@ -206,7 +206,7 @@ impl KeyVault for KeyVaultService {
             visible_device(&mut redis, &principal, &req.device_id)
                 .await
                 .map_err(status)?;
-            registry::revoke(&mut redis, &req.device_id, &req.reason)
+            registry::revoke(&mut redis, &req.device_id, &req.reason, &principal.actor())
                 .await
                 .map(|r| Response::new(r.to_proto()))
                 .map_err(status)
@@ -227,7 +227,7 @@ impl KeyVault for KeyVaultService {
             visible_device(&mut redis, &principal, &req.device_id)
                 .await
                 .map_err(status)?;
-            registry::set_tags(&mut redis, &req.device_id, &req.tags)
+            registry::set_tags(&mut redis, &req.device_id, &req.tags, &principal.actor())
                 .await
                 .map(|r| Response::new(r.to_proto()))
                 .map_err(status)
@@ -334,6 +334,7 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let req = request.into_inner();
         let span = tracing::info_span!(
             "keyvault.sign",
@@ -346,7 +347,7 @@ impl KeyVault for KeyVaultService {
         let pool = self.pool.clone();
         let release = self.release.clone();
         async move {
-            let response = signing::sign(&pool, &mut redis, release, req)
+            let response = signing::sign(&pool, &mut redis, release, req, &actor)
                 .await
                 .map_err(status)?;
             tracing::Span::current().record("key_id", response.key_id.as_str());
@@ -372,6 +373,7 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let limit = match req.limit as usize {
             0 => DEFAULT_AUDIT_LIMIT,
@@ -382,11 +384,25 @@ impl KeyVault for KeyVaultService {
             .transpose()
             .map_err(status)?;
         let mut redis = self.redis.clone();
-        let records = trellis_core::audit::recent(&mut redis, limit, device.as_deref())
+        let mut scope = AuditScope::new(&principal);
+        // Another organisation's records are skipped: read further back.
+        let scan = if scope.everything() {
+            limit
+        } else {
+            (limit * 10).min(MAX_AUDIT_LIMIT * 10)
+        };
+        let records = trellis_core::audit::recent(&mut redis, scan, device.as_deref())
             .await
             .map_err(|e| status(e.into()))?;
+        let mut visible = Vec::new();
+        for r in records.into_iter().rev() {
+            if visible.len() < limit && scope.allows(&mut redis, &r.actor, &r.device_id).await {
+                visible.push(r);
+            }
+        }
+        visible.reverse();
         Ok(Response::new(pb::ListAuditResponse {
-            records: records
+            records: visible
                 .into_iter()
                 .map(|r| pb::AuditRecord {
                     id: r.id,
@@ -405,6 +421,7 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<pb::ListRefusalsRequest>,
     ) -> Result<Response<pb::ListRefusalsResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let limit = match req.limit as usize {
             0 => DEFAULT_AUDIT_LIMIT,
@@ -415,11 +432,24 @@ impl KeyVault for KeyVaultService {
             .transpose()
             .map_err(status)?;
         let mut redis = self.redis.clone();
-        let refusals = trellis_core::audit::refusals(&mut redis, limit, device.as_deref())
+        let mut scope = AuditScope::new(&principal);
+        let scan = if scope.everything() {
+            limit
+        } else {
+            trellis_core::audit::REFUSALS_MAX
+        };
+        let refusals = trellis_core::audit::refusals(&mut redis, scan, device.as_deref())
             .await
             .map_err(|e| status(e.into()))?;
+        let mut visible = Vec::new();
+        for r in refusals {
+            // Only attempts that claimed one of the organisation's devices.
+            if visible.len() < limit && scope.allows(&mut redis, "", &r.last_device).await {
+                visible.push(r);
+            }
+        }
         Ok(Response::new(pb::ListRefusalsResponse {
-            refusals: refusals
+            refusals: visible
                 .into_iter()
                 .map(|r| pb::RefusalCount {
                     source: r.source,
@@ -433,6 +463,56 @@ impl KeyVault for KeyVaultService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// Which audit records a caller may read: the installation's first owner
+/// (and a service) everything; anyone else what their organisation's users
+/// did and what happened to their organisation's devices.
+struct AuditScope<'a> {
+    principal: &'a trellis_auth::Principal,
+    device_orgs: std::collections::HashMap<String, Option<String>>,
+}
+
+impl<'a> AuditScope<'a> {
+    fn new(principal: &'a trellis_auth::Principal) -> Self {
+        Self {
+            principal,
+            device_orgs: std::collections::HashMap::new(),
+        }
+    }
+
+    fn everything(&self) -> bool {
+        self.principal.is_service() || self.principal.has(trellis_auth::Scope::ClusterAdmin)
+    }
+
+    async fn allows(&mut self, redis: &mut Redis, actor: &str, device_id: &str) -> bool {
+        if self.everything() {
+            return true;
+        }
+        let org = &self.principal.org;
+        // Actors are `user@org` or `user@org (token id)`.
+        if let Some((_, rest)) = actor.split_once('@')
+            && rest.split(' ').next() == Some(org.as_str())
+        {
+            return true;
+        }
+        if device_id.is_empty() {
+            return false;
+        }
+        if !self.device_orgs.contains_key(device_id) {
+            let found = registry::get_device(redis, device_id)
+                .await
+                .ok()
+                .map(|d| d.organization);
+            self.device_orgs.insert(device_id.to_string(), found);
+        }
+        self.device_orgs
+            .get(device_id)
+            .cloned()
+            .flatten()
+            .as_deref()
+            == Some(org.as_str())
     }
 }
 

@@ -83,10 +83,13 @@ pub async fn sign(
     redis: &mut Redis,
     release: Option<Arc<ReleaseKey>>,
     req: pb::SignRequest,
+    actor: &str,
 ) -> Result<pb::SignResponse> {
     let digest = hex::encode(Sha256::digest(&req.data));
     let record = |outcome: &str, key_id: &str| {
-        AuditRecord::new(&req.actor, AUDIT_ACTION, "", outcome)
+        // The authenticated caller; what it says it acts for is a detail.
+        AuditRecord::new(actor, AUDIT_ACTION, "", outcome)
+            .with("requested_by", req.actor.clone())
             .with("purpose", req.purpose.clone())
             .with("key_id", key_id)
             .with("sha256", digest.clone())

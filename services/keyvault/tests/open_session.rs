@@ -27,6 +27,22 @@ async fn refusal(client: &mut Client, req: pb::OpenSessionRequest) -> pb::Refusa
     }
 }
 
+/// The most recently counted refusal (claiming `device_id`, or any).
+async fn last_refusal(client: &mut Client, device_id: &str) -> pb::RefusalCount {
+    client
+        .list_refusals(pb::ListRefusalsRequest {
+            limit: 1,
+            device_id: device_id.into(),
+        })
+        .await
+        .expect("refusals")
+        .into_inner()
+        .refusals
+        .into_iter()
+        .next()
+        .expect("a refusal counted")
+}
+
 async fn last_audit(client: &mut Client, device_id: &str) -> pb::AuditRecord {
     let records = client
         .list_audit(pb::ListAuditRequest {
@@ -120,9 +136,9 @@ async fn refusals_are_answers_and_are_audited() {
     assert_eq!(r.reason(), RefusalReason::UnknownDevice);
     assert_eq!(r.device_id, stranger.id_string());
     assert_eq!(
-        last_audit(&mut kv.client, &stranger.id_string())
+        last_refusal(&mut kv.client, &stranger.id_string())
             .await
-            .outcome,
+            .reason,
         "unknown_device"
     );
     let mut conn = trellis_core::redis_conn::connect(&redis.url())
@@ -170,9 +186,9 @@ async fn refusals_are_answers_and_are_audited() {
     .await;
     assert_eq!(r.reason(), RefusalReason::KeyMismatch);
     assert_eq!(
-        last_audit(&mut kv.client, &device.id_string())
+        last_refusal(&mut kv.client, &device.id_string())
             .await
-            .outcome,
+            .reason,
         "key_mismatch"
     );
 
@@ -184,18 +200,18 @@ async fn refusals_are_answers_and_are_audited() {
         request(&sent, device.handshake(&cloud, &echoed, None)),
     )
     .await;
-    let audit = last_audit(&mut kv.client, "").await;
+    let counted = last_refusal(&mut kv.client, "").await;
     assert_eq!(
-        (audit.outcome.as_str(), audit.device_id.as_str()),
+        (counted.reason.as_str(), counted.last_device_id.as_str()),
         ("bad_handshake", "")
     );
     let mut garbage = vec![0u8; 256];
     trellis_keyvault::os_random(&mut garbage).unwrap();
     garbage[0] &= 0x7f; // below the modulus, so only the padding is wrong
     let bad_padding = refusal(&mut kv.client, request(&sent, garbage)).await;
-    let audit = last_audit(&mut kv.client, "").await;
+    let counted = last_refusal(&mut kv.client, "").await;
     assert_eq!(
-        (audit.outcome.as_str(), audit.device_id.as_str()),
+        (counted.reason.as_str(), counted.last_device_id.as_str()),
         ("bad_handshake", "")
     );
     assert_eq!(wrong_nonce.reason(), RefusalReason::BadHandshake);
@@ -223,9 +239,9 @@ async fn refusals_are_answers_and_are_audited() {
     .await;
     assert_eq!(r.reason(), RefusalReason::Revoked);
     assert_eq!(
-        last_audit(&mut kv.client, &device.id_string())
+        last_refusal(&mut kv.client, &device.id_string())
             .await
-            .outcome,
+            .reason,
         "revoked"
     );
 

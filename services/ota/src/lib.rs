@@ -117,10 +117,12 @@ pub async fn serve_with_parts(
     let result = tonic::transport::Server::builder()
         .trace_fn(trellis_core::telemetry::grpc_server_span)
         .layer(trellis_auth::setup::server_layer(
-            &config, auth_store, "ota",
+            &config,
+            auth_store.clone(),
+            "ota",
         ))
         .add_service(trellis_proto::v1::ota_server::OtaServer::new(
-            OtaService::new(scheduler, config.ota.tick_ms),
+            OtaService::new(scheduler, config.ota.tick_ms, auth_store.clone()),
         ))
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await

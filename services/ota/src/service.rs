@@ -12,13 +12,30 @@ pub struct OtaService {
     scheduler: Scheduler,
     /// How often WatchRollout looks for changes.
     poll: Duration,
+    /// Where rollout actions are audited (the durable store).
+    audit: trellis_core::redis_conn::Redis,
 }
 
 impl OtaService {
-    pub fn new(scheduler: Scheduler, tick_ms: u64) -> Self {
+    pub fn new(scheduler: Scheduler, tick_ms: u64, audit: trellis_core::redis_conn::Redis) -> Self {
         Self {
             scheduler,
             poll: Duration::from_millis((tick_ms / 2).clamp(20, 500)),
+            audit,
+        }
+    }
+
+    /// One security record per operator action on a rollout, naming the
+    /// authenticated caller; a failed write is logged, the action stands.
+    async fn audit(&self, actor: &str, action: &str, rollout: &str, detail: &[(&str, String)]) {
+        let mut record =
+            trellis_core::audit::AuditRecord::new(actor, action, "", "ok").with("rollout", rollout);
+        for (k, v) in detail {
+            record = record.with(k, v.clone());
+        }
+        let mut redis = self.audit.clone();
+        if let Err(e) = trellis_core::audit::append(&mut redis, &record).await {
+            tracing::error!(error = %e, action, rollout, "audit record not written");
         }
     }
 }
@@ -31,9 +48,18 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::CreateRolloutRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        Ok(Response::new(
-            self.scheduler.create(request.into_inner()).await?,
-        ))
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let release = req.release_id.clone();
+        let status = self.scheduler.create(req).await?;
+        self.audit(
+            &actor,
+            "rollout_create",
+            &status.rollout_id,
+            &[("release", release)],
+        )
+        .await;
+        Ok(Response::new(status))
     }
 
     async fn get_rollout(
@@ -57,30 +83,51 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let r = request.into_inner();
-        Ok(Response::new(
-            self.scheduler.pause(&r.rollout_id, &r.reason).await?,
-        ))
+        let status = self.scheduler.pause(&r.rollout_id, &r.reason).await?;
+        self.audit(
+            &actor,
+            "rollout_pause",
+            &r.rollout_id,
+            &[("reason", r.reason)],
+        )
+        .await;
+        Ok(Response::new(status))
     }
 
     async fn resume_rollout(
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let r = request.into_inner();
-        Ok(Response::new(
-            self.scheduler.resume(&r.rollout_id, &r.reason).await?,
-        ))
+        let status = self.scheduler.resume(&r.rollout_id, &r.reason).await?;
+        self.audit(
+            &actor,
+            "rollout_resume",
+            &r.rollout_id,
+            &[("reason", r.reason)],
+        )
+        .await;
+        Ok(Response::new(status))
     }
 
     async fn abort_rollout(
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let r = request.into_inner();
-        Ok(Response::new(
-            self.scheduler.abort(&r.rollout_id, &r.reason).await?,
-        ))
+        let status = self.scheduler.abort(&r.rollout_id, &r.reason).await?;
+        self.audit(
+            &actor,
+            "rollout_abort",
+            &r.rollout_id,
+            &[("reason", r.reason)],
+        )
+        .await;
+        Ok(Response::new(status))
     }
 
     type WatchRolloutStream = WatchStream;

@@ -278,7 +278,13 @@ impl SignerService {
 
     /// SignRelease: keyvault signs the exact manifest bytes with the cloud
     /// release key; the signature is checked, then stored.
-    pub async fn sign_release(&self, release_id: &str) -> Result<ReleaseRecord> {
+    /// Signs with the cloud release key through keyvault, which audits the
+    /// signer's credential as the actor and `on_behalf_of` as who asked.
+    pub async fn sign_release(
+        &self,
+        release_id: &str,
+        on_behalf_of: &str,
+    ) -> Result<ReleaseRecord> {
         let (release_id, _, _) = validate::release_id(release_id)?;
         let mut redis = self.redis.clone();
         let release = load_release(&mut redis, &release_id).await?;
@@ -292,7 +298,7 @@ impl SignerService {
             .sign(pb::SignRequest {
                 purpose: RELEASE_PURPOSE.into(),
                 data: release.manifest.clone(),
-                actor: ACTOR.into(),
+                actor: format!("{ACTOR} for {on_behalf_of}"),
             })
             .await
             .map_err(|e| SignerError::keyvault(&self.keyvault_url, &e))?
@@ -397,6 +403,7 @@ impl SignerService {
         &self,
         policy: Option<pb::SigningPolicy>,
         allow_cloud_only: bool,
+        actor: &str,
     ) -> Result<pb::SigningPolicy> {
         let policy = policy.ok_or_else(|| {
             SignerError::InvalidArgument("no policy given: send product_id, keys, threshold".into())
@@ -488,7 +495,7 @@ impl SignerService {
         let mut redis = self.redis.clone();
         store::put_policy(&mut redis, product_id, &stored).await?;
         let checked = &stored.policy;
-        let record = AuditRecord::new("operator", "set_policy", "", "ok")
+        let record = AuditRecord::new(actor, "set_policy", "", "ok")
             .with("product_id", product_id.to_string())
             .with("threshold", threshold.to_string())
             .with(
@@ -830,10 +837,11 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::SignReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let req = request.into_inner();
         let span = tracing::info_span!("signer.sign_release", release_id = %req.release_id);
         in_span(span, async {
-            let release = SignerService::sign_release(self, &req.release_id).await?;
+            let release = SignerService::sign_release(self, &req.release_id, &actor).await?;
             Ok(self.release_reply(release).await)
         })
         .await
@@ -889,6 +897,7 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SigningPolicy>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
         let req = request.into_inner();
         let span = tracing::info_span!(
             "signer.set_policy",
@@ -901,7 +910,7 @@ impl Signer for SignerService {
         );
         in_span(
             span,
-            SignerService::set_policy(self, req.policy, req.allow_cloud_only),
+            SignerService::set_policy(self, req.policy, req.allow_cloud_only, &actor),
         )
         .await
         .map(Response::new)

@@ -795,7 +795,12 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
     let records = audit::recent(&mut stack.redis().await?, 100, None).await?;
     let manifest_digest = sha_hex(&manifest_bytes);
     assert!(
-        records.iter().any(|r| r.actor == "signer"
+        // The authenticated caller (auth off here: the stand-in), and who
+        // the signer says it acts for.
+        records.iter().any(|r| r.actor == "unauthenticated@default"
+            && r.detail
+                .iter()
+                .any(|(k, v)| k == "requested_by" && v == "signer for unauthenticated@default")
             && r.outcome == "ok"
             && r.detail
                 .iter()
@@ -1057,7 +1062,7 @@ async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Re
     assert_eq!(device_policy.threshold(), 1);
     let audited = policy_audit(&stack).await?;
     let audited = audited.last().expect("audited");
-    assert_eq!(audited.actor, "operator");
+    assert_eq!(audited.actor, "unauthenticated@default");
     assert_eq!(detail(audited, "product_id"), Some("9"));
     assert_eq!(detail(audited, "allow_cloud_only"), Some("true"));
     assert_eq!(detail(audited, "cloud_only"), Some("true"));

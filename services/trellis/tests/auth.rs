@@ -460,6 +460,46 @@ async fn organisations_never_see_each_other() -> anyhow::Result<()> {
         "{users}"
     );
     let bob = up.ok(Some(&acme), &["token", "create", "--user", "bob"]);
+
+    // The audit names the authenticated caller, and stays in its organisation.
+    let acme_audit = String::from_utf8_lossy(
+        &up.cli(Some(&acme), &["audit", "tail", "--limit", "500"])
+            .stdout,
+    )
+    .to_string();
+    assert!(
+        acme_audit
+            .lines()
+            .any(|l| l.contains("add_user") && l.contains("alice@acme (token ")),
+        "{acme_audit}"
+    );
+    assert!(
+        acme_audit
+            .lines()
+            .any(|l| l.contains("register") && l.contains(&theirs)),
+        "{acme_audit}"
+    );
+    assert!(
+        !acme_audit.contains(&ours),
+        "another organisation's records: {acme_audit}"
+    );
+    assert!(
+        !acme_audit.contains("@default"),
+        "another organisation's records: {acme_audit}"
+    );
+    let all_audit =
+        String::from_utf8_lossy(&up.cli(None, &["audit", "tail", "--limit", "500"]).stdout)
+            .to_string();
+    assert!(
+        all_audit.lines().any(|l| l.contains("register")
+            && l.contains(&ours)
+            && l.contains("owner@default (token ")),
+        "{all_audit}"
+    );
+    assert!(
+        all_audit.contains(&theirs),
+        "the first owner sees every organisation: {all_audit}"
+    );
     let out = up.cli(Some(&bob), &["device", "list"]);
     assert!(out.status.success(), "{out:?}");
     let removed = up.ok(Some(&acme), &["user", "remove", "bob"]);

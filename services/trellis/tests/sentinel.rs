@@ -269,6 +269,11 @@ async fn sentinel_promotes_the_replica_and_keyvault_follows_without_a_restart() 
 
     let master_key_file = dir.path().join("master.key");
     std::fs::write(&master_key_file, hex::encode(rand::random::<[u8; 32]>()))?;
+    {
+        // keyvault refuses a master key file others can read.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&master_key_file, std::fs::Permissions::from_mode(0o600))?;
+    }
     // Both services get the same Redis settings: region-local Redis for
     // sessions, Sentinel for the durable records, R as this region's copy.
     let redis_env = |admin: &str| {

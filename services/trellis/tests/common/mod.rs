@@ -200,6 +200,11 @@ impl Services {
         let master_key_hex = hex::encode(rand::random::<[u8; 32]>());
         let key_file = o.dir.join("master.key");
         std::fs::write(&key_file, &master_key_hex)?;
+        // keyvault refuses a master key file others can read.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+        }
         let (keyvault, keyvault_admin) = (addr(), addr());
         let (signer, signer_admin) = (addr(), addr());
         let (ota, ota_admin) = (addr(), addr());
