@@ -25,6 +25,40 @@ impl OtaService {
         }
     }
 
+    /// Whether `principal` may see product `product_id`'s rollouts (its
+    /// organisation's products; every product for a service).
+    async fn sees_product(
+        &self,
+        principal: &trellis_auth::Principal,
+        product_id: u32,
+    ) -> Result<bool, Status> {
+        if principal.is_service() {
+            return Ok(true);
+        }
+        let org = trellis_auth::store::product_org(&mut self.audit.clone(), product_id)
+            .await
+            .map_err(Status::from)?;
+        Ok(principal.sees(&org))
+    }
+
+    /// `Ok` when the rollout exists and is the caller's organisation's;
+    /// another organisation's rollout answers exactly as a missing one.
+    async fn check_rollout(
+        &self,
+        principal: &trellis_auth::Principal,
+        rollout_id: &str,
+    ) -> Result<(), Status> {
+        let loaded = self.scheduler.load(rollout_id).await?;
+        if self.sees_product(principal, loaded.meta.product_id).await? {
+            Ok(())
+        } else {
+            Err(crate::error::OtaError::NotFound(format!(
+                "rollout {rollout_id:?} does not exist (trellis rollout list)"
+            ))
+            .into())
+        }
+    }
+
     /// One security record per operator action on a rollout, naming the
     /// authenticated caller; a failed write is logged, the action stands.
     async fn audit(&self, actor: &str, action: &str, rollout: &str, detail: &[(&str, String)]) {
@@ -40,6 +74,14 @@ impl OtaService {
     }
 }
 
+/// The product a release id (`<product>-<version>`) names.
+fn product_of_release(release_id: &str) -> Option<u32> {
+    release_id
+        .trim()
+        .split_once('-')
+        .and_then(|(p, _)| p.parse().ok())
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -48,9 +90,21 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::CreateRolloutRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let req = request.into_inner();
         let release = req.release_id.clone();
+        // "P-V": another organisation's release is as missing as none.
+        if let Some(product) = product_of_release(&release)
+            && !self.sees_product(&principal, product).await?
+        {
+            return Err(
+                crate::error::OtaError::from(crate::release::ReleaseError::NotFound(
+                    release.trim().to_string(),
+                ))
+                .into(),
+            );
+        }
         let status = self.scheduler.create(req).await?;
         self.audit(
             &actor,
@@ -66,25 +120,39 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let id = request.into_inner().rollout_id;
+        self.check_rollout(&principal, &id).await?;
         Ok(Response::new(self.scheduler.status(&id, true).await?))
     }
 
     async fn list_rollouts(
         &self,
-        _request: Request<pb::ListRolloutsRequest>,
+        request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        Ok(Response::new(pb::ListRolloutsResponse {
-            rollouts: self.scheduler.list().await?,
-        }))
+        let principal = trellis_auth::Principal::of(&request)?;
+        let mut rollouts = Vec::new();
+        for r in self.scheduler.list().await? {
+            let product = r
+                .spec
+                .as_ref()
+                .and_then(|s| product_of_release(&s.release_id))
+                .unwrap_or_default();
+            if self.sees_product(&principal, product).await? {
+                rollouts.push(r);
+            }
+        }
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 
     async fn pause_rollout(
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let r = request.into_inner();
+        self.check_rollout(&principal, &r.rollout_id).await?;
         let status = self.scheduler.pause(&r.rollout_id, &r.reason).await?;
         self.audit(
             &actor,
@@ -100,8 +168,10 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let r = request.into_inner();
+        self.check_rollout(&principal, &r.rollout_id).await?;
         let status = self.scheduler.resume(&r.rollout_id, &r.reason).await?;
         self.audit(
             &actor,
@@ -117,8 +187,10 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::RolloutAction>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let r = request.into_inner();
+        self.check_rollout(&principal, &r.rollout_id).await?;
         let status = self.scheduler.abort(&r.rollout_id, &r.reason).await?;
         self.audit(
             &actor,
@@ -136,7 +208,9 @@ impl Ota for OtaService {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let id = request.into_inner().rollout_id;
+        self.check_rollout(&principal, &id).await?;
         let first = self.scheduler.load(&id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let scheduler = self.scheduler.clone();

@@ -772,6 +772,45 @@ async fn load_release(redis: &mut Redis, release_id: &str) -> Result<ReleaseReco
         .ok_or_else(|| no_release(release_id))
 }
 
+/// Whether `principal` may see product `product_id`'s firmware: its own
+/// organisation's products (one never registered is the default
+/// organisation's), every product for a service. Refused with `hidden`,
+/// the error a missing record gives, so another organisation's releases
+/// and policies cannot be told apart from none.
+async fn guard_product(
+    redis: &Redis,
+    principal: &trellis_auth::Principal,
+    product_id: u32,
+    hidden: impl FnOnce() -> SignerError,
+) -> Result<()> {
+    if principal.is_service() {
+        return Ok(());
+    }
+    let org = trellis_auth::store::product_org(&mut redis.clone(), product_id)
+        .await
+        .map_err(|e| match e {
+            trellis_auth::store::StoreError::Redis(e) => SignerError::Redis(e),
+            other => SignerError::Internal(format!(
+                "cannot read product {product_id}'s organisation: {other}"
+            )),
+        })?;
+    if principal.sees(&org) {
+        Ok(())
+    } else {
+        Err(hidden())
+    }
+}
+
+/// As [`guard_product`] for the product a release id names.
+async fn guard_release(
+    redis: &Redis,
+    principal: &trellis_auth::Principal,
+    release_id: &str,
+) -> Result<()> {
+    let (release_id, product_id, _) = validate::release_id(release_id)?;
+    guard_product(redis, principal, product_id, || no_release(&release_id)).await
+}
+
 fn no_image(sha256: &str) -> SignerError {
     SignerError::NotFound(format!(
         "no image with SHA-256 {sha256}: upload it first with `trellis firmware upload FILE \
@@ -818,7 +857,15 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::CreateReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
+        let product = req.product_id;
+        guard_product(&self.redis, &principal, product, || {
+            SignerError::NotFound(format!(
+                "product {product} is not one of your organisation's: `trellis product create {product}` first"
+            ))
+        })
+        .await?;
         let span = tracing::info_span!(
             "signer.create_release",
             product_id = req.product_id,
@@ -837,8 +884,10 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::SignReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let req = request.into_inner();
+        guard_release(&self.redis, &principal, &req.release_id).await?;
         let span = tracing::info_span!("signer.sign_release", release_id = %req.release_id);
         in_span(span, async {
             let release = SignerService::sign_release(self, &req.release_id, &actor).await?;
@@ -852,7 +901,9 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::AddSignatureRequest>,
     ) -> Result<Response<pb::Release>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
+        guard_release(&self.redis, &principal, &req.release_id).await?;
         let span = tracing::info_span!(
             "signer.add_signature",
             release_id = %req.release_id,
@@ -871,7 +922,9 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::GetReleaseRequest>,
     ) -> Result<Response<pb::Release>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
+        guard_release(&self.redis, &principal, &req.release_id).await?;
         let span = tracing::debug_span!("signer.get_release", release_id = %req.release_id);
         in_span(span, SignerService::get_release(self, &req.release_id))
             .await
@@ -882,23 +935,53 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("signer.list_releases", product_id = req.product_id);
-        in_span(span, SignerService::list_releases(self, req.product_id))
-            .await
-            .map(|list| {
-                Response::new(pb::ListReleasesResponse {
-                    releases: list.iter().map(ReleaseRecord::to_proto).collect(),
-                })
-            })
+        let list = in_span(span, SignerService::list_releases(self, req.product_id)).await?;
+        // Another organisation's releases are not listed.
+        let mut visible = Vec::with_capacity(list.len());
+        let mut seen: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+        for r in &list {
+            let ok = match seen.get(&r.product_id) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = guard_product(&self.redis, &principal, r.product_id, || {
+                        SignerError::NotFound(String::new())
+                    })
+                    .await
+                    .is_ok();
+                    seen.insert(r.product_id, ok);
+                    ok
+                }
+            };
+            if ok {
+                visible.push(r.to_proto());
+            }
+        }
+        Ok(Response::new(pb::ListReleasesResponse {
+            releases: visible,
+        }))
     }
 
     async fn set_policy(
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SigningPolicy>, Status> {
-        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
         let req = request.into_inner();
+        let product = req
+            .policy
+            .as_ref()
+            .map(|p| p.product_id)
+            .unwrap_or_default();
+        guard_product(&self.redis, &principal, product, || {
+            SignerError::NotFound(format!(
+                "product {product} is not one of your organisation's: `trellis product create {product}` first"
+            ))
+        })
+        .await?;
         let span = tracing::info_span!(
             "signer.set_policy",
             product_id = req
@@ -920,7 +1003,15 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::SigningPolicy>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
+        let product_id = req.product_id;
+        guard_product(&self.redis, &principal, product_id, || {
+            SignerError::NotFound(format!(
+                "product {product_id} has no signing policy; set one with `trellis policy set`"
+            ))
+        })
+        .await?;
         let span = tracing::debug_span!("signer.get_policy", product_id = req.product_id);
         in_span(span, SignerService::get_policy(self, req.product_id))
             .await
@@ -931,7 +1022,9 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::VerifyReleaseRequest>,
     ) -> Result<Response<pb::VerifyReleaseResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
+        guard_release(&self.redis, &principal, &req.release_id).await?;
         let span = tracing::info_span!("signer.verify_release", release_id = %req.release_id);
         in_span(span, SignerService::verify_release(self, &req.release_id))
             .await

@@ -452,6 +452,114 @@ async fn organisations_never_see_each_other() -> anyhow::Result<()> {
         "{listed}"
     );
 
+    // Releases, policies and rollouts of another organisation's product
+    // answer exactly as missing ones, and are never listed.
+    std::fs::write(
+        up.dir.path().join("fw.bin"),
+        b"firmware of the default organisation",
+    )?;
+    let uploaded = up.ok(
+        None,
+        &[
+            "firmware",
+            "upload",
+            "fw.bin",
+            "--product",
+            "7",
+            "--version",
+            "2",
+        ],
+    );
+    assert_eq!(uploaded, "7-2");
+    for (theirs_args, none_args, what) in [
+        (
+            vec!["release", "show", "7-2"],
+            vec!["release", "show", "7-9"],
+            "release show",
+        ),
+        (
+            vec!["release", "verify", "7-2"],
+            vec!["release", "verify", "7-9"],
+            "release verify",
+        ),
+        (
+            vec!["release", "sign", "7-2"],
+            vec!["release", "sign", "7-9"],
+            "release sign",
+        ),
+        (
+            vec!["rollout", "create", "--release", "7-2"],
+            vec!["rollout", "create", "--release", "7-9"],
+            "rollout create",
+        ),
+    ] {
+        let out = up.cli(Some(&acme), &theirs_args);
+        let none = up.cli(Some(&acme), &none_args);
+        let err = String::from_utf8_lossy(&out.stderr).replace("7-2", "R");
+        let err_none = String::from_utf8_lossy(&none.stderr).replace("7-9", "R");
+        assert!(
+            !out.status.success() && err.contains("NotFound"),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            err, err_none,
+            "{what}: another organisation's release is told apart from none"
+        );
+    }
+    let releases =
+        String::from_utf8_lossy(&up.cli(Some(&acme), &["release", "list"]).stdout).to_string();
+    assert!(!releases.contains("7-2"), "{releases}");
+    let releases = String::from_utf8_lossy(&up.cli(None, &["release", "list"]).stdout).to_string();
+    assert!(releases.contains("7-2"), "{releases}");
+    // A product of its own: acme registers it, then releases it.
+    up.ok(
+        Some(&acme),
+        &["product", "create", "8", "--name", "acme-widget"],
+    );
+    std::fs::write(up.dir.path().join("acme.bin"), b"acme firmware")?;
+    let acme_release = up.ok(
+        Some(&acme),
+        &[
+            "firmware",
+            "upload",
+            "acme.bin",
+            "--product",
+            "8",
+            "--version",
+            "1",
+        ],
+    );
+    assert_eq!(acme_release, "8-1");
+    // Data stays inside its organisation even for the installation's first
+    // owner (cluster:admin is for organisations, service credentials and
+    // the installation's audit).
+    let out = up.cli(None, &["release", "show", "8-1"]);
+    assert!(
+        !out.status.success(),
+        "the default organisation sees acme's release: {out:?}"
+    );
+    std::fs::write(
+        up.dir.path().join("acme7.bin"),
+        b"acme firmware for product 7",
+    )?;
+    let out = up.cli(
+        Some(&acme),
+        &[
+            "firmware",
+            "upload",
+            "acme7.bin",
+            "--product",
+            "7",
+            "--version",
+            "5",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("NotFound"),
+        "acme released for product 7: {err}"
+    );
+
     // Users and tokens stay inside the organisation too.
     up.ok(Some(&acme), &["user", "add", "bob", "--role", "viewer"]);
     let users = String::from_utf8_lossy(&up.cli(None, &["user", "list"]).stdout).to_string();
