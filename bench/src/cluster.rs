@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use trellis_core::local_redis::{LocalRedis, RedisData, free_port};
+use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::{GetCloudPublicKeyRequest, RegisterDeviceRequest};
@@ -106,6 +106,10 @@ pub struct ClusterOptions {
     /// Keep the gateway's shipped handshake admission limits (otherwise
     /// lifted, to measure what the gateway can do).
     pub admission: bool,
+    /// Access control on (`auth.mode = "tokens"`, as shipped): the services
+    /// check every caller, gateway and signer carry a service credential,
+    /// this process calls with an owner's token. Off: `auth.mode = "off"`.
+    pub auth: bool,
 }
 
 /// Redis + keyvault + gateways, all children of this process, killed on drop.
@@ -134,6 +138,12 @@ impl Cluster {
             .tempdir()?;
         let redis = LocalRedis::start(RedisData::Ephemeral)?;
         let master_key = hex::encode(rand::random::<[u8; 32]>());
+        let service_token = if opts.auth {
+            Some(mint_tokens(&redis.url()).await?)
+        } else {
+            trellis_core::telemetry::set_operator_credential(None).map_err(anyhow::Error::msg)?;
+            None
+        };
         let common = |name: &str| -> anyhow::Result<Command> {
             let mut cmd = Command::new(&bin);
             // Only what this run sets: no stray trellis.toml, no TRELLIS_* of ours.
@@ -143,11 +153,17 @@ impl Cluster {
                 }
             }
             cmd.current_dir(dir.path())
-                // Benchmarks measure the data path; auth's cost is its own figure.
-                .env("TRELLIS_AUTH__MODE", "off")
                 .env("TRELLIS_REDIS__URL", redis.url())
                 .env("TRELLIS_TELEMETRY__LOG", &opts.log)
                 .stdin(Stdio::null());
+            match &service_token {
+                // Every check on, but not the per-token rate limit: the
+                // load generator is one token by design.
+                Some(token) => cmd
+                    .env("TRELLIS_AUTH__SERVICE_TOKEN", token)
+                    .env("TRELLIS_AUTH__TOKEN_RATE", "0"),
+                None => cmd.env("TRELLIS_AUTH__MODE", "off"),
+            };
             if known_setting("telemetry", "admin_listen") {
                 // Off: several gateways would fight over the default port.
                 cmd.env("TRELLIS_TELEMETRY__ADMIN_LISTEN", "");
@@ -246,12 +262,19 @@ impl Cluster {
         })
     }
 
-    pub async fn keyvault_client(&self) -> anyhow::Result<KeyVaultClient<Channel>> {
-        Ok(KeyVaultClient::connect(format!("http://{}", self.keyvault_addr)).await?)
+    pub async fn keyvault_client(&self) -> anyhow::Result<KeyVaultClient<TracedChannel>> {
+        Ok(KeyVaultClient::new(
+            operator_channel(self.keyvault_addr).await?,
+        ))
     }
 
-    pub async fn gateway_client(&self, n: usize) -> anyhow::Result<DeviceServiceClient<Channel>> {
-        Ok(DeviceServiceClient::connect(format!("http://{}", self.gateways[n].grpc)).await?)
+    pub async fn gateway_client(
+        &self,
+        n: usize,
+    ) -> anyhow::Result<DeviceServiceClient<TracedChannel>> {
+        Ok(DeviceServiceClient::new(
+            operator_channel(self.gateways[n].grpc).await?,
+        ))
     }
 
     /// Fails with the child's log when any process has died.
@@ -317,16 +340,67 @@ impl Cluster {
     }
 }
 
+/// A channel whose calls carry this process's operator token (if any).
+pub async fn operator_channel(addr: SocketAddr) -> anyhow::Result<TracedChannel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        TraceInterceptor::OPERATOR,
+    ))
+}
+
+/// Straight into Redis before any service starts, as `trellis up` does:
+/// an owner's token for this process's calls, and the services' credential
+/// (returned) for gateway and signer.
+async fn mint_tokens(redis_url: &str) -> anyhow::Result<String> {
+    use trellis_auth::store::{self, TokenRequest};
+    use trellis_auth::{Role, Scope};
+    let mut redis = trellis_core::redis_conn::connect(redis_url).await?;
+    store::ensure_org(&mut redis, trellis_auth::DEFAULT_ORG).await?;
+    let (owner, _) = store::create_token(
+        &mut redis,
+        TokenRequest {
+            org: trellis_auth::DEFAULT_ORG,
+            user: "bench",
+            name: "bench operator",
+            scopes: &Role::Owner.scopes(),
+            expires_ms: 0,
+        },
+    )
+    .await?;
+    let (services, _) = store::create_token(
+        &mut redis,
+        TokenRequest {
+            org: "system",
+            user: "service:bench",
+            name: "bench services",
+            scopes: &[
+                Scope::ServiceGateway,
+                Scope::ServiceSigner,
+                Scope::ServiceOta,
+            ],
+            expires_ms: 0,
+        },
+    )
+    .await?;
+    trellis_core::telemetry::set_operator_credential(Some(&owner.bearer))
+        .map_err(anyhow::Error::msg)?;
+    Ok(services.bearer)
+}
+
 async fn wait_keyvault(
     addr: SocketAddr,
     proc: &mut Proc,
-) -> anyhow::Result<KeyVaultClient<Channel>> {
+) -> anyhow::Result<KeyVaultClient<TracedChannel>> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if let Some(e) = proc.exited() {
             bail!(e);
         }
-        if let Ok(mut c) = KeyVaultClient::connect(format!("http://{addr}")).await
+        if let Ok(channel) = operator_channel(addr).await
+            && let mut c = KeyVaultClient::new(channel)
             && c.get_cloud_public_key(GetCloudPublicKeyRequest {})
                 .await
                 .is_ok()

@@ -52,6 +52,10 @@ pub struct Args {
     /// e.g. to compare admission policies.
     #[arg(long = "gateway-env", value_parser = parse_env)]
     pub gateway_env: Vec<(String, String)>,
+    /// Access control on, as shipped (tokens checked on every RPC, the
+    /// gateway's OpenSession calls carry its service credential).
+    #[arg(long)]
+    pub auth: bool,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -77,6 +81,7 @@ impl Args {
             until_hello: false,
             admission: false,
             gateway_env: Vec::new(),
+            auth: false,
         }
     }
 
@@ -92,6 +97,7 @@ impl Args {
             until_hello: true,
             admission: true,
             gateway_env: Vec::new(),
+            auth: false,
         }
     }
 }
@@ -292,6 +298,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         signer: false,
         gateway_env: args.gateway_env.clone(),
         admission: args.admission,
+        auth: args.auth,
     })
     .await?;
     let concurrency = args.concurrency.max(1);
@@ -490,7 +497,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             .collect::<String>()
     );
     println!(
-        "pattern : {concurrency} devices, {} identities{}, {}, gateway admission {}",
+        "pattern : {concurrency} devices, {} identities{}, {}, gateway admission {}, access control {}",
         shared.len(),
         if identities_shared {
             " shared in turn (an identity returns while its last session may be closing)"
@@ -506,7 +513,8 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             "as shipped"
         } else {
             "lifted"
-        }
+        },
+        if args.auth { "on" } else { "off" }
     );
     println!(
         "system  : {} handshakes/s over {elapsed:.1} s at {concurrency} in flight ({ok} ok, {failed} failed); latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

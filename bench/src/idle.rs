@@ -84,6 +84,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         signer: false,
         gateway_env: Vec::new(),
         admission: false,
+        auth: false,
     })
     .await?;
     let gw_pid = cluster.gateways[0].proc.pid();

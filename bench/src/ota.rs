@@ -201,7 +201,7 @@ fn image(len: usize) -> Vec<u8> {
 /// image uploaded, release created and signed in keyvault, policy met.
 /// Returns (release id, the devices' trust policy).
 async fn signed_release(
-    kv: &mut KeyVaultClient<tonic::transport::Channel>,
+    kv: &mut KeyVaultClient<trellis_core::telemetry::TracedChannel>,
     signer: &mut SignerClient<tonic::transport::Channel>,
     image: &[u8],
 ) -> anyhow::Result<(String, TrustPolicy)> {
@@ -309,6 +309,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
             args.chunk_size.to_string(),
         )],
         admission: false,
+        auth: false,
     })
     .await?;
     let signer_addr = cluster

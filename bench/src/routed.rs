@@ -30,6 +30,10 @@ pub struct Args {
     /// Devices on gateway A that the calls rotate over.
     #[arg(long, default_value_t = 8)]
     pub devices: usize,
+    /// Access control on, as shipped: every call carries a token the gateway
+    /// checks (scope, organisation of the device).
+    #[arg(long)]
+    pub auth: bool,
 }
 
 impl Args {
@@ -37,6 +41,7 @@ impl Args {
         Self {
             rate: 100.0,
             seconds: 2.0,
+            auth: false,
             devices: 2,
         }
     }
@@ -104,7 +109,11 @@ fn line(name: &str, l: &Latencies, failed: u64) -> String {
 }
 
 pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    println!("== routed call ({})", util::machine());
+    println!(
+        "== routed call ({}; access control {})",
+        util::machine(),
+        if args.auth { "on" } else { "off" }
+    );
     let mut cluster = Cluster::start(&ClusterOptions {
         gateways: 2,
         keepalive_secs: 15,
@@ -113,6 +122,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         signer: false,
         gateway_env: Vec::new(),
         admission: false,
+        auth: args.auth,
     })
     .await?;
     let key = crate::handshake::device_key()?;
@@ -169,7 +179,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     }
     let ids: Arc<Vec<String>> = Arc::new(ids.iter().map(|i| i.to_string()).collect());
     let call = |b: trellis_proto::v1::device_service_client::DeviceServiceClient<
-        tonic::transport::Channel,
+        trellis_core::telemetry::TracedChannel,
     >,
                 ids: Arc<Vec<String>>| {
         move |i: u64| {
