@@ -77,6 +77,30 @@ fn checked(req: &pb::SignRequest) -> Result<()> {
     Ok(())
 }
 
+/// The release key signs firmware manifests the signer has stored, byte for
+/// byte, and nothing else: whoever holds a signer credential cannot have
+/// arbitrary bytes signed, and every cloud signature belongs to a release
+/// that `trellis release list` shows.
+async fn stored_manifest(redis: &mut Redis, data: &[u8]) -> Result<()> {
+    let manifest = trellis_firmware::decode_manifest(data).map_err(|e| {
+        KeyvaultError::InvalidArgument(format!("keyvault signs only firmware manifests ({e})"))
+    })?;
+    let release_id = format!("{}-{}", manifest.product_id, manifest.version);
+    let stored: Option<Vec<u8>> = redis::AsyncCommands::hget(
+        redis,
+        trellis_core::redis_conn::keys::release(&release_id),
+        "manifest",
+    )
+    .await?;
+    if stored.as_deref() == Some(data) {
+        Ok(())
+    } else {
+        Err(KeyvaultError::FailedPrecondition(format!(
+            "no stored release {release_id} has exactly these manifest bytes; keyvault signs only              manifests the signer has stored"
+        )))
+    }
+}
+
 /// Sign: checks the request, signs on the private-key pool, audits.
 pub async fn sign(
     pool: &Pool,
@@ -95,8 +119,12 @@ pub async fn sign(
             .with("sha256", digest.clone())
             .with("data_len", req.data.len().to_string())
     };
-    let key = match checked(&req).and_then(|()| release_key(release.as_deref(), &req.purpose)) {
-        Ok(_) => release.expect("checked by release_key"),
+    let allowed = match checked(&req).and_then(|()| release_key(release.as_deref(), &req.purpose)) {
+        Ok(_) => stored_manifest(redis, &req.data).await,
+        Err(e) => Err(e),
+    };
+    let key = match allowed {
+        Ok(()) => release.expect("checked by release_key"),
         Err(e) => {
             // Refusals are audited too; their failure to be written is only logged.
             crate::registry::audit_write(

@@ -344,6 +344,52 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
         "a viewer made a devices:call token: {out:?}"
     );
 
+    // Service credentials: a gateway's cannot have anything signed, and
+    // even the signer's only gets manifests of stored releases signed.
+    let gateway_cred = up.ok(None, &["token", "create", "--service", "gateway"]);
+    let signer_cred = up.ok(None, &["token", "create", "--service", "signer"]);
+    let manifest = trellis_firmware::encode_manifest(&trellis_proto::v1::FirmwareManifest {
+        product_id: 7,
+        version: 42,
+        image_size: 10,
+        image_sha256: vec![7; 32],
+        created_at_ms: 1,
+        organization: "default".into(),
+    });
+    let sign = |token: String, data: Vec<u8>| {
+        let keyvault = up.keyvault.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{keyvault}"))?
+                .connect()
+                .await?;
+            let mut kv = trellis_proto::v1::key_vault_client::KeyVaultClient::new(channel);
+            let mut request = tonic::Request::new(trellis_proto::v1::SignRequest {
+                purpose: "release".into(),
+                data,
+                actor: "test".into(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            anyhow::Ok(kv.sign(request).await.map(|_| ()).map_err(|s| s.code()))
+        }
+    };
+    assert_eq!(
+        sign(gateway_cred, manifest.clone()).await?,
+        Err(Code::PermissionDenied),
+        "a gateway credential had something signed"
+    );
+    assert_eq!(
+        sign(signer_cred.clone(), b"arbitrary bytes".to_vec()).await?,
+        Err(Code::InvalidArgument),
+        "keyvault signed bytes that are no manifest"
+    );
+    assert_eq!(
+        sign(signer_cred, manifest).await?,
+        Err(Code::FailedPrecondition),
+        "keyvault signed a manifest no release holds"
+    );
+
     // Without `trellis up`: the first owner straight from Redis, and a
     // service that refuses to start without its credential.
     let log = up._proc.output();
