@@ -375,14 +375,7 @@ impl KeyVault for KeyVaultService {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
-        let limit = match req.limit as usize {
-            0 => DEFAULT_AUDIT_LIMIT,
-            n => n.min(MAX_AUDIT_LIMIT),
-        };
-        let device = (!req.device_id.is_empty())
-            .then(|| registry::parse_device_id(&req.device_id))
-            .transpose()
-            .map_err(status)?;
+        let (limit, device) = audit_query(req.limit, &req.device_id)?;
         let mut redis = self.redis.clone();
         let mut scope = AuditScope::new(&principal);
         // Another organisation's records are skipped: read further back.
@@ -423,14 +416,7 @@ impl KeyVault for KeyVaultService {
     ) -> Result<Response<pb::ListRefusalsResponse>, Status> {
         let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
-        let limit = match req.limit as usize {
-            0 => DEFAULT_AUDIT_LIMIT,
-            n => n.min(MAX_AUDIT_LIMIT),
-        };
-        let device = (!req.device_id.is_empty())
-            .then(|| registry::parse_device_id(&req.device_id))
-            .transpose()
-            .map_err(status)?;
+        let (limit, device) = audit_query(req.limit, &req.device_id)?;
         let mut redis = self.redis.clone();
         let mut scope = AuditScope::new(&principal);
         let scan = if scope.everything() {
@@ -464,6 +450,20 @@ impl KeyVault for KeyVaultService {
                 .collect(),
         }))
     }
+}
+
+/// A ListAudit/ListRefusals request's limit (0: the default, capped) and
+/// device filter (empty: none).
+fn audit_query(limit: u32, device_id: &str) -> Result<(usize, Option<String>), Status> {
+    let limit = match limit as usize {
+        0 => DEFAULT_AUDIT_LIMIT,
+        n => n.min(MAX_AUDIT_LIMIT),
+    };
+    let device = (!device_id.is_empty())
+        .then(|| registry::parse_device_id(device_id))
+        .transpose()
+        .map_err(status)?;
+    Ok((limit, device))
 }
 
 /// Which audit records a caller may read: the installation's first owner
