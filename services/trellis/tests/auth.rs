@@ -28,6 +28,14 @@ struct Up {
     _proc: Proc,
 }
 
+impl Drop for Up {
+    /// SIGTERM, so `trellis up` stops the redis-server it started (SIGKILL,
+    /// the process's own drop, would leave it running).
+    fn drop(&mut self) {
+        self._proc.terminate(Duration::from_secs(15));
+    }
+}
+
 impl Up {
     /// The service that serves `package.Service`.
     fn addr_of(&self, service: &str) -> &str {
