@@ -26,10 +26,7 @@ impl AccessService {
         for (k, v) in detail {
             record = record.with(k, v.clone());
         }
-        let mut redis = self.redis.clone();
-        if let Err(e) = audit::append(&mut redis, &record).await {
-            tracing::error!(error = %e, action, "audit record not written");
-        }
+        audit::append_logged(&mut self.redis.clone(), &record).await;
     }
 }
 

@@ -207,6 +207,34 @@ pub async fn append(redis: &mut Redis, record: &AuditRecord) -> redis::RedisResu
         .await
 }
 
+/// Appends a record where the change it describes is already made: a
+/// failed write is logged loudly (and the change stands).
+pub async fn append_logged(redis: &mut Redis, record: &AuditRecord) {
+    if let Err(e) = append(redis, record).await {
+        tracing::error!(
+            error = %e,
+            action = %record.action,
+            device_id = %record.device_id,
+            outcome = %record.outcome,
+            "audit record not written"
+        );
+    }
+}
+
+/// As [`record_refusal`], a failure logged loudly instead of returned.
+pub async fn record_refusal_logged(
+    redis: &mut Redis,
+    actor: &str,
+    action: &str,
+    reason: &str,
+    peer: &str,
+    device_id: &str,
+) {
+    if let Err(e) = record_refusal(redis, actor, action, reason, peer, device_id).await {
+        tracing::error!(error = %e, action, reason, peer, "refusal not counted");
+    }
+}
+
 /// The newest `limit` records (oldest first), optionally for one device.
 pub async fn recent(
     redis: &mut Redis,

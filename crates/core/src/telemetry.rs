@@ -308,6 +308,14 @@ pub fn has_service_credential() -> bool {
         .is_some()
 }
 
+/// Whether this process already has an operator credential.
+pub fn has_operator_credential() -> bool {
+    OPERATOR_CREDENTIAL
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+}
+
 /// The token this process's operator clients (CLI, demo) send.
 pub fn set_operator_credential(token: Option<&str>) -> Result<(), String> {
     set_credential(&OPERATOR_CREDENTIAL, token)

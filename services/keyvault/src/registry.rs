@@ -444,28 +444,5 @@ pub async fn keep_pending(
 /// Appends an audit record; a failure is logged loudly but does not fail the
 /// request (the change itself is already stored).
 pub async fn audit_write(redis: &mut Redis, record: AuditRecord) {
-    if let Err(e) = audit::append(redis, &record).await {
-        tracing::error!(
-            error = %e,
-            action = %record.action,
-            device_id = %record.device_id,
-            outcome = %record.outcome,
-            "audit record not written"
-        );
-    }
-}
-
-/// Counts a refused handshake into its (source, action, reason) aggregate;
-/// a failure is logged loudly, as for [`audit_write`].
-pub async fn refusal_write(
-    redis: &mut Redis,
-    actor: &str,
-    action: &str,
-    reason: &str,
-    peer: &str,
-    device_id: &str,
-) {
-    if let Err(e) = audit::record_refusal(redis, actor, action, reason, peer, device_id).await {
-        tracing::error!(error = %e, action, reason, peer, "refusal not counted");
-    }
+    audit::append_logged(redis, &record).await;
 }

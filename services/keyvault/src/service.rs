@@ -285,7 +285,7 @@ impl KeyVault for KeyVaultService {
                     } else {
                         // Counted per source and reason: a flood of these
                         // cannot push key-use records out of the stream.
-                        registry::refusal_write(
+                        trellis_core::audit::record_refusal_logged(
                             &mut redis,
                             &req.gateway_id,
                             "open_session",

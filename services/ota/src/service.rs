@@ -67,10 +67,7 @@ impl OtaService {
         for (k, v) in detail {
             record = record.with(k, v.clone());
         }
-        let mut redis = self.audit.clone();
-        if let Err(e) = trellis_core::audit::append(&mut redis, &record).await {
-            tracing::error!(error = %e, action, rollout, "audit record not written");
-        }
+        trellis_core::audit::append_logged(&mut self.audit.clone(), &record).await;
     }
 }
 

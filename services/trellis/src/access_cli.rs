@@ -261,32 +261,34 @@ pub async fn user(endpoints: &Endpoints, cmd: UserCommand) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `trellis token bootstrap`: straight to Redis, no service involved.
+pub async fn bootstrap(config: &trellis_core::Config, out: &Path) -> anyhow::Result<()> {
+    let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("token bootstrap writes to Redis: set redis.url (TRELLIS_REDIS__URL)")?;
+    let (_, made) = trellis_auth::setup::bootstrap_token(
+        &mut redis,
+        out,
+        trellis_auth::setup::Bootstrap::FirstOwner,
+    )
+    .await?;
+    println!(
+        "{} first owner token in {} (mode 0600): `trellis login --token $(cat {})`",
+        if made { "made the" } else { "kept the live" },
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
 pub async fn token(
     endpoints: &Endpoints,
     config: &trellis_core::Config,
     cmd: TokenCommand,
 ) -> anyhow::Result<()> {
-    if let TokenCommand::Bootstrap { out } = &cmd {
-        let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
-            .await
-            .context("token bootstrap writes to Redis: set redis.url (TRELLIS_REDIS__URL)")?;
-        let (_, made) = trellis_auth::setup::bootstrap_token(
-            &mut redis,
-            out,
-            trellis_auth::setup::Bootstrap::FirstOwner,
-        )
-        .await?;
-        println!(
-            "{} first owner token in {} (mode 0600): `trellis login --token $(cat {})`",
-            if made { "made the" } else { "kept the live" },
-            out.display(),
-            out.display()
-        );
-        return Ok(());
-    }
-    let mut c = client(endpoints).await?;
+    // Every command but bootstrap asks keyvault; bootstrap works without it.
     match cmd {
-        TokenCommand::Bootstrap { .. } => unreachable!("handled above"),
+        TokenCommand::Bootstrap { out } => bootstrap(config, &out).await?,
         TokenCommand::Create {
             scopes,
             expires_in,
@@ -295,7 +297,8 @@ pub async fn token(
             org,
             service,
         } => {
-            let created = c
+            let created = client(endpoints)
+                .await?
                 .create_token(pb::CreateTokenRequest {
                     name,
                     scopes,
@@ -331,7 +334,8 @@ pub async fn token(
                 "{:<16} {:<24} {:<16} {:<24} {:<24} scopes",
                 "id", "user", "name", "last used", "state"
             );
-            for t in c
+            for t in client(endpoints)
+                .await?
                 .list_tokens(pb::ListTokensRequest {})
                 .await
                 .map_err(status)?
@@ -364,7 +368,8 @@ pub async fn token(
             }
         }
         TokenCommand::Revoke { id } => {
-            let t = c
+            let t = client(endpoints)
+                .await?
                 .revoke_token(pb::RevokeTokenRequest { id })
                 .await
                 .map_err(status)?

@@ -33,8 +33,8 @@ async fn bootstrap_access(config: &Config) -> anyhow::Result<()> {
     )
     .await?;
     trellis_core::telemetry::set_service_credential(Some(&services)).map_err(anyhow::Error::msg)?;
-    // The demo's operator calls; a CLI's own --token / login still wins.
-    if crate::access_cli::find_token(None, &config.data_dir).as_deref() == Some(owner.as_str()) {
+    // The demo's operator calls, unless `--token` or a login chose another.
+    if !trellis_core::telemetry::has_operator_credential() {
         trellis_core::telemetry::set_operator_credential(Some(&owner))
             .map_err(anyhow::Error::msg)?;
     }
