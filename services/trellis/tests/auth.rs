@@ -11,10 +11,9 @@
 //!   revokes scoped tokens.
 mod common;
 
-use common::{Proc, addr, wait_ok};
+use common::{Proc, UpAddrs, addr, command_without_trellis_env};
 use prost::Message;
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 use tonic::Code;
 use trellis_auth::{Rule, Scope, rule_for};
@@ -60,12 +59,7 @@ impl Up {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> std::process::Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TRELLIS_") {
-                cmd.env_remove(key);
-            }
-        }
+        let mut cmd = command_without_trellis_env();
         cmd.args(args)
             .current_dir(self.dir.path())
             // A login file of the machine's user must not be found.
@@ -102,27 +96,14 @@ impl Up {
 
 async fn up() -> anyhow::Result<Up> {
     let dir = tempfile::tempdir()?;
-    let (keyvault, gateway, signer, ota, admin) = (addr(), addr(), addr(), addr(), addr());
-    let proc = Proc::spawn_with_defaults(
-        "up",
-        dir.path(),
-        &["up"],
-        &[
-            ("TRELLIS_KEYVAULT__LISTEN", keyvault.clone()),
-            ("TRELLIS_GATEWAY__DEVICE_LISTEN", addr()),
-            ("TRELLIS_GATEWAY__GRPC_LISTEN", gateway.clone()),
-            ("TRELLIS_SIGNER__LISTEN", signer.clone()),
-            ("TRELLIS_OTA__LISTEN", ota.clone()),
-            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.clone()),
-        ],
-    );
-    wait_ok(&admin, "/readyz", Duration::from_secs(90), &proc).await?;
+    let addrs = UpAddrs::new();
+    let proc = addrs.up_with_defaults(dir.path()).await?;
     Ok(Up {
         dir,
-        keyvault,
-        gateway,
-        signer,
-        ota,
+        keyvault: addrs.keyvault,
+        gateway: addrs.grpc,
+        signer: addrs.signer,
+        ota: addrs.ota,
         _proc: proc,
     })
 }

@@ -6,18 +6,12 @@
 //! `./trellis-data` of that directory.
 mod common;
 
-use common::{Proc, addr, wait_ok};
-use std::process::Command;
+use common::{Proc, UpAddrs, command_without_trellis_env};
 use std::time::{Duration, Instant};
 
 fn cli(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TRELLIS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.args(args)
+    command_without_trellis_env()
+        .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("RUST_LOG")
         .current_dir(dir)
@@ -29,21 +23,9 @@ fn cli(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> std::pro
 async fn trellis_up_with_the_defaults_serves_a_device_from_a_fresh_directory() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let (keyvault, devices, grpc, admin) = (addr(), addr(), addr(), addr());
-    let mut up = Proc::spawn_with_defaults(
-        "up",
-        dir.path(),
-        &["up"],
-        &[
-            ("TRELLIS_KEYVAULT__LISTEN", keyvault.clone()),
-            ("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.clone()),
-            ("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.clone()),
-            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.clone()),
-            ("TRELLIS_SIGNER__LISTEN", addr()),
-            ("TRELLIS_OTA__LISTEN", addr()),
-        ],
-    );
-    wait_ok(&admin, "/readyz", Duration::from_secs(90), &up).await?;
+    let addrs = UpAddrs::new();
+    let mut up = addrs.up_with_defaults(dir.path()).await?;
+    let (keyvault, devices, grpc) = (&addrs.keyvault, &addrs.devices, &addrs.grpc);
 
     // Everything it keeps is under ./trellis-data of its working directory.
     let data = dir.path().join("trellis-data");
@@ -94,7 +76,7 @@ async fn trellis_up_with_the_defaults_serves_a_device_from_a_fresh_directory() -
             "--devices",
             "1",
             "--gateway",
-            &devices,
+            devices,
             "--event-interval",
             "0",
             "--duration",

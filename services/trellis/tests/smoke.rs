@@ -3,7 +3,7 @@
 //! clear message and a non-zero status when it does not.
 mod common;
 
-use common::{Proc, addr, wait_ok};
+use common::{Proc, UpAddrs, addr, wait_ok};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,26 +17,15 @@ struct Up {
 }
 
 async fn up(dir: &std::path::Path) -> anyhow::Result<Up> {
-    let (keyvault, devices, grpc, admin) = (addr(), addr(), addr(), addr());
-    let proc = Proc::spawn(
-        "up",
-        dir,
-        &["up"],
-        &[
-            ("TRELLIS_KEYVAULT__LISTEN", keyvault.clone()),
-            ("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.clone()),
-            ("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.clone()),
-            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.clone()),
-            ("TRELLIS_SIGNER__LISTEN", addr()),
-            ("TRELLIS_OTA__LISTEN", addr()),
-            ("TRELLIS_TELEMETRY__LOG", "info".into()),
-        ],
-    );
-    wait_ok(&admin, "/readyz", Duration::from_secs(90), &proc).await?;
+    let addrs = UpAddrs::new();
+    let mut env = addrs.env();
+    env.push(("TRELLIS_TELEMETRY__LOG", "info".into()));
+    let proc = Proc::spawn("up", dir, &["up"], &env);
+    wait_ok(&addrs.admin, "/readyz", Duration::from_secs(90), &proc).await?;
     Ok(Up {
-        keyvault,
-        devices,
-        grpc,
+        keyvault: addrs.keyvault,
+        devices: addrs.devices,
+        grpc: addrs.grpc,
         proc,
     })
 }

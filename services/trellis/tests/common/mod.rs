@@ -20,6 +20,62 @@ pub fn addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+/// `trellis` with none of this process's `TRELLIS_*` variables: what a user
+/// who set nothing runs.
+pub fn command_without_trellis_env() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Free loopback addresses for every listener of `trellis up`, so tests
+/// can run it side by side.
+pub struct UpAddrs {
+    pub keyvault: String,
+    pub devices: String,
+    pub grpc: String,
+    pub signer: String,
+    pub ota: String,
+    pub admin: String,
+}
+
+impl UpAddrs {
+    pub fn new() -> Self {
+        Self {
+            keyvault: addr(),
+            devices: addr(),
+            grpc: addr(),
+            signer: addr(),
+            ota: addr(),
+            admin: addr(),
+        }
+    }
+
+    /// The listen settings, as `TRELLIS_*` variables.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TRELLIS_KEYVAULT__LISTEN", self.keyvault.clone()),
+            ("TRELLIS_GATEWAY__DEVICE_LISTEN", self.devices.clone()),
+            ("TRELLIS_GATEWAY__GRPC_LISTEN", self.grpc.clone()),
+            ("TRELLIS_SIGNER__LISTEN", self.signer.clone()),
+            ("TRELLIS_OTA__LISTEN", self.ota.clone()),
+            ("TRELLIS_TELEMETRY__ADMIN_LISTEN", self.admin.clone()),
+        ]
+    }
+
+    /// `trellis up` as the README has a new user run it (working directory
+    /// `dir`, nothing set but these addresses), once it is ready.
+    pub async fn up_with_defaults(&self, dir: &Path) -> anyhow::Result<Proc> {
+        let up = Proc::spawn_with_defaults("up", dir, &["up"], &self.env());
+        wait_ok(&self.admin, "/readyz", Duration::from_secs(90), &up).await?;
+        Ok(up)
+    }
+}
+
 /// A child process whose stdout and stderr go to a file; killed on drop.
 pub struct Proc {
     pub name: String,
@@ -47,13 +103,7 @@ impl Proc {
         args: &[&str],
         env: &[(&str, String)],
     ) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("TRELLIS_") {
-                cmd.env_remove(key);
-            }
-        }
-        Self::spawn_command(cmd, name, dir, args, env)
+        Self::spawn_command(command_without_trellis_env(), name, dir, args, env)
     }
 
     fn spawn_command(
