@@ -5,15 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# CI builds from scratch: incremental compilation would only cost disk (it
+# doubled the target directory) and time.
+export CARGO_INCREMENTAL=0
+disk_report() { echo "disk: $(du -sh target 2>/dev/null | cut -f1) in target, $(df -h --output=avail . | tail -1 | tr -d ' ') free ($1)"; }
+disk_report "start"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+disk_report "after clippy"
 echo "== cargo machete (unused dependencies)"
 command -v cargo-machete >/dev/null || cargo install --locked cargo-machete
 cargo machete
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+disk_report "after cargo test"
 echo "== trellis up --demo (smoke)"
 scripts/smoke.sh
 # The README's first command exactly as a new user runs it: from the clone,
@@ -27,12 +34,14 @@ for want in "returned 5\$" "demo: done"; do
   grep -qE "$want" "$demo_log" || { tail -50 "$demo_log"; echo "demo: missing \"$want\""; exit 1; }
 done
 echo "demo: scripts/demo.sh --exit-after-demo printed demo: done"
+disk_report "after the demo"
 echo "== benchmarks (smoke)"
 bench/smoke.sh
 if [ -x ci/chart/check.sh ]; then
   echo "== helm chart"
   ci/chart/check.sh
 fi
+disk_report "end"
 # Only cargo's own "test result:" lines count (log lines say "failed" too).
 passed=$(grep -E '^test result:' target/test-output.txt | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' target/test-output.txt | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
