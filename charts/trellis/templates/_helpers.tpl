@@ -76,18 +76,91 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end }}
 
-{{/* In-cluster gRPC URLs of the services. */}}
+{{/*
+In-cluster gRPC URLs of the services: the short Service name, which is one of
+the dnsNames of that service's certificate (trellis.serviceDnsNames), so the
+caller's TLS check of the host name holds. https with tls.mode mutual.
+*/}}
+{{- define "trellis.grpcScheme" -}}
+{{- if eq .Values.tls.mode "mutual" }}https{{ else }}http{{ end }}
+{{- end }}
 {{- define "trellis.keyvaultUrl" -}}
-http://{{ include "trellis.fullname" . }}-keyvault:7100
+{{ include "trellis.grpcScheme" . }}://{{ include "trellis.fullname" . }}-keyvault:7100
 {{- end }}
 {{- define "trellis.gatewayUrl" -}}
-http://{{ include "trellis.fullname" . }}-gateway:7200
+{{ include "trellis.grpcScheme" . }}://{{ include "trellis.fullname" . }}-gateway:7200
 {{- end }}
 {{- define "trellis.signerUrl" -}}
-http://{{ include "trellis.fullname" . }}-signer:7300
+{{ include "trellis.grpcScheme" . }}://{{ include "trellis.fullname" . }}-signer:7300
 {{- end }}
 {{- define "trellis.otaUrl" -}}
-http://{{ include "trellis.fullname" . }}-ota:7400
+{{ include "trellis.grpcScheme" . }}://{{ include "trellis.fullname" . }}-ota:7400
+{{- end }}
+
+{{/* Where every pod finds its role's certificate (ca.crt, tls.crt, tls.key). */}}
+{{- define "trellis.tlsMountPath" -}}
+/etc/trellis/tls
+{{- end }}
+
+{{/*
+The Secret holding one role's certificate: (dict "root" $ "role" "gateway").
+cert-manager writes <fullname>-<role>-tls; otherwise tls.existingSecrets.<role>.
+*/}}
+{{- define "trellis.tlsSecretName" -}}
+{{- if .root.Values.tls.certManager.enabled -}}
+{{ include "trellis.fullname" .root }}-{{ .role }}-tls
+{{- else -}}
+{{ index .root.Values.tls.existingSecrets .role }}
+{{- end -}}
+{{- end }}
+
+{{/*
+DNS names a service's certificate must carry: its ClusterIP Service in
+every form a client may write (short, namespaced, .svc, fully qualified),
+and localhost (with 127.0.0.1 as an IP SAN: kubectl port-forward and the
+CLI run inside the pod). (dict "root" $ "component" "keyvault"), one per line.
+*/}}
+{{- define "trellis.serviceDnsNames" -}}
+{{- $svc := printf "%s-%s" (include "trellis.fullname" .root) .component -}}
+{{- $ns := .root.Release.Namespace -}}
+{{ $svc }}
+{{ $svc }}.{{ $ns }}
+{{ $svc }}.{{ $ns }}.svc
+{{ $svc }}.{{ $ns }}.svc.{{ .root.Values.tls.clusterDomain }}
+localhost
+{{- end }}
+
+{{/*
+Values the schema refuses too (kept here for --skip-schema-validation and
+for a message that says what to set).
+*/}}
+{{- define "trellis.validateSecurity" -}}
+{{- $tls := .Values.tls -}}
+{{- if eq $tls.mode "mutual" -}}
+{{- if $tls.certManager.enabled -}}
+{{- range $role, $name := $tls.existingSecrets }}
+{{- if $name }}
+{{- fail (printf "tls.existingSecrets.%s is set but tls.certManager.enabled is true: use one or the other (one CA for every role)" $role) }}
+{{- end }}
+{{- end }}
+{{- else -}}
+{{- $need := list "keyvault" "gateway" "signer" "ota" -}}
+{{- if .Values.tests.enabled }}{{ $need = append $need "operator" }}{{ end -}}
+{{- range $role := $need }}
+{{- if not (index $tls.existingSecrets $role) }}
+{{- fail (printf "tls.mode is mutual but no certificate for role %s: set tls.certManager.enabled=true (cert-manager) or tls.existingSecrets.%s to a Secret with ca.crt, tls.crt and tls.key (`trellis certs issue --role %s`), or tls.mode=off" $role $role $role) }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.auth.mode "tokens") (ne $tls.mode "mutual") -}}
+{{- fail "auth.mode tokens needs tls.mode mutual: the services are known to each other by their certificates (the chart does not hand out service tokens); set tls.mode=mutual, or auth.mode=off as well" }}
+{{- end -}}
+{{- end }}
+
+{{/* The Secret (key token) the helm test Pod's API token comes from. */}}
+{{- define "trellis.testTokenSecretName" -}}
+{{- default (printf "%s-test-token" (include "trellis.fullname" .)) .Values.auth.existingTokenSecret }}
 {{- end }}
 
 {{- define "trellis.redisSecretName" -}}
@@ -143,6 +216,16 @@ named "trellis").
 {{- end }}
 - name: TRELLIS_AUTH__MODE
   value: {{ .Values.auth.mode | quote }}
+- name: TRELLIS_TLS__MODE
+  value: {{ .Values.tls.mode | quote }}
+{{- if eq .Values.tls.mode "mutual" }}
+- name: TRELLIS_TLS__CA_FILE
+  value: {{ include "trellis.tlsMountPath" . }}/ca.crt
+- name: TRELLIS_TLS__CERT_FILE
+  value: {{ include "trellis.tlsMountPath" . }}/tls.crt
+- name: TRELLIS_TLS__KEY_FILE
+  value: {{ include "trellis.tlsMountPath" . }}/tls.key
+{{- end }}
 - name: TRELLIS_TELEMETRY__LOG
   value: {{ .Values.telemetry.log | quote }}
 - name: TRELLIS_TELEMETRY__ADMIN_LISTEN
@@ -249,6 +332,11 @@ spec:
               mountPath: /var/lib/trellis
             - name: tmp
               mountPath: /tmp
+            {{- if eq $root.Values.tls.mode "mutual" }}
+            - name: tls
+              mountPath: {{ include "trellis.tlsMountPath" $root }}
+              readOnly: true
+            {{- end }}
             {{- with .volumeMounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -259,6 +347,21 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if eq $root.Values.tls.mode "mutual" }}
+        # This service's own certificate (its role is the URI SAN) and the CA;
+        # readable by the pod's group (fsGroup), nobody else.
+        - name: tls
+          secret:
+            secretName: {{ include "trellis.tlsSecretName" (dict "root" $root "role" .component) }}
+            defaultMode: 0440
+            items:
+              - key: ca.crt
+                path: ca.crt
+              - key: tls.crt
+                path: tls.crt
+              - key: tls.key
+                path: tls.key
+        {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}
         {{- end }}
