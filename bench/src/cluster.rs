@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use trellis_core::local_redis::{LocalRedis, RedisData, free_port};
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
+use trellis_core::tls::{Role, ServiceTls};
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::{GetCloudPublicKeyRequest, RegisterDeviceRequest};
@@ -106,9 +107,12 @@ pub struct ClusterOptions {
     /// Keep the gateway's shipped handshake admission limits (otherwise
     /// lifted, to measure what the gateway can do).
     pub admission: bool,
-    /// Access control on (`auth.mode = "tokens"`, as shipped): the services
-    /// check every caller, gateway and signer carry a service credential,
-    /// this process calls with an owner's token. Off: `auth.mode = "off"`.
+    /// Access control on, as shipped: mutual TLS between every process
+    /// (certificates from a CA made for the run) and `auth.mode =
+    /// "tokens"`: the services check every caller, a service is its
+    /// certificate's role, this process calls with the operator
+    /// certificate and an owner's token. Off: `auth.mode = "off"` and
+    /// `tls.mode = "off"`.
     pub auth: bool,
 }
 
@@ -138,12 +142,16 @@ impl Cluster {
             .tempdir()?;
         let redis = LocalRedis::start(RedisData::Ephemeral)?;
         let master_key = hex::encode(rand::random::<[u8; 32]>());
-        let service_token = if opts.auth {
-            Some(mint_tokens(&redis.url()).await?)
+        let tls_dir = dir.path().join("tls");
+        if opts.auth {
+            mint_owner_token(&redis.url()).await?;
+            trellis_auth::pki::ensure_dev_pki(&tls_dir)?;
+            let files = trellis_core::tls::files_in(&tls_dir, Role::Operator);
+            set_operator_tls(Some(ServiceTls::from_files(&files, Role::Operator)?));
         } else {
             trellis_core::telemetry::set_operator_credential(None).map_err(anyhow::Error::msg)?;
-            None
-        };
+            set_operator_tls(None);
+        }
         let common = |name: &str| -> anyhow::Result<Command> {
             let mut cmd = Command::new(&bin);
             // Only what this run sets: no stray trellis.toml, no TRELLIS_* of ours.
@@ -156,14 +164,15 @@ impl Cluster {
                 .env("TRELLIS_REDIS__URL", redis.url())
                 .env("TRELLIS_TELEMETRY__LOG", &opts.log)
                 .stdin(Stdio::null());
-            match &service_token {
+            if opts.auth {
                 // Every check on, but not the per-token rate limit: the
                 // load generator is one token by design.
-                Some(token) => cmd
-                    .env("TRELLIS_AUTH__SERVICE_TOKEN", token)
-                    .env("TRELLIS_AUTH__TOKEN_RATE", "0"),
-                None => cmd.env("TRELLIS_AUTH__MODE", "off"),
-            };
+                cmd.env("TRELLIS_TLS__DIR", &tls_dir)
+                    .env("TRELLIS_AUTH__TOKEN_RATE", "0");
+            } else {
+                cmd.env("TRELLIS_AUTH__MODE", "off")
+                    .env("TRELLIS_TLS__MODE", "off");
+            }
             if known_setting("telemetry", "admin_listen") {
                 // Off: several gateways would fight over the default port.
                 cmd.env("TRELLIS_TELEMETRY__ADMIN_LISTEN", "");
@@ -340,11 +349,25 @@ impl Cluster {
     }
 }
 
-/// A channel whose calls carry this process's operator token (if any).
+/// The operator certificate of the cluster this process runs, if TLS is on.
+static OPERATOR_TLS: std::sync::RwLock<Option<ServiceTls>> = std::sync::RwLock::new(None);
+
+fn set_operator_tls(tls: Option<ServiceTls>) {
+    *OPERATOR_TLS.write().unwrap_or_else(|p| p.into_inner()) = tls;
+}
+
+fn operator_endpoint(addr: SocketAddr) -> anyhow::Result<tonic::transport::Endpoint> {
+    let tls = OPERATOR_TLS
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    trellis_core::tls::endpoint(&format!("http://{addr}"), tls.as_ref()).map_err(anyhow::Error::msg)
+}
+
+/// A channel whose calls carry this process's operator token (if any),
+/// over mutual TLS when the cluster runs it.
 pub async fn operator_channel(addr: SocketAddr) -> anyhow::Result<TracedChannel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
+    let channel = operator_endpoint(addr)?.connect().await?;
     Ok(tonic::service::interceptor::InterceptedService::new(
         channel,
         TraceInterceptor::OPERATOR,
@@ -352,11 +375,11 @@ pub async fn operator_channel(addr: SocketAddr) -> anyhow::Result<TracedChannel>
 }
 
 /// Straight into Redis before any service starts, as `trellis up` does:
-/// an owner's token for this process's calls, and the services' credential
-/// (returned) for gateway and signer.
-async fn mint_tokens(redis_url: &str) -> anyhow::Result<String> {
+/// an owner's token for this process's calls (the services are their
+/// certificates).
+async fn mint_owner_token(redis_url: &str) -> anyhow::Result<()> {
+    use trellis_auth::Role;
     use trellis_auth::store::{self, TokenRequest};
-    use trellis_auth::{Role, Scope};
     let mut redis = trellis_core::redis_conn::connect(redis_url).await?;
     store::ensure_org(&mut redis, trellis_auth::DEFAULT_ORG).await?;
     let (owner, _) = store::create_token(
@@ -370,24 +393,8 @@ async fn mint_tokens(redis_url: &str) -> anyhow::Result<String> {
         },
     )
     .await?;
-    let (services, _) = store::create_token(
-        &mut redis,
-        TokenRequest {
-            org: "system",
-            user: "service:bench",
-            name: "bench services",
-            scopes: &[
-                Scope::ServiceGateway,
-                Scope::ServiceSigner,
-                Scope::ServiceOta,
-            ],
-            expires_ms: 0,
-        },
-    )
-    .await?;
     trellis_core::telemetry::set_operator_credential(Some(&owner.bearer))
-        .map_err(anyhow::Error::msg)?;
-    Ok(services.bearer)
+        .map_err(anyhow::Error::msg)
 }
 
 async fn wait_keyvault(
@@ -422,11 +429,7 @@ async fn wait_grpc(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
         if let Some(e) = proc.exited() {
             bail!(e);
         }
-        if tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await
-            .is_ok()
-        {
+        if operator_endpoint(addr)?.connect().await.is_ok() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -201,6 +201,7 @@ region() {
     # A local rehearsal of regions and failover, not of credentials: the
     # services warn at start that nobody is checked.
     TRELLIS_AUTH__MODE=off
+    TRELLIS_TLS__MODE=off
   )
 
   start "keyvault-$r" "${common[@]}" \

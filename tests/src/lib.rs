@@ -48,6 +48,7 @@ pub fn test_config(redis_url: &str) -> Config {
     let mut c = Config::default();
     // These tests are about devices and sessions; auth has its own.
     c.auth.mode = trellis_core::config::AuthMode::Off;
+    c.tls.mode = trellis_core::config::TlsMode::Off;
     c.redis.url = Some(redis_url.to_string());
     c.keyvault.master_key = Some(hex::encode(rand::random::<[u8; 32]>()));
     c.keyvault.workers = 2;

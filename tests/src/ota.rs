@@ -116,9 +116,9 @@ impl OtaStack {
     fn parts(&self) -> anyhow::Result<Parts> {
         Ok(Parts {
             clock: Arc::clone(&self.clock),
-            deliverer: Arc::new(GatewayDeliverer::new(&self.config.ota.gateway_url)?),
+            deliverer: Arc::new(GatewayDeliverer::new(&self.config.ota.gateway_url, None)?),
             approver: Arc::new(HttpApprover::new()),
-            releases: Arc::new(SignerReleases::new(&self.config.ota.signer_url)?),
+            releases: Arc::new(SignerReleases::new(&self.config.ota.signer_url, None)?),
         })
     }
 

@@ -211,8 +211,9 @@ where
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let peer = Peer::of(request.extensions());
         Box::pin(async move {
-            match admit(&mode, &path, header.as_deref()).await {
+            match admit(&mode, &path, header.as_deref(), peer).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     inner.call(request).await
@@ -223,7 +224,39 @@ where
     }
 }
 
-async fn admit(mode: &Mode, path: &str, header: Option<&str>) -> Result<Principal, Status> {
+/// What the transport says of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Peer {
+    /// The call came over mutual TLS (the server verified a certificate
+    /// of the installation's CA).
+    pub tls: bool,
+    /// The role that certificate names.
+    pub role: Option<trellis_core::tls::Role>,
+}
+
+impl Peer {
+    fn of(extensions: &http::Extensions) -> Self {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() else {
+            return Peer::default();
+        };
+        let role = info
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|leaf| crate::pki::role_of(leaf)));
+        Peer { tls: true, role }
+    }
+}
+
+/// Who the caller is. Over mutual TLS a service is its certificate's role
+/// and nothing else: a token's service scopes count only on a plaintext
+/// installation, so a stolen service token is useless without the key of
+/// a service certificate. Operators always need a token.
+pub async fn admit(
+    mode: &Mode,
+    path: &str,
+    header: Option<&str>,
+    peer: Peer,
+) -> Result<Principal, Status> {
     let Mode::Enforce(authenticator) = mode else {
         return Ok(Principal::unauthenticated());
     };
@@ -240,7 +273,16 @@ async fn admit(mode: &Mode, path: &str, header: Option<&str>) -> Result<Principa
             scopes: Vec::new(),
         });
     }
-    let principal = authenticator.authenticate(header).await?;
+    let principal = match (header, peer.role.and_then(Principal::of_service_role)) {
+        (None, Some(service)) => service,
+        _ => {
+            let mut principal = authenticator.authenticate(header).await?;
+            if peer.tls {
+                principal.scopes.retain(|s| !s.is_service());
+            }
+            principal
+        }
+    };
     rule.check(&principal)?;
     Ok(principal)
 }

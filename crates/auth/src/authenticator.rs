@@ -41,6 +41,24 @@ impl Principal {
         }
     }
 
+    /// A service known by its certificate's role; `None` for roles that
+    /// grant nothing by themselves (operator, keyvault).
+    pub fn of_service_role(role: trellis_core::tls::Role) -> Option<Self> {
+        use trellis_core::tls::Role;
+        let scope = match role {
+            Role::Gateway => Scope::ServiceGateway,
+            Role::Signer => Scope::ServiceSigner,
+            Role::Ota => Scope::ServiceOta,
+            Role::Keyvault | Role::Operator => return None,
+        };
+        Some(Self {
+            token_id: String::new(),
+            org: "system".into(),
+            user: format!("{role} (mTLS certificate)"),
+            scopes: vec![scope],
+        })
+    }
+
     pub fn has(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }

@@ -7,9 +7,12 @@
 //! - [`authenticator`]: bearer token -> [`Principal`], with a short cache,
 //!   last-use times and a rate limit per token;
 //! - [`access`]: the rule of every RPC (deny by default) and the tower
-//!   layer every service's gRPC server runs behind.
+//!   layer every service's gRPC server runs behind;
+//! - [`pki`]: the installation's CA and the role certificates of mutual
+//!   TLS (`trellis certs`, `trellis up`).
 pub mod access;
 pub mod authenticator;
+pub mod pki;
 pub mod scope;
 pub mod service;
 pub mod setup;

@@ -48,7 +48,9 @@ pub fn load_service_credential(config: &Config, service: &str) -> anyhow::Result
         Some(t) => {
             trellis_core::telemetry::set_service_credential(Some(&t)).map_err(anyhow::Error::msg)
         }
+        // Over mutual TLS a service is its certificate's role.
         None if config.auth.mode == AuthMode::Off
+            || config.tls.mode == trellis_core::config::TlsMode::Mutual
             || trellis_core::telemetry::has_service_credential() =>
         {
             Ok(())

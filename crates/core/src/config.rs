@@ -21,6 +21,48 @@ pub struct Config {
     pub signer: SignerConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
+}
+
+/// Whether services talk to each other over mutual TLS.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Every gRPC hop is TLS and both ends show a certificate of the
+    /// installation's CA; a service's role comes from its certificate.
+    Mutual,
+    /// Plaintext gRPC. Development only: every start logs a warning.
+    Off,
+}
+
+/// Where a service finds the CA it trusts and its own certificate. Files
+/// not named explicitly are looked up in `dir` (default `data_dir/tls`,
+/// where `trellis up` and `trellis certs init` write them) by role:
+/// `ca.crt`, `<role>.crt`, `<role>.key`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub dir: Option<PathBuf>,
+    /// The CA certificate (PEM) peers must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// This service's certificate (PEM); only for a process running one
+    /// service (`trellis serve`), as cert-manager's `tls.crt`.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600), as cert-manager's `tls.key`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: TlsMode::Mutual,
+            dir: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
 }
 
 /// How services check their callers (`trellis-auth`).
@@ -321,6 +363,7 @@ impl Default for Config {
             signer: SignerConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod redis_conn;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 pub use config::Config;
 pub use shutdown::Shutdown;

@@ -25,7 +25,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tonic::transport::Endpoint;
 use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::audit;
@@ -173,13 +172,9 @@ pub async fn serve_with_listeners(
         .context("the gateway needs the durable store (redis.durable_url / redis.sentinels)")?;
     trellis_core::metrics::service_started("gateway");
     trellis_auth::setup::load_service_credential(&config, "gateway")?;
-    let keyvault_endpoint = Endpoint::from_shared(config.gateway.keyvault_url.clone())
-        .with_context(|| {
-            format!(
-                "gateway.keyvault_url {:?} is not a URL",
-                config.gateway.keyvault_url
-            )
-        })?
+    let tls = trellis_core::tls::ServiceTls::load(&config, trellis_core::tls::Role::Gateway)?;
+    let keyvault_endpoint = trellis_core::tls::endpoint(&config.gateway.keyvault_url, tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("gateway.keyvault_url: {e}"))?
         .connect_timeout(Duration::from_secs(5));
     // Lazy: the gateway starts even while keyvault is still starting.
     let keyvault = KeyVaultClient::with_interceptor(
@@ -189,8 +184,8 @@ pub async fn serve_with_listeners(
     let ota = if config.gateway.ota_url.is_empty() {
         None
     } else {
-        let endpoint = Endpoint::from_shared(config.gateway.ota_url.clone())
-            .with_context(|| format!("gateway.ota_url {:?} is not a URL", config.gateway.ota_url))?
+        let endpoint = trellis_core::tls::endpoint(&config.gateway.ota_url, tls.as_ref())
+            .map_err(|e| anyhow::anyhow!("gateway.ota_url: {e}"))?
             .connect_timeout(Duration::from_secs(5));
         Some(OtaClient::with_interceptor(
             endpoint.connect_lazy(),
@@ -234,8 +229,9 @@ pub async fn serve_with_listeners(
         let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
         let auth = trellis_auth::setup::server_layer(&config, gw.durable.clone(), "gateway");
         let mut sd = shutdown.clone();
+        let server = trellis_core::tls::server(tls.as_ref())?;
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .trace_fn(trellis_core::telemetry::grpc_server_span)
                 .layer(auth)
                 .add_service(svc)

@@ -78,7 +78,8 @@ pub async fn serve_with_listener(
     trellis_auth::store::ensure_org(&mut migrate, trellis_auth::DEFAULT_ORG)
         .await
         .context("cannot make the default organisation")?;
-    tonic::transport::Server::builder()
+    let tls = trellis_core::tls::ServiceTls::load(&config, trellis_core::tls::Role::Keyvault)?;
+    trellis_core::tls::server(tls.as_ref())?
         .trace_fn(trellis_core::telemetry::grpc_server_span)
         .layer(trellis_auth::setup::server_layer(
             &config,

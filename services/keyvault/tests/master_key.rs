@@ -104,6 +104,7 @@ async fn two_keyvaults_starting_at_once_keep_one_cloud_key() {
 async fn missing_redis_url_is_a_clear_error() {
     let mut config = trellis_core::Config::default();
     config.auth.mode = trellis_core::config::AuthMode::Off;
+    config.tls.mode = trellis_core::config::TlsMode::Off;
     config.keyvault.master_key = Some(master_hex(1));
     let err = format!("{:#}", trellis_keyvault::build(&config).await.unwrap_err());
     assert!(err.contains("TRELLIS_REDIS__URL"), "{err}");

@@ -4,7 +4,6 @@
 //! routes the request to the owner; tests put a simulated fleet here.
 use futures::future::BoxFuture;
 use std::time::Duration;
-use tonic::transport::Endpoint;
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::{DeliverUpdateRequest, DeliverUpdateResponse, DeliveryOutcome};
@@ -30,8 +29,11 @@ pub struct GatewayDeliverer {
 
 impl GatewayDeliverer {
     /// Connects lazily: the scheduler starts even while gateways do not.
-    pub fn new(gateway_url: &str) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(gateway_url.to_string())
+    pub fn new(
+        gateway_url: &str,
+        tls: Option<&trellis_core::tls::ServiceTls>,
+    ) -> anyhow::Result<Self> {
+        let endpoint = trellis_core::tls::endpoint(gateway_url, tls)
             .map_err(|e| anyhow::anyhow!("ota.gateway_url {gateway_url:?} is not a URL: {e}"))?
             .connect_timeout(Duration::from_secs(5));
         Ok(Self {

@@ -54,11 +54,15 @@ pub async fn serve_with_listener(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let tls = trellis_core::tls::ServiceTls::load(&config, trellis_core::tls::Role::Ota)?;
     let parts = Parts {
         clock: Arc::new(SystemClock),
-        deliverer: Arc::new(GatewayDeliverer::new(&config.ota.gateway_url)?),
+        deliverer: Arc::new(GatewayDeliverer::new(
+            &config.ota.gateway_url,
+            tls.as_ref(),
+        )?),
         approver: Arc::new(HttpApprover::new()),
-        releases: Arc::new(SignerReleases::new(&config.ota.signer_url)?),
+        releases: Arc::new(SignerReleases::new(&config.ota.signer_url, tls.as_ref())?),
     };
     serve_with_parts(config, listener, parts, shutdown).await
 }
@@ -114,7 +118,8 @@ pub async fn serve_with_parts(
     let ticker = tokio::spawn(scheduler.clone().run(shutdown.clone()));
     // TCP_NODELAY: Nagle + delayed ACK would stall small replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let tls = trellis_core::tls::ServiceTls::load(&config, trellis_core::tls::Role::Ota)?;
+    let result = trellis_core::tls::server(tls.as_ref())?
         .trace_fn(trellis_core::telemetry::grpc_server_span)
         .layer(trellis_auth::setup::server_layer(
             &config,

@@ -6,7 +6,6 @@ use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::Endpoint;
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::GetReleaseRequest;
 use trellis_proto::v1::signer_client::SignerClient;
@@ -39,8 +38,11 @@ pub struct SignerReleases {
 }
 
 impl SignerReleases {
-    pub fn new(signer_url: &str) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(signer_url.to_string())
+    pub fn new(
+        signer_url: &str,
+        tls: Option<&trellis_core::tls::ServiceTls>,
+    ) -> anyhow::Result<Self> {
+        let endpoint = trellis_core::tls::endpoint(signer_url, tls)
             .map_err(|e| anyhow::anyhow!("ota.signer_url {signer_url:?} is not a URL: {e}"))?
             .connect_timeout(Duration::from_secs(5));
         Ok(Self {

@@ -13,6 +13,7 @@ async fn create_get_watch_over_grpc() {
     env.devices(PRODUCT, 6, true).await;
     let mut config = trellis_core::Config::default();
     config.auth.mode = trellis_core::config::AuthMode::Off;
+    config.tls.mode = trellis_core::config::TlsMode::Off;
     config.redis.url = Some(env.redis_server.url());
     config.ota.tick_ms = 20;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -64,7 +64,8 @@ pub async fn serve_with_listener(
     let max_message = usize::try_from(config.signer.max_image_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(64 * 1024);
-    tonic::transport::Server::builder()
+    let tls = trellis_core::tls::ServiceTls::load(&config, trellis_core::tls::Role::Signer)?;
+    trellis_core::tls::server(tls.as_ref())?
         .trace_fn(trellis_core::telemetry::grpc_server_span)
         .layer(trellis_auth::setup::server_layer(
             &config, auth_store, "signer",
@@ -89,8 +90,9 @@ pub async fn build(config: &Config) -> anyhow::Result<SignerService> {
         .await
         .context("the signer needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
     let keyvault_url = &config.signer.keyvault_url;
-    let channel = tonic::transport::Endpoint::from_shared(keyvault_url.clone())
-        .with_context(|| format!("signer.keyvault_url {keyvault_url:?} is not a URL"))?
+    let tls = trellis_core::tls::ServiceTls::load(config, trellis_core::tls::Role::Signer)?;
+    let channel = trellis_core::tls::endpoint(keyvault_url, tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("signer.keyvault_url: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect_lazy();
     let keyvault = KeyVaultClient::with_interceptor(channel, TraceInterceptor::SERVICE);

@@ -40,6 +40,7 @@ struct Stack {
 fn config(redis_url: &str) -> Config {
     let mut c = Config::default();
     c.auth.mode = trellis_core::config::AuthMode::Off;
+    c.tls.mode = trellis_core::config::TlsMode::Off;
     c.redis.url = Some(redis_url.to_string());
     c.keyvault.master_key = Some(hex::encode(rand::random::<[u8; 32]>()));
     c.keyvault.workers = 1;

@@ -118,6 +118,9 @@ pub enum Command {
     /// API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(crate::access_cli::TokenCommand),
+    /// The CA and role certificates of mutual TLS: init, issue, list.
+    #[command(subcommand)]
+    Certs(crate::certs_cli::CertsCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -324,6 +327,7 @@ impl Command {
             Command::Product(_) => "product",
             Command::User(_) => "user",
             Command::Token(_) => "token",
+            Command::Certs(_) => "certs",
         }
     }
 }

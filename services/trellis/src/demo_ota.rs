@@ -206,8 +206,8 @@ pub async fn ota_client(url: &str) -> anyhow::Result<OtaClient<TracedChannel>> {
 }
 
 async fn connect(url: &str, what: &str) -> anyhow::Result<TracedChannel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{url:?} is not a URL"))?;
+    let tls = crate::ops::operator_tls()?;
+    let endpoint = trellis_core::tls::endpoint(url, tls.as_ref()).map_err(anyhow::Error::msg)?;
     let mut last = None;
     // `trellis up` starts services concurrently; give them a moment.
     for _ in 0..50 {

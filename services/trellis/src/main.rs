@@ -2,6 +2,7 @@
 //! the operator CLI, and the device fleet simulator.
 mod access_cli;
 mod admin;
+mod certs_cli;
 mod cli;
 mod demo_ota;
 mod firmware_cli;
@@ -43,7 +44,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // What operator requests (CLI, simulator provisioning) carry.
     let token = access_cli::find_token(cli.token.as_deref(), &config.data_dir);
     telemetry::set_operator_credential(token.as_deref()).map_err(anyhow::Error::msg)?;
+    if !matches!(cli.command, Command::Up(_)) {
+        // `trellis up` makes the certificates first, then loads them.
+        ops::load_operator_tls(&config);
+    }
     match cli.command {
+        Command::Certs(cmd) => certs_cli::run(&config, cmd),
         Command::Up(args) => {
             if args.demo.is_some() && config.telemetry.log == TelemetryConfig::default().log {
                 // The demo narrates on stdout; service logs drown it at info.

@@ -5,15 +5,37 @@ use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::path::Path;
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
+use trellis_core::tls::{Role, ServiceTls};
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::variable_value::Value;
 use trellis_proto::v1::*;
 use trellis_wire::DeviceId;
 
+/// The operator certificate this process calls the services with, or why
+/// there is none (reported when a command first needs a connection).
+static OPERATOR_TLS: std::sync::RwLock<Option<Result<Option<ServiceTls>, String>>> =
+    std::sync::RwLock::new(None);
+
+/// Loads the operator certificate `config` names (`tls.*`, by default the
+/// one `trellis up` made in `data_dir/tls`).
+pub fn load_operator_tls(config: &trellis_core::Config) {
+    let loaded = ServiceTls::load(config, Role::Operator).map_err(|e| e.to_string());
+    *OPERATOR_TLS.write().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
+}
+
+pub fn operator_tls() -> anyhow::Result<Option<ServiceTls>> {
+    match &*OPERATOR_TLS.read().unwrap_or_else(|p| p.into_inner()) {
+        Some(Ok(tls)) => Ok(tls.clone()),
+        Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
+        None => Ok(None),
+    }
+}
+
 pub async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("{flag} {url:?} is not a URL"))?
+    let tls = operator_tls()?;
+    let channel = trellis_core::tls::endpoint(url, tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("{flag} {e}"))?
         .connect()
         .await
         .with_context(|| {

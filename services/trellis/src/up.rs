@@ -14,6 +14,54 @@ use trellis_core::{Config, Shutdown};
 use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
 use trellis_wire::DeviceId;
 
+/// Mutual TLS between the services, by default on one machine too: a
+/// development CA and a certificate per role in `tls.dir` (default
+/// `data_dir/tls`), made on first start and renewed when close to expiry.
+fn bootstrap_tls(config: &Config) -> anyhow::Result<()> {
+    use trellis_core::config::TlsMode;
+    use trellis_core::tls::{Role, ServiceTls};
+    if config.tls.mode == TlsMode::Off {
+        println!("tls: OFF (tls.mode = \"off\"): the services talk plaintext gRPC");
+        ops::load_operator_tls(config);
+        return Ok(());
+    }
+    // One process, several services: one cert_file cannot fit them all.
+    trellis_core::tls::check_shared_process(config)?;
+    let dir = trellis_core::tls::dir(config);
+    let issued = if config.tls.ca_file.is_none() {
+        trellis_auth::pki::ensure_dev_pki(&dir).with_context(|| {
+            format!(
+                "cannot make the development certificates in {}",
+                dir.display()
+            )
+        })?
+    } else {
+        Vec::new()
+    };
+    println!(
+        "tls: mutual TLS between services; CA and role certificates in {}{}",
+        dir.display(),
+        if issued.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (issued now: {})",
+                issued
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    ops::load_operator_tls(config);
+    // Fail here, with the file named, rather than in one service later.
+    for role in Role::ALL {
+        ServiceTls::load(config, role)?;
+    }
+    Ok(())
+}
+
 /// Secure by default on one machine too: the first owner's token and the
 /// services' credential, kept in `data_dir` (0600) and reused while they
 /// are live. The CLI on this machine finds the owner token there.
@@ -26,13 +74,18 @@ async fn bootstrap_access(config: &Config) -> anyhow::Result<()> {
     let mut durable = trellis_core::redis_conn::connect_durable(&config.redis).await?;
     let owner_path = config.data_dir.join(crate::access_cli::OWNER_TOKEN_FILE);
     let (owner, made) = bootstrap_token(&mut durable, &owner_path, Bootstrap::FirstOwner).await?;
-    let (services, _) = bootstrap_token(
-        &mut durable,
-        &config.data_dir.join("services.token"),
-        Bootstrap::Services,
-    )
-    .await?;
-    trellis_core::telemetry::set_service_credential(Some(&services)).map_err(anyhow::Error::msg)?;
+    // Over mutual TLS a service is its certificate; on plaintext it needs
+    // a token.
+    if config.tls.mode == trellis_core::config::TlsMode::Off {
+        let (services, _) = bootstrap_token(
+            &mut durable,
+            &config.data_dir.join("services.token"),
+            Bootstrap::Services,
+        )
+        .await?;
+        trellis_core::telemetry::set_service_credential(Some(&services))
+            .map_err(anyhow::Error::msg)?;
+    }
     // The demo's operator calls, unless `--token` or a login chose another.
     if !trellis_core::telemetry::has_operator_credential() {
         trellis_core::telemetry::set_operator_credential(Some(&owner))
@@ -83,6 +136,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         config.keyvault.master_key_file = Some(path);
     }
 
+    bootstrap_tls(&config)?;
     bootstrap_access(&config).await?;
 
     let (trigger, shutdown) = Shutdown::on_signals();
@@ -196,23 +250,46 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         }
     }
 
+    let mut services: Vec<(String, tokio::task::JoinHandle<anyhow::Result<()>>)> = gateways
+        .into_iter()
+        .enumerate()
+        .map(|(n, g)| (format!("gateway {}", n + 1), g))
+        .collect();
+    services.push(("signer".into(), signer));
+    services.push(("ota".into(), ota));
+    services.push(("keyvault".into(), keyvault));
+    // A service that stops on its own takes the others down with it:
+    // `trellis up` must never look up with a piece missing.
     let mut wait = shutdown.clone();
-    wait.wait().await;
-    println!("shutting down");
-    for g in gateways {
-        if let Ok(Err(e)) = g.await {
-            eprintln!("gateway: {e:#}");
+    let stopped_early = tokio::select! {
+        _ = wait.wait() => None,
+        (result, index, _) = futures::future::select_all(services.iter_mut().map(|(_, task)| task)) => {
+            Some((index, result))
         }
+    };
+    let mut failure = None;
+    if let Some((index, result)) = stopped_early {
+        let name = services[index].0.clone();
+        let why = match result {
+            Ok(Ok(())) => "it ended without an error".to_string(),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => format!("it panicked: {e}"),
+        };
+        eprintln!("{name} stopped: {why}; stopping the others");
+        failure = Some(anyhow::anyhow!("{name} stopped: {why}"));
+        services.remove(index);
+        trigger.trigger();
     }
-    for (name, task) in [("signer", signer), ("ota", ota)] {
+    println!("shutting down");
+    for (name, task) in services {
         if let Ok(Err(e)) = task.await {
             eprintln!("{name}: {e:#}");
         }
     }
-    if let Ok(Err(e)) = keyvault.await {
-        eprintln!("keyvault: {e:#}");
-    }
     drop(trigger);
+    if let Some(e) = failure {
+        return Err(e);
+    }
     Ok(())
 }
 

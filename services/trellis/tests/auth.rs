@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::Code;
 use trellis_auth::{Rule, Scope, rule_for};
+use trellis_core::tls::{Role as TlsRole, ServiceTls, files_in};
 
 struct Up {
     dir: tempfile::TempDir,
@@ -36,6 +37,11 @@ impl Drop for Up {
 }
 
 impl Up {
+    /// The development CA and certificates `trellis up` made.
+    fn tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("trellis-data/tls")
+    }
+
     /// The service that serves `package.Service`.
     fn addr_of(&self, service: &str) -> &str {
         match service {
@@ -127,14 +133,26 @@ fn every_method() -> Vec<(String, String)> {
     out
 }
 
-/// Calls `path` on `addr` with an empty request message and `token`
-/// (if any); the gRPC code it answers with.
-async fn call(addr: &str, path: &str, token: Option<&str>) -> Code {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+/// A channel to `addr` over mutual TLS, showing `role`'s certificate from
+/// the development CA `trellis up` made.
+async fn tls_channel(
+    up: &Up,
+    role: TlsRole,
+    addr: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let tls = ServiceTls::from_files(&files_in(&up.tls_dir(), role), role)?;
+    Ok(
+        trellis_core::tls::endpoint(&format!("http://{addr}"), Some(&tls))
+            .map_err(anyhow::Error::msg)?
+            .connect()
+            .await?,
+    )
+}
+
+/// Calls `path` on `addr` with an empty request message, `role`'s
+/// certificate and `token` (if any); the gRPC code it answers with.
+async fn call(up: &Up, role: TlsRole, addr: &str, path: &str, token: Option<&str>) -> Code {
+    let channel = tls_channel(up, role, addr).await.expect("connect");
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("ready");
     let mut request = tonic::Request::new(tokio_stream::once(()));
@@ -152,15 +170,29 @@ async fn call(addr: &str, path: &str, token: Option<&str>) -> Code {
     }
 }
 
-/// `None` when `path` answers `want`; else what went wrong.
+/// `None` when `path`, called as an operator with `token`, answers `want`;
+/// else what went wrong.
 async fn expect(
+    up: &Up,
     addr: &str,
     path: &str,
     what: &str,
     token: Option<&str>,
     want: Code,
 ) -> Option<(String, String)> {
-    let got = call(addr, path, token).await;
+    expect_as(up, TlsRole::Operator, addr, path, what, token, want).await
+}
+
+async fn expect_as(
+    up: &Up,
+    role: TlsRole,
+    addr: &str,
+    path: &str,
+    what: &str,
+    token: Option<&str>,
+    want: Code,
+) -> Option<(String, String)> {
+    let got = call(up, role, addr, path, token).await;
     (got != want).then(|| (format!("{path} {what}"), format!("{got:?}, want {want:?}")))
 }
 
@@ -236,6 +268,7 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
         let addr = up.addr_of(service);
         let mut checks = vec![
             expect(
+                &up,
                 addr,
                 &path,
                 "without credentials",
@@ -244,6 +277,7 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
             )
             .await,
             expect(
+                &up,
                 addr,
                 &path,
                 "with a revoked token",
@@ -252,6 +286,7 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
             )
             .await,
             expect(
+                &up,
                 addr,
                 &path,
                 "with an expired token",
@@ -260,6 +295,7 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
             )
             .await,
             expect(
+                &up,
                 addr,
                 &path,
                 "with a malformed token",
@@ -278,9 +314,37 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
             Rule::Service(_) => Some(owner.as_str()),
             Rule::Authenticated | Rule::Public => None,
         };
+        // A certificate of the wrong role, without a token: a service
+        // role is only what its rule names, keyvault and operator
+        // certificates are nobody without a token.
+        for role in TlsRole::ALL {
+            let service = trellis_auth::Principal::of_service_role(role);
+            let allowed = service.as_ref().is_some_and(|p| rule.check(p).is_ok());
+            if allowed {
+                continue;
+            }
+            let want = if service.is_some() {
+                Code::PermissionDenied
+            } else {
+                Code::Unauthenticated
+            };
+            checks.push(
+                expect_as(
+                    &up,
+                    role,
+                    addr,
+                    &path,
+                    &format!("with the {role} certificate and no token"),
+                    None,
+                    want,
+                )
+                .await,
+            );
+        }
         if let Some(token) = lacking {
             checks.push(
                 expect(
+                    &up,
                     addr,
                     &path,
                     "without the scope it needs",
@@ -333,10 +397,9 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
         "a viewer made a devices:call token: {out:?}"
     );
 
-    // Service credentials: a gateway's cannot have anything signed, and
-    // even the signer's only gets manifests of stored releases signed.
-    let gateway_cred = up.ok(None, &["token", "create", "--service", "gateway"]);
-    let signer_cred = up.ok(None, &["token", "create", "--service", "signer"]);
+    // Services are their certificates: a gateway's cannot have anything
+    // signed, and even the signer's only gets manifests of stored releases
+    // signed; the signer's cannot open device sessions.
     let manifest = trellis_firmware::encode_manifest(&trellis_proto::v1::FirmwareManifest {
         product_id: 7,
         version: 42,
@@ -345,38 +408,70 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
         created_at_ms: 1,
         organization: "default".into(),
     });
-    let sign = |token: String, data: Vec<u8>| {
-        let keyvault = up.keyvault.clone();
+    let sign = |role: TlsRole, token: Option<String>, data: Vec<u8>| {
+        let up = &up;
         async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{keyvault}"))?
-                .connect()
-                .await?;
+            let channel = tls_channel(up, role, &up.keyvault).await?;
             let mut kv = trellis_proto::v1::key_vault_client::KeyVaultClient::new(channel);
             let mut request = tonic::Request::new(trellis_proto::v1::SignRequest {
                 purpose: "release".into(),
                 data,
                 actor: "test".into(),
             });
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse()?);
+            if let Some(token) = token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse()?);
+            }
             anyhow::Ok(kv.sign(request).await.map(|_| ()).map_err(|s| s.code()))
         }
     };
     assert_eq!(
-        sign(gateway_cred, manifest.clone()).await?,
+        sign(TlsRole::Gateway, None, manifest.clone()).await?,
         Err(Code::PermissionDenied),
-        "a gateway credential had something signed"
+        "a gateway certificate had something signed"
     );
     assert_eq!(
-        sign(signer_cred.clone(), b"arbitrary bytes".to_vec()).await?,
+        sign(TlsRole::Signer, None, b"arbitrary bytes".to_vec()).await?,
         Err(Code::InvalidArgument),
         "keyvault signed bytes that are no manifest"
     );
     assert_eq!(
-        sign(signer_cred, manifest).await?,
+        sign(TlsRole::Signer, None, manifest.clone()).await?,
         Err(Code::FailedPrecondition),
         "keyvault signed a manifest no release holds"
+    );
+    // A service token is worth nothing over mutual TLS without the
+    // service's certificate: its service scopes do not count there.
+    let signer_token = up.ok(None, &["token", "create", "--service", "signer"]);
+    assert_eq!(
+        sign(TlsRole::Operator, Some(signer_token), manifest).await?,
+        Err(Code::PermissionDenied),
+        "a signer token without the signer certificate had a manifest checked"
+    );
+    let open_session = |role: TlsRole| {
+        let up = &up;
+        async move {
+            let channel = tls_channel(up, role, &up.keyvault).await?;
+            let mut kv = trellis_proto::v1::key_vault_client::KeyVaultClient::new(channel);
+            let request = trellis_proto::v1::OpenSessionRequest::default();
+            anyhow::Ok(
+                kv.open_session(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code()),
+            )
+        }
+    };
+    assert_eq!(
+        open_session(TlsRole::Signer).await?,
+        Err(Code::PermissionDenied),
+        "keyvault opened a session for the signer's certificate"
+    );
+    assert_ne!(
+        open_session(TlsRole::Gateway).await?,
+        Err(Code::PermissionDenied),
+        "keyvault refused the gateway's certificate"
     );
 
     // Without `trellis up`: the first owner straight from Redis, and a
@@ -397,22 +492,110 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
     let boot = std::fs::read_to_string(up.dir.path().join("boot.token"))?;
     let who = String::from_utf8_lossy(&up.cli(Some(boot.trim()), &["whoami"]).stdout).to_string();
     assert!(who.contains("cluster:admin"), "{who}");
+    // A gateway started alone needs an identity: over mutual TLS (the
+    // default) its certificate, on plaintext a service token.
     let (devices, grpc) = (addr(), addr());
-    let out = up.cli_env(
-        None,
-        &["gateway"],
-        &[
-            ("TRELLIS_REDIS__URL", &redis_url),
-            ("TRELLIS_GATEWAY__DEVICE_LISTEN", &devices),
-            ("TRELLIS_GATEWAY__GRPC_LISTEN", &grpc),
+    let gateway_alone = |extra: &[(&str, &str)]| {
+        let mut env = vec![
+            ("TRELLIS_REDIS__URL", redis_url.as_str()),
+            ("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.as_str()),
+            ("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.as_str()),
             ("TRELLIS_TELEMETRY__ADMIN_LISTEN", ""),
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+        ];
+        env.extend_from_slice(extra);
+        let out = up.cli_env(None, &["gateway"], &env);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let empty = up.dir.path().join("no-certificates");
+    let (ok, err) = gateway_alone(&[("TRELLIS_TLS__DIR", empty.to_str().expect("utf-8 path"))]);
     assert!(
-        !out.status.success() && err.contains("token create --service gateway"),
-        "a gateway without a credential: {err}"
+        !ok && err.contains("trellis certs issue --role gateway"),
+        "a gateway without a certificate: {err}"
     );
+    let (ok, err) = gateway_alone(&[("TRELLIS_TLS__MODE", "off")]);
+    assert!(
+        !ok && err.contains("token create --service gateway"),
+        "a plaintext gateway without a credential: {err}"
+    );
+    Ok(())
+}
+
+/// GetCloudPublicKey (a public method) through `endpoint`: whether the
+/// call got an answer at all.
+async fn public_call_answers(endpoint: tonic::transport::Endpoint) -> bool {
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    trellis_proto::v1::key_vault_client::KeyVaultClient::new(channel)
+        .get_cloud_public_key(trellis_proto::v1::GetCloudPublicKeyRequest {})
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certificates_of_the_installation_ca_get_through_tls() -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let up = up().await?;
+    let url = format!("https://{}", up.keyvault);
+    let ca = std::fs::read(files_in(&up.tls_dir(), TlsRole::Operator).ca)?;
+    let trusting = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
+
+    // The control: the operator certificate gets an answer.
+    let operator = ServiceTls::from_files(
+        &files_in(&up.tls_dir(), TlsRole::Operator),
+        TlsRole::Operator,
+    )?;
+    assert!(
+        public_call_answers(
+            trellis_core::tls::endpoint(&url, Some(&operator)).map_err(anyhow::Error::msg)?
+        )
+        .await,
+        "the operator certificate was refused"
+    );
+    // Plaintext gRPC: nothing.
+    assert!(
+        !public_call_answers(Endpoint::from_shared(format!("http://{}", up.keyvault))?).await,
+        "keyvault answered plaintext gRPC"
+    );
+    // TLS without a client certificate: the server ends the handshake.
+    assert!(
+        !public_call_answers(Endpoint::from_shared(url.clone())?.tls_config(trusting())?).await,
+        "keyvault answered a client without a certificate"
+    );
+    // A gateway certificate from another CA: refused just the same.
+    let other_ca = trellis_auth::pki::new_ca("someone else's CA", 10)?;
+    let forged = trellis_auth::pki::issue(
+        &other_ca.cert_pem,
+        &other_ca.key_pem,
+        TlsRole::Gateway,
+        &["127.0.0.1".to_string()],
+        10,
+    )?;
+    let forged_tls = trusting().identity(Identity::from_pem(&forged.cert_pem, &forged.key_pem));
+    assert!(
+        !public_call_answers(Endpoint::from_shared(url.clone())?.tls_config(forged_tls)?).await,
+        "keyvault answered a certificate of another CA"
+    );
+    // And the services are refused by a client that trusts another CA.
+    let wrong_trust = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&other_ca.cert_pem))
+        .identity(Identity::from_pem(&forged.cert_pem, &forged.key_pem));
+    assert!(
+        !public_call_answers(Endpoint::from_shared(url)?.tls_config(wrong_trust)?).await,
+        "a client accepted keyvault's certificate without trusting its CA"
+    );
+    // What trellis up made: keys 0600, every role's certificate naming it.
+    use std::os::unix::fs::PermissionsExt;
+    for role in TlsRole::ALL {
+        let files = files_in(&up.tls_dir(), role);
+        let mode = std::fs::metadata(&files.key)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", files.key.display());
+        let pem = std::fs::read_to_string(&files.cert)?;
+        assert!(trellis_auth::pki::days_left(&pem)? > 300, "{role}");
+    }
     Ok(())
 }
 

@@ -109,6 +109,7 @@ fn spawn(
         .env("RUST_LOG", "info")
         // About failover, not about who may ask: no credentials here.
         .env("TRELLIS_AUTH__MODE", "off")
+        .env("TRELLIS_TLS__MODE", "off")
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(out)

@@ -33,6 +33,7 @@ async fn gateway_killed_mid_transfer_the_update_completes_elsewhere() -> anyhow:
     let gateway = Command::new(env!("CARGO_BIN_EXE_trellis"))
         .arg("gateway")
         .env("TRELLIS_AUTH__MODE", "off")
+        .env("TRELLIS_TLS__MODE", "off")
         .env("TRELLIS_REDIS__URL", cluster.redis.url())
         .env(
             "TRELLIS_GATEWAY__KEYVAULT_URL",

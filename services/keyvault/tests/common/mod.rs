@@ -18,6 +18,7 @@ pub fn master_hex(byte: u8) -> String {
 pub fn config(redis: &LocalRedis, master: &str) -> Config {
     let mut config = Config::default();
     config.auth.mode = trellis_core::config::AuthMode::Off;
+    config.tls.mode = trellis_core::config::TlsMode::Off;
     config.redis.url = Some(redis.url());
     config.keyvault.master_key = Some(master.to_string());
     config.keyvault.workers = 2;

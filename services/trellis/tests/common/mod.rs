@@ -88,9 +88,10 @@ impl Proc {
     pub fn spawn(name: &str, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
         cmd.env("TRELLIS_DATA_DIR", dir.join(format!("{name}-data")));
-        // Services started one by one have no credentials here: these
+        // Services started one by one have no credentials or certificates here: these
         // tests are about what they do, auth.rs about who may ask.
         cmd.env("TRELLIS_AUTH__MODE", "off");
+        cmd.env("TRELLIS_TLS__MODE", "off");
         Self::spawn_command(cmd, name, dir, args, env)
     }
 
