@@ -243,8 +243,10 @@ mod tests {
 
     #[test]
     fn explicit_files_win_over_the_directory() {
-        let mut c = Config::default();
-        c.data_dir = PathBuf::from("/data");
+        let mut c = Config {
+            data_dir: PathBuf::from("/data"),
+            ..Config::default()
+        };
         assert_eq!(files(&c, Role::Ota).cert, Path::new("/data/tls/ota.crt"));
         c.tls.cert_file = Some(PathBuf::from("/etc/tls/tls.crt"));
         c.tls.ca_file = Some(PathBuf::from("/etc/tls/ca.crt"));
@@ -260,8 +262,10 @@ mod tests {
 
     #[test]
     fn a_missing_file_says_how_to_make_one() {
-        let mut c = Config::default();
-        c.data_dir = PathBuf::from("/nonexistent-trellis");
+        let mut c = Config {
+            data_dir: PathBuf::from("/nonexistent-trellis"),
+            ..Config::default()
+        };
         let e = ServiceTls::load(&c, Role::Signer).unwrap_err().to_string();
         assert!(e.contains("/nonexistent-trellis/tls/ca.crt"), "{e}");
         assert!(e.contains("trellis certs issue --role signer"), "{e}");
