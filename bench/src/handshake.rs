@@ -52,8 +52,9 @@ pub struct Args {
     /// e.g. to compare admission policies.
     #[arg(long = "gateway-env", value_parser = parse_env)]
     pub gateway_env: Vec<(String, String)>,
-    /// Access control on, as shipped (tokens checked on every RPC, the
-    /// gateway's OpenSession calls carry its service credential).
+    /// Access control on, as shipped: mutual TLS between every process
+    /// (the gateway's OpenSession goes to keyvault over TLS with the
+    /// gateway certificate) and tokens checked on every operator RPC.
     #[arg(long)]
     pub auth: bool,
 }
@@ -514,7 +515,11 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         } else {
             "lifted"
         },
-        if args.auth { "on" } else { "off" }
+        if args.auth {
+            "on (mutual TLS, tokens)"
+        } else {
+            "off"
+        }
     );
     println!(
         "system  : {} handshakes/s over {elapsed:.1} s at {concurrency} in flight ({ok} ok, {failed} failed); latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -30,8 +30,9 @@ pub struct Args {
     /// Devices on gateway A that the calls rotate over.
     #[arg(long, default_value_t = 8)]
     pub devices: usize,
-    /// Access control on, as shipped: every call carries a token the gateway
-    /// checks (scope, organisation of the device).
+    /// Access control on, as shipped: mutual TLS on every gRPC hop, and
+    /// every call carries a token the gateway checks (scope, organisation
+    /// of the device).
     #[arg(long)]
     pub auth: bool,
 }
@@ -112,7 +113,11 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     println!(
         "== routed call ({}; access control {})",
         util::machine(),
-        if args.auth { "on" } else { "off" }
+        if args.auth {
+            "on (mutual TLS, tokens)"
+        } else {
+            "off"
+        }
     );
     let mut cluster = Cluster::start(&ClusterOptions {
         gateways: 2,
