@@ -7,6 +7,8 @@ use trellis_tests::{Cluster, eventually};
 fn trellis(cluster: &Cluster, gateway: usize, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(args)
+        // The cluster's services run plaintext (tests/src/lib.rs).
+        .env("TRELLIS_TLS__MODE", "off")
         .env(
             "TRELLIS_GATEWAY_URL",
             format!("http://{}", cluster.gateways[gateway].grpc),

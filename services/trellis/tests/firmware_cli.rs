@@ -22,6 +22,7 @@ fn trellis(env: &Env, args: &[&str]) -> Output {
         .env("TRELLIS_SIGNER_URL", &env.signer)
         .env("TRELLIS_KEYVAULT_URL", &env.keyvault)
         .env_remove("TRELLIS_CONFIG")
+        .env("TRELLIS_TLS__MODE", "off")
         .env("RUST_LOG", "warn")
         .output()
         .expect("run trellis")

@@ -51,6 +51,8 @@ fn smoke(
             &format!("--duration={duration}"),
         ])
         .env_remove("TRELLIS_CONFIG")
+        // `up` runs plaintext here (common::Proc::spawn).
+        .env("TRELLIS_TLS__MODE", "off")
         .env("RUST_LOG", "warn")
         .output()
         .expect("run trellis sim --smoke");

@@ -151,6 +151,7 @@ async fn one_trace_from_cli_through_two_gateways_to_the_device() -> anyhow::Resu
     // The operator's call, through gateway 2, from a separate CLI process.
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(["device", "call", &id, "add", "2,3", "--trace"])
+        .env("TRELLIS_TLS__MODE", "off")
         .env(
             "TRELLIS_GATEWAY_URL",
             format!("http://{}", cluster.gateways[1].grpc),

@@ -384,6 +384,7 @@ impl Services {
             .args(args)
             .env_remove("RUST_LOG")
             .env_remove("TRELLIS_CONFIG")
+            .env("TRELLIS_TLS__MODE", "off")
             .env(
                 "TRELLIS_GATEWAY_URL",
                 format!("http://{}", self.gateways[gateway].grpc),
