@@ -74,8 +74,14 @@ impl SignerService {
     }
 
     /// UploadImage: the header, then data; hashed while it streams; stored
-    /// only once the whole declared image arrived within the limit.
-    pub async fn upload<S>(&self, mut stream: S) -> Result<ImageMeta>
+    /// only once the whole declared image arrived within the limit. The
+    /// image belongs to its product's organisation (never one the caller
+    /// names), and only a caller who sees that organisation may upload.
+    pub async fn upload<S>(
+        &self,
+        mut stream: S,
+        principal: &trellis_auth::Principal,
+    ) -> Result<ImageMeta>
     where
         S: Stream<Item = Result<pb::UploadImageRequest, Status>> + Unpin,
     {
@@ -104,7 +110,28 @@ impl SignerService {
             }
         };
         let product_id = validate::product_id(header.product_id)?;
-        let organization = validate::organization(&header.organization)?;
+        guard_product(&self.redis, principal, product_id, || {
+            SignerError::NotFound(format!(
+                "product {product_id} is not one of your organisation's: `trellis product create {product_id}` first"
+            ))
+        })
+        .await?;
+        let organization = trellis_auth::store::product_org(&mut self.redis.clone(), product_id)
+            .await
+            .map_err(|e| {
+                SignerError::Internal(format!(
+                    "cannot read product {product_id}'s organisation: {e}"
+                ))
+            })?;
+        if !header.organization.trim().is_empty()
+            && validate::organization(&header.organization)? != organization
+        {
+            return Err(SignerError::InvalidArgument(format!(
+                "product {product_id} belongs to organisation {organization}, not {}; leave the \
+                 header's organization empty",
+                header.organization.trim()
+            )));
+        }
         if header.size == 0 {
             return Err(SignerError::InvalidArgument(
                 "the image is empty (declared size 0): an empty image is never a release".into(),
@@ -165,6 +192,14 @@ impl SignerService {
         };
         let mut redis = self.redis.clone();
         let stored = store::put_image(&mut redis, &meta, &image).await?;
+        if stored.organization != meta.organization {
+            // Another organisation's image: which product is none of
+            // this caller's business.
+            return Err(SignerError::FailedPrecondition(format!(
+                "image {sha256} is already stored for another product; the same bytes cannot be \
+                 firmware for product {product_id} too"
+            )));
+        }
         if stored.product_id != product_id {
             return Err(SignerError::FailedPrecondition(format!(
                 "image {sha256} is already stored for product {}; the same bytes cannot be \
@@ -836,8 +871,9 @@ impl Signer for SignerService {
         &self,
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::Image>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let span = tracing::info_span!("signer.upload_image");
-        in_span(span, self.upload(request.into_inner()))
+        in_span(span, self.upload(request.into_inner(), &principal))
             .await
             .map(|m| Response::new(m.to_proto()))
     }
@@ -846,11 +882,20 @@ impl Signer for SignerService {
         &self,
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::Image>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
         let req = request.into_inner();
         let span = tracing::debug_span!("signer.get_image", sha256 = %req.sha256);
-        in_span(span, SignerService::get_image(self, &req.sha256))
-            .await
-            .map(|m| Response::new(m.to_proto()))
+        in_span(span, async {
+            let meta = SignerService::get_image(self, &req.sha256).await?;
+            // Another organisation's image is exactly as missing as none.
+            if principal.sees(&meta.organization) {
+                Ok(meta)
+            } else {
+                Err(no_image(&meta.sha256))
+            }
+        })
+        .await
+        .map(|m| Response::new(m.to_proto()))
     }
 
     async fn create_release(

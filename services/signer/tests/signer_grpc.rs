@@ -440,7 +440,10 @@ async fn bad_uploads_are_refused_and_leave_nothing() -> anyhow::Result<()> {
     items.push(Err(Status::cancelled("connection reset by peer")));
     items.push(Ok(data(&image[2000..])));
     let err = service
-        .upload(tokio_stream::iter(items))
+        .upload(
+            tokio_stream::iter(items),
+            &trellis_auth::Principal::unauthenticated(),
+        )
         .await
         .expect_err("a broken stream must not be stored");
     let status: Status = err.into();

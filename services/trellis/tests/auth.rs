@@ -777,6 +777,51 @@ async fn organisations_never_see_each_other() -> anyhow::Result<()> {
         !out.status.success() && err.contains("NotFound"),
         "acme released for product 7: {err}"
     );
+    // Images too: an image belongs to its product's organisation, never
+    // one the uploader names; another organisation's is as missing as none,
+    // and a refused upload stores nothing.
+    let show = up.cli(Some(&acme), &["release", "show", "8-1", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout)
+        .unwrap_or_else(|e| panic!("release show --json: {e}: {show:?}"));
+    assert_eq!(shown["organization"], "acme", "{shown}");
+    let get_image = |token: String, bytes: &'static [u8]| {
+        let up = &up;
+        async move {
+            use sha2::Digest;
+            let channel = tls_channel(up, TlsRole::Operator, &up.signer).await?;
+            let mut signer = trellis_proto::v1::signer_client::SignerClient::new(channel);
+            let mut request = tonic::Request::new(trellis_proto::v1::GetImageRequest {
+                sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            anyhow::Ok(
+                signer
+                    .get_image(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.code()),
+            )
+        }
+    };
+    let owner = std::fs::read_to_string(up.dir.path().join("trellis-data/owner.token"))?
+        .trim()
+        .to_string();
+    assert_eq!(
+        get_image(owner.clone(), b"firmware of the default organisation").await?,
+        Ok(())
+    );
+    assert_eq!(
+        get_image(acme.clone(), b"firmware of the default organisation").await?,
+        Err(Code::NotFound),
+        "acme read the default organisation's image"
+    );
+    assert_eq!(
+        get_image(owner, b"acme firmware for product 7").await?,
+        Err(Code::NotFound),
+        "a refused upload stored its image"
+    );
 
     // Users and tokens stay inside the organisation too.
     up.ok(Some(&acme), &["user", "add", "bob", "--role", "viewer"]);
