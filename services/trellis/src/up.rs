@@ -144,7 +144,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("keyvault cannot listen on {}", config.keyvault.listen))?;
     let kv_addr = kv_listener.local_addr()?;
-    config.gateway.keyvault_url = format!("http://{kv_addr}");
+    config.gateway.keyvault_url = url_of(kv_addr);
     let keyvault = tokio::spawn(trellis_keyvault::serve_with_listener(
         config.clone(),
         kv_listener,
@@ -169,9 +169,9 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("ota cannot listen on {}", config.ota.listen))?;
     let ota_addr = ota_listener.local_addr()?;
-    config.signer.keyvault_url = format!("http://{kv_addr}");
-    config.ota.signer_url = format!("http://{signer_addr}");
-    config.gateway.ota_url = format!("http://{ota_addr}");
+    config.signer.keyvault_url = url_of(kv_addr);
+    config.ota.signer_url = url_of(signer_addr);
+    config.gateway.ota_url = url_of(ota_addr);
 
     let gateway_count = args
         .gateways
@@ -212,7 +212,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     }
     // The scheduler delivers through any gateway; the first will do.
     let first_grpc = grpc_addrs.first().context("no gateway")?;
-    config.ota.gateway_url = format!("http://{first_grpc}");
+    config.ota.gateway_url = url_of(*first_grpc);
     let signer = tokio::spawn(trellis_signer::serve_with_listener(
         config.clone(),
         signer_listener,
@@ -293,6 +293,20 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The URL the other services call a listener at: a wildcard listen
+/// address is reached on loopback, which the development certificates name.
+fn url_of(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{addr}")
+}
+
 /// `host:port` with the port moved up by `n` (port 0 stays 0).
 fn offset_port(addr: &str, n: usize) -> anyhow::Result<SocketAddr> {
     let mut a: SocketAddr = addr
@@ -327,7 +341,7 @@ async fn demo(
     let mut kv = connect_keyvault(services.keyvault).await?;
     // The devices are provisioned trusting the customer's offline key and
     // the cloud release key, both required.
-    let mut signer = demo_ota::signer_client(&format!("http://{}", services.signer)).await?;
+    let mut signer = demo_ota::signer_client(&url_of(services.signer)).await?;
     let customer = demo_ota::customer_key(&config.data_dir).await?;
     demo_ota::provision_trust(&mut kv, &mut signer, &customer, PRODUCT, &dir).await?;
     let existing = trellis_device::identity::load_fleet(&dir, Some(n), None).unwrap_or_default();
@@ -376,7 +390,7 @@ async fn demo(
 
     // Wait until every demo device is in session, then call across gateways.
     let last_grpc = grpc_addrs.last().context("no gateway")?;
-    let mut gw = ops::gateway_client(&format!("http://{last_grpc}")).await?;
+    let mut gw = ops::gateway_client(&url_of(*last_grpc)).await?;
     let started = std::time::Instant::now();
     loop {
         let online = gw
@@ -459,7 +473,7 @@ async fn demo(
     println!(
         "demo: release {release_id} signed by the customer's offline key and the cloud release key"
     );
-    let mut ota = demo_ota::ota_client(&format!("http://{}", services.ota)).await?;
+    let mut ota = demo_ota::ota_client(&url_of(services.ota)).await?;
     let status = demo_ota::two_stage_rollout(
         &mut ota,
         &release_id,
@@ -481,7 +495,7 @@ async fn connect_keyvault(
 ) -> anyhow::Result<
     trellis_proto::v1::key_vault_client::KeyVaultClient<trellis_core::telemetry::TracedChannel>,
 > {
-    let url = format!("http://{addr}");
+    let url = url_of(addr);
     for _ in 0..50 {
         if let Ok(c) = ops::keyvault_client(&url).await {
             return Ok(c);
@@ -489,4 +503,22 @@ async fn connect_keyvault(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ops::keyvault_client(&url).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_of;
+
+    #[test]
+    fn wildcard_listeners_are_called_on_loopback() {
+        assert_eq!(
+            url_of("0.0.0.0:7100".parse().unwrap()),
+            "http://127.0.0.1:7100"
+        );
+        assert_eq!(url_of("[::]:7100".parse().unwrap()), "http://[::1]:7100");
+        assert_eq!(
+            url_of("10.1.2.3:7100".parse().unwrap()),
+            "http://10.1.2.3:7100"
+        );
+    }
 }
