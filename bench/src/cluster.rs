@@ -147,10 +147,13 @@ impl Cluster {
             mint_owner_token(&redis.url()).await?;
             trellis_auth::pki::ensure_dev_pki(&tls_dir)?;
             let files = trellis_core::tls::files_in(&tls_dir, Role::Operator);
-            set_operator_tls(Some(ServiceTls::from_files(&files, Role::Operator)?));
+            trellis_core::tls::set_operator(Ok(Some(ServiceTls::from_files(
+                &files,
+                Role::Operator,
+            )?)));
         } else {
             trellis_core::telemetry::set_operator_credential(None).map_err(anyhow::Error::msg)?;
-            set_operator_tls(None);
+            trellis_core::tls::set_operator(Ok(None));
         }
         let common = |name: &str| -> anyhow::Result<Command> {
             let mut cmd = Command::new(&bin);
@@ -349,18 +352,8 @@ impl Cluster {
     }
 }
 
-/// The operator certificate of the cluster this process runs, if TLS is on.
-static OPERATOR_TLS: std::sync::RwLock<Option<ServiceTls>> = std::sync::RwLock::new(None);
-
-fn set_operator_tls(tls: Option<ServiceTls>) {
-    *OPERATOR_TLS.write().unwrap_or_else(|p| p.into_inner()) = tls;
-}
-
 fn operator_endpoint(addr: SocketAddr) -> anyhow::Result<tonic::transport::Endpoint> {
-    let tls = OPERATOR_TLS
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let tls = trellis_core::tls::operator().map_err(anyhow::Error::msg)?;
     trellis_core::tls::endpoint(&format!("http://{addr}"), tls.as_ref()).map_err(anyhow::Error::msg)
 }
 

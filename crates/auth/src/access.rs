@@ -225,25 +225,33 @@ where
 }
 
 /// What the transport says of the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Peer {
-    /// The call came over mutual TLS (the server verified a certificate
-    /// of the installation's CA).
-    pub tls: bool,
-    /// The role that certificate names.
-    pub role: Option<trellis_core::tls::Role>,
+    /// The certificates the server verified when the call came over
+    /// mutual TLS (leaf first); `None` on plaintext.
+    certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
 }
 
 impl Peer {
     fn of(extensions: &http::Extensions) -> Self {
         use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-        let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() else {
-            return Peer::default();
-        };
-        let role = info
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|leaf| crate::pki::role_of(leaf)));
-        Peer { tls: true, role }
+        let certs = extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .map(|info| info.peer_certs().unwrap_or_default());
+        Peer { certs }
+    }
+
+    fn tls(&self) -> bool {
+        self.certs.is_some()
+    }
+
+    /// The role the leaf certificate names. Parsed only when asked: calls
+    /// that carry a token never need it.
+    fn role(&self) -> Option<trellis_core::tls::Role> {
+        self.certs
+            .as_ref()?
+            .first()
+            .and_then(|leaf| crate::pki::role_of(leaf))
     }
 }
 
@@ -273,11 +281,15 @@ pub async fn admit(
             scopes: Vec::new(),
         });
     }
-    let principal = match (header, peer.role.and_then(Principal::of_service_role)) {
-        (None, Some(service)) => service,
-        _ => {
+    let service = match header {
+        None => peer.role().and_then(Principal::of_service_role),
+        Some(_) => None,
+    };
+    let principal = match service {
+        Some(service) => service,
+        None => {
             let mut principal = authenticator.authenticate(header).await?;
-            if peer.tls {
+            if peer.tls() {
                 principal.scopes.retain(|s| !s.is_service());
             }
             principal

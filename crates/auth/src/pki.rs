@@ -201,7 +201,7 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), PkiE
 /// Creates a CA in `dir` (`ca.crt`, `ca.key`) unless one is there.
 /// Returns whether it made one.
 pub fn ensure_ca(dir: &Path) -> Result<bool, PkiError> {
-    let ca = files_in(dir, Role::Operator).ca;
+    let ca = trellis_core::tls::ca_in(dir);
     if ca.exists() {
         return Ok(false);
     }
@@ -211,13 +211,20 @@ pub fn ensure_ca(dir: &Path) -> Result<bool, PkiError> {
     Ok(true)
 }
 
-/// Issues `role`'s certificate into `dir` with the CA there.
-pub fn issue_into(dir: &Path, role: Role, names: &[String], days: u32) -> Result<(), PkiError> {
-    let files = files_in(dir, role);
-    let ca_key_path = dir.join("ca.key");
-    let ca_cert = std::fs::read_to_string(&files.ca).map_err(io(&files.ca))?;
+/// Issues `role`'s certificate with the CA in `ca_dir` into `out_dir`.
+pub fn issue_into(
+    ca_dir: &Path,
+    out_dir: &Path,
+    role: Role,
+    names: &[String],
+    days: u32,
+) -> Result<(), PkiError> {
+    let ca_cert_path = trellis_core::tls::ca_in(ca_dir);
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_cert = std::fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
     let ca_key = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
     let issued = issue(&ca_cert, &ca_key, role, names, days)?;
+    let files = files_in(out_dir, role);
     write_file(&files.key, &issued.key_pem, true)?;
     write_file(&files.cert, &issued.cert_pem, false)
 }
@@ -236,7 +243,7 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<Vec<Role>, PkiError> {
                 .and_then(|pem| days_left(&pem).ok())
                 .is_some_and(|left| left >= i64::from(RENEW_DAYS));
         if !current {
-            issue_into(dir, role, &default_names(role), CERT_DAYS)?;
+            issue_into(dir, dir, role, &default_names(role), CERT_DAYS)?;
             issued.push(role);
         }
     }

@@ -100,7 +100,7 @@ pub fn dir(config: &Config) -> PathBuf {
 /// The files of `role` in `dir`, as `trellis certs` writes them.
 pub fn files_in(dir: &Path, role: Role) -> TlsFiles {
     TlsFiles {
-        ca: dir.join("ca.crt"),
+        ca: ca_in(dir),
         cert: dir.join(format!("{}.crt", role.name())),
         key: dir.join(format!("{}.key", role.name())),
     }
@@ -185,6 +185,24 @@ impl ServiceTls {
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
     }
+}
+
+/// The certificate this process's operator clients (CLI, demo, bench)
+/// call with, or why there is none (told when a command first connects).
+static OPERATOR: std::sync::RwLock<Result<Option<ServiceTls>, String>> =
+    std::sync::RwLock::new(Ok(None));
+
+pub fn set_operator(tls: Result<Option<ServiceTls>, String>) {
+    *OPERATOR.write().unwrap_or_else(|p| p.into_inner()) = tls;
+}
+
+pub fn operator() -> Result<Option<ServiceTls>, String> {
+    OPERATOR.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The CA certificate in `dir`.
+pub fn ca_in(dir: &Path) -> PathBuf {
+    dir.join("ca.crt")
 }
 
 /// For a process running several services (`trellis up`): a single

@@ -56,7 +56,7 @@ pub fn run(config: &Config, command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init { dir, sans, force } => {
             let dir = dir.unwrap_or(default_dir);
-            let ca = files_in(&dir, Role::Operator).ca;
+            let ca = trellis_core::tls::ca_in(&dir);
             if ca.exists() && !force {
                 bail!(
                     "{} already holds a CA; `trellis certs issue --role R` issues more certificates with it, --force replaces it",
@@ -70,7 +70,7 @@ pub fn run(config: &Config, command: CertsCommand) -> anyhow::Result<()> {
             for role in Role::ALL {
                 let mut names = pki::default_names(role);
                 names.extend(sans.iter().cloned());
-                pki::issue_into(&dir, role, &names, pki::CERT_DAYS)?;
+                pki::issue_into(&dir, &dir, role, &names, pki::CERT_DAYS)?;
             }
             println!(
                 "certs: CA and certificates for {} in {} (keys mode 0600; keep ca.key offline in production)",
@@ -102,7 +102,12 @@ pub fn run(config: &Config, command: CertsCommand) -> anyhow::Result<()> {
                 sans
             };
             let target = out.unwrap_or_else(|| dir.clone());
-            issue(&dir, &target, role, &names, days)?;
+            pki::issue_into(&dir, &target, role, &names, days).with_context(|| {
+                format!(
+                    "cannot issue with the CA in {} (`trellis certs init` makes one)",
+                    dir.display()
+                )
+            })?;
             let files = files_in(&target, role);
             println!(
                 "certs: {} certificate {} (key {}), valid {days} days for {}",
@@ -120,28 +125,8 @@ pub fn run(config: &Config, command: CertsCommand) -> anyhow::Result<()> {
     }
 }
 
-fn issue(
-    ca_dir: &Path,
-    target: &Path,
-    role: Role,
-    names: &[String],
-    days: u32,
-) -> anyhow::Result<()> {
-    let ca = files_in(ca_dir, role).ca;
-    let ca_key = ca_dir.join("ca.key");
-    let ca_pem = std::fs::read_to_string(&ca)
-        .with_context(|| format!("no CA at {} (run `trellis certs init` first)", ca.display()))?;
-    let key_pem = std::fs::read_to_string(&ca_key)
-        .with_context(|| format!("cannot read the CA key {}", ca_key.display()))?;
-    let issued = pki::issue(&ca_pem, &key_pem, role, names, days)?;
-    let files = files_in(target, role);
-    pki::write_file(&files.key, &issued.key_pem, true)?;
-    pki::write_file(&files.cert, &issued.cert_pem, false)?;
-    Ok(())
-}
-
 fn list(dir: &Path) -> anyhow::Result<()> {
-    let ca = files_in(dir, Role::Operator).ca;
+    let ca = trellis_core::tls::ca_in(dir);
     let ca_pem = std::fs::read_to_string(&ca)
         .with_context(|| format!("no CA at {} (run `trellis certs init`)", ca.display()))?;
     println!(

@@ -12,24 +12,17 @@ use trellis_proto::v1::variable_value::Value;
 use trellis_proto::v1::*;
 use trellis_wire::DeviceId;
 
-/// The operator certificate this process calls the services with, or why
-/// there is none (reported when a command first needs a connection).
-static OPERATOR_TLS: std::sync::RwLock<Option<Result<Option<ServiceTls>, String>>> =
-    std::sync::RwLock::new(None);
-
 /// Loads the operator certificate `config` names (`tls.*`, by default the
-/// one `trellis up` made in `data_dir/tls`).
+/// one `trellis up` made in `data_dir/tls`); a failure is told when a
+/// command first connects.
 pub fn load_operator_tls(config: &trellis_core::Config) {
-    let loaded = ServiceTls::load(config, Role::Operator).map_err(|e| e.to_string());
-    *OPERATOR_TLS.write().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
+    trellis_core::tls::set_operator(
+        ServiceTls::load(config, Role::Operator).map_err(|e| e.to_string()),
+    );
 }
 
 pub fn operator_tls() -> anyhow::Result<Option<ServiceTls>> {
-    match &*OPERATOR_TLS.read().unwrap_or_else(|p| p.into_inner()) {
-        Some(Ok(tls)) => Ok(tls.clone()),
-        Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
-        None => Ok(None),
-    }
+    trellis_core::tls::operator().map_err(anyhow::Error::msg)
 }
 
 pub async fn channel(url: &str, what: &str, flag: &str) -> anyhow::Result<TracedChannel> {

@@ -540,7 +540,7 @@ async fn only_certificates_of_the_installation_ca_get_through_tls() -> anyhow::R
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let up = up().await?;
     let url = format!("https://{}", up.keyvault);
-    let ca = std::fs::read(files_in(&up.tls_dir(), TlsRole::Operator).ca)?;
+    let ca = std::fs::read(trellis_core::tls::ca_in(&up.tls_dir()))?;
     let trusting = || ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
 
     // The control: the operator certificate gets an answer.
