@@ -11,6 +11,8 @@
 #      own rules (validate.py);
 #   4. every file in ci/chart/values-bad/ must be refused by helm (schema),
 #      and the TLS ones by the templates too (--skip-schema-validation);
+#      redis.acl without its Secret (or with credentials in a URL) is refused
+#      by the templates with a hint, and off renders none of it;
 #   5. NOTES.txt tells the operator what to do next.
 #
 # Idempotent; installs what it needs (pip from PyPI, nothing else). Prints
@@ -172,6 +174,66 @@ for bad in mutual-tls-without-certificates tests-without-operator-certificate \
     fail "templates refuse values-bad/$bad.yaml without the schema, but say: $(head -c 300 "$out/err" | tr '\n' ' ')"
   fi
 done
+# Redis ACL users: enabling them without the passwords' Secret, or with a
+# URL that names its own credentials (the binary would then ignore the ACL
+# user), fails and says what to do; the toggle off renders none of it even
+# with the Secret named. (The per-Deployment rules, own user, own password
+# file, only its own Secret key, are validate.py's, on values/redis-acl.yaml.)
+for h in helm4 helm3; do
+  if "$tools/$h/helm" template trellis "$chart" --set redis.acl.enabled=true > /dev/null 2> "$out/err"; then
+    fail "$h: redis.acl.enabled without redis.acl.existingSecret is refused: it was accepted"
+  elif grep -q 'redis.acl.existingSecret is empty' "$out/err" && grep -q 'kubectl create secret generic trellis-redis-acl' "$out/err"; then
+    pass "$h: redis.acl.enabled without redis.acl.existingSecret is refused with a hint"
+  else
+    fail "$h: redis.acl.enabled without redis.acl.existingSecret: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+done
+if "$helm" template trellis "$chart" --set redis.acl.enabled=true --set redis.acl.existingSecret=trellis-redis-acl \
+    --set redis.durableUrl='redis://:secret@redis-durable:6379/0' > /dev/null 2> "$out/err"; then
+  fail "redis.acl with a URL carrying a password is refused: it was accepted"
+elif grep -q 'redis.durableUrl names a user or password' "$out/err"; then
+  pass "redis.acl with a URL carrying a password is refused with a hint"
+else
+  fail "redis.acl with a URL carrying a password: $(head -c 300 "$out/err" | tr '\n' ' ')"
+fi
+"$helm" template trellis "$chart" --set redis.acl.enabled=false --set redis.acl.existingSecret=trellis-redis-acl \
+  > "$out/acl-off.yaml"
+if grep -qE 'TRELLIS_REDIS__(USERNAME|PASSWORD_FILE)|trellis-redis-acl|\.password$|/var/run/trellis/redis' "$out/acl-off.yaml"; then
+  fail "redis.acl.enabled=false renders no ACL user, password file or Secret volume: $(grep -m3 -nE 'TRELLIS_REDIS__(USERNAME|PASSWORD_FILE)|trellis-redis-acl|\.password$|/var/run/trellis/redis' "$out/acl-off.yaml" | tr '\n' ' ')"
+else
+  pass "redis.acl.enabled=false renders no ACL user, password file or Secret volume (existingSecret set)"
+fi
+
+# The rule is not vacuous: the redis-acl render with keyvault's password
+# added to the gateway's volume, or with the signer's user swapped, fails it.
+if [ -s "$out/helm4-redis-acl.yaml" ]; then
+  "$vpy" - "$here" "$out/helm4-redis-acl.yaml" > "$out/leak.txt" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import validate
+docs = validate.load_docs(sys.argv[2])
+for d in validate.by_kind(docs, "Deployment"):
+    spec = d["spec"]["template"]["spec"]
+    if validate.component_of(d) == "gateway":
+        for v in spec["volumes"]:
+            if v["name"] == "redis-password":
+                v["secret"]["items"].append({"key": "keyvault.password", "path": "keyvault.password"})
+    if validate.component_of(d) == "signer":
+        for e in spec["containers"][0]["env"]:
+            if e["name"] == "TRELLIS_REDIS__USERNAME":
+                e["value"] = "trellis-keyvault"
+validate.rules(docs, "redis-acl")
+PY
+  if grep -q '^FAIL: redis-acl: Redis ACL.*want only gateway.password' "$out/leak.txt" \
+      && grep -q "^FAIL: redis-acl: Redis ACL.*TRELLIS_REDIS__USERNAME='trellis-keyvault', want 'trellis-signer'" "$out/leak.txt"; then
+    pass "the Redis ACL rule catches a gateway pod given keyvault's password and a signer connecting as keyvault"
+  else
+    fail "the Redis ACL rule misses a leaked password or a wrong user: $(grep 'Redis ACL' "$out/leak.txt" | head -c 300)"
+  fi
+else
+  fail "the Redis ACL rule is not vacuous: no helm4 render of values/redis-acl.yaml"
+fi
+
 # An upgrade keeps the generated master key: simulate the lookup with a
 # fixed value and check it is used verbatim.
 key="$(printf '%064x' 42)"
@@ -190,13 +252,31 @@ for h in helm4; do
     for want in 'loadBalancer.ingress' 'trellis device provision' 'trellis sim --devices 1' 'helm test trellis' \
                 'port-forward svc/trellis-keyvault' 'secret trellis-operator-tls' \
                 'trellis token bootstrap --out /var/lib/trellis/owner.token' \
-                'create secret generic trellis-test-token' 'rollout restart'; do
+                'create secret generic trellis-test-token' 'rollout restart' \
+                'redis.acl is off' 'trellis redis acl --passwords redis-passwords > users.acl' \
+                'create secret generic trellis-redis-acl --from-file=redis-passwords/' \
+                'redis.acl.enabled=true'; do
       grep -qF -- "$want" "$out/notes.txt" || missing="$missing '$want'"
     done
-    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, operator certificate, tokens, provisioning, sim, helm test"
+    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, operator certificate, tokens, provisioning, sim, helm test, Redis ACL users"
     else fail "$h NOTES.txt lacks$missing"; fi
   else
     fail "$h install --dry-run=client: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+  # With the ACL users on: their names, the Secret, and how to load them.
+  if "$tools/$h/helm" install trellis "$chart" -n trellis --dry-run=client -f "$here/values/redis-acl.yaml" \
+      > "$out/notes-acl.txt" 2> "$out/err"; then
+    missing=""
+    for want in 'trellis-keyvault' 'trellis-gateway' 'trellis-signer' 'trellis-ota' 'Secret trellis-redis-acl' \
+                'trellis redis acl --passwords redis-passwords > users.acl' '--format commands | redis-cli' \
+                'create secret generic trellis-redis-acl --from-file=redis-passwords/'; do
+      grep -qF -- "$want" "$out/notes-acl.txt" || missing="$missing '$want'"
+    done
+    if grep -qF 'redis.acl is off' "$out/notes-acl.txt"; then missing="$missing (and says redis.acl is off)"; fi
+    if [ -z "$missing" ]; then pass "$h NOTES.txt with redis.acl: the users, their Secret, how to load them"
+    else fail "$h NOTES.txt with redis.acl lacks$missing"; fi
+  else
+    fail "$h install --dry-run=client -f values/redis-acl.yaml: $(head -c 300 "$out/err" | tr '\n' ' ')"
   fi
 done
 

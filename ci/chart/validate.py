@@ -267,6 +267,7 @@ def dashboards(chart):
 KNOWN_ENV = {
     "TRELLIS_REGION", "TRELLIS_DATA_DIR",
     "TRELLIS_REDIS__URL", "TRELLIS_REDIS__DURABLE_URL", "TRELLIS_REDIS__SENTINEL_MASTER", "TRELLIS_REDIS__SENTINELS",
+    "TRELLIS_REDIS__USERNAME", "TRELLIS_REDIS__PASSWORD_FILE",
     "TRELLIS_KEYVAULT__LISTEN", "TRELLIS_KEYVAULT__MASTER_KEY", "TRELLIS_KEYVAULT__MASTER_KEY_FILE",
     "TRELLIS_KEYVAULT__WORKERS", "TRELLIS_KEYVAULT__QUEUE_DEPTH",
     "TRELLIS_GATEWAY__ID", "TRELLIS_GATEWAY__DEVICE_LISTEN", "TRELLIS_GATEWAY__GRPC_LISTEN",
@@ -314,6 +315,10 @@ EXPECT = {
     "autoscaling-off": {"hpa": False, "servicemonitor": False, "master_secret": True, "redis_secret": True,
                         "dashboards": 0, "test_pod": False, "netpol": 4, "gateway_replicas": 3,
                         "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA},
+    "redis-acl": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
+                  "dashboards": 5, "test_pod": True, "netpol": 4,
+                  "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA, "token_secret": "trellis-test-token",
+                  "redis_acl": "trellis-redis-acl"},
     "security-off": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
                      "dashboards": 5, "test_pod": True, "netpol": 4, "tls": "off", "auth": "off"},
 }
@@ -458,6 +463,55 @@ def rules(docs, set_name):
                 p.append(f"keyvault: master key from Secret {sname}, want {want}")
             if "TRELLIS_KEYVAULT__MASTER_KEY" in env:
                 p.append("keyvault: master key in a plain env var")
+        return p
+
+    def redis_acl():
+        """redis.acl: each service connects as its own ACL user with its own
+        password file, from a read-only 0400 mount of only its own key of
+        the Secret (a gateway pod never holds keyvault's password); without
+        redis.acl, none of it is rendered."""
+        p = []
+        want_secret = exp.get("redis_acl")
+        for comp, d in deps.items():
+            spec = d["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            env = env_map(c)
+            n = name_of(d)
+            acl_vols = [v for v in spec.get("volumes", [])
+                        if any(i.get("key", "").endswith(".password") for i in v.get("secret", {}).get("items", []))
+                        or (want_secret and v.get("secret", {}).get("secretName") == want_secret)]
+            if not want_secret:
+                leaked = [k for k in ("TRELLIS_REDIS__USERNAME", "TRELLIS_REDIS__PASSWORD_FILE") if k in env]
+                if leaked or acl_vols:
+                    p.append(f"{n}: Redis ACL settings although redis.acl is off ({leaked}, {[v['name'] for v in acl_vols]})")
+                continue
+            user = env.get("TRELLIS_REDIS__USERNAME", {}).get("value")
+            if user != f"trellis-{comp}":
+                p.append(f"{n}: TRELLIS_REDIS__USERNAME={user!r}, want 'trellis-{comp}'")
+            path = env.get("TRELLIS_REDIS__PASSWORD_FILE", {}).get("value", "")
+            if not path.endswith(f"/{comp}.password"):
+                p.append(f"{n}: TRELLIS_REDIS__PASSWORD_FILE={path!r}, want .../{comp}.password")
+            if len(acl_vols) != 1:
+                p.append(f"{n}: {len(acl_vols)} volumes from the Redis ACL Secret, want 1")
+                continue
+            v = acl_vols[0]
+            sec = v["secret"]
+            if sec.get("secretName") != want_secret:
+                p.append(f"{n}: Redis password from Secret {sec.get('secretName')}, want {want_secret}")
+            keys = [i["key"] for i in sec.get("items", [])]
+            if keys != [f"{comp}.password"]:
+                p.append(f"{n}: mounts Redis ACL Secret keys {keys}, want only {comp}.password")
+            modes = {sec.get("defaultMode")} | {i["mode"] for i in sec.get("items", []) if "mode" in i}
+            if modes != {0o400}:
+                p.append(f"{n}: Redis password file mode {sorted(oct(m or 0o644) for m in modes)}, want 0400")
+            mounts = [m for m in c.get("volumeMounts", []) if m["name"] == v["name"]]
+            if len(mounts) != 1 or mounts[0].get("readOnly") is not True:
+                p.append(f"{n}: Redis password volume not mounted once, read-only")
+            elif path != f"{mounts[0]['mountPath']}/{comp}.password" or sec["items"][0].get("path") != f"{comp}.password":
+                p.append(f"{n}: TRELLIS_REDIS__PASSWORD_FILE {path!r} is not the mounted {comp}.password")
+            others = [x["name"] for x in spec.get("volumes", []) if x is not v and x.get("secret", {}).get("secretName") == want_secret]
+            if others:
+                p.append(f"{n}: more volumes from {want_secret}: {others}")
         return p
 
     def secrets():
@@ -806,6 +860,7 @@ def rules(docs, set_name):
     check(f"{set_name}: Deployments (args, probes, securityContext, env contract)", deployments)
     check(f"{set_name}: mutual TLS and tokens (role certificates, Secrets, DNS names, URLs)", security)
     check(f"{set_name}: helm test Pod calls with the operator certificate and its token", test_pod_security)
+    check(f"{set_name}: Redis ACL (own user, own password file, only its own Secret key)", redis_acl)
     check(f"{set_name}: Secrets (master key, Redis URLs)", secrets)
     check(f"{set_name}: Services (device LoadBalancer, ClusterIP gRPC + admin)", services)
     check(f"{set_name}: HPA and PodDisruptionBudgets", hpa_pdb)

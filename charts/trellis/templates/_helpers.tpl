@@ -171,6 +171,32 @@ for a message that says what to set).
 {{- end }}
 {{- end }}
 
+{{/*
+Redis ACL users (redis.acl): each service connects as trellis-<service>
+(the names `trellis redis acl` prints) with the password in its own key,
+<service>.password, of redis.acl.existingSecret, mounted here.
+*/}}
+{{- define "trellis.redisPasswordDir" -}}
+/var/run/trellis/redis
+{{- end }}
+
+{{/*
+The Secret with the services' Redis passwords; the chart refuses to render
+without it when redis.acl.enabled, and refuses chart-made URLs that name a
+user or password (the binary puts redis.username and the password only into
+URLs that carry no credentials, so the ACL user would silently not be used).
+*/}}
+{{- define "trellis.redisAclSecretName" -}}
+{{- if not .Values.redis.existingSecret }}
+{{- range $key, $url := dict "redis.url" .Values.redis.url "redis.durableUrl" .Values.redis.durableUrl }}
+{{- if regexMatch "^[^:/]+://[^/?#]*@" $url }}
+{{- fail (printf "redis.acl.enabled is true but %s names a user or password (user:password@): the service would connect with those instead of its ACL user; remove them from the URL (the password comes from redis.acl.existingSecret)" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- required "redis.acl.enabled is true but redis.acl.existingSecret is empty: make the users and their passwords (trellis redis acl --passwords redis-passwords > users.acl, load users.acl into Redis), store the passwords as a Secret with keys keyvault.password, gateway.password, signer.password and ota.password (kubectl create secret generic trellis-redis-acl --from-file=redis-passwords/) and set redis.acl.existingSecret=trellis-redis-acl; or set redis.acl.enabled=false" .Values.redis.acl.existingSecret }}
+{{- end }}
+
 {{- define "trellis.masterKeySecretName" -}}
 {{- if .Values.keyvault.masterKey.existingSecret }}
 {{- .Values.keyvault.masterKey.existingSecret }}
@@ -300,6 +326,12 @@ spec:
               protocol: TCP
           env:
             {{- include "trellis.commonEnv" $root | nindent 12 }}
+            {{- if $root.Values.redis.acl.enabled }}
+            - name: TRELLIS_REDIS__USERNAME
+              value: {{ printf "trellis-%s" .component | quote }}
+            - name: TRELLIS_REDIS__PASSWORD_FILE
+              value: {{ printf "%s/%s.password" (include "trellis.redisPasswordDir" $root) .component | quote }}
+            {{- end }}
             {{- .env | nindent 12 }}
             {{- with $root.Values.extraEnv }}
             {{- toYaml . | nindent 12 }}
@@ -337,6 +369,11 @@ spec:
               mountPath: {{ include "trellis.tlsMountPath" $root }}
               readOnly: true
             {{- end }}
+            {{- if $root.Values.redis.acl.enabled }}
+            - name: redis-password
+              mountPath: {{ include "trellis.redisPasswordDir" $root }}
+              readOnly: true
+            {{- end }}
             {{- with .volumeMounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -361,6 +398,18 @@ spec:
                 path: tls.crt
               - key: tls.key
                 path: tls.key
+        {{- end }}
+        {{- if $root.Values.redis.acl.enabled }}
+        # This service's Redis ACL password and no other service's (items):
+        # a gateway pod never holds keyvault's. Mode 0400; the kubelet adds
+        # group read for fsGroup, the trellis user's group.
+        - name: redis-password
+          secret:
+            secretName: {{ include "trellis.redisAclSecretName" $root }}
+            defaultMode: 0400
+            items:
+              - key: {{ .component }}.password
+                path: {{ .component }}.password
         {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}
