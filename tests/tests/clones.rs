@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use trellis_core::audit::AuditRecord;
 use trellis_core::config::ClonePolicy;
-use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::local_redis::{Admin, LocalRedis, RedisData};
 use trellis_device::identity::DeviceIdentity;
 use trellis_proto::v1::{DeviceState, GetDeviceStateRequest};
 use trellis_tests::{Cluster, RawDevice, eventually, test_config};
@@ -21,7 +21,7 @@ async fn cluster(
     policy: ClonePolicy,
     quarantine_secs: u64,
 ) -> anyhow::Result<Cluster> {
-    let redis = LocalRedis::start(RedisData::Ephemeral)?;
+    let redis = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
     let mut config = test_config(&redis.url());
     config.region = region.into();
     config.gateway.keepalive_secs = KEEPALIVE_SECS;

@@ -66,6 +66,8 @@ pub const RULES: &[(&str, Rule)] = &[
         ScopeOrService(DevicesRead, &[ServiceGateway, ServiceOta]),
     ),
     ("/trellis.v1.KeyVault/RevokeDevice", Scope(DevicesAdmin)),
+    ("/trellis.v1.KeyVault/DeleteDevice", Scope(DevicesAdmin)),
+    ("/trellis.v1.KeyVault/LiftQuarantine", Scope(DevicesAdmin)),
     ("/trellis.v1.KeyVault/SetDeviceTags", Scope(DevicesAdmin)),
     ("/trellis.v1.KeyVault/GetCloudPublicKey", Public),
     ("/trellis.v1.KeyVault/OpenSession", Service(ServiceGateway)),

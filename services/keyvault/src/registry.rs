@@ -292,8 +292,12 @@ pub async fn list(redis: &mut Redis, product_id: u32) -> Result<Vec<DeviceRecord
 
 // Marks a record revoked if it exists; returns 0 if there is none.
 static REVOKE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKE_LUA));
+// KEYS: record, revocation stream. ARGV: time, reason, device id.
+// Every revoke (a repeated one too) tells the gateways to close the
+// device's session.
 const REVOKE_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'device', ARGV[3], 'reason', ARGV[2], 'time_ms', ARGV[1])
 if redis.call('HGET', KEYS[1], 'revoked') == '1' then return 2 end
 redis.call('HSET', KEYS[1], 'revoked', '1', 'revoked_at_ms', ARGV[1], 'revoke_reason', ARGV[2])
 return 1
@@ -310,8 +314,10 @@ pub async fn revoke(
     let device_id = parse_device_id(device_id)?;
     let result: i64 = REVOKE
         .key(keys::device(&device_id))
+        .key(keys::REVOCATIONS)
         .arg(now_ms())
         .arg(reason)
+        .arg(&device_id)
         .invoke_async(redis)
         .await?;
     if result == 0 {
@@ -328,6 +334,60 @@ pub async fn revoke(
         tracing::info!(device_id = %device_id, reason, "device revoked");
     }
     get_device(redis, &device_id).await
+}
+
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DELETE_LUA));
+// KEYS: record, index, revocation stream. ARGV: time, reason, device id.
+const DELETE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'device', ARGV[3], 'reason', ARGV[2], 'time_ms', ARGV[1])
+return 1
+"#;
+
+/// Deletes a device's record (its key is no longer trusted, its id can be
+/// registered again) and closes its live session. Its audit history stays.
+pub async fn delete(redis: &mut Redis, device_id: &str, reason: &str, actor: &str) -> Result<()> {
+    let device_id = parse_device_id(device_id)?;
+    let deleted: i64 = DELETE
+        .key(keys::device(&device_id))
+        .key(keys::DEVICE_INDEX)
+        .key(keys::REVOCATIONS)
+        .arg(now_ms())
+        .arg(reason)
+        .arg(&device_id)
+        .invoke_async(redis)
+        .await?;
+    if deleted == 0 {
+        return Err(KeyvaultError::NotFound(format!(
+            "device {device_id} is not registered"
+        )));
+    }
+    audit_write(
+        redis,
+        AuditRecord::new(actor, "delete", &device_id, "ok").with("reason", reason),
+    )
+    .await;
+    tracing::info!(device_id = %device_id, reason, "device deleted");
+    Ok(())
+}
+
+/// Lifts a clone quarantine; true when there was one.
+pub async fn lift_quarantine(redis: &mut Redis, device_id: &str, actor: &str) -> Result<bool> {
+    let device_id = parse_device_id(device_id)?;
+    let removed: i64 = redis::AsyncCommands::del(redis, keys::quarantine(&device_id)).await?;
+    audit_write(
+        redis,
+        AuditRecord::new(
+            actor,
+            "quarantine_lift",
+            &device_id,
+            if removed > 0 { "ok" } else { "not_quarantined" },
+        ),
+    )
+    .await;
+    Ok(removed > 0)
 }
 
 /// Most tags one device may carry.

@@ -215,6 +215,50 @@ impl KeyVault for KeyVaultService {
         .await
     }
 
+    async fn delete_device(
+        &self,
+        request: Request<pb::DeleteDeviceRequest>,
+    ) -> Result<Response<pb::DeleteDeviceResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.delete_device", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
+            registry::delete(&mut redis, &req.device_id, &req.reason, &principal.actor())
+                .await
+                .map(|()| Response::new(pb::DeleteDeviceResponse {}))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn lift_quarantine(
+        &self,
+        request: Request<pb::LiftQuarantineRequest>,
+    ) -> Result<Response<pb::LiftQuarantineResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.lift_quarantine", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
+            registry::lift_quarantine(&mut redis, &req.device_id, &principal.actor())
+                .await
+                .map(|was_quarantined| {
+                    Response::new(pb::LiftQuarantineResponse { was_quarantined })
+                })
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn set_device_tags(
         &self,
         request: Request<pb::SetDeviceTagsRequest>,

@@ -121,6 +121,10 @@ pub enum Command {
     /// The CA and role certificates of mutual TLS: init, issue, list.
     #[command(subcommand)]
     Certs(crate::certs_cli::CertsCommand),
+    /// Redis least privilege: `trellis redis acl` prints one ACL user per
+    /// service.
+    #[command(subcommand)]
+    Redis(crate::redis_cli::RedisCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -190,6 +194,12 @@ pub struct SimArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// End the device's quarantine now (audited).
+    Lift { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Make a device key pair, register it, write it with the cloud key.
     Provision {
@@ -243,12 +253,24 @@ pub enum DeviceCommand {
         #[arg(long, default_value_t = 0)]
         timeout_ms: u32,
     },
-    /// Revoke a device: it can no longer open a session.
+    /// Revoke a device: it can no longer open a session, and its live
+    /// session (on any gateway, in any region) closes within a second.
     Revoke {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Delete a device's record: its key is no longer trusted, its id can
+    /// be registered again, its live session closes; its audit history is
+    /// kept.
+    Delete {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Clone quarantine: `lift ID` ends one before it expires.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Set a device's tags (replacing its old ones; none: clear them), for
     /// `trellis rollout create --tag`. Tags: a-z, 0-9, '.', '_', '-'.
     Tag { id: String, tags: Vec<String> },
@@ -312,6 +334,10 @@ impl Command {
                 DeviceCommand::Call { .. } => "device call",
                 DeviceCommand::Get { .. } => "device get",
                 DeviceCommand::Revoke { .. } => "device revoke",
+                DeviceCommand::Delete { .. } => "device delete",
+                DeviceCommand::Quarantine(QuarantineCommand::Lift { .. }) => {
+                    "device quarantine lift"
+                }
                 DeviceCommand::Tag { .. } => "device tag",
             },
             Command::Events(_) => "events tail",
@@ -328,6 +354,7 @@ impl Command {
             Command::User(_) => "user",
             Command::Token(_) => "token",
             Command::Certs(_) => "certs",
+            Command::Redis(_) => "redis",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Operator commands: thin gRPC clients of keyvault and any gateway.
 use crate::cli::Command;
-use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand};
+use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand, QuarantineCommand};
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::path::Path;
@@ -253,6 +253,31 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 .map_err(status)?
                 .into_inner();
             println!("revoked {}", d.device_id);
+        }
+        DeviceCommand::Delete { id, reason } => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            kv.delete_device(DeleteDeviceRequest {
+                device_id: id.clone(),
+                reason,
+            })
+            .await
+            .map_err(status)?;
+            println!("deleted {id}");
+        }
+        DeviceCommand::Quarantine(QuarantineCommand::Lift { id }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let r = kv
+                .lift_quarantine(LiftQuarantineRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.was_quarantined {
+                println!("quarantine lifted for {id}");
+            } else {
+                println!("{id} was not quarantined");
+            }
         }
         DeviceCommand::Tag { id, tags } => {
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
