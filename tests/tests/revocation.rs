@@ -166,3 +166,83 @@ async fn an_operator_lifts_a_quarantine() -> anyhow::Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_devices_key_is_reviewed_then_approved_or_rejected() -> anyhow::Result<()> {
+    use trellis_proto::v1::{ApprovePendingRequest, ListPendingRequest, RejectPendingRequest};
+    let cluster = Cluster::start(1).await?;
+    let unknown = cluster.unregistered_identity()?;
+    let stranger = cluster.unregistered_identity()?;
+    let id = unknown.device_id.to_string();
+    // Refused, and its key kept for review.
+    assert!(refused_everywhere(&cluster, &unknown).await);
+    assert!(refused_everywhere(&cluster, &stranger).await);
+    let mut kv = cluster.keyvault_client().await?;
+    let pending = kv
+        .list_pending(ListPendingRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .devices;
+    let entry = pending
+        .iter()
+        .find(|p| p.device_id == id)
+        .unwrap_or_else(|| panic!("{id} not pending: {pending:?}"));
+    assert_eq!(entry.attempts, 1);
+    assert_eq!(entry.key_id.len(), 64);
+
+    // A key id other than the one offered is refused, and nothing changes.
+    let wrong = kv
+        .approve_pending(ApprovePendingRequest {
+            device_id: id.clone(),
+            product_id: 1,
+            organization: String::new(),
+            key_id: "00".repeat(32),
+        })
+        .await
+        .expect_err("a key id that was not offered");
+    assert_eq!(wrong.code(), tonic::Code::FailedPrecondition);
+    assert!(refused_everywhere(&cluster, &unknown).await);
+
+    let device = kv
+        .approve_pending(ApprovePendingRequest {
+            device_id: id.clone(),
+            product_id: 1,
+            organization: String::new(),
+            key_id: entry.key_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(device.product_id, 1);
+    let mut session = in_session(&cluster, &unknown, 0).await?;
+    assert!(!session.closed_within(Duration::from_millis(300)).await);
+
+    kv.reject_pending(RejectPendingRequest {
+        device_id: stranger.device_id.to_string(),
+    })
+    .await?;
+    let left = kv
+        .list_pending(ListPendingRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .devices;
+    assert!(
+        left.is_empty(),
+        "approved and rejected keys still pending: {left:?}"
+    );
+    let again = kv
+        .reject_pending(RejectPendingRequest {
+            device_id: stranger.device_id.to_string(),
+        })
+        .await
+        .expect_err("nothing left to reject");
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    let audit = cluster.audit(None).await?;
+    for action in ["pending_approve", "pending_reject"] {
+        assert!(
+            audit.iter().any(|r| r.action == action),
+            "no {action} record"
+        );
+    }
+    cluster.stop().await;
+    Ok(())
+}

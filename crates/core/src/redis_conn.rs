@@ -264,6 +264,9 @@ pub mod keys {
     pub fn pending_device(device_id: &str) -> String {
         format!("trellis:pending:{device_id}")
     }
+    /// Sorted set: pending device ids by their last attempt (ms); members
+    /// whose record expired are dropped when listed.
+    pub const PENDING_INDEX: &str = "trellis:pendings";
     /// String: the sealed cloud key record.
     pub const CLOUD_KEY: &str = "trellis:cloudkey:v1";
     /// String: the sealed release-signing key record (keyvault, purpose "release").

@@ -496,9 +496,67 @@ pub async fn keep_pending(
         .ignore()
         .expire(&key, TTL_SECS)
         .ignore()
+        .zadd(keys::PENDING_INDEX, device_id, &now)
+        .ignore()
         .query_async(redis)
         .await?;
     Ok(())
+}
+
+/// How long a pending record lives after the device's last attempt.
+const PENDING_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+
+fn pending_from_hash(h: &HashMap<String, String>) -> Option<pb::PendingDevice> {
+    let num = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let der = hex::decode(h.get("public_key_der")?).ok()?;
+    Some(pb::PendingDevice {
+        device_id: h.get("device_id")?.clone(),
+        key_id: trellis_core::keys::key_id(&der),
+        public_key_der: der,
+        first_seen_ms: num("first_seen_ms"),
+        last_seen_ms: num("last_seen_ms"),
+        attempts: u64::try_from(num("attempts")).unwrap_or(0),
+        gateway_id: h.get("gateway_id").cloned().unwrap_or_default(),
+        peer_addr: h.get("peer_addr").cloned().unwrap_or_default(),
+    })
+}
+
+pub async fn get_pending(redis: &mut Redis, device_id: &str) -> Result<Option<pb::PendingDevice>> {
+    let device_id = parse_device_id(device_id)?;
+    let h: HashMap<String, String> = redis.hgetall(keys::pending_device(&device_id)).await?;
+    Ok(pending_from_hash(&h))
+}
+
+/// The most recently seen pending devices, newest first.
+pub async fn list_pending(redis: &mut Redis, limit: usize) -> Result<Vec<pb::PendingDevice>> {
+    // Records expire on their own; their index entries go here.
+    let _: () = redis
+        .zrembyscore(keys::PENDING_INDEX, "-inf", now_ms() - PENDING_TTL_MS)
+        .await?;
+    let ids: Vec<String> = redis
+        .zrevrange(keys::PENDING_INDEX, 0, limit.max(1) as isize - 1)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.hgetall(keys::pending_device(id));
+    }
+    let maps: Vec<HashMap<String, String>> = pipe.query_async(redis).await?;
+    Ok(maps.iter().filter_map(pending_from_hash).collect())
+}
+
+/// Drops a pending record; false when there was none.
+pub async fn drop_pending(redis: &mut Redis, device_id: &str) -> Result<bool> {
+    let device_id = parse_device_id(device_id)?;
+    let (removed, _): (i64, i64) = redis::pipe()
+        .atomic()
+        .del(keys::pending_device(&device_id))
+        .zrem(keys::PENDING_INDEX, &device_id)
+        .query_async(redis)
+        .await?;
+    Ok(removed > 0)
 }
 
 /// Appends an audit record; a failure is logged loudly but does not fail the

@@ -194,6 +194,31 @@ pub struct SimArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PendingCommand {
+    /// The most recently seen first: id, key id, attempts, last gateway and
+    /// address (needs cluster:admin).
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Register the reviewed key as the device's, in product P.
+    Approve {
+        id: String,
+        #[arg(long)]
+        product: u32,
+        /// The key id `pending list` showed (refused if the device has
+        /// offered another key since).
+        #[arg(long)]
+        key_id: String,
+        /// Default: your own.
+        #[arg(long, default_value = "")]
+        org: String,
+    },
+    /// Drop the pending key (needs cluster:admin).
+    Reject { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum QuarantineCommand {
     /// End the device's quarantine now (audited).
     Lift { id: String },
@@ -271,6 +296,9 @@ pub enum DeviceCommand {
     /// Clone quarantine: `lift ID` ends one before it expires.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
+    /// Keys unknown devices offered at a handshake: list, approve, reject.
+    #[command(subcommand)]
+    Pending(PendingCommand),
     /// Set a device's tags (replacing its old ones; none: clear them), for
     /// `trellis rollout create --tag`. Tags: a-z, 0-9, '.', '_', '-'.
     Tag { id: String, tags: Vec<String> },
@@ -338,6 +366,9 @@ impl Command {
                 DeviceCommand::Quarantine(QuarantineCommand::Lift { .. }) => {
                     "device quarantine lift"
                 }
+                DeviceCommand::Pending(PendingCommand::List { .. }) => "device pending list",
+                DeviceCommand::Pending(PendingCommand::Approve { .. }) => "device pending approve",
+                DeviceCommand::Pending(PendingCommand::Reject { .. }) => "device pending reject",
                 DeviceCommand::Tag { .. } => "device tag",
             },
             Command::Events(_) => "events tail",

@@ -1,6 +1,8 @@
 //! Operator commands: thin gRPC clients of keyvault and any gateway.
 use crate::cli::Command;
-use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand, QuarantineCommand};
+use crate::cli::{
+    AuditCommand, DeviceCommand, Endpoints, EventsCommand, PendingCommand, QuarantineCommand,
+};
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::path::Path;
@@ -263,6 +265,56 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
             .await
             .map_err(status)?;
             println!("deleted {id}");
+        }
+        DeviceCommand::Pending(PendingCommand::List { limit }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let r = kv
+                .list_pending(ListPendingRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.devices.is_empty() {
+                println!("no pending keys");
+            }
+            for d in r.devices {
+                println!(
+                    "{}  key {}  attempts {}  last {} via {} from {}",
+                    d.device_id,
+                    d.key_id,
+                    d.attempts,
+                    trellis_core::time::format_ms(d.last_seen_ms),
+                    d.gateway_id,
+                    d.peer_addr
+                );
+            }
+        }
+        DeviceCommand::Pending(PendingCommand::Approve {
+            id,
+            product,
+            key_id,
+            org,
+        }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let d = kv
+                .approve_pending(ApprovePendingRequest {
+                    device_id: id,
+                    product_id: product,
+                    organization: org,
+                    key_id,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("registered {} in product {}", d.device_id, d.product_id);
+        }
+        DeviceCommand::Pending(PendingCommand::Reject { id }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            kv.reject_pending(RejectPendingRequest {
+                device_id: id.clone(),
+            })
+            .await
+            .map_err(status)?;
+            println!("rejected the pending key of {id}");
         }
         DeviceCommand::Quarantine(QuarantineCommand::Lift { id }) => {
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
