@@ -141,6 +141,31 @@ impl Cluster {
         })
     }
 
+    /// A gateway of another region: its own Redis for sessions and routing,
+    /// this cluster's Redis as the durable store both regions share (as the
+    /// gateway's Redis user), the same keyvault. Returns its device address,
+    /// its regional Redis and what stops it.
+    pub async fn gateway_in_region(
+        &self,
+        region: &str,
+    ) -> anyhow::Result<(SocketAddr, LocalRedis, ShutdownTrigger)> {
+        let regional = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
+        let mut config = self.config.clone();
+        config.region = region.into();
+        config.redis.durable_url = Some(self.redis.url_for(RedisUser::Gateway));
+        config.redis.url = Some(regional.url_for(RedisUser::Gateway));
+        config.gateway.id = format!("gw-{region}");
+        config.gateway.keyvault_url = format!("http://{}", self.keyvault);
+        let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = devices.local_addr()?;
+        let (trigger, shutdown) = Shutdown::new();
+        tokio::spawn(trellis_gateway::serve_with_listeners(
+            config, devices, grpc, shutdown,
+        ));
+        Ok((addr, regional, trigger))
+    }
+
     pub async fn keyvault_client(&self) -> anyhow::Result<KeyVaultClient<Channel>> {
         connect_keyvault(self.keyvault).await
     }

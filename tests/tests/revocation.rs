@@ -246,3 +246,29 @@ async fn an_unknown_devices_key_is_reviewed_then_approved_or_rejected() -> anyho
     cluster.stop().await;
     Ok(())
 }
+
+/// In another region: a gateway with its own Redis, sharing only the
+/// durable store, closes its session as fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_closes_a_session_in_another_region_within_5_s() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let (gateway_b, _regional, _stop) = cluster.gateway_in_region("revocation-b").await?;
+    let identity = cluster.provision(1).await?;
+    let mut device = RawDevice::connect(gateway_b, &identity).await?;
+    device.hello(identity.device_id, [7; 32]).await?;
+    assert!(!device.closed_within(Duration::from_millis(700)).await);
+    cluster
+        .keyvault_client()
+        .await?
+        .revoke_device(RevokeDeviceRequest {
+            device_id: identity.device_id.to_string(),
+            reason: "stolen".into(),
+        })
+        .await?;
+    assert!(
+        device.closed_within(Duration::from_secs(5)).await,
+        "the session in the other region is still open 5 s after the revocation"
+    );
+    cluster.stop().await;
+    Ok(())
+}
