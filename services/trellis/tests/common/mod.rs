@@ -40,6 +40,7 @@ pub struct UpAddrs {
     pub grpc: String,
     pub signer: String,
     pub ota: String,
+    pub api: String,
     pub admin: String,
 }
 
@@ -51,6 +52,7 @@ impl UpAddrs {
             grpc: addr(),
             signer: addr(),
             ota: addr(),
+            api: addr(),
             admin: addr(),
         }
     }
@@ -63,6 +65,7 @@ impl UpAddrs {
             ("TRELLIS_GATEWAY__GRPC_LISTEN", self.grpc.clone()),
             ("TRELLIS_SIGNER__LISTEN", self.signer.clone()),
             ("TRELLIS_OTA__LISTEN", self.ota.clone()),
+            ("TRELLIS_API__LISTEN", self.api.clone()),
             ("TRELLIS_TELEMETRY__ADMIN_LISTEN", self.admin.clone()),
         ]
     }
