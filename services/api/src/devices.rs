@@ -207,7 +207,11 @@ async fn call(
         .unwrap_or_default();
     let device = resolve(state, &token, id, product).await?;
     let missing = || ApiError::NotFound(format!("Function {function} not found"));
-    if device.online && !device.functions.iter().any(|f| f == function) {
+    // Only a device that has described itself is known to lack it.
+    if device.online
+        && !device.functions.is_empty()
+        && !device.functions.iter().any(|f| f == function)
+    {
         return Err(missing());
     }
     let reply = state
@@ -250,7 +254,16 @@ pub async fn call_product_function(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let product = product_id(&product)?;
-    call(&state, &headers, &query, &body, &id, &function, Some(product)).await
+    call(
+        &state,
+        &headers,
+        &query,
+        &body,
+        &id,
+        &function,
+        Some(product),
+    )
+    .await
 }
 
 async fn read(
@@ -264,7 +277,7 @@ async fn read(
     let token = Token::from_request(headers, query, None)?;
     let device = resolve(state, &token, id, product).await?;
     let missing = || ApiError::NotFound("Variable not found".into());
-    if device.online && !device.variables.contains_key(variable) {
+    if device.online && !device.variables.is_empty() && !device.variables.contains_key(variable) {
         return Err(missing());
     }
     let reply = state

@@ -19,9 +19,7 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use trellis_proto::v1::{
-    DeviceEvent, ListDeviceStatesRequest, StreamEventsRequest, WhoAmIRequest,
-};
+use trellis_proto::v1::{DeviceEvent, ListDeviceStatesRequest, StreamEventsRequest, WhoAmIRequest};
 
 /// Longest silence on a stream before a keep-alive comment (the clients
 /// reconnect after 15 s without a byte).
@@ -95,10 +93,8 @@ async fn open(
             if tx.send(Bytes::from_static(b":ok\n\n")).await.is_err() {
                 return;
             }
-            let mut keepalive = tokio::time::interval_at(
-                tokio::time::Instant::now() + KEEPALIVE,
-                KEEPALIVE,
-            );
+            let mut keepalive =
+                tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
             loop {
                 tokio::select! {
                     message = events.message() => {
@@ -344,6 +340,10 @@ mod tests {
         assert_eq!(data["data"], "21.5");
         assert_eq!(data["coreid"], "0123456789abcdef01234567");
         assert_eq!(data["ttl"], 60);
-        assert!(data["published_at"].as_str().is_some_and(|s| s.ends_with('Z')));
+        assert!(
+            data["published_at"]
+                .as_str()
+                .is_some_and(|s| s.ends_with('Z'))
+        );
     }
 }

@@ -52,8 +52,7 @@ impl Services {
     }
 
     pub fn signer(&self) -> SignerClient<Channel> {
-        SignerClient::new(self.signer.clone())
-            .max_decoding_message_size(64 * 1024 * 1024)
+        SignerClient::new(self.signer.clone()).max_decoding_message_size(64 * 1024 * 1024)
     }
 
     pub fn ota(&self) -> OtaClient<Channel> {

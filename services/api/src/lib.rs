@@ -25,7 +25,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, post};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 use trellis_core::{Config, Shutdown};
@@ -44,10 +44,8 @@ pub struct AppState {
 /// A time in milliseconds since the epoch as ISO 8601 (`…T06:44:11.299Z`).
 pub fn iso_time(ms: i64) -> String {
     let ms = u64::try_from(ms).unwrap_or(0);
-    humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-    )
-    .to_string()
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 /// Every route (README "Application API" lists them).
@@ -70,12 +68,18 @@ pub fn router(state: AppState) -> Router {
             get(devices::get_device).put(ota::update_device),
         )
         .route("/v1/devices/{id}/events", get(events::device))
-        .route("/v1/devices/{id}/events/{*prefix}", get(events::device_prefix))
+        .route(
+            "/v1/devices/{id}/events/{*prefix}",
+            get(events::device_prefix),
+        )
         .route(
             "/v1/devices/{id}/{name}",
             get(devices::get_variable).post(devices::call_function),
         )
-        .route("/v1/products/{p}/devices", get(devices::list_product_devices))
+        .route(
+            "/v1/products/{p}/devices",
+            get(devices::list_product_devices),
+        )
         .route(
             "/v1/products/{p}/devices/{id}",
             get(devices::get_product_device),
@@ -85,7 +89,10 @@ pub fn router(state: AppState) -> Router {
             get(devices::get_product_variable).post(devices::call_product_function),
         )
         .route("/v1/products/{p}/events", get(events::product))
-        .route("/v1/products/{p}/events/{*prefix}", get(events::product_prefix))
+        .route(
+            "/v1/products/{p}/events/{*prefix}",
+            get(events::product_prefix),
+        )
         .route("/v1/orgs/{org}/events", get(events::org))
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
         .fallback(not_found)

@@ -75,10 +75,9 @@ pub async fn update_device(
         .map_err(|e| ApiError::bad_request(format!("the multipart body is malformed: {e}")))?
     {
         let name = field.name().unwrap_or_default().to_string();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read multipart field {name}: {e}")))?;
+        let bytes = field.bytes().await.map_err(|e| {
+            ApiError::bad_request(format!("cannot read multipart field {name}: {e}"))
+        })?;
         if name == "file" {
             image = Some(bytes.to_vec());
         } else if name.starts_with("file") {
@@ -107,9 +106,10 @@ pub async fn update_device(
         .await?
         .into_inner()
         .releases;
-    releases.retain(|r| r.product_id == device.product_id && r.image_sha256.eq_ignore_ascii_case(&sha));
+    releases
+        .retain(|r| r.product_id == device.product_id && r.image_sha256.eq_ignore_ascii_case(&sha));
     // Newest version first: the one a reflash most likely means.
-    releases.sort_by(|a, b| b.version.cmp(&a.version));
+    releases.sort_by_key(|r| std::cmp::Reverse(r.version));
     let mut refusals = Vec::new();
     for release in releases {
         let verdict = state

@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use trellis_proto::v1::{CreateTokenRequest, Identity, ListTokensRequest, RevokeTokenRequest, WhoAmIRequest};
+use trellis_proto::v1::{
+    CreateTokenRequest, Identity, ListTokensRequest, RevokeTokenRequest, WhoAmIRequest,
+};
 
 type Params = Query<HashMap<String, String>>;
 
@@ -140,12 +142,14 @@ fn client_ok(headers: &HeaderMap, fields: &HashMap<String, String>) -> bool {
             let Some(basic) = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")))
+                .and_then(|v| {
+                    v.strip_prefix("Basic ")
+                        .or_else(|| v.strip_prefix("basic "))
+                })
             else {
                 return false;
             };
-            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim())
-            else {
+            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
                 return false;
             };
             let text = String::from_utf8_lossy(&decoded).into_owned();
@@ -180,7 +184,10 @@ pub async fn oauth_token(
             "Client authentication failed: send client_id and client_secret (particle-cli, particle-api or particle)",
         ));
     }
-    let grant = fields.get("grant_type").map(String::as_str).unwrap_or_default();
+    let grant = fields
+        .get("grant_type")
+        .map(String::as_str)
+        .unwrap_or_default();
     if grant != "password" {
         return Err(oauth(
             StatusCode::BAD_REQUEST,

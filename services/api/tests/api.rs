@@ -20,7 +20,14 @@ async fn devices_functions_and_variables() -> anyhow::Result<()> {
     let id = f.device(&f.owner, 6, "temperature").await?;
 
     // List: an array with the device, no functions or variables.
-    let (status, list) = json_of(f.http.get(f.url("/v1/devices")).bearer_auth(&f.owner).send().await?).await;
+    let (status, list) = json_of(
+        f.http
+            .get(f.url("/v1/devices"))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
     assert_eq!(status, 200, "{list}");
     let entry = list
         .as_array()
@@ -43,7 +50,9 @@ async fn devices_functions_and_variables() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{device}");
     assert_eq!(device["id"], id.as_str());
     assert!(
-        device["functions"].as_array().is_some_and(|a| a.contains(&json!("add"))),
+        device["functions"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("add"))),
         "{device}"
     );
     assert_eq!(device["variables"]["temp"], "double");
@@ -150,7 +159,9 @@ async fn devices_functions_and_variables() -> anyhow::Result<()> {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(
-        body["devices"].as_array().is_some_and(|a| a.iter().any(|d| d["id"] == id.as_str())),
+        body["devices"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|d| d["id"] == id.as_str())),
         "{body}"
     );
     let (status, call) = json_of(
@@ -186,14 +197,27 @@ async fn tokens_users_and_oauth() -> anyhow::Result<()> {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "invalid_request");
     for bad in ["nonsense", "trellis_0011223344556677_notthesecret"] {
-        let (status, body) =
-            json_of(f.http.get(f.url("/v1/devices")).bearer_auth(bad).send().await?).await;
+        let (status, body) = json_of(
+            f.http
+                .get(f.url("/v1/devices"))
+                .bearer_auth(bad)
+                .send()
+                .await?,
+        )
+        .await;
         assert_eq!(status, 401, "{bad}: {body}");
         assert_eq!(body["error"], "invalid_token");
     }
 
     // Who am I, and when does my token expire (never).
-    let (status, user) = json_of(f.http.get(f.url("/v1/user")).bearer_auth(&f.owner).send().await?).await;
+    let (status, user) = json_of(
+        f.http
+            .get(f.url("/v1/user"))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
     assert_eq!(status, 200, "{user}");
     assert_eq!(user["username"], "owner");
     let (status, current) = json_of(
@@ -229,7 +253,10 @@ async fn tokens_users_and_oauth() -> anyhow::Result<()> {
     .await;
     assert_eq!(status, 200, "{login}");
     assert_eq!(login["expires_in"], 3600);
-    let new_token = login["access_token"].as_str().unwrap_or_default().to_string();
+    let new_token = login["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(new_token.starts_with("trellis_"), "{login}");
     let (status, current) = json_of(
         f.http
@@ -240,10 +267,18 @@ async fn tokens_users_and_oauth() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(status, 200, "{current}");
-    assert!(current["expires_at"].as_str().is_some_and(|s| s.ends_with('Z')), "{current}");
+    assert!(
+        current["expires_at"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z')),
+        "{current}"
+    );
 
     // Wrong password, wrong user: 400 invalid_grant; wrong client: 401.
-    for (user, password) in [("owner", "trellis_0011223344556677_x"), ("bob", f.owner.as_str())] {
+    for (user, password) in [
+        ("owner", "trellis_0011223344556677_x"),
+        ("bob", f.owner.as_str()),
+    ] {
         let (status, body) = json_of(
             f.http
                 .post(f.url("/oauth/token"))
@@ -292,10 +327,20 @@ async fn tokens_users_and_oauth() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    trellis_tests::eventually(Duration::from_secs(10), "the revoked token is refused", || async {
-        let r = f.http.get(f.url("/v1/user")).bearer_auth(&new_token).send().await.ok()?;
-        (r.status().as_u16() == 401).then_some(())
-    })
+    trellis_tests::eventually(
+        Duration::from_secs(10),
+        "the revoked token is refused",
+        || async {
+            let r = f
+                .http
+                .get(f.url("/v1/user"))
+                .bearer_auth(&new_token)
+                .send()
+                .await
+                .ok()?;
+            (r.status().as_u16() == 401).then_some(())
+        },
+    )
     .await?;
     // Revoking it again: an error, but never a 401.
     let (status, body) = json_of(
@@ -318,7 +363,14 @@ async fn organisations_do_not_see_each_other() -> anyhow::Result<()> {
     let theirs = f.device(&acme, 6, "acme/temp").await?;
     let ours = f.device(&globex, 6, "globex/temp").await?;
 
-    let (status, list) = json_of(f.http.get(f.url("/v1/devices")).bearer_auth(&globex).send().await?).await;
+    let (status, list) = json_of(
+        f.http
+            .get(f.url("/v1/devices"))
+            .bearer_auth(&globex)
+            .send()
+            .await?,
+    )
+    .await;
     assert_eq!(status, 200);
     let ids: Vec<&str> = list
         .as_array()
@@ -398,10 +450,16 @@ async fn event_streams() -> anyhow::Result<()> {
         .await?;
     assert_eq!(stream.status(), 200);
     assert_eq!(
-        stream.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        stream
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("text/event-stream")
     );
-    let text = read_until(&mut stream, Duration::from_secs(10), |t| t.matches("event:").count() >= 3).await;
+    let text = read_until(&mut stream, Duration::from_secs(10), |t| {
+        t.matches("event:").count() >= 3
+    })
+    .await;
     assert!(text.starts_with(":ok\n\n"), "{text:?}");
     let mut events = 0;
     for block in text.split("\n\n").filter(|b| b.starts_with("event:")) {
@@ -427,7 +485,10 @@ async fn event_streams() -> anyhow::Result<()> {
         .bearer_auth(&f.owner)
         .send()
         .await?;
-    let text = read_until(&mut stream, Duration::from_secs(10), |t| t.contains("event: a/b")).await;
+    let text = read_until(&mut stream, Duration::from_secs(10), |t| {
+        t.contains("event: a/b")
+    })
+    .await;
     assert!(text.contains("event: a/b"), "{text:?}");
     assert!(!text.contains("temperature"), "{text:?}");
     drop(stream);
@@ -439,7 +500,10 @@ async fn event_streams() -> anyhow::Result<()> {
         .bearer_auth(&f.owner)
         .send()
         .await?;
-    let text = read_until(&mut stream, Duration::from_secs(10), |t| t.matches("event:").count() >= 2).await;
+    let text = read_until(&mut stream, Duration::from_secs(10), |t| {
+        t.matches("event:").count() >= 2
+    })
+    .await;
     assert!(text.contains("event: a/b"), "{text:?}");
     assert!(!text.contains(&temp), "{text:?}");
     drop(stream);
@@ -447,7 +511,12 @@ async fn event_streams() -> anyhow::Result<()> {
     // Token problems come back before the stream opens.
     let r = f.http.get(f.url("/v1/devices/events")).send().await?;
     assert_eq!(r.status().as_u16(), 400);
-    let r = f.http.get(f.url("/v1/devices/events")).bearer_auth("bad").send().await?;
+    let r = f
+        .http
+        .get(f.url("/v1/devices/events"))
+        .bearer_auth("bad")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 401);
     f.stop().await;
     Ok(())
@@ -463,10 +532,17 @@ async fn an_idle_stream_gets_keepalives() -> anyhow::Result<()> {
         .send()
         .await?;
     let started = std::time::Instant::now();
-    let text = read_until(&mut stream, Duration::from_secs(15), |t| t.len() > ":ok\n\n".len()).await;
+    let text = read_until(&mut stream, Duration::from_secs(15), |t| {
+        t.len() > ":ok\n\n".len()
+    })
+    .await;
     assert!(text.starts_with(":ok\n\n"), "{text:?}");
     assert_eq!(&text[":ok\n\n".len()..], ":\n\n", "{text:?}");
-    assert!(started.elapsed() < Duration::from_secs(11), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "{:?}",
+        started.elapsed()
+    );
     f.stop().await;
     Ok(())
 }

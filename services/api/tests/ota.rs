@@ -13,8 +13,7 @@ use trellis_core::Shutdown;
 use trellis_proto::v1::RolloutState;
 use trellis_tests::Cluster;
 use trellis_tests::ota::{
-    Fleet, ReleaseKeys, Signers, all_online, device_config, make_release, rollout_until,
-    test_image,
+    Fleet, ReleaseKeys, Signers, all_online, device_config, make_release, rollout_until, test_image,
 };
 
 const PRODUCT: u32 = 7;
@@ -81,7 +80,10 @@ async fn flash_takes_only_signed_releases() -> anyhow::Result<()> {
     assert_eq!(status, 400, "{body}");
     let message = body["error"].as_str().unwrap_or_default();
     assert!(message.contains("trellis release sign"), "{message}");
-    assert!(!message.to_ascii_lowercase().contains("access token"), "{message}");
+    assert!(
+        !message.to_ascii_lowercase().contains("access token"),
+        "{message}"
+    );
 
     // A release signed by the cloud alone does not meet the policy
     // (customer and cloud must both sign): refused too.

@@ -53,12 +53,18 @@ impl Fixture {
         let dir = tempfile::tempdir()?;
         let mut durable = trellis_core::redis_conn::connect(&redis.url()).await?;
         use trellis_auth::setup::{Bootstrap, bootstrap_token};
-        let (owner, _) =
-            bootstrap_token(&mut durable, &dir.path().join("owner.token"), Bootstrap::FirstOwner)
-                .await?;
-        let (services, _) =
-            bootstrap_token(&mut durable, &dir.path().join("services.token"), Bootstrap::Services)
-                .await?;
+        let (owner, _) = bootstrap_token(
+            &mut durable,
+            &dir.path().join("owner.token"),
+            Bootstrap::FirstOwner,
+        )
+        .await?;
+        let (services, _) = bootstrap_token(
+            &mut durable,
+            &dir.path().join("services.token"),
+            Bootstrap::Services,
+        )
+        .await?;
         config.auth.service_token = Some(services);
         let cluster = Cluster::start_with(redis, config, 1).await?;
         let mut config = cluster.config.clone();
@@ -126,8 +132,7 @@ impl Fixture {
 
     /// A new organisation; its owner's token.
     pub async fn org(&self, name: &str) -> anyhow::Result<String> {
-        let mut access =
-            AccessClient::connect(format!("http://{}", self.cluster.keyvault)).await?;
+        let mut access = AccessClient::connect(format!("http://{}", self.cluster.keyvault)).await?;
         let created = access
             .create_org(bearer(
                 &self.owner,
@@ -168,6 +173,7 @@ impl Fixture {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+        // Online, and described (functions and variables arrive after Hello).
         trellis_tests::eventually(Duration::from_secs(30), "the device is online", || async {
             let r = self
                 .http
@@ -177,7 +183,8 @@ impl Fixture {
                 .await
                 .ok()?;
             let v: serde_json::Value = r.json().await.ok()?;
-            (v["connected"] == true).then_some(())
+            let described = v["functions"].as_array().is_some_and(|f| !f.is_empty());
+            (v["connected"] == true && described).then_some(())
         })
         .await?;
         Ok(id)
