@@ -58,9 +58,96 @@ enum Scope {
     Mine,
     /// One device (the gateway filters).
     Device,
-    /// The devices of one product: the set is refreshed when an event comes
-    /// from a device not in it (at most every 10 s).
+    /// The devices of one product.
     Product(u32),
+}
+
+/// Keeps the events of one product's devices: the set is refreshed when an
+/// event comes from a device not in it (at most every 10 s).
+pub struct ProductFilter {
+    state: AppState,
+    token: Token,
+    product: u32,
+    devices: HashSet<String>,
+    refreshed: Instant,
+}
+
+impl ProductFilter {
+    async fn admits(&mut self, device_id: &str) -> bool {
+        if self.devices.contains(device_id) {
+            return true;
+        }
+        if self.refreshed.elapsed() < Duration::from_secs(10) {
+            return false;
+        }
+        match product_devices(&self.state, &self.token, self.product).await {
+            Ok(d) => self.devices = d,
+            Err(e) => tracing::warn!(error = ?e, "cannot refresh the product's devices"),
+        }
+        self.refreshed = Instant::now();
+        self.devices.contains(device_id)
+    }
+}
+
+/// Moves events from the gateway to one client: `:ok` first, then each
+/// event as one frame, a keep-alive after [`KEEPALIVE`] of silence. Ends
+/// when the gateway's stream ends, the client goes away, the server
+/// stops, or an event waits longer than `slow` for room in the client's
+/// queue (a client that stopped reading).
+pub async fn pump<S>(
+    mut events: S,
+    tx: mpsc::Sender<Bytes>,
+    mut product: Option<ProductFilter>,
+    mut shutdown: trellis_core::Shutdown,
+    slow: Duration,
+) where
+    S: futures::Stream<Item = Result<DeviceEvent, tonic::Status>> + Unpin,
+{
+    if tx.send(Bytes::from_static(b":ok\n\n")).await.is_err() {
+        return;
+    }
+    let mut keepalive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        tokio::select! {
+            message = events.next() => {
+                let event = match message {
+                    Some(Ok(event)) => event,
+                    None => {
+                        tracing::info!("the gateway ended the event stream");
+                        return;
+                    }
+                    Some(Err(status)) => {
+                        tracing::warn!(%status, "event stream failed");
+                        return;
+                    }
+                };
+                if let Some(filter) = product.as_mut()
+                    && !filter.admits(&event.device_id).await
+                {
+                    continue;
+                }
+                match tokio::time::timeout(slow, tx.send(frame(&event))).await {
+                    Ok(Ok(())) => keepalive.reset(),
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::warn!("client stopped reading events; closing its stream");
+                        return;
+                    }
+                }
+            }
+            _ = keepalive.tick() => {
+                // A full queue means the client is behind, not idle.
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(Bytes::from_static(b":\n\n"))
+                {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+            _ = shutdown.wait() => return,
+        }
+    }
 }
 
 async fn open(
@@ -75,77 +162,26 @@ async fn open(
         prefix: prefix.clone(),
         from_start: false,
     };
-    let mut events = state
+    let events = state
         .services
         .devices()
         .stream_events(token.stream_request(request))
         .await?
         .into_inner();
-    let mut product = match scope {
-        Scope::Product(p) => Some((p, product_devices(&state, &token, p).await?, Instant::now())),
+    let product = match scope {
+        Scope::Product(product) => Some(ProductFilter {
+            devices: product_devices(&state, &token, product).await?,
+            state: state.clone(),
+            token,
+            product,
+            refreshed: Instant::now(),
+        }),
         Scope::Mine | Scope::Device => None,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
-    let mut shutdown = state.shutdown.clone();
     let span = tracing::info_span!("api.sse", prefix = %prefix);
     tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            if tx.send(Bytes::from_static(b":ok\n\n")).await.is_err() {
-                return;
-            }
-            let mut keepalive =
-                tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
-            loop {
-                tokio::select! {
-                    message = events.message() => {
-                        let event = match message {
-                            Ok(Some(event)) => event,
-                            Ok(None) => {
-                                tracing::info!("the gateway ended the event stream");
-                                return;
-                            }
-                            Err(status) => {
-                                tracing::warn!(%status, "event stream failed");
-                                return;
-                            }
-                        };
-                        if let Some((p, devices, refreshed)) = product.as_mut()
-                            && !devices.contains(&event.device_id)
-                        {
-                            if refreshed.elapsed() < Duration::from_secs(10) {
-                                continue;
-                            }
-                            match product_devices(&state, &token, *p).await {
-                                Ok(d) => *devices = d,
-                                Err(e) => tracing::warn!(error = ?e, "cannot refresh the product's devices"),
-                            }
-                            *refreshed = Instant::now();
-                            if !devices.contains(&event.device_id) {
-                                continue;
-                            }
-                        }
-                        match tokio::time::timeout(SLOW_CONSUMER, tx.send(frame(&event))).await {
-                            Ok(Ok(())) => keepalive.reset(),
-                            Ok(Err(_)) => return,
-                            Err(_) => {
-                                tracing::warn!("client stopped reading events; closing its stream");
-                                return;
-                            }
-                        }
-                    }
-                    _ = keepalive.tick() => {
-                        // A full queue means the client is behind, not idle.
-                        if let Err(mpsc::error::TrySendError::Closed(_)) =
-                            tx.try_send(Bytes::from_static(b":\n\n"))
-                        {
-                            return;
-                        }
-                    }
-                    _ = tx.closed() => return,
-                    _ = shutdown.wait() => return,
-                }
-            }
-        },
+        pump(events, tx, product, state.shutdown.clone(), SLOW_CONSUMER),
         span,
     ));
     let body = Body::from_stream(
@@ -345,5 +381,70 @@ mod tests {
                 .as_str()
                 .is_some_and(|s| s.ends_with('Z'))
         );
+    }
+
+    fn event(n: u64) -> DeviceEvent {
+        DeviceEvent {
+            id: format!("{n}-0"),
+            device_id: "0123456789abcdef01234567".into(),
+            name: "temperature".into(),
+            data: vec![b'x'; 200],
+            public: true,
+            time_ms: 1,
+            gateway_id: "gw".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        // Endless events, a client that reads `:ok` and one event, then
+        // nothing: the pump gives up once its queue stays full for `slow`,
+        // holding at most QUEUE frames meanwhile.
+        let mut n = 0;
+        let events = futures::stream::repeat_with(move || {
+            n += 1;
+            Ok(event(n))
+        });
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let pump = tokio::spawn(pump(
+            events,
+            tx,
+            None,
+            trellis_core::Shutdown::never(),
+            Duration::from_millis(200),
+        ));
+        assert_eq!(rx.recv().await.as_deref(), Some(&b":ok\n\n"[..]));
+        assert!(
+            rx.recv()
+                .await
+                .is_some_and(|f| f.starts_with(b"event: temperature\n"))
+        );
+        tokio::time::timeout(Duration::from_secs(5), pump)
+            .await
+            .expect("the pump must end for a client that stopped reading")
+            .expect("pump task");
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert!(queued <= QUEUE, "{queued}");
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_the_client_goes() {
+        let events = futures::stream::pending::<Result<DeviceEvent, tonic::Status>>();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pump = tokio::spawn(pump(
+            events,
+            tx,
+            None,
+            trellis_core::Shutdown::never(),
+            SLOW_CONSUMER,
+        ));
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), pump)
+            .await
+            .expect("the pump must end when the client is gone")
+            .expect("pump task");
     }
 }
