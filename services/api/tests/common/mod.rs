@@ -32,7 +32,13 @@ pub struct Fixture {
     trigger: Option<ShutdownTrigger>,
     devices: CancellationToken,
     _dir: tempfile::TempDir,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// One fixture at a time per test binary: the services' credential for
+/// each other (`auth.service_token`, tokens on and TLS off) is a
+/// process-wide setting, and each fixture's Redis has its own.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
@@ -45,6 +51,7 @@ fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
 
 impl Fixture {
     pub async fn start() -> anyhow::Result<Self> {
+        let serial = SERIAL.lock().await;
         let redis = LocalRedis::start(RedisData::Ephemeral)?;
         let mut config = trellis_tests::test_config(&redis.url());
         config.auth.mode = AuthMode::Tokens;
@@ -110,6 +117,7 @@ impl Fixture {
             trigger: Some(trigger),
             devices: CancellationToken::new(),
             _dir: dir,
+            _serial: serial,
         };
         // Ready when the API answers through the gateway.
         trellis_tests::eventually(Duration::from_secs(30), "the api answers", || async {
