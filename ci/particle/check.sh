@@ -136,6 +136,15 @@ check "their list is empty" 0 "No devices found" -- list
 check "and they stay logged in" 0 "owner" -- whoami
 rm -rf "$work/home"; mv "$work/home.owner" "$work/home"
 
+# keys send registers a device key (RSA-1024, protocol v1); device add
+# (claim) confirms one's own device.
+new_device=$(openssl rand -hex 12)
+openssl genrsa -out "$work/new.pem" 1024 2>/dev/null
+openssl rsa -in "$work/new.pem" -pubout -out "$work/new.pub.pem" 2>/dev/null
+check "keys send" 0 "submitting public key succeeded" -- keys send "$new_device" "$work/new.pub.pem" --product_id 6
+check "the new device is listed" 0 "\\[$new_device\\].*offline" -- list
+check "device add (own device)" 0 "." -- device add "$new_device"
+
 # Tokens: create with the password grant (the password is a Trellis
 # token), then revoke it without credentials.
 ran=$((ran + 1))

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use trellis_proto::v1::variable_value::Value as Var;
 use trellis_proto::v1::{
     CallFunctionRequest, DeviceState, GetDeviceStateRequest, GetVariableRequest,
-    ListDeviceStatesRequest,
+    ListDeviceStatesRequest, RegisterDeviceRequest,
 };
 
 type Params = Query<HashMap<String, String>>;
@@ -333,4 +333,108 @@ pub async fn get_product_variable(
 ) -> Result<Json<Value>, ApiError> {
     let product = product_id(&product)?;
     read(&state, &headers, &query, &id, &variable, Some(product)).await
+}
+
+/// `POST /v1/devices` (claim). Trellis has no claiming: a device belongs to
+/// the organisation that registered its key. Claiming one of the caller's
+/// devices succeeds (nothing changes); any other is refused, with how to
+/// register it.
+pub async fn claim(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let fields = body_fields(&headers, &body)?;
+    let token = Token::from_request(&headers, &query, Some(&fields))?;
+    let id = fields.get("id").cloned().unwrap_or_default();
+    let refused = || {
+        ApiError::bad_request(format!(
+            "Trellis has no device claiming: device {id} must be registered in your organisation \
+             with its public key (`trellis device register --id ID --product P --public-key FILE`, \
+             or POST /v1/provisioning/ID with publicKey and product_id)"
+        ))
+    };
+    let device = match resolve(&state, &token, &id, None).await {
+        Ok(device) => device,
+        Err(ApiError::UnknownDevice) => return Err(refused()),
+        Err(other) => return Err(other),
+    };
+    Ok(Json(json!({
+        "ok": true,
+        "id": device.device_id,
+        "connected": device.online,
+    })))
+}
+
+/// `POST /v1/provisioning/:id` (`particle keys send`): registers the
+/// device's public key (RSA-1024 PEM, protocol v1) in the caller's
+/// organisation for `product_id`, or for the product it already has. Sending
+/// the registered key again changes nothing; another key for a registered
+/// device is refused by keyvault (revoke it first).
+pub async fn provision(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let fields = body_fields(&headers, &body)?;
+    let token = Token::from_request(&headers, &query, Some(&fields))?;
+    let device_id = device_id(fields.get("deviceID").unwrap_or(&id))?;
+    let key = fields
+        .get("publicKey")
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("publicKey is required (PEM)"))?;
+    if fields
+        .get("algorithm")
+        .is_some_and(|a| !a.eq_ignore_ascii_case("rsa"))
+    {
+        return Err(ApiError::bad_request(
+            "Trellis devices use RSA-1024 keys (protocol v1): algorithm must be rsa",
+        ));
+    }
+    let product = match fields.get("product_id").map(|p| p.trim()) {
+        Some(p) if !p.is_empty() => p
+            .parse::<u32>()
+            .map_err(|_| ApiError::bad_request("product_id must be a number"))?,
+        _ => {
+            let existing = state
+                .services
+                .devices()
+                .get_device_state(token.request(GetDeviceStateRequest {
+                    device_id: device_id.clone(),
+                }))
+                .await;
+            match existing {
+                Ok(d) => d.into_inner().product_id,
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(ApiError::bad_request(
+                        "product_id is required for a device Trellis does not know yet \
+                         (every Trellis device belongs to a product): particle keys send --product_id P",
+                    ));
+                }
+                Err(s) => return Err(ApiError::from_status(&s)),
+            }
+        }
+    };
+    let device = state
+        .services
+        .keyvault()
+        .register_device(token.request(RegisterDeviceRequest {
+            device_id: device_id.clone(),
+            product_id: product,
+            public_key: key.as_bytes().to_vec(),
+            organization: String::new(),
+        }))
+        .await
+        .map_err(|s| {
+            ApiError::from_status_or(&s, || ApiError::bad_request(s.message().to_string()))
+        })?
+        .into_inner();
+    Ok(Json(json!({
+        "ok": true,
+        "id": device.device_id,
+        "product_id": device.product_id,
+    })))
 }

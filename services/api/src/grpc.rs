@@ -13,6 +13,7 @@ use trellis_core::Config;
 use trellis_core::tls::{Role, ServiceTls};
 use trellis_proto::v1::access_client::AccessClient;
 use trellis_proto::v1::device_service_client::DeviceServiceClient;
+use trellis_proto::v1::key_vault_client::KeyVaultClient;
 use trellis_proto::v1::ota_client::OtaClient;
 use trellis_proto::v1::signer_client::SignerClient;
 
@@ -45,6 +46,10 @@ impl Services {
 
     pub fn devices(&self) -> DeviceServiceClient<Channel> {
         DeviceServiceClient::new(self.gateway.clone())
+    }
+
+    pub fn keyvault(&self) -> KeyVaultClient<Channel> {
+        KeyVaultClient::new(self.keyvault.clone())
     }
 
     pub fn access(&self) -> AccessClient<Channel> {

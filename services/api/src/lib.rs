@@ -58,7 +58,11 @@ pub fn router(state: AppState) -> Router {
             get(tokens::current).delete(tokens::delete_current),
         )
         .route("/v1/access_tokens/{token}", delete(tokens::delete))
-        .route("/v1/devices", get(devices::list_devices))
+        .route(
+            "/v1/devices",
+            get(devices::list_devices).post(devices::claim),
+        )
+        .route("/v1/provisioning/{id}", post(devices::provision))
         .route("/v1/events", get(events::mine))
         .route("/v1/events/{*prefix}", get(events::mine_prefix))
         .route("/v1/devices/events", get(events::mine))

@@ -546,3 +546,75 @@ async fn an_idle_stream_gets_keepalives() -> anyhow::Result<()> {
     f.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_upload_registers_and_claim_only_confirms() -> anyhow::Result<()> {
+    use rsa::pkcs8::{EncodePublicKey, LineEnding};
+    let f = Fixture::start().await?;
+    let identity = f.cluster.unregistered_identity()?;
+    let id = identity.device_id.to_string();
+    let pem = identity
+        .private_key
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)?;
+    let send = |product: Option<&str>| {
+        let mut form = vec![
+            ("deviceID", id.clone()),
+            ("publicKey", pem.clone()),
+            ("filename", "cli".into()),
+            ("order", "manual_1".into()),
+            ("algorithm", "rsa".into()),
+        ];
+        if let Some(p) = product {
+            form.push(("product_id", p.into()));
+        }
+        f.http
+            .post(f.url(&format!("/v1/provisioning/{id}")))
+            .bearer_auth(&f.owner)
+            .form(&form)
+            .send()
+    };
+    // A new device needs its product.
+    let (status, body) = json_of(send(None).await?).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("product_id")),
+        "{body}"
+    );
+    let (status, body) = json_of(send(Some("6")).await?).await;
+    assert_eq!(status, 200, "{body}");
+    // Sending the same key again is fine, the product is the device's.
+    let (status, body) = json_of(send(None).await?).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["product_id"], 6);
+    let (status, device) = json_of(
+        f.http
+            .get(f.url(&format!("/v1/devices/{id}")))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 200, "{device}");
+    assert_eq!(device["connected"], false);
+
+    // Claiming: one's own device is confirmed, anything else refused (not
+    // with a 401, and not as "someone else's").
+    let claim = |id: String| {
+        f.http
+            .post(f.url("/v1/devices"))
+            .bearer_auth(&f.owner)
+            .json(&json!({"id": id, "request_transfer": false}))
+            .send()
+    };
+    let (status, body) = json_of(claim(id.clone()).await?).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    let (status, body) = json_of(claim("0123456789abcdef01234567".into()).await?).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.to_string().contains("someone else"), "{body}");
+    f.stop().await;
+    Ok(())
+}
