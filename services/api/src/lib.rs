@@ -101,8 +101,61 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            confirm_token_refusals,
+        ))
         .layer(axum::middleware::from_fn(span))
         .with_state(state)
+}
+
+/// A 401 makes particle-cli forget its login, so it must mean that the
+/// caller's token is bad, not that one Trellis service refused another's
+/// credential on the way (a gateway whose service token or certificate
+/// keyvault does not accept answers UNAUTHENTICATED too). Before a 401
+/// leaves, keyvault, which owns the tokens, is asked; if it accepts the
+/// token, the answer is a 502 that says where to look instead.
+async fn confirm_token_refusals(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    let query: std::collections::HashMap<String, String> = request
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let token = grpc::Token::from_request(request.headers(), &query, None).ok();
+    let response = next.run(request).await;
+    if response.status() != axum::http::StatusCode::UNAUTHORIZED || path == "/oauth/token" {
+        return response;
+    }
+    let Some(token) = token else {
+        return response;
+    };
+    match state
+        .services
+        .access()
+        .who_am_i(token.request(trellis_proto::v1::WhoAmIRequest {}))
+        .await
+    {
+        Ok(_) => {
+            tracing::error!(
+                path = %path,
+                "a Trellis service refused a token keyvault accepts: check the services' credentials \
+                 (auth.service_token with tls.mode off) or certificates"
+            );
+            ApiError::Other(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "A Trellis service refused the request on the way although the credential is valid \
+                 (a service credential or certificate problem inside Trellis; see the services' logs)"
+                    .into(),
+            )
+            .into_response()
+        }
+        Err(_) => response,
+    }
 }
 
 async fn not_found() -> ApiError {

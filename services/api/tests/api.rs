@@ -618,3 +618,50 @@ async fn key_upload_registers_and_claim_only_confirms() -> anyhow::Result<()> {
     f.stop().await;
     Ok(())
 }
+
+/// A service that refuses another service's credential (here: the
+/// gateway's, for keyvault) must not look like a bad user token: a 401
+/// would make particle-cli forget its login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_internal_credential_problem_is_not_a_401() -> anyhow::Result<()> {
+    let f = Fixture::start().await?;
+    let r = f
+        .http
+        .get(f.url("/v1/devices"))
+        .bearer_auth(&f.owner)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    // The services' credential (process-wide, tokens on and TLS off) now
+    // names no token: the gateway's calls to keyvault are refused.
+    trellis_core::telemetry::set_service_credential(Some("trellis_00112233445566aa_bogus"))
+        .map_err(anyhow::Error::msg)?;
+    let (status, body) = json_of(
+        f.http
+            .get(f.url("/v1/devices"))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    let restored = trellis_core::telemetry::set_service_credential(f.services_token.as_deref());
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        !body
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("access token"),
+        "{body}"
+    );
+    restored.map_err(anyhow::Error::msg)?;
+    // A bad user token is still a 401.
+    let r = f
+        .http
+        .get(f.url("/v1/devices"))
+        .bearer_auth("trellis_00112233445566aa_x")
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 401);
+    f.stop().await;
+    Ok(())
+}

@@ -26,6 +26,8 @@ pub struct Fixture {
     pub api: String,
     /// The installation's first owner (organisation `default`, cluster:admin).
     pub owner: String,
+    /// The services' credential for each other.
+    pub services_token: Option<String>,
     pub signer: SocketAddr,
     pub ota: SocketAddr,
     pub http: reqwest::Client,
@@ -72,7 +74,7 @@ impl Fixture {
             Bootstrap::Services,
         )
         .await?;
-        config.auth.service_token = Some(services);
+        config.auth.service_token = Some(services.clone());
         let cluster = Cluster::start_with(redis, config, 1).await?;
         let mut config = cluster.config.clone();
         let (trigger, shutdown) = Shutdown::new();
@@ -109,6 +111,7 @@ impl Fixture {
             cluster,
             api: format!("http://{api}"),
             owner,
+            services_token: Some(services),
             signer,
             ota,
             http: reqwest::Client::builder()
