@@ -115,20 +115,26 @@ impl Token {
 
     /// `message` as a gRPC request carrying this token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        let mut request = self.stream_request(message);
         request.set_timeout(std::time::Duration::from_secs(30));
         request
     }
 
-    /// As [`Self::request`], without a deadline (streams).
+    /// As [`Self::request`], without a deadline (streams). The current
+    /// span's trace context goes along, so the service's span joins the
+    /// HTTP request's trace.
     pub fn stream_request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        let metadata = request.metadata_mut();
+        for (key, value) in trellis_core::telemetry::inject_fields() {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::<Ascii>::from_bytes(key.as_bytes()),
+                value.parse::<MetadataValue<Ascii>>(),
+            ) {
+                metadata.insert(key, value);
+            }
+        }
+        metadata.insert("authorization", self.0.clone());
         request
     }
 }

@@ -171,6 +171,17 @@ async fn span(request: Request, next: Next) -> Response {
         url.path = %request.uri().path(),
         http.response.status_code = tracing::field::Empty,
     );
+    // A caller's W3C trace context makes this request part of its trace.
+    let carried: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|k| {
+            let v = request.headers().get(k)?.to_str().ok()?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    if !carried.is_empty() {
+        trellis_core::telemetry::extract_fields(&span, &carried);
+    }
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response.into_response()
