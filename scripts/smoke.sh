@@ -16,6 +16,7 @@ TRELLIS_GATEWAY__DEVICE_LISTEN=127.0.0.1:0 \
 TRELLIS_GATEWAY__GRPC_LISTEN=127.0.0.1:0 \
 TRELLIS_SIGNER__LISTEN=127.0.0.1:0 \
 TRELLIS_OTA__LISTEN=127.0.0.1:0 \
+TRELLIS_API__LISTEN=127.0.0.1:0 \
 TRELLIS_TELEMETRY__ADMIN_LISTEN=127.0.0.1:0 \
   timeout 180 target/debug/trellis up --demo 3 --exit-after-demo >"$out" 2>&1 || { cat "$out"; echo "smoke: trellis up failed"; exit 1; }
 # Each is a regular expression; the call's answer must be exactly 5 (not 50-59).

@@ -19,6 +19,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub ota: OtaConfig,
     pub signer: SignerConfig,
+    pub api: ApiConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
@@ -385,6 +386,36 @@ impl Default for SignerConfig {
     }
 }
 
+/// The application API (`services/api`): Particle-compatible REST and
+/// server-sent events over HTTP, calling the other services with each
+/// request's own token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// HTTP listen address.
+    pub listen: String,
+    /// Any gateway's gRPC endpoint (devices, function calls, variables, events).
+    pub gateway_url: String,
+    /// Keyvault's gRPC endpoint (tokens, users).
+    pub keyvault_url: String,
+    /// The signer's gRPC endpoint (releases, for OTA by upload).
+    pub signer_url: String,
+    /// The OTA scheduler's gRPC endpoint (one-device rollouts).
+    pub ota_url: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            gateway_url: "http://127.0.0.1:7200".into(),
+            keyvault_url: "http://127.0.0.1:7100".into(),
+            signer_url: "http://127.0.0.1:7300".into(),
+            ota_url: "http://127.0.0.1:7400".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -408,6 +439,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             ota: OtaConfig::default(),
             signer: SignerConfig::default(),
+            api: ApiConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),

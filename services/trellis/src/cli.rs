@@ -75,6 +75,8 @@ pub enum Command {
     Signer,
     /// Run the OTA rollout scheduler.
     Ota,
+    /// Run the application API (Particle-compatible REST and server-sent events).
+    Api,
     /// Run a simulated device fleet against any protocol-v1 server.
     Sim(SimArgs),
     /// Provision, register, inspect, call and revoke devices.
@@ -353,6 +355,7 @@ impl Command {
             Command::Gateway => "gateway",
             Command::Signer => "signer",
             Command::Ota => "ota",
+            Command::Api => "api",
             Command::Sim(_) => "sim",
             Command::Device(d) => match d {
                 DeviceCommand::Provision { .. } => "device provision",

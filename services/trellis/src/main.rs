@@ -104,6 +104,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::spawn(&config, checks, shutdown.clone()).await?;
             trellis_ota::serve(config, shutdown).await
         }
+        Command::Api => {
+            let _telemetry = telemetry::init("api", &config);
+            let (_trigger, shutdown) = Shutdown::on_signals();
+            let checks = vec![
+                ReadinessCheck::tcp("gateway", admin::authority(&config.api.gateway_url)),
+                ReadinessCheck::tcp("keyvault", admin::authority(&config.api.keyvault_url)),
+            ];
+            admin::spawn(&config, checks, shutdown.clone()).await?;
+            trellis_api::serve(config, shutdown).await
+        }
         Command::Sim(args) => {
             let _telemetry = telemetry::init("sim", &config);
             if args.smoke {

@@ -256,6 +256,24 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     println!("ota: gRPC on {ota_addr}");
+    // The application API (Particle-compatible REST): it calls the others
+    // with each request's own token.
+    let api = {
+        let mut api_config = config.clone();
+        api_config.api.gateway_url = url_of(*first_grpc);
+        api_config.api.keyvault_url = url_of(kv_addr);
+        api_config.api.signer_url = url_of(signer_addr);
+        api_config.api.ota_url = url_of(ota_addr);
+        let listener = TcpListener::bind(&config.api.listen)
+            .await
+            .with_context(|| format!("api cannot listen on {}", config.api.listen))?;
+        println!("api: http://{}", listener.local_addr()?);
+        tokio::spawn(trellis_api::serve_with_listener(
+            api_config,
+            listener,
+            shutdown.clone(),
+        ))
+    };
     println!("trellis is up. Ctrl-C stops it.");
 
     if let Some(n) = args.demo {
@@ -288,6 +306,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
         .collect();
     services.push(("signer".into(), signer));
     services.push(("ota".into(), ota));
+    services.push(("api".into(), api));
     services.push(("keyvault".into(), keyvault));
     // A service that stops on its own takes the others down with it:
     // `trellis up` must never look up with a piece missing.

@@ -42,6 +42,7 @@ pub struct UpAddrs {
     pub grpc: String,
     pub signer: String,
     pub ota: String,
+    pub api: String,
     pub admin: String,
 }
 
@@ -53,6 +54,7 @@ impl UpAddrs {
             grpc: addr(),
             signer: addr(),
             ota: addr(),
+            api: addr(),
             admin: addr(),
         }
     }
@@ -65,6 +67,7 @@ impl UpAddrs {
             ("TRELLIS_GATEWAY__GRPC_LISTEN", self.grpc.clone()),
             ("TRELLIS_SIGNER__LISTEN", self.signer.clone()),
             ("TRELLIS_OTA__LISTEN", self.ota.clone()),
+            ("TRELLIS_API__LISTEN", self.api.clone()),
             ("TRELLIS_TELEMETRY__ADMIN_LISTEN", self.admin.clone()),
         ]
     }

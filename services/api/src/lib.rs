@@ -1,0 +1,225 @@
+//! trellis-api: the application API. Particle-compatible REST and
+//! server-sent events (`../../shared/PARTICLE-API.md` is the
+//! specification), so `particle` (particle-cli) and particle-api-js work
+//! against Trellis unchanged.
+//!
+//! Stateless: every request's Particle access token is forwarded as the
+//! gRPC bearer token to the gateway, keyvault, signer and ota services,
+//! which authenticate it and scope it to its organisation. Scale it like
+//! the gateways.
+//!
+//! - [`devices`]: device list, details, function calls, variable reads;
+//! - [`events`]: server-sent event streams;
+//! - [`tokens`]: the user, tokens and the OAuth password grant;
+//! - [`ota`]: flashing by upload, only as a signed release;
+//! - [`error`]: every error body, and the one gRPC -> HTTP mapping.
+pub mod devices;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod ota;
+pub mod tokens;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+use trellis_core::{Config, Shutdown};
+
+pub use error::ApiError;
+pub use grpc::Services;
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub services: Services,
+    /// Ends open event streams when the server stops.
+    pub shutdown: Shutdown,
+}
+
+/// A time in milliseconds since the epoch as ISO 8601 (`…T06:44:11.299Z`).
+pub fn iso_time(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// Every route (README "Application API" lists them).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/oauth/token", post(tokens::oauth_token))
+        .route("/v1/user", get(tokens::user))
+        .route(
+            "/v1/access_tokens/current",
+            get(tokens::current).delete(tokens::delete_current),
+        )
+        .route("/v1/access_tokens/{token}", delete(tokens::delete))
+        .route(
+            "/v1/devices",
+            get(devices::list_devices).post(devices::claim),
+        )
+        .route("/v1/provisioning/{id}", post(devices::provision))
+        .route("/v1/events", get(events::mine))
+        .route("/v1/events/{*prefix}", get(events::mine_prefix))
+        .route("/v1/devices/events", get(events::mine))
+        .route("/v1/devices/events/{*prefix}", get(events::mine_prefix))
+        .route(
+            "/v1/devices/{id}",
+            get(devices::get_device).put(ota::update_device),
+        )
+        .route("/v1/devices/{id}/events", get(events::device))
+        .route(
+            "/v1/devices/{id}/events/{*prefix}",
+            get(events::device_prefix),
+        )
+        .route(
+            "/v1/devices/{id}/{name}",
+            get(devices::get_variable).post(devices::call_function),
+        )
+        .route(
+            "/v1/products/{p}/devices",
+            get(devices::list_product_devices),
+        )
+        .route(
+            "/v1/products/{p}/devices/{id}",
+            get(devices::get_product_device),
+        )
+        .route(
+            "/v1/products/{p}/devices/{id}/{name}",
+            get(devices::get_product_variable).post(devices::call_product_function),
+        )
+        .route("/v1/products/{p}/events", get(events::product))
+        .route(
+            "/v1/products/{p}/events/{*prefix}",
+            get(events::product_prefix),
+        )
+        .route("/v1/orgs/{org}/events", get(events::org))
+        .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            confirm_token_refusals,
+        ))
+        .layer(axum::middleware::from_fn(span))
+        .with_state(state)
+}
+
+/// A 401 makes particle-cli forget its login, so it must mean that the
+/// caller's token is bad, not that one Trellis service refused another's
+/// credential on the way (a gateway whose service token or certificate
+/// keyvault does not accept answers UNAUTHENTICATED too). Before a 401
+/// leaves, keyvault, which owns the tokens, is asked; if it accepts the
+/// token, the answer is a 502 that says where to look instead.
+async fn confirm_token_refusals(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    let query: std::collections::HashMap<String, String> = request
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let token = grpc::Token::from_request(request.headers(), &query, None).ok();
+    let response = next.run(request).await;
+    if response.status() != axum::http::StatusCode::UNAUTHORIZED || path == "/oauth/token" {
+        return response;
+    }
+    let Some(token) = token else {
+        return response;
+    };
+    match state
+        .services
+        .access()
+        .who_am_i(token.request(trellis_proto::v1::WhoAmIRequest {}))
+        .await
+    {
+        Ok(_) => {
+            tracing::error!(
+                path = %path,
+                "a Trellis service refused a token keyvault accepts: check the services' credentials \
+                 (auth.service_token with tls.mode off) or certificates"
+            );
+            ApiError::Other(
+                axum::http::StatusCode::BAD_GATEWAY,
+                "A Trellis service refused the request on the way although the credential is valid \
+                 (a service credential or certificate problem inside Trellis; see the services' logs)"
+                    .into(),
+            )
+            .into_response()
+        }
+        Err(_) => response,
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::Other(axum::http::StatusCode::NOT_FOUND, "Not found".into())
+}
+
+/// Every request is a span, with its status when it is answered.
+async fn span(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "api.request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    // A caller's W3C trace context makes this request part of its trace.
+    let carried: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|k| {
+            let v = request.headers().get(k)?.to_str().ok()?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect();
+    if !carried.is_empty() {
+        trellis_core::telemetry::extract_fields(&span, &carried);
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response.into_response()
+}
+
+/// Binds `api.listen` and serves until `shutdown` fires.
+pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&config.api.listen)
+        .await
+        .with_context(|| format!("api cannot listen on {} (api.listen)", config.api.listen))?;
+    serve_with_listener(config, listener, shutdown).await
+}
+
+/// Serves on a listener the caller bound.
+pub async fn serve_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let services = Services::new(&config)?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        listen = ?addr,
+        gateway = %config.api.gateway_url,
+        keyvault = %config.api.keyvault_url,
+        signer = %config.api.signer_url,
+        ota = %config.api.ota_url,
+        "api serving"
+    );
+    let app = router(AppState {
+        services,
+        shutdown: shutdown.clone(),
+    });
+    let mut stop = shutdown;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.wait().await })
+        .await
+        .context("api HTTP server failed")?;
+    tracing::info!("api stopped");
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `PUT /v1/devices/:id`: OTA by upload (multipart `file`), and the JSON
+//! forms (rename, signal) Trellis does not have.
+//!
+//! OTA keeps the security model: the uploaded bytes are never sent
+//! anywhere. Their SHA-256 must be the image of a release of the device's
+//! product whose signatures satisfy the product's policy (signer
+//! VerifyRelease); the API then starts a one-device rollout of that
+//! release (ota CreateRollout), and the device gets the signed release.
+use crate::AppState;
+use crate::devices::{body_fields, resolve};
+use crate::error::ApiError;
+use crate::grpc::Token;
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use trellis_proto::v1::{
+    CreateRolloutRequest, ListReleasesRequest, RolloutTarget, Stage, VerifyReleaseRequest,
+};
+
+/// Largest upload taken (the signer's default image limit is 16 MiB).
+pub const MAX_UPLOAD: usize = 64 * 1024 * 1024;
+
+fn how_to_sign(product: u32, sha: &str) -> String {
+    format!(
+        "Trellis sends only signed releases to devices, and this image (SHA-256 {sha}) is not the \
+         image of a release of product {product} that meets the product's signing policy. Sign it \
+         first: `trellis firmware upload FILE --product {product} --version V`, then \
+         `trellis release manifest {product}-V -o M`, `trellis firmware sign --key KEY.pem M` \
+         (offline), `trellis release add-signature {product}-V M.sig`, \
+         `trellis release sign {product}-V` and `trellis release verify {product}-V`; then flash \
+         the same file again"
+    )
+}
+
+/// `PUT /v1/devices/:id`.
+pub async fn update_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let headers = request.headers().clone();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if !content_type.starts_with("multipart/form-data") {
+        let body = axum::body::to_bytes(request.into_body(), 64 * 1024)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+        let fields = body_fields(&headers, &body)?;
+        let token = Token::from_request(&headers, &query, Some(&fields))?;
+        resolve(&state, &token, &id, None).await?;
+        let what = if fields.contains_key("name") {
+            "Trellis devices have no names: use the device id"
+        } else if fields.contains_key("signal") {
+            "Trellis devices cannot be signaled (nyan)"
+        } else {
+            "give a firmware file as multipart field `file` to flash the device"
+        };
+        return Err(ApiError::bad_request(what));
+    }
+    let mut multipart = Multipart::from_request(request, &state)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("the multipart body is malformed: {e}")))?;
+    let mut image: Option<Vec<u8>> = None;
+    let mut form = HashMap::new();
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("the multipart body is malformed: {e}")))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field.bytes().await.map_err(|e| {
+            ApiError::bad_request(format!("cannot read multipart field {name}: {e}"))
+        })?;
+        if name == "file" {
+            image = Some(bytes.to_vec());
+        } else if name.starts_with("file") {
+            return Err(ApiError::bad_request(
+                "flash one image at a time: Trellis releases are one signed image",
+            ));
+        } else {
+            form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
+    let token = Token::from_request(&headers, &query, Some(&form))?;
+    let device = resolve(&state, &token, &id, None).await?;
+    let Some(image) = image.filter(|i| !i.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "no firmware: give the image as multipart field `file`",
+        ));
+    };
+    let sha = hex::encode(Sha256::digest(&image));
+    tracing::info!(device = %device.device_id, product = device.product_id, sha256 = %sha, bytes = image.len(), "flash requested");
+    let mut releases = state
+        .services
+        .signer()
+        .list_releases(token.request(ListReleasesRequest {
+            product_id: device.product_id,
+        }))
+        .await?
+        .into_inner()
+        .releases;
+    releases
+        .retain(|r| r.product_id == device.product_id && r.image_sha256.eq_ignore_ascii_case(&sha));
+    // Newest version first: the one a reflash most likely means.
+    releases.sort_by_key(|r| std::cmp::Reverse(r.version));
+    let mut refusals = Vec::new();
+    for release in releases {
+        let verdict = state
+            .services
+            .signer()
+            .verify_release(token.request(VerifyReleaseRequest {
+                release_id: release.release_id.clone(),
+            }))
+            .await?
+            .into_inner();
+        if !verdict.satisfied {
+            refusals.push(format!(
+                "release {} is not signed enough ({}; missing: {})",
+                release.release_id,
+                verdict.message,
+                verdict.missing.join(", ")
+            ));
+            continue;
+        }
+        let rollout = state
+            .services
+            .ota()
+            .create_rollout(token.request(CreateRolloutRequest {
+                release_id: release.release_id.clone(),
+                target: Some(RolloutTarget {
+                    product_id: device.product_id,
+                    device_ids: vec![device.device_id.clone()],
+                    percent: 0,
+                    tag: String::new(),
+                }),
+                stages: vec![Stage {
+                    name: "api".into(),
+                    device_count: 0,
+                    percent: 100,
+                    soak_secs: 0,
+                    min_success_ratio: 0.0,
+                }],
+                max_failure_ratio: 1.0,
+                max_concurrent: 1,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        tracing::info!(device = %device.device_id, release = %release.release_id, rollout = %rollout.rollout_id, "flash started");
+        return Ok(Json(json!({
+            "id": device.device_id,
+            "status": "Update started",
+            "release_id": release.release_id,
+            "rollout_id": rollout.rollout_id,
+        })));
+    }
+    let mut message = how_to_sign(device.product_id, &sha);
+    if !refusals.is_empty() {
+        message = format!("{}. {message}", refusals.join("; "));
+    }
+    Err(ApiError::Other(StatusCode::BAD_REQUEST, message))
+}
