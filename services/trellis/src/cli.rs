@@ -67,8 +67,9 @@ pub struct Endpoints {
 pub enum Command {
     /// Run keyvault and gateway(s) in one process (the embedded default).
     Up(UpArgs),
-    /// Run the key vault service.
-    Keyvault,
+    /// Run the key vault service (`keyvault rewrap`: re-seal its keys
+    /// under a new master key).
+    Keyvault(KeyvaultArgs),
     /// Run an edge gateway.
     Gateway,
     /// Run the firmware signer (images, releases, signatures, policies).
@@ -127,6 +128,26 @@ pub enum Command {
     /// service.
     #[command(subcommand)]
     Redis(crate::redis_cli::RedisCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyvaultArgs {
+    #[command(subcommand)]
+    pub action: Option<KeyvaultAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyvaultAction {
+    /// Re-seal every sealed key (cloud key, release key) under a new
+    /// master key, straight in Redis (`redis.url`): each key is replaced
+    /// atomically, and a run that stopped half way finishes when run again.
+    /// The current master key comes from keyvault.master_key_file as for
+    /// `trellis keyvault`. Then restart keyvault with the new key.
+    Rewrap {
+        /// The new master key (64 hex characters, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        new_master_key: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -351,7 +372,10 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Up(_) => "up",
-            Command::Keyvault => "keyvault",
+            Command::Keyvault(KeyvaultArgs { action: None }) => "keyvault",
+            Command::Keyvault(KeyvaultArgs {
+                action: Some(KeyvaultAction::Rewrap { .. }),
+            }) => "keyvault rewrap",
             Command::Gateway => "gateway",
             Command::Signer => "signer",
             Command::Ota => "ota",

@@ -62,7 +62,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init("up", &config);
             up::run(config, args).await
         }
-        Command::Keyvault => {
+        Command::Keyvault(cli::KeyvaultArgs {
+            action: Some(cli::KeyvaultAction::Rewrap { new_master_key }),
+        }) => ops::rewrap(&config, &new_master_key).await,
+        Command::Keyvault(cli::KeyvaultArgs { action: None }) => {
             let _telemetry = telemetry::init("keyvault", &config);
             let (_trigger, shutdown) = Shutdown::on_signals();
             let redis = config.redis.url.clone().unwrap_or_default();

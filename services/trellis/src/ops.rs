@@ -496,3 +496,48 @@ async fn refusals(endpoints: &Endpoints, limit: u32, device: Option<String>) -> 
     }
     Ok(())
 }
+
+/// `trellis keyvault rewrap --new-master-key FILE`.
+pub async fn rewrap(
+    config: &trellis_core::Config,
+    new_key_file: &std::path::Path,
+) -> anyhow::Result<()> {
+    use trellis_keyvault::master_key::MasterKey;
+    let old = MasterKey::from_config(&config.keyvault)?;
+    let new = MasterKey::from_config(&trellis_core::config::KeyvaultConfig {
+        master_key: None,
+        master_key_file: Some(new_key_file.to_path_buf()),
+        ..config.keyvault.clone()
+    })?;
+    let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("keyvault rewrap writes to Redis: set redis.url (TRELLIS_REDIS__URL)")?;
+    let actor = format!("operator@{} (keyvault rewrap)", hostname());
+    let done =
+        trellis_keyvault::rewrap::rewrap_all(&mut redis, &old, &new, &actor, |slot, outcome| {
+            use trellis_keyvault::rewrap::Outcome;
+            let what = match outcome {
+                Outcome::Rewrapped => "re-sealed under the new master key",
+                Outcome::AlreadyNew => "already under the new master key",
+                Outcome::Absent => "not made yet (nothing to do)",
+            };
+            println!("rewrap: {} ({}): {what}", slot.what, slot.location);
+        })
+        .await?;
+    let rewrapped = done
+        .iter()
+        .filter(|(_, o)| *o == trellis_keyvault::rewrap::Outcome::Rewrapped)
+        .count();
+    println!(
+        "rewrap: done ({rewrapped} of {} keys re-sealed now); restart keyvault with keyvault.master_key_file = {}",
+        done.len(),
+        new_key_file.display()
+    );
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
