@@ -57,8 +57,10 @@ for target in $targets; do
         if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "${saved[@]}" -- -runs=1 \
             >"$work/$target.replay.log" 2>&1; then
             tail -n 40 "$work/$target.replay.log"
+            grep -m 1 -A 3 -E 'panicked at|ERROR: AddressSanitizer|ERROR: libFuzzer' "$work/$target.replay.log" || true
             echo "FAIL $target: a saved crash in fuzz/regressions/$target/ still crashes"
             failed+=("$target (regression)")
+            summary+=("$(printf '%-18s %-6s' "$target" "REGRESSION")")
             continue
         fi
     fi
@@ -76,7 +78,8 @@ for target in $targets; do
         tail -n 60 "$work/$target.log"
         crash="$(grep -o 'Test unit written to [^ ]*' "$work/$target.log" | tail -n 1 | sed 's/Test unit written to //')"
         echo "FAIL $target: crash input ${crash:-<not written: see the log above>}"
-        echo "     (as fuzz/${crash#./}; save it under fuzz/regressions/$target/, see fuzz/README.md)"
+        grep -m 1 -A 3 -E 'panicked at|ERROR: AddressSanitizer|ERROR: libFuzzer' "$work/$target.log" || true
+        echo "     save it as fuzz/regressions/$target/<what-it-broke> (see fuzz/README.md)"
         failed+=("$target")
     fi
     runs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$work/$target.log" | grep -o '[0-9]*$' | tail -n 1)"
