@@ -39,6 +39,13 @@ disk_report "after the demo"
 # it the npm install, bounded by NPM_TIMEOUT).
 echo "== particle-cli and particle-api-js against trellis up"
 ci/particle/check.sh
+# Coverage-guided fuzzing of every decoder a device or a peer feeds, a
+# bounded time per target (about 5 min in all from scratch on an idle
+# 2-core machine, most of it building cargo-fuzz and the targets); fails on
+# any crash, naming the input (fuzz/README.md).
+echo "== fuzzing (ci/fuzz/run.sh, ${FUZZ_SECONDS:-15} s per target)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-15} ci/fuzz/run.sh
+disk_report "after fuzzing"
 echo "== benchmarks (smoke)"
 bench/smoke.sh
 if [ -x ci/chart/check.sh ]; then
