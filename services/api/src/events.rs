@@ -49,7 +49,21 @@ pub fn frame(event: &DeviceEvent) -> Bytes {
         "published_at": iso_time(event.time_ms),
         "coreid": event.device_id,
     });
-    Bytes::from(format!("event: {name}\ndata: {payload}\n\n"))
+    // `id:` lets a client resume (Last-Event-ID); Particle's clients ignore it.
+    let id: String = event.id.chars().filter(|c| c.is_ascii_graphic()).collect();
+    Bytes::from(format!("id: {id}\nevent: {name}\ndata: {payload}\n\n"))
+}
+
+/// A Redis stream entry id (`<ms>-<seq>`), ordered.
+pub fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.trim().split_once('-').unwrap_or((id.trim(), "0"));
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Where a reconnecting client left off: its `Last-Event-ID` header (the
+/// `id:` of the last event it got).
+fn resume_from(headers: &HeaderMap) -> Option<(u64, u64)> {
+    stream_id(headers.get("last-event-id")?.to_str().ok()?)
 }
 
 /// Which of the caller's events a stream carries beyond the prefix.
@@ -98,6 +112,7 @@ pub async fn pump<S>(
     mut events: S,
     tx: mpsc::Sender<Bytes>,
     mut product: Option<ProductFilter>,
+    mut resume_after: Option<(u64, u64)>,
     mut shutdown: trellis_core::Shutdown,
     slow: Duration,
 ) where
@@ -122,6 +137,13 @@ pub async fn pump<S>(
                         return;
                     }
                 };
+                // Resuming: the replay up to the last event the client had.
+                if let Some(after) = resume_after {
+                    if stream_id(&event.id).is_some_and(|id| id <= after) {
+                        continue;
+                    }
+                    resume_after = None;
+                }
                 if let Some(filter) = product.as_mut()
                     && !filter.admits(&event.device_id).await
                 {
@@ -152,6 +174,7 @@ pub async fn pump<S>(
 
 async fn open(
     state: AppState,
+    resume: Option<(u64, u64)>,
     token: Token,
     device_id: String,
     prefix: String,
@@ -160,7 +183,9 @@ async fn open(
     let request = StreamEventsRequest {
         device_id,
         prefix: prefix.clone(),
-        from_start: false,
+        // A resume replays what the capped stream still holds, from which
+        // the pump drops what the client already had.
+        from_start: resume.is_some(),
     };
     let events = state
         .services
@@ -181,7 +206,14 @@ async fn open(
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let span = tracing::info_span!("api.sse", prefix = %prefix);
     tokio::spawn(tracing::Instrument::instrument(
-        pump(events, tx, product, state.shutdown.clone(), SLOW_CONSUMER),
+        pump(
+            events,
+            tx,
+            product,
+            resume,
+            state.shutdown.clone(),
+            SLOW_CONSUMER,
+        ),
         span,
     ));
     let body = Body::from_stream(
@@ -227,7 +259,15 @@ pub async fn mine(
     Query(query): Params,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(&headers, &query, None)?;
-    open(state, token, String::new(), String::new(), Scope::Mine).await
+    open(
+        state,
+        resume_from(&headers),
+        token,
+        String::new(),
+        String::new(),
+        Scope::Mine,
+    )
+    .await
 }
 
 /// `GET /v1/events/:prefix`, `/v1/devices/events/:prefix`.
@@ -238,7 +278,15 @@ pub async fn mine_prefix(
     Query(query): Params,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(&headers, &query, None)?;
-    open(state, token, String::new(), prefix, Scope::Mine).await
+    open(
+        state,
+        resume_from(&headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Mine,
+    )
+    .await
 }
 
 async fn device_stream(
@@ -250,7 +298,15 @@ async fn device_stream(
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(headers, query, None)?;
     let device = resolve(&state, &token, id, None).await?;
-    open(state, token, device.device_id, prefix, Scope::Device).await
+    open(
+        state,
+        resume_from(headers),
+        token,
+        device.device_id,
+        prefix,
+        Scope::Device,
+    )
+    .await
 }
 
 /// `GET /v1/devices/:id/events`.
@@ -286,7 +342,15 @@ async fn product_stream(
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| ApiError::NotFound(format!("Product {product} not found")))?;
-    open(state, token, String::new(), prefix, Scope::Product(product)).await
+    open(
+        state,
+        resume_from(headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Product(product),
+    )
+    .await
 }
 
 /// `GET /v1/products/:p/events`.
@@ -329,7 +393,15 @@ async fn org_stream(
             me.org
         )));
     }
-    open(state, token, String::new(), prefix, Scope::Mine).await
+    open(
+        state,
+        resume_from(headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Mine,
+    )
+    .await
 }
 
 /// `GET /v1/orgs/:org/events`: the organisation must be the token's.
@@ -369,10 +441,11 @@ mod tests {
         };
         let text = String::from_utf8(frame(&e).to_vec()).expect("utf8");
         let lines: Vec<&str> = text.split('\n').collect();
-        assert_eq!(lines[0], "event: temp x");
-        assert!(lines[1].starts_with("data: {"), "{text}");
-        assert_eq!(&lines[2..], ["", ""]);
-        let data: Value = serde_json::from_str(&lines[1]["data: ".len()..]).expect("json");
+        assert_eq!(lines[0], "id: 1-0");
+        assert_eq!(lines[1], "event: temp x");
+        assert!(lines[2].starts_with("data: {"), "{text}");
+        assert_eq!(&lines[3..], ["", ""]);
+        let data: Value = serde_json::from_str(&lines[2]["data: ".len()..]).expect("json");
         assert_eq!(data["data"], "21.5");
         assert_eq!(data["coreid"], "0123456789abcdef01234567");
         assert_eq!(data["ttl"], 60);
@@ -410,6 +483,7 @@ mod tests {
             events,
             tx,
             None,
+            None,
             trellis_core::Shutdown::never(),
             Duration::from_millis(200),
         ));
@@ -417,7 +491,7 @@ mod tests {
         assert!(
             rx.recv()
                 .await
-                .is_some_and(|f| f.starts_with(b"event: temperature\n"))
+                .is_some_and(|f| f.starts_with(b"id: 1-0\nevent: temperature\n"))
         );
         tokio::time::timeout(Duration::from_secs(5), pump)
             .await
@@ -437,6 +511,7 @@ mod tests {
         let pump = tokio::spawn(pump(
             events,
             tx,
+            None,
             None,
             trellis_core::Shutdown::never(),
             SLOW_CONSUMER,

@@ -417,6 +417,29 @@ async fn organisations_do_not_see_each_other() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The events in an SSE text: (id, name, data), each block checked to be
+/// `id:`, `event:`, `data:` lines.
+fn events_in(text: &str) -> Vec<(String, String, Value)> {
+    text.split("\n\n")
+        .filter(|b| b.contains("event: "))
+        .filter(|b| b.ends_with('}'))
+        .map(|block| {
+            let mut lines = block.lines();
+            let id = lines.next().and_then(|l| l.strip_prefix("id: "));
+            let name = lines.next().and_then(|l| l.strip_prefix("event: "));
+            let data = lines.next().and_then(|l| l.strip_prefix("data: "));
+            match (id, name, data) {
+                (Some(id), Some(name), Some(data)) => (
+                    id.to_string(),
+                    name.to_string(),
+                    serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {block:?}")),
+                ),
+                _ => panic!("not an id/event/data block: {block:?}"),
+            }
+        })
+        .collect()
+}
+
 /// Reads `stream` until `until` holds or `within` passes; what it read.
 async fn read_until(
     stream: &mut reqwest::Response,
@@ -461,21 +484,39 @@ async fn event_streams() -> anyhow::Result<()> {
     })
     .await;
     assert!(text.starts_with(":ok\n\n"), "{text:?}");
-    let mut events = 0;
-    for block in text.split("\n\n").filter(|b| b.starts_with("event:")) {
-        let mut lines = block.lines();
-        assert_eq!(lines.next(), Some("event: temperature"), "{block:?}");
-        let data = lines
-            .next()
-            .and_then(|l| l.strip_prefix("data: "))
-            .unwrap_or_else(|| panic!("no data line: {block:?}"));
-        let data: Value = serde_json::from_str(data)?;
+    let blocks = events_in(&text);
+    for (_, name, data) in &blocks {
+        assert_eq!(name, "temperature");
         assert_eq!(data["coreid"], temp.as_str());
         assert_eq!(data["data"], "21.5");
         assert_eq!(data["ttl"], 60);
-        events += 1;
     }
+    let events = blocks.len();
     assert!(events >= 2, "{text:?}");
+    drop(stream);
+
+    // Resuming with Last-Event-ID: the events after that one, from the
+    // Redis stream, with nothing missed in between.
+    let (first, _, _) = &blocks[0];
+    let later: Vec<&String> = blocks[1..].iter().map(|(id, _, _)| id).collect();
+    let mut stream = f
+        .http
+        .get(f.url("/v1/devices/events/temp"))
+        .bearer_auth(&f.owner)
+        .header("Last-Event-ID", first.as_str())
+        .send()
+        .await?;
+    let text = read_until(&mut stream, Duration::from_secs(10), |t| {
+        events_in(t).len() >= later.len()
+    })
+    .await;
+    let resumed: Vec<String> = events_in(&text).into_iter().map(|(id, _, _)| id).collect();
+    assert!(resumed.len() >= later.len(), "{text:?}");
+    assert_eq!(
+        resumed[..later.len()].iter().collect::<Vec<_>>(),
+        later,
+        "{text:?}"
+    );
     drop(stream);
 
     // An encoded prefix (`a/b` as the SDK sends it), on /v1/events.
