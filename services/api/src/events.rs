@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use trellis_proto::v1::{DeviceEvent, ListDeviceStatesRequest, StreamEventsRequest, WhoAmIRequest};
+use trellis_proto::v1::{
+    DeviceEvent, ListDeviceStatesRequest, PublishEventRequest, StreamEventsRequest, WhoAmIRequest,
+};
 
 /// Longest silence on a stream before a keep-alive comment (the clients
 /// reconnect after 15 s without a byte).
@@ -47,7 +49,9 @@ pub fn frame(event: &DeviceEvent) -> Bytes {
         "data": data,
         "ttl": 60,
         "published_at": iso_time(event.time_ms),
-        "coreid": event.device_id,
+        // Events published through the API have no device: the publisher
+        // (user@organisation), as spark-server gave the user.
+        "coreid": if event.device_id.is_empty() { &event.publisher } else { &event.device_id },
     });
     // `id:` lets a client resume (Last-Event-ID); Particle's clients ignore it.
     let id: String = event.id.chars().filter(|c| c.is_ascii_graphic()).collect();
@@ -251,6 +255,37 @@ async fn product_devices(
         .collect())
 }
 
+/// `POST /v1/devices/events`: publishes an event (JSON or form `name`,
+/// optional `data`, `private`) to the caller's organisation: it shows up
+/// on the organisation's streams (`/v1/devices/events`), not on a
+/// device's.
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let fields = crate::devices::body_fields(&headers, &body)?;
+    let token = Token::from_request(&headers, &query, Some(&fields))?;
+    let name = fields
+        .get("name")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    let private = fields
+        .get("private")
+        .is_some_and(|p| p == "true" || p == "1");
+    state
+        .services
+        .devices()
+        .publish_event(token.request(PublishEventRequest {
+            name: name.clone(),
+            data: fields.get("data").cloned().unwrap_or_default().into_bytes(),
+            private,
+        }))
+        .await?;
+    Ok(axum::Json(json!({"ok": true})))
+}
+
 /// `GET /v1/events`, `/v1/devices/events`: every event of the caller's
 /// devices.
 pub async fn mine(
@@ -438,6 +473,7 @@ mod tests {
             public: true,
             time_ms: 1_796_280_251_299,
             gateway_id: "gw".into(),
+            publisher: String::new(),
         };
         let text = String::from_utf8(frame(&e).to_vec()).expect("utf8");
         let lines: Vec<&str> = text.split('\n').collect();
@@ -465,6 +501,7 @@ mod tests {
             public: true,
             time_ms: 1,
             gateway_id: "gw".into(),
+            publisher: String::new(),
         }
     }
 

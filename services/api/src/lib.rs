@@ -65,7 +65,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/provisioning/{id}", post(devices::provision))
         .route("/v1/events", get(events::mine))
         .route("/v1/events/{*prefix}", get(events::mine_prefix))
-        .route("/v1/devices/events", get(events::mine))
+        .route(
+            "/v1/devices/events",
+            get(events::mine).post(events::publish),
+        )
         .route("/v1/devices/events/{*prefix}", get(events::mine_prefix))
         .route(
             "/v1/devices/{id}",

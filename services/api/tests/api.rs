@@ -413,6 +413,46 @@ async fn organisations_do_not_see_each_other() -> anyhow::Result<()> {
     assert!(text.contains("event: globex/temp"), "{text}");
     assert!(!text.contains("acme"), "{text}");
     assert!(!text.contains(&theirs), "{text}");
+    drop(stream);
+
+    // An event published through the API reaches the publisher's
+    // organisation's stream, not another's, and not a device's stream.
+    let open = |token: &str, path: &str| {
+        f.http
+            .get(f.url(path))
+            .bearer_auth(token.to_string())
+            .send()
+    };
+    let mut mine = open(&globex, "/v1/devices/events/hello").await?;
+    let mut device = open(&globex, &format!("/v1/devices/{ours}/events/hello")).await?;
+    let mut other = open(&acme, "/v1/devices/events/hello").await?;
+    for s in [&mine, &device, &other] {
+        assert_eq!(s.status(), 200);
+    }
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/devices/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "hello/world", "data": "hi"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    let text = read_until(&mut mine, Duration::from_secs(10), |t| {
+        t.contains("hello/world")
+    })
+    .await;
+    let events = events_in(&text);
+    assert_eq!(events.len(), 1, "{text:?}");
+    assert_eq!(events[0].1, "hello/world");
+    assert_eq!(events[0].2["data"], "hi");
+    assert_eq!(events[0].2["coreid"], "alice@globex");
+    for s in [&mut device, &mut other] {
+        let text = read_until(s, Duration::from_secs(2), |t| t.contains("hello/world")).await;
+        assert!(!text.contains("hello/world"), "{text:?}");
+    }
     f.stop().await;
     Ok(())
 }
