@@ -58,6 +58,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# The CLI's temporary files (keys send) go where cleanup finds them.
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 kv=$(port); gw=$(port); dev=$(port); sg=$(port); ota=$(port); api=$(port); admin=$(port)
 export TRELLIS_DATA_DIR="$work/data"
