@@ -72,7 +72,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/events/{*prefix}", get(events::mine_prefix))
         .route(
             "/v1/devices/{id}",
-            get(devices::get_device).put(ota::update_device),
+            get(devices::get_device)
+                .put(ota::update_device)
+                .delete(devices::unclaim),
         )
         .route("/v1/devices/{id}/events", get(events::device))
         .route(
@@ -102,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/orgs/{org}/events", get(events::org))
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD))
         .layer(axum::middleware::from_fn_with_state(
@@ -159,6 +162,14 @@ async fn confirm_token_refusals(
         }
         Err(_) => response,
     }
+}
+
+/// Every error is JSON, a wrong method too (the clients parse every body).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::Other(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not supported here"),
+    )
 }
 
 async fn not_found() -> ApiError {

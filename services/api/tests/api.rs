@@ -148,6 +148,35 @@ async fn devices_functions_and_variables() -> anyhow::Result<()> {
         assert_eq!(body["error"], "Permission Denied");
     }
 
+    // Removing (unclaiming) is refused with what to do instead; a method a
+    // route does not have is a JSON 405.
+    let (status, body) = json_of(
+        f.http
+            .delete(f.url(&format!("/v1/devices/{id}")))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("trellis device revoke")),
+        "{body}"
+    );
+    let (status, body) = json_of(
+        f.http
+            .patch(f.url("/v1/devices"))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = json_of(f.http.get(f.url("/v1/nothing/here")).send().await?).await;
+    assert_eq!(status, 404, "{body}");
+
     // Products: the device under its product, and not under another.
     let (status, body) = json_of(
         f.http
