@@ -74,7 +74,9 @@ pub fn router(state: AppState) -> Router {
             "/v1/devices/{id}",
             get(devices::get_device)
                 .put(ota::update_device)
-                .delete(devices::unclaim),
+                .delete(devices::unclaim)
+                // Firmware uploads; every other route keeps axum's 2 MB.
+                .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD)),
         )
         .route("/v1/devices/{id}/events", get(events::device))
         .route(
@@ -106,7 +108,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             confirm_token_refusals,
