@@ -92,7 +92,9 @@ pub struct ProductFilter {
 
 impl ProductFilter {
     async fn admits(&mut self, device_id: &str) -> bool {
-        if self.devices.contains(device_id) {
+        // Published through the API (no device): the gateway passed it, so
+        // it is the caller's organisation's, and products publish that way.
+        if device_id.is_empty() || self.devices.contains(device_id) {
             return true;
         }
         if self.refreshed.elapsed() < Duration::from_secs(10) {
@@ -265,8 +267,41 @@ pub async fn publish(
     Query(query): Params,
     body: axum::body::Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let fields = crate::devices::body_fields(&headers, &body)?;
-    let token = Token::from_request(&headers, &query, Some(&fields))?;
+    publish_fields(&state, &headers, &query, &body, None).await
+}
+
+/// `POST /v1/products/:p/events`: as `/v1/devices/events` (the event goes to
+/// the caller's organisation; the product's streams carry it).
+pub async fn publish_product(
+    State(state): State<AppState>,
+    Path(_product): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    publish_fields(&state, &headers, &query, &body, None).await
+}
+
+/// `POST /v1/orgs/:org/events`: the organisation must be the token's.
+pub async fn publish_org(
+    State(state): State<AppState>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    publish_fields(&state, &headers, &query, &body, Some(&org)).await
+}
+
+async fn publish_fields(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &[u8],
+    org: Option<&str>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let fields = crate::devices::body_fields(headers, body)?;
+    let token = Token::from_request(headers, query, Some(&fields))?;
     let name = fields
         .get("name")
         .filter(|n| !n.is_empty())
@@ -274,6 +309,9 @@ pub async fn publish(
     let private = fields
         .get("private")
         .is_some_and(|p| p == "true" || p == "1");
+    if let Some(org) = org {
+        same_org(state, &token, org).await?;
+    }
     state
         .services
         .devices()
@@ -284,6 +322,23 @@ pub async fn publish(
         }))
         .await?;
     Ok(axum::Json(json!({"ok": true})))
+}
+
+/// `Ok` when the token belongs to organisation `org`.
+async fn same_org(state: &AppState, token: &Token, org: &str) -> Result<(), ApiError> {
+    let me = state
+        .services
+        .access()
+        .who_am_i(token.request(WhoAmIRequest {}))
+        .await?
+        .into_inner();
+    if me.org != org {
+        return Err(ApiError::PermissionDenied(format!(
+            "this token belongs to organisation {}, not {org}",
+            me.org
+        )));
+    }
+    Ok(())
 }
 
 /// `GET /v1/events`, `/v1/devices/events`: every event of the caller's
@@ -416,18 +471,7 @@ async fn org_stream(
     prefix: String,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(headers, query, None)?;
-    let me = state
-        .services
-        .access()
-        .who_am_i(token.request(WhoAmIRequest {}))
-        .await?
-        .into_inner();
-    if me.org != org {
-        return Err(ApiError::PermissionDenied(format!(
-            "this token belongs to organisation {}, not {org}",
-            me.org
-        )));
-    }
+    same_org(&state, &token, org).await?;
     open(
         state,
         resume_from(headers),

@@ -99,12 +99,18 @@ pub fn router(state: AppState) -> Router {
             "/v1/products/{p}/devices/{id}/{name}",
             get(devices::get_product_variable).post(devices::call_product_function),
         )
-        .route("/v1/products/{p}/events", get(events::product))
+        .route(
+            "/v1/products/{p}/events",
+            get(events::product).post(events::publish_product),
+        )
         .route(
             "/v1/products/{p}/events/{*prefix}",
             get(events::product_prefix),
         )
-        .route("/v1/orgs/{org}/events", get(events::org))
+        .route(
+            "/v1/orgs/{org}/events",
+            get(events::org).post(events::publish_org),
+        )
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)

@@ -482,6 +482,41 @@ async fn organisations_do_not_see_each_other() -> anyhow::Result<()> {
         let text = read_until(s, Duration::from_secs(2), |t| t.contains("hello/world")).await;
         assert!(!text.contains("hello/world"), "{text:?}");
     }
+
+    // The product and organisation forms: a product's stream carries its
+    // devices' events and what is published to it; an organisation's
+    // routes take only the token's own organisation.
+    let mut product = open(&globex, "/v1/products/6/events/prod").await?;
+    assert_eq!(product.status(), 200);
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/products/6/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "prod/x"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let text = read_until(&mut product, Duration::from_secs(10), |t| {
+        t.contains("prod/x")
+    })
+    .await;
+    assert!(text.contains("event: prod/x"), "{text:?}");
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/orgs/acme/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "x"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let r = open(&globex, "/v1/orgs/acme/events").await?;
+    assert_eq!(r.status().as_u16(), 403);
+    let r = open(&globex, "/v1/orgs/globex/events").await?;
+    assert_eq!(r.status().as_u16(), 200);
     f.stop().await;
     Ok(())
 }
