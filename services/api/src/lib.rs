@@ -18,6 +18,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod ota;
+pub mod tls;
 pub mod tokens;
 
 use anyhow::Context;
@@ -237,10 +238,26 @@ pub async fn serve_with_listener(
         shutdown: shutdown.clone(),
     });
     let mut stop = shutdown;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.wait().await })
-        .await
-        .context("api HTTP server failed")?;
+    let stopped = async move { stop.wait().await };
+    match (&config.api.tls_cert_file, &config.api.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let acceptor = tls::acceptor(cert, key)?;
+            tracing::info!(cert = %cert.display(), "api serving HTTPS");
+            axum::serve(tls::TlsListener::new(listener, acceptor)?, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("api HTTPS server failed")?;
+        }
+        (None, None) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("api HTTP server failed")?;
+        }
+        _ => anyhow::bail!(
+            "api.tls_cert_file and api.tls_key_file go together: set both for HTTPS, or neither"
+        ),
+    }
     tracing::info!("api stopped");
     Ok(())
 }
