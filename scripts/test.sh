@@ -35,6 +35,10 @@ for want in "returned 5\$" "demo: done"; do
 done
 echo "demo: scripts/demo.sh --exit-after-demo printed demo: done"
 disk_report "after the demo"
+# The application API as Particle's own clients use it (about 90 s, most of
+# it the npm install, bounded by NPM_TIMEOUT).
+echo "== particle-cli and particle-api-js against trellis up"
+ci/particle/check.sh
 echo "== benchmarks (smoke)"
 bench/smoke.sh
 if [ -x ci/chart/check.sh ]; then

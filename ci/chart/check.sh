@@ -11,7 +11,12 @@
 #      own rules (validate.py);
 #   4. every file in ci/chart/values-bad/ must be refused by helm (schema),
 #      and the TLS ones by the templates too (--skip-schema-validation);
-#   5. NOTES.txt tells the operator what to do next.
+#      redis.acl without its Secret (or with credentials in a URL) is refused
+#      by the templates with a hint, and off renders none of it;
+#   5. the api (`trellis api`) is on by default and api.enabled=false leaves
+#      no trace of it; its rule (only its own certificate, no Redis, the
+#      in-cluster URLs) is shown to catch a leak;
+#   6. NOTES.txt tells the operator what to do next.
 #
 # Idempotent; installs what it needs (pip from PyPI, nothing else). Prints
 # one PASS/FAIL line per check and ends with "chart: N passed, M failed".
@@ -162,7 +167,7 @@ fi
 # The TLS rules hold without the schema too (--skip-schema-validation, or a
 # parent chart's values): the templates fail and say what to set.
 for bad in mutual-tls-without-certificates tests-without-operator-certificate \
-           cert-manager-and-existing-secrets tokens-without-tls; do
+           cert-manager-and-existing-secrets tokens-without-tls api-without-certificate; do
   if "$helm" template trellis "$chart" --skip-schema-validation -f "$here/values-bad/$bad.yaml" \
       > /dev/null 2> "$out/err"; then
     fail "templates refuse values-bad/$bad.yaml without the schema: it was accepted"
@@ -172,6 +177,125 @@ for bad in mutual-tls-without-certificates tests-without-operator-certificate \
     fail "templates refuse values-bad/$bad.yaml without the schema, but say: $(head -c 300 "$out/err" | tr '\n' ' ')"
   fi
 done
+# ... and the api's own certificate is what is missing (not another role's).
+if "$helm" template trellis "$chart" --skip-schema-validation -f "$here/values-bad/api-without-certificate.yaml" \
+    > /dev/null 2> "$out/err"; then
+  fail "templates refuse the api without its certificate: it was accepted"
+elif grep -q 'tls.existingSecrets.api' "$out/err" && grep -q 'trellis certs issue --role operator' "$out/err"; then
+  pass "templates refuse the api without its certificate, naming tls.existingSecrets.api and how to make one"
+else
+  fail "templates refuse the api without its certificate, but say: $(head -c 300 "$out/err" | tr '\n' ' ')"
+fi
+
+# The api (`trellis api`): on by default, and api.enabled=false leaves no
+# trace of it: no Deployment, Service, HPA, PDB, NetworkPolicy, certificate
+# or keyvault rule. (validate.py checks the rest on values/api-off.yaml.)
+for h in helm4 helm3; do
+  "$tools/$h/helm" template trellis "$chart" -n trellis > "$out/api-on.yaml"
+  "$tools/$h/helm" template trellis "$chart" -n trellis --set api.enabled=false > "$out/api-off.yaml"
+  on="$(grep -cE '^  name: trellis-api$' "$out/api-on.yaml" || true)"
+  if grep -qE 'trellis-api|TRELLIS_API__|component: api$' "$out/api-off.yaml"; then
+    fail "$h: api.enabled=false renders no api: $(grep -m3 -nE 'trellis-api|TRELLIS_API__|component: api$' "$out/api-off.yaml" | tr '\n' ' ')"
+  elif [ "$on" -ne 6 ]; then
+    fail "$h: the defaults render the api's Deployment, Service, HPA, PDB, NetworkPolicy and Certificate: $on resources named trellis-api, want 6"
+  else
+    pass "$h: the api is on by default (Deployment, Service, HPA, PDB, NetworkPolicy, Certificate) and api.enabled=false renders none of it"
+  fi
+done
+
+# The api rule is not vacuous: the defaults render with the api mounting the
+# operator's certificate (the helm test Pod's) besides its own, reading the
+# Redis URL, and calling keyvault in another namespace over http, fails it.
+if [ -s "$out/helm4-defaults.yaml" ]; then
+  "$vpy" - "$here" "$out/helm4-defaults.yaml" > "$out/api-leak.txt" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import validate
+docs = validate.load_docs(sys.argv[2])
+for d in validate.by_kind(docs, "Deployment"):
+    if validate.component_of(d) != "api":
+        continue
+    spec = d["spec"]["template"]["spec"]
+    spec["volumes"].append({"name": "operator-tls", "secret": {"secretName": "trellis-operator-tls"}})
+    env = spec["containers"][0]["env"]
+    env.append({"name": "TRELLIS_REDIS__URL", "valueFrom": {"secretKeyRef": {"name": "trellis-redis", "key": "redis-url"}}})
+    for e in env:
+        if e["name"] == "TRELLIS_API__KEYVAULT_URL":
+            e["value"] = "http://trellis-keyvault.elsewhere:7100"
+validate.rules(docs, "defaults")
+PY
+  if grep -q "^FAIL: defaults: the api.*want only its own certificate's (trellis-api-tls)" "$out/api-leak.txt" \
+      && grep -q "^FAIL: defaults: the api.*env from Secrets \['TRELLIS_REDIS__URL'\]" "$out/api-leak.txt" \
+      && grep -q "^FAIL: defaults: the api.*TRELLIS_API__KEYVAULT_URL='http://trellis-keyvault.elsewhere:7100', but gateway uses" "$out/api-leak.txt" \
+      && grep -q "^FAIL: defaults: Deployments.*Redis settings although the api uses no Redis" "$out/api-leak.txt"; then
+    pass "the api rule catches another certificate, a Redis URL and a keyvault URL that is not the in-cluster Service"
+  else
+    fail "the api rule misses a leak: $(grep -E '^(PASS|FAIL): defaults: (the api|Deployments)' "$out/api-leak.txt" | head -c 400)"
+  fi
+else
+  fail "the api rule is not vacuous: no helm4 render of values/defaults.yaml"
+fi
+
+# Redis ACL users: enabling them without the passwords' Secret, or with a
+# URL that names its own credentials (the binary would then ignore the ACL
+# user), fails and says what to do; the toggle off renders none of it even
+# with the Secret named. (The per-Deployment rules, own user, own password
+# file, only its own Secret key, are validate.py's, on values/redis-acl.yaml.)
+for h in helm4 helm3; do
+  if "$tools/$h/helm" template trellis "$chart" --set redis.acl.enabled=true > /dev/null 2> "$out/err"; then
+    fail "$h: redis.acl.enabled without redis.acl.existingSecret is refused: it was accepted"
+  elif grep -q 'redis.acl.existingSecret is empty' "$out/err" && grep -q 'kubectl create secret generic trellis-redis-acl' "$out/err"; then
+    pass "$h: redis.acl.enabled without redis.acl.existingSecret is refused with a hint"
+  else
+    fail "$h: redis.acl.enabled without redis.acl.existingSecret: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+done
+if "$helm" template trellis "$chart" --set redis.acl.enabled=true --set redis.acl.existingSecret=trellis-redis-acl \
+    --set redis.durableUrl='redis://:secret@redis-durable:6379/0' > /dev/null 2> "$out/err"; then
+  fail "redis.acl with a URL carrying a password is refused: it was accepted"
+elif grep -q 'redis.durableUrl names a user or password' "$out/err"; then
+  pass "redis.acl with a URL carrying a password is refused with a hint"
+else
+  fail "redis.acl with a URL carrying a password: $(head -c 300 "$out/err" | tr '\n' ' ')"
+fi
+"$helm" template trellis "$chart" --set redis.acl.enabled=false --set redis.acl.existingSecret=trellis-redis-acl \
+  > "$out/acl-off.yaml"
+if grep -qE 'TRELLIS_REDIS__(USERNAME|PASSWORD_FILE)|trellis-redis-acl|\.password$|/var/run/trellis/redis' "$out/acl-off.yaml"; then
+  fail "redis.acl.enabled=false renders no ACL user, password file or Secret volume: $(grep -m3 -nE 'TRELLIS_REDIS__(USERNAME|PASSWORD_FILE)|trellis-redis-acl|\.password$|/var/run/trellis/redis' "$out/acl-off.yaml" | tr '\n' ' ')"
+else
+  pass "redis.acl.enabled=false renders no ACL user, password file or Secret volume (existingSecret set)"
+fi
+
+# The rule is not vacuous: the redis-acl render with keyvault's password
+# added to the gateway's volume, or with the signer's user swapped, fails it.
+if [ -s "$out/helm4-redis-acl.yaml" ]; then
+  "$vpy" - "$here" "$out/helm4-redis-acl.yaml" > "$out/leak.txt" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import validate
+docs = validate.load_docs(sys.argv[2])
+for d in validate.by_kind(docs, "Deployment"):
+    spec = d["spec"]["template"]["spec"]
+    if validate.component_of(d) == "gateway":
+        for v in spec["volumes"]:
+            if v["name"] == "redis-password":
+                v["secret"]["items"].append({"key": "keyvault.password", "path": "keyvault.password"})
+    if validate.component_of(d) == "signer":
+        for e in spec["containers"][0]["env"]:
+            if e["name"] == "TRELLIS_REDIS__USERNAME":
+                e["value"] = "trellis-keyvault"
+validate.rules(docs, "redis-acl")
+PY
+  if grep -q '^FAIL: redis-acl: Redis ACL.*want only gateway.password' "$out/leak.txt" \
+      && grep -q "^FAIL: redis-acl: Redis ACL.*TRELLIS_REDIS__USERNAME='trellis-keyvault', want 'trellis-signer'" "$out/leak.txt"; then
+    pass "the Redis ACL rule catches a gateway pod given keyvault's password and a signer connecting as keyvault"
+  else
+    fail "the Redis ACL rule misses a leaked password or a wrong user: $(grep 'Redis ACL' "$out/leak.txt" | head -c 300)"
+  fi
+else
+  fail "the Redis ACL rule is not vacuous: no helm4 render of values/redis-acl.yaml"
+fi
+
 # An upgrade keeps the generated master key: simulate the lookup with a
 # fixed value and check it is used verbatim.
 key="$(printf '%064x' 42)"
@@ -190,13 +314,44 @@ for h in helm4; do
     for want in 'loadBalancer.ingress' 'trellis device provision' 'trellis sim --devices 1' 'helm test trellis' \
                 'port-forward svc/trellis-keyvault' 'secret trellis-operator-tls' \
                 'trellis token bootstrap --out /var/lib/trellis/owner.token' \
-                'create secret generic trellis-test-token' 'rollout restart'; do
+                'create secret generic trellis-test-token' 'rollout restart' \
+                'redis.acl is off' 'trellis redis acl --passwords redis-passwords > users.acl' \
+                'create secret generic trellis-redis-acl --from-file=redis-passwords/' \
+                'redis.acl.enabled=true' \
+                'port-forward svc/trellis-api 8080:8080' 'particle config apiUrl http://127.0.0.1:8080' \
+                'particle login --token'; do
       grep -qF -- "$want" "$out/notes.txt" || missing="$missing '$want'"
     done
-    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, operator certificate, tokens, provisioning, sim, helm test"
+    if [ -z "$missing" ]; then pass "$h NOTES.txt: LB address, operator certificate, tokens, provisioning, sim, helm test, Redis ACL users, the API"
     else fail "$h NOTES.txt lacks$missing"; fi
   else
     fail "$h install --dry-run=client: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+  # With the ACL users on: their names, the Secret, and how to load them.
+  if "$tools/$h/helm" install trellis "$chart" -n trellis --dry-run=client -f "$here/values/redis-acl.yaml" \
+      > "$out/notes-acl.txt" 2> "$out/err"; then
+    missing=""
+    for want in 'trellis-keyvault' 'trellis-gateway' 'trellis-signer' 'trellis-ota' 'Secret trellis-redis-acl' \
+                'trellis redis acl --passwords redis-passwords > users.acl' '--format commands | redis-cli' \
+                'create secret generic trellis-redis-acl --from-file=redis-passwords/'; do
+      grep -qF -- "$want" "$out/notes-acl.txt" || missing="$missing '$want'"
+    done
+    if grep -qF 'redis.acl is off' "$out/notes-acl.txt"; then missing="$missing (and says redis.acl is off)"; fi
+    if [ -z "$missing" ]; then pass "$h NOTES.txt with redis.acl: the users, their Secret, how to load them"
+    else fail "$h NOTES.txt with redis.acl lacks$missing"; fi
+  else
+    fail "$h install --dry-run=client -f values/redis-acl.yaml: $(head -c 300 "$out/err" | tr '\n' ' ')"
+  fi
+  # Without the api, NOTES does not send anyone to it.
+  if "$tools/$h/helm" install trellis "$chart" -n trellis --dry-run=client --set api.enabled=false \
+      > "$out/notes-noapi.txt" 2> "$out/err"; then
+    if grep -qE 'svc/trellis-api|particle config apiUrl' "$out/notes-noapi.txt"; then
+      fail "$h NOTES.txt with api.enabled=false still points at the api"
+    else
+      pass "$h NOTES.txt with api.enabled=false does not point at the api"
+    fi
+  else
+    fail "$h install --dry-run=client --set api.enabled=false: $(head -c 300 "$out/err" | tr '\n' ' ')"
   fi
 done
 

@@ -267,6 +267,7 @@ def dashboards(chart):
 KNOWN_ENV = {
     "TRELLIS_REGION", "TRELLIS_DATA_DIR",
     "TRELLIS_REDIS__URL", "TRELLIS_REDIS__DURABLE_URL", "TRELLIS_REDIS__SENTINEL_MASTER", "TRELLIS_REDIS__SENTINELS",
+    "TRELLIS_REDIS__USERNAME", "TRELLIS_REDIS__PASSWORD_FILE",
     "TRELLIS_KEYVAULT__LISTEN", "TRELLIS_KEYVAULT__MASTER_KEY", "TRELLIS_KEYVAULT__MASTER_KEY_FILE",
     "TRELLIS_KEYVAULT__WORKERS", "TRELLIS_KEYVAULT__QUEUE_DEPTH",
     "TRELLIS_GATEWAY__ID", "TRELLIS_GATEWAY__DEVICE_LISTEN", "TRELLIS_GATEWAY__GRPC_LISTEN",
@@ -275,19 +276,32 @@ KNOWN_ENV = {
     "TRELLIS_SIGNER__LISTEN", "TRELLIS_SIGNER__KEYVAULT_URL", "TRELLIS_SIGNER__MAX_IMAGE_BYTES",
     "TRELLIS_OTA__LISTEN", "TRELLIS_OTA__GATEWAY_URL", "TRELLIS_OTA__SIGNER_URL", "TRELLIS_OTA__TICK_MS",
     "TRELLIS_OTA__LEASE_MS",
+    "TRELLIS_API__LISTEN", "TRELLIS_API__GATEWAY_URL", "TRELLIS_API__KEYVAULT_URL", "TRELLIS_API__SIGNER_URL",
+    "TRELLIS_API__OTA_URL",
     "TRELLIS_AUTH__MODE", "TRELLIS_TLS__MODE", "TRELLIS_TLS__DIR", "TRELLIS_TLS__CA_FILE", "TRELLIS_TLS__CERT_FILE",
     "TRELLIS_TLS__KEY_FILE", "TRELLIS_TELEMETRY__OTLP_ENDPOINT", "TRELLIS_TELEMETRY__LOG", "TRELLIS_TELEMETRY__ADMIN_LISTEN",
     "TRELLIS_TELEMETRY__ENVIRONMENT",
 }
 COMPONENTS = {"gateway": 7200, "keyvault": 7100, "signer": 7300, "ota": 7400}
+# The application API (`trellis api`, services/api): plain HTTP, no gRPC port.
+API_PORT = 8080
 # Certificate roles (crates/core/src/tls.rs): the services' and the operator's.
 ROLES = list(COMPONENTS) + ["operator"]
 ROLE_URI = "spiffe://trellis/role/{}"
+# Who holds a certificate (its app.kubernetes.io/component) -> the role it
+# names: each role's own, and the api's own certificate of role operator
+# (services/api/src/grpc.rs: ServiceTls::load(config, Role::Operator)).
+CERT_ROLE = {**{r: r for r in ROLES}, "api": "operator"}
 # The services the URL variables point at.
+API_URLS = {
+    "TRELLIS_API__GATEWAY_URL": "gateway", "TRELLIS_API__KEYVAULT_URL": "keyvault",
+    "TRELLIS_API__SIGNER_URL": "signer", "TRELLIS_API__OTA_URL": "ota",
+}
 URL_TARGETS = {
     "TRELLIS_GATEWAY__KEYVAULT_URL": "keyvault", "TRELLIS_GATEWAY__OTA_URL": "ota",
     "TRELLIS_SIGNER__KEYVAULT_URL": "keyvault",
     "TRELLIS_OTA__GATEWAY_URL": "gateway", "TRELLIS_OTA__SIGNER_URL": "signer",
+    **API_URLS,
 }
 TLS_FILES = {"TRELLIS_TLS__CA_FILE": "ca.crt", "TRELLIS_TLS__CERT_FILE": "tls.crt", "TRELLIS_TLS__KEY_FILE": "tls.key"}
 OWN_CA = {"own_ca": True}
@@ -295,11 +309,16 @@ OWN_CA = {"own_ca": True}
 # What each value set must produce, beyond the rules every set obeys.
 EXPECT = {
     "defaults": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
-                 "dashboards": 5, "test_pod": True, "netpol": 4,
+                 "dashboards": 5, "test_pod": True, "netpol": 5,
                  "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA, "token_secret": "trellis-test-token"},
+    "api-off": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
+                "dashboards": 5, "test_pod": True, "netpol": 4, "api": False,
+                "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA, "token_secret": "trellis-test-token"},
     "two-region": {"hpa": True, "servicemonitor": True, "master_secret": True, "redis_secret": True,
-                   "dashboards": 5, "datasources": True, "test_pod": True, "netpol": 4,
+                   "dashboards": 5, "datasources": True, "test_pod": True, "netpol": 5,
                    "tls": "mutual", "auth": "tokens", "token_secret": "trellis-test-token",
+                   "api_external": "LoadBalancer", "api_port": 443, "api_from": [{"namespaceSelector": {"matchLabels": {
+                       "kubernetes.io/metadata.name": "ingress-nginx"}}}],
                    "cert_manager": {"issuer": {"name": "company-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
                                     "cluster_domain": "eu-west.cluster.internal", "duration": "720h"},
                    "env": {"TRELLIS_REGION": "eu-west",
@@ -307,15 +326,20 @@ EXPECT = {
                            "TRELLIS_REDIS__SENTINEL_MASTER": "trellis",
                            "TRELLIS_TELEMETRY__OTLP_ENDPOINT": "http://otel-collector.monitoring:4317"}},
     "existing-secret": {"hpa": True, "servicemonitor": False, "master_secret": False, "redis_secret": False,
-                        "dashboards": 5, "test_pod": True, "netpol": 4,
+                        "dashboards": 5, "test_pod": True, "netpol": 5,
                         "master_key_secret_name": "trellis-master-key",
                         "tls": "mutual", "auth": "tokens", "token_secret": "trellis-smoke-token",
-                        "tls_secrets": {r: f"trellis-tls-{r}" for r in ROLES}},
+                        "tls_secrets": {r: f"trellis-tls-{r}" for r in CERT_ROLE}},
     "autoscaling-off": {"hpa": False, "servicemonitor": False, "master_secret": True, "redis_secret": True,
-                        "dashboards": 0, "test_pod": False, "netpol": 4, "gateway_replicas": 3,
+                        "dashboards": 0, "test_pod": False, "netpol": 5, "gateway_replicas": 3,
+                        "api_hpa": False, "api_replicas": 3, "api_external": "NodePort",
                         "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA},
+    "redis-acl": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
+                  "dashboards": 5, "test_pod": True, "netpol": 5,
+                  "tls": "mutual", "auth": "tokens", "cert_manager": OWN_CA, "token_secret": "trellis-test-token",
+                  "redis_acl": "trellis-redis-acl"},
     "security-off": {"hpa": True, "servicemonitor": False, "master_secret": True, "redis_secret": True,
-                     "dashboards": 5, "test_pod": True, "netpol": 4, "tls": "off", "auth": "off"},
+                     "dashboards": 5, "test_pod": True, "netpol": 5, "tls": "off", "auth": "off"},
 }
 
 
@@ -373,11 +397,13 @@ def env_map(container):
 def rules(docs, set_name):
     exp = EXPECT.get(set_name, {})
     deps = {component_of(d): d for d in by_kind(docs, "Deployment")}
+    api_on = exp.get("api", True)
+    want_deps = set(COMPONENTS) | ({"api"} if api_on else set())
 
     def deployments():
         p = []
-        if set(deps) != set(COMPONENTS):
-            p.append(f"Deployments for {sorted(deps)}, want {sorted(COMPONENTS)}")
+        if set(deps) != want_deps:
+            p.append(f"Deployments for {sorted(deps)}, want {sorted(want_deps)}")
         for comp, d in deps.items():
             spec = d["spec"]["template"]["spec"]
             c = spec["containers"][0]
@@ -387,7 +413,10 @@ def rules(docs, set_name):
             if spec.get("enableServiceLinks") is not False:
                 p.append(f"{n}: enableServiceLinks must be false (figment refuses TRELLIS_*_SERVICE_HOST)")
             ports = {x["name"]: x["containerPort"] for x in c["ports"]}
-            if ports.get("admin") != 9100 or ports.get("grpc") != COMPONENTS[comp]:
+            want_ports = {"http": API_PORT, "admin": 9100} if comp == "api" else None
+            if want_ports and ports != want_ports:
+                p.append(f"{n}: ports {ports}, want {want_ports}")
+            elif not want_ports and (ports.get("admin") != 9100 or ports.get("grpc") != COMPONENTS[comp]):
                 p.append(f"{n}: ports {ports}")
             if comp == "gateway" and ports.get("device") != 5683:
                 p.append(f"{n}: no device port 5683")
@@ -413,16 +442,24 @@ def rules(docs, set_name):
             unknown = [k for k in env if k.startswith("TRELLIS_") and k not in KNOWN_ENV]
             if unknown:
                 p.append(f"{n}: env the binary does not read: {unknown}")
-            for k in ("TRELLIS_REGION", "TRELLIS_REDIS__URL", "TRELLIS_TELEMETRY__ADMIN_LISTEN"):
+            # The api never talks to Redis: it gets no Redis URL (nor the Secret's checksum).
+            need = ("TRELLIS_REGION", "TRELLIS_TELEMETRY__ADMIN_LISTEN") + (() if comp == "api" else ("TRELLIS_REDIS__URL",))
+            for k in need:
                 if k not in env:
                     p.append(f"{n}: no {k}")
+            if comp == "api":
+                redis = [k for k in env if k.startswith("TRELLIS_REDIS__")]
+                if redis or "checksum/redis" in d["spec"]["template"]["metadata"].get("annotations", {}):
+                    p.append(f"{n}: Redis settings although the api uses no Redis: {redis}")
             if env.get("TRELLIS_TELEMETRY__ADMIN_LISTEN", {}).get("value") != "0.0.0.0:9100":
                 p.append(f"{n}: admin not on 0.0.0.0:9100")
             listen = {"gateway": "TRELLIS_GATEWAY__GRPC_LISTEN", "keyvault": "TRELLIS_KEYVAULT__LISTEN",
-                      "signer": "TRELLIS_SIGNER__LISTEN", "ota": "TRELLIS_OTA__LISTEN"}[comp]
-            if env.get(listen, {}).get("value") != f"0.0.0.0:{COMPONENTS[comp]}":
+                      "signer": "TRELLIS_SIGNER__LISTEN", "ota": "TRELLIS_OTA__LISTEN", "api": "TRELLIS_API__LISTEN"}[comp]
+            if env.get(listen, {}).get("value") != f"0.0.0.0:{API_PORT if comp == 'api' else COMPONENTS[comp]}":
                 p.append(f"{n}: {listen} is {env.get(listen)}")
             for k, want in exp.get("env", {}).items():
+                if comp == "api" and k.startswith("TRELLIS_REDIS__"):
+                    continue  # checked above: none
                 if env.get(k, {}).get("value") != want:
                     p.append(f"{n}: {k}={env.get(k, {}).get('value')!r}, want {want!r}")
             labels = d["spec"]["template"]["metadata"]["labels"]
@@ -458,6 +495,61 @@ def rules(docs, set_name):
                 p.append(f"keyvault: master key from Secret {sname}, want {want}")
             if "TRELLIS_KEYVAULT__MASTER_KEY" in env:
                 p.append("keyvault: master key in a plain env var")
+        return p
+
+    def redis_acl():
+        """redis.acl: each service connects as its own ACL user with its own
+        password file, from a read-only 0400 mount of only its own key of
+        the Secret (a gateway pod never holds keyvault's password); without
+        redis.acl, none of it is rendered."""
+        p = []
+        want_secret = exp.get("redis_acl")
+        for comp, d in deps.items():
+            spec = d["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            env = env_map(c)
+            n = name_of(d)
+            if comp == "api":
+                if any(k.startswith("TRELLIS_REDIS__") for k in env) or any(
+                        want_secret and v.get("secret", {}).get("secretName") == want_secret
+                        or v["name"] == "redis-password" for v in spec.get("volumes", [])):
+                    p.append(f"{n}: Redis ACL user or password although the api uses no Redis")
+                continue
+            acl_vols = [v for v in spec.get("volumes", [])
+                        if any(i.get("key", "").endswith(".password") for i in v.get("secret", {}).get("items", []))
+                        or (want_secret and v.get("secret", {}).get("secretName") == want_secret)]
+            if not want_secret:
+                leaked = [k for k in ("TRELLIS_REDIS__USERNAME", "TRELLIS_REDIS__PASSWORD_FILE") if k in env]
+                if leaked or acl_vols:
+                    p.append(f"{n}: Redis ACL settings although redis.acl is off ({leaked}, {[v['name'] for v in acl_vols]})")
+                continue
+            user = env.get("TRELLIS_REDIS__USERNAME", {}).get("value")
+            if user != f"trellis-{comp}":
+                p.append(f"{n}: TRELLIS_REDIS__USERNAME={user!r}, want 'trellis-{comp}'")
+            path = env.get("TRELLIS_REDIS__PASSWORD_FILE", {}).get("value", "")
+            if not path.endswith(f"/{comp}.password"):
+                p.append(f"{n}: TRELLIS_REDIS__PASSWORD_FILE={path!r}, want .../{comp}.password")
+            if len(acl_vols) != 1:
+                p.append(f"{n}: {len(acl_vols)} volumes from the Redis ACL Secret, want 1")
+                continue
+            v = acl_vols[0]
+            sec = v["secret"]
+            if sec.get("secretName") != want_secret:
+                p.append(f"{n}: Redis password from Secret {sec.get('secretName')}, want {want_secret}")
+            keys = [i["key"] for i in sec.get("items", [])]
+            if keys != [f"{comp}.password"]:
+                p.append(f"{n}: mounts Redis ACL Secret keys {keys}, want only {comp}.password")
+            modes = {sec.get("defaultMode")} | {i["mode"] for i in sec.get("items", []) if "mode" in i}
+            if modes != {0o400}:
+                p.append(f"{n}: Redis password file mode {sorted(oct(m or 0o644) for m in modes)}, want 0400")
+            mounts = [m for m in c.get("volumeMounts", []) if m["name"] == v["name"]]
+            if len(mounts) != 1 or mounts[0].get("readOnly") is not True:
+                p.append(f"{n}: Redis password volume not mounted once, read-only")
+            elif path != f"{mounts[0]['mountPath']}/{comp}.password" or sec["items"][0].get("path") != f"{comp}.password":
+                p.append(f"{n}: TRELLIS_REDIS__PASSWORD_FILE {path!r} is not the mounted {comp}.password")
+            others = [x["name"] for x in spec.get("volumes", []) if x is not v and x.get("secret", {}).get("secretName") == want_secret]
+            if others:
+                p.append(f"{n}: more volumes from {want_secret}: {others}")
         return p
 
     def secrets():
@@ -509,6 +601,35 @@ def rules(docs, set_name):
                 labels = dep["spec"]["template"]["metadata"]["labels"]
                 if any(labels.get(k) != v for k, v in sp["selector"].items()):
                     p.append(f"{name_of(m[0])}: selector matches no {comp} pod")
+        api_svcs = [x for x in svcs if component_of(x) == "api"]
+        if not api_on:
+            if api_svcs:
+                p.append(f"api Services although api.enabled is false: {[name_of(x) for x in api_svcs]}")
+        else:
+            inner = [x for x in api_svcs if name_of(x).endswith("-api")]
+            outer = [x for x in api_svcs if name_of(x).endswith("-api-external")]
+            if len(inner) != 1:
+                p.append(f"no single ClusterIP Service for the api ({[name_of(x) for x in api_svcs]})")
+            else:
+                sp = inner[0]["spec"]
+                ports = {x["name"]: (x["port"], x["targetPort"]) for x in sp["ports"]}
+                want = {"http": (exp.get("api_port", API_PORT), "http"), "admin": (9100, "admin")}
+                if sp.get("type") != "ClusterIP" or ports != want:
+                    p.append(f"{name_of(inner[0])}: {sp.get('type')} {ports}, want ClusterIP {want}")
+            ext = exp.get("api_external")
+            if bool(outer) != bool(ext):
+                p.append(f"api external Service present: {bool(outer)}, want {bool(ext)}")
+            for x in outer:
+                sp = x["spec"]
+                if sp.get("type") != ext:
+                    p.append(f"{name_of(x)}: type {sp.get('type')}, want {ext}")
+                if [(y["name"], y["port"], y["targetPort"]) for y in sp["ports"]] != [("http", exp.get("api_port", API_PORT), "http")]:
+                    p.append(f"{name_of(x)}: ports {sp['ports']}, want the HTTP port only (never admin)")
+            dep = deps.get("api")
+            for x in api_svcs:
+                labels = dep["spec"]["template"]["metadata"]["labels"] if dep else {}
+                if any(labels.get(k) != v for k, v in x["spec"]["selector"].items()):
+                    p.append(f"{name_of(x)}: selector matches no api pod")
         for x in svcs:
             if len(name_of(x)) > 63:
                 p.append(f"Service name too long: {name_of(x)}")
@@ -517,14 +638,22 @@ def rules(docs, set_name):
     def hpa_pdb():
         p = []
         h = by_kind(docs, "HorizontalPodAutoscaler")
-        if bool(h) != exp.get("hpa", True):
-            p.append(f"HPA present: {bool(h)}")
+        want_hpa = ({"gateway"} if exp.get("hpa", True) else set()) | \
+            ({"api"} if api_on and exp.get("api_hpa", True) else set())
+        if {component_of(x) for x in h} != want_hpa or len(h) != len(want_hpa):
+            p.append(f"HPAs for {sorted(component_of(x) for x in h)}, want {sorted(want_hpa)}")
         for x in h:
-            if not x["spec"]["scaleTargetRef"]["name"].endswith("-gateway"):
-                p.append("HPA does not target the gateways")
+            comp = component_of(x)
+            target = x["spec"]["scaleTargetRef"]
+            if comp not in deps or target["kind"] != "Deployment" or target["name"] != name_of(deps[comp]):
+                p.append(f"{name_of(x)}: targets {target}, not the {comp} Deployment")
+            elif "replicas" in deps[comp]["spec"]:
+                p.append(f"{comp}: replicas set although the HPA owns it")
+        if api_on and "api_replicas" in exp and deps.get("api", {}).get("spec", {}).get("replicas") != exp["api_replicas"]:
+            p.append(f"api: replicas {deps.get('api', {}).get('spec', {}).get('replicas')}, want {exp['api_replicas']}")
         pdbs = by_kind(docs, "PodDisruptionBudget")
-        if {component_of(x) for x in pdbs} != set(COMPONENTS):
-            p.append(f"PDBs for {sorted(component_of(x) for x in pdbs)}")
+        if {component_of(x) for x in pdbs} != want_deps:
+            p.append(f"PDBs for {sorted(component_of(x) for x in pdbs)}, want {sorted(want_deps)}")
         for x in pdbs:
             dep = deps.get(component_of(x))
             labels = dep["spec"]["template"]["metadata"]["labels"] if dep else {}
@@ -540,20 +669,21 @@ def rules(docs, set_name):
         if not nps:
             return p
         release = deps["gateway"]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"]
+        name_label = deps["gateway"]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
         for comp, np in nps.items():
             if np["spec"].get("policyTypes") != ["Ingress"]:
                 p.append(f"{comp}: policyTypes {np['spec'].get('policyTypes')}")
             for rule in np["spec"].get("ingress", []):
                 ports = [x["port"] for x in rule.get("ports", [])]
                 if "from" not in rule:
-                    if comp != "gateway" or ports != ["device"]:
+                    if (comp, ports) not in (("gateway", ["device"]), ("api", ["http"])):
                         p.append(f"{comp}: a rule open to everyone on {ports}")
                     continue
                 for peer in rule["from"]:
                     sel = peer.get("podSelector", {}).get("matchLabels", {})
                     if comp == "keyvault":
                         if set(peer) != {"podSelector"} or sel.get("app.kubernetes.io/instance") != release or \
-                                sel.get("app.kubernetes.io/component") not in ("gateway", "signer", "smoke-test"):
+                                sel.get("app.kubernetes.io/component") not in ("gateway", "signer", "smoke-test") + (("api",) if api_on else ()):
                             if ports != ["admin"]:
                                 p.append(f"keyvault: grpc reachable from {peer}")
                     elif set(peer) == {"podSelector"} and sel.get("app.kubernetes.io/instance") not in (release, None):
@@ -561,6 +691,25 @@ def rules(docs, set_name):
         gw_open = [r for r in nps["gateway"]["spec"]["ingress"] if "from" not in r]
         if not gw_open:
             p.append("gateway: device port not open to the world")
+        if bool(nps.get("api")) != api_on:
+            p.append(f"api NetworkPolicy present: {bool(nps.get('api'))}, want {api_on}")
+        if api_on and "api" in nps:
+            rules_ = nps["api"]["spec"]["ingress"]
+            http = [r for r in rules_ if [x["port"] for x in r.get("ports", [])] == ["http"]]
+            want_from = exp.get("api_from")
+            if len(http) != 1 or http[0].get("from") != want_from:
+                p.append(f"api: HTTP rule {http}, want from {want_from or 'anywhere'}")
+            # The api reaches keyvault; the other gRPC ports admit every pod of the release.
+            kv_peers = [peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+                        for r in nps["keyvault"]["spec"]["ingress"] for peer in r.get("from", [])]
+            if "api" not in kv_peers:
+                p.append("keyvault: the api may not reach it")
+            for comp in ("gateway", "signer", "ota"):
+                if not any(peer.get("podSelector", {}).get("matchLabels") ==
+                           {"app.kubernetes.io/name": name_label, "app.kubernetes.io/instance": release}
+                           for r in nps[comp]["spec"]["ingress"] for peer in r.get("from", [])
+                           if [x["port"] for x in r.get("ports", [])] == ["grpc"]):
+                    p.append(f"{comp}: the api (a pod of this release) may not reach its gRPC port")
         return p
 
     def extras():
@@ -610,6 +759,8 @@ def rules(docs, set_name):
         svcs = {name_of(x): x for x in by_kind(docs, "Service")}
         certs = by_kind(docs, "Certificate")
         issuers = {name_of(x): x for x in by_kind(docs, "Issuer")}
+        # Keyed by holder (the Certificate's component): the five roles' own,
+        # and the api's, which names the role operator.
         role_cert = {}
         for c in certs:
             uris = c["spec"].get("uris", [])
@@ -618,12 +769,16 @@ def rules(docs, set_name):
                 if uris:
                     p.append(f"CA Certificate {name_of(c)} names a role")
                 continue
-            if len(roles) != 1 or uris != [ROLE_URI.format(roles[0])] or roles[0] not in ROLES:
-                p.append(f"Certificate {name_of(c)}: uris {uris}, want exactly one {ROLE_URI.format('<role>')}")
+            holder = component_of(c)
+            if holder not in CERT_ROLE:
+                p.append(f"Certificate {name_of(c)}: held by {holder!r}, not a service or the operator")
                 continue
-            if roles[0] in role_cert:
-                p.append(f"two Certificates for role {roles[0]}")
-            role_cert[roles[0]] = c
+            if uris != [ROLE_URI.format(CERT_ROLE[holder])]:
+                p.append(f"Certificate {name_of(c)} ({holder}): uris {uris}, want exactly [{ROLE_URI.format(CERT_ROLE[holder])}]")
+                continue
+            if holder in role_cert:
+                p.append(f"two Certificates for {holder}")
+            role_cert[holder] = c
 
         def secret_of(role):
             if cm:
@@ -696,8 +851,9 @@ def rules(docs, set_name):
             if certs or issuers:
                 p.append(f"cert-manager resources although {'tls.mode is off' if mode != 'mutual' else 'cert-manager is off'}")
             return p
-        if set(role_cert) != set(ROLES):
-            p.append(f"Certificates for roles {sorted(role_cert)}, want {ROLES}")
+        want_holders = ROLES + (["api"] if api_on else [])
+        if set(role_cert) != set(want_holders):
+            p.append(f"Certificates for {sorted(role_cert)}, want {want_holders}")
         domain = cm.get("cluster_domain", "cluster.local")
         secrets = [c["spec"]["secretName"] for c in role_cert.values()]
         if len(set(secrets)) != len(secrets):
@@ -705,13 +861,20 @@ def rules(docs, set_name):
         issuer_refs = set()
         for role, c in role_cert.items():
             sp, n = c["spec"], f"Certificate {name_of(c)}"
-            missing = {"server auth", "client auth", "digital signature"} - set(sp.get("usages", []))
-            if missing:
-                p.append(f"{n}: usages lack {sorted(missing)}")
+            if role == "api":
+                # A client certificate only: the api serves plain HTTP.
+                if sorted(sp.get("usages", [])) != ["client auth", "digital signature"]:
+                    p.append(f"{n}: usages {sp.get('usages')}, want client auth and digital signature only")
+                if sp.get("dnsNames") or sp.get("ipAddresses"):
+                    p.append(f"{n}: DNS names or IPs on a client-only certificate")
+            else:
+                missing = {"server auth", "client auth", "digital signature"} - set(sp.get("usages", []))
+                if missing:
+                    p.append(f"{n}: usages lack {sorted(missing)}")
             if "duration" in cm and sp.get("duration") != cm["duration"]:
                 p.append(f"{n}: duration {sp.get('duration')}, want {cm['duration']}")
             issuer_refs.add(json.dumps(sp["issuerRef"], sort_keys=True))
-            if role == "operator":
+            if CERT_ROLE[role] == "operator":
                 continue
             svc = [x for x in svcs.values() if component_of(x) == role and x["spec"].get("type") == "ClusterIP"]
             if len(svc) != 1:
@@ -750,6 +913,82 @@ def rules(docs, set_name):
                 p.append(f"Issuers rendered although issuerRef.name is set: {sorted(issuers)}")
         return p
 
+    def api():
+        """The application API (`trellis api`): with api.enabled its Deployment
+        calls the four services at the very URLs the other Deployments use
+        (in-cluster Service names, https with mutual TLS), mounts its own
+        certificate (role operator) and no other Secret, and has its Service,
+        HPA, PDB and NetworkPolicy; with api.enabled false none of it, nor
+        its certificate, nor a keyvault rule for it, is rendered."""
+        p = []
+        mode = exp.get("tls", "mutual")
+        mine = [d for d in docs if component_of(d) == "api"]
+        if not api_on:
+            if mine:
+                p.append(f"rendered although api.enabled is false: {[d['kind'] + '/' + name_of(d) for d in mine]}")
+            text = yaml.safe_dump_all(docs)
+            if "TRELLIS_API__" in text or "-api-tls" in text:
+                p.append("TRELLIS_API__* or the api's certificate Secret rendered although api.enabled is false")
+            return p
+        kinds = sorted({d["kind"] for d in mine})
+        want_kinds = {"Deployment", "Service", "PodDisruptionBudget"} | \
+            ({"HorizontalPodAutoscaler"} if exp.get("api_hpa", True) else set()) | \
+            ({"NetworkPolicy"} if exp.get("netpol", 5) else set()) | \
+            ({"Certificate"} if mode == "mutual" and exp.get("cert_manager") else set())
+        if set(kinds) != want_kinds:
+            p.append(f"api resources {kinds}, want {sorted(want_kinds)}")
+        d = deps.get("api")
+        if not d:
+            return p + ["no api Deployment"]
+        spec = d["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        env = env_map(c)
+        if c.get("args") != ["api"]:
+            p.append(f"api: args {c.get('args')}, want ['api'] (trellis api)")
+        # The same URL the other services use for each target.
+        used_by_others = {"keyvault": ("gateway", "TRELLIS_GATEWAY__KEYVAULT_URL"),
+                          "ota": ("gateway", "TRELLIS_GATEWAY__OTA_URL"),
+                          "gateway": ("ota", "TRELLIS_OTA__GATEWAY_URL"),
+                          "signer": ("ota", "TRELLIS_OTA__SIGNER_URL")}
+        scheme = "https" if mode == "mutual" else "http"
+        svcs = {name_of(x): x for x in by_kind(docs, "Service")}
+        for var, target in API_URLS.items():
+            got = env.get(var, {}).get("value")
+            other, other_var = used_by_others[target]
+            theirs = env_map(deps[other]["spec"]["template"]["spec"]["containers"][0]).get(other_var, {}).get("value") \
+                if other in deps else None
+            m = re.fullmatch(r"(https?)://([^:/]+):(\d+)", got or "")
+            if not m:
+                p.append(f"api: {var}={got!r}, want {scheme}://<the {target} Service>:{COMPONENTS[target]}")
+                continue
+            if m.group(1) != scheme or m.group(2) not in svcs or component_of(svcs[m.group(2)]) != target \
+                    or int(m.group(3)) != COMPONENTS[target]:
+                p.append(f"api: {var}={got!r} is not {scheme}:// the {target} Service's gRPC port")
+            if got != theirs:
+                p.append(f"api: {var}={got!r}, but {other} uses {other_var}={theirs!r}")
+        # Its own certificate and no other Secret: no Redis URL, no master key,
+        # no other role's certificate (not even the operator's, the test Pod's).
+        secret_vols = [v for v in spec.get("volumes", []) if "secret" in v or "projected" in v]
+        secret_env = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        if secret_env:
+            p.append(f"api: env from Secrets {secret_env}")
+        if mode == "mutual":
+            if exp.get("cert_manager"):
+                certs = {component_of(x): x["spec"]["secretName"] for x in by_kind(docs, "Certificate")
+                         if not x["spec"].get("isCA")}
+            else:
+                certs = exp.get("tls_secrets", {})
+            own = certs.get("api")
+            names = [v.get("secret", {}).get("secretName") for v in secret_vols]
+            if not own or names != [own]:
+                p.append(f"api: Secret volumes {names}, want only its own certificate's ({own})")
+            others = {h: n for h, n in certs.items() if h != "api" and n == own}
+            if others:
+                p.append(f"api: its certificate Secret {own} is also {sorted(others)}'s")
+        elif secret_vols:
+            p.append(f"api: Secret volumes {[v['name'] for v in secret_vols]} although tls.mode is off")
+        return p
+
     def test_pod_security():
         p = []
         pods = [x for x in by_kind(docs, "Pod") if x["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
@@ -767,7 +1006,7 @@ def rules(docs, set_name):
             if mode == "mutual":
                 if exp.get("cert_manager"):
                     ops = [c2 for c2 in by_kind(docs, "Certificate")
-                           if c2["spec"].get("uris") == [ROLE_URI.format("operator")]]
+                           if c2["spec"].get("uris") == [ROLE_URI.format("operator")] and component_of(c2) == "operator"]
                     want = ops[0]["spec"]["secretName"] if ops else None
                 else:
                     want = exp.get("tls_secrets", {}).get("operator")
@@ -805,7 +1044,10 @@ def rules(docs, set_name):
 
     check(f"{set_name}: Deployments (args, probes, securityContext, env contract)", deployments)
     check(f"{set_name}: mutual TLS and tokens (role certificates, Secrets, DNS names, URLs)", security)
+    check(f"{set_name}: the api (in-cluster URLs, only its own certificate, Service, HPA, PDB, NetworkPolicy; "
+          f"{'on' if api_on else 'off: none of it'})", api)
     check(f"{set_name}: helm test Pod calls with the operator certificate and its token", test_pod_security)
+    check(f"{set_name}: Redis ACL (own user, own password file, only its own Secret key)", redis_acl)
     check(f"{set_name}: Secrets (master key, Redis URLs)", secrets)
     check(f"{set_name}: Services (device LoadBalancer, ClusterIP gRPC + admin)", services)
     check(f"{set_name}: HPA and PodDisruptionBudgets", hpa_pdb)

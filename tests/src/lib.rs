@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
 use trellis_core::Shutdown;
 use trellis_core::config::Config;
-use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::local_redis::{Admin, LocalRedis, RedisData};
+use trellis_core::redis_conn::acl::RedisUser;
 use trellis_core::redis_conn::{self, Redis};
 use trellis_core::shutdown::ShutdownTrigger;
 use trellis_device::identity::DeviceIdentity;
@@ -43,6 +44,17 @@ pub struct Cluster {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// `config` with `user`'s Redis URL when `redis` has per-service users
+/// (each service in a test then works with its own keys only, as in
+/// production), else unchanged.
+pub fn as_user(redis: &LocalRedis, config: &Config, user: RedisUser) -> Config {
+    let mut c = config.clone();
+    if c.redis.url.as_deref() == Some(redis.url().as_str()) {
+        c.redis.url = Some(redis.url_for(user));
+    }
+    c
+}
+
 /// A configuration suited to tests: short timeouts so refusals show fast.
 pub fn test_config(redis_url: &str) -> Config {
     let mut c = Config::default();
@@ -61,7 +73,7 @@ pub fn test_config(redis_url: &str) -> Config {
 
 impl Cluster {
     pub async fn start(gateways: usize) -> anyhow::Result<Self> {
-        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        let redis = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
         let config = test_config(&redis.url());
         Self::start_with(redis, config, gateways).await
     }
@@ -72,7 +84,7 @@ impl Cluster {
         gateways: usize,
         tweak: impl FnOnce(&mut Config),
     ) -> anyhow::Result<Self> {
-        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        let redis = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
         let mut config = test_config(&redis.url());
         tweak(&mut config);
         Self::start_with(redis, config, gateways).await
@@ -89,14 +101,14 @@ impl Cluster {
         let kv_listener = TcpListener::bind("127.0.0.1:0").await?;
         let keyvault = kv_listener.local_addr()?;
         tasks.push(tokio::spawn(trellis_keyvault::serve_with_listener(
-            config.clone(),
+            as_user(&redis, &config, RedisUser::Keyvault),
             kv_listener,
             shutdown.clone(),
         )));
         config.gateway.keyvault_url = format!("http://{keyvault}");
         let mut addrs = Vec::new();
         for n in 0..gateways {
-            let mut c = config.clone();
+            let mut c = as_user(&redis, &config, RedisUser::Gateway);
             c.gateway.id = format!("gw-{}", n + 1);
             let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
             let grpc = TcpListener::bind("127.0.0.1:0").await?;
@@ -127,6 +139,31 @@ impl Cluster {
             trigger: Some(trigger),
             tasks,
         })
+    }
+
+    /// A gateway of another region: its own Redis for sessions and routing,
+    /// this cluster's Redis as the durable store both regions share (as the
+    /// gateway's Redis user), the same keyvault. Returns its device address,
+    /// its regional Redis and what stops it.
+    pub async fn gateway_in_region(
+        &self,
+        region: &str,
+    ) -> anyhow::Result<(SocketAddr, LocalRedis, ShutdownTrigger)> {
+        let regional = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
+        let mut config = self.config.clone();
+        config.region = region.into();
+        config.redis.durable_url = Some(self.redis.url_for(RedisUser::Gateway));
+        config.redis.url = Some(regional.url_for(RedisUser::Gateway));
+        config.gateway.id = format!("gw-{region}");
+        config.gateway.keyvault_url = format!("http://{}", self.keyvault);
+        let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = devices.local_addr()?;
+        let (trigger, shutdown) = Shutdown::new();
+        tokio::spawn(trellis_gateway::serve_with_listeners(
+            config, devices, grpc, shutdown,
+        ));
+        Ok((addr, regional, trigger))
     }
 
     pub async fn keyvault_client(&self) -> anyhow::Result<KeyVaultClient<Channel>> {

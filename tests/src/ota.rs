@@ -2,7 +2,7 @@
 //! gRPC next to a [`Cluster`], signed releases made the way a customer and
 //! the cloud make them, simulated fleets provisioned with a trust policy,
 //! and a TCP proxy that can slow a link down or alter a frame in flight.
-use crate::{Cluster, test_config};
+use crate::{Cluster, as_user, test_config};
 use anyhow::{Context, bail};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use trellis_core::Shutdown;
 use trellis_core::config::Config;
-use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::local_redis::{Admin, LocalRedis, RedisData};
+use trellis_core::redis_conn::acl::RedisUser;
 use trellis_core::shutdown::ShutdownTrigger;
 use trellis_device::identity::DeviceIdentity;
 use trellis_device::sim::{DeviceReport, SimConfig};
@@ -57,7 +58,7 @@ impl Cluster {
         clock: Arc<dyn Clock>,
         tweak: impl FnOnce(&mut Config),
     ) -> anyhow::Result<(Cluster, OtaStack)> {
-        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        let redis = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
         let mut config = test_config(&redis.url());
         config.ota.tick_ms = 100;
         tweak(&mut config);
@@ -73,14 +74,14 @@ impl Cluster {
         config.ota.signer_url = format!("http://{signer}");
         let (signer_trigger, signer_shutdown) = Shutdown::new();
         let signer_task = tokio::spawn(trellis_signer::serve_with_listener(
-            config.clone(),
+            as_user(&cluster.redis, &config, RedisUser::Signer),
             signer_listener,
             signer_shutdown,
         ));
         let mut stack = OtaStack {
             signer,
             ota,
-            config,
+            config: as_user(&cluster.redis, &config, RedisUser::Ota),
             signer_trigger: Some(signer_trigger),
             signer_task: Some(signer_task),
             ota_trigger: None,

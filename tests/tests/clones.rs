@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use trellis_core::audit::AuditRecord;
 use trellis_core::config::ClonePolicy;
-use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::local_redis::{Admin, LocalRedis, RedisData};
 use trellis_device::identity::DeviceIdentity;
 use trellis_proto::v1::{DeviceState, GetDeviceStateRequest};
 use trellis_tests::{Cluster, RawDevice, eventually, test_config};
@@ -21,7 +21,7 @@ async fn cluster(
     policy: ClonePolicy,
     quarantine_secs: u64,
 ) -> anyhow::Result<Cluster> {
-    let redis = LocalRedis::start(RedisData::Ephemeral)?;
+    let redis = LocalRedis::start_with_users(RedisData::Ephemeral, Admin::Open)?;
     let mut config = test_config(&redis.url());
     config.region = region.into();
     config.gateway.keepalive_secs = KEEPALIVE_SECS;
@@ -323,34 +323,6 @@ async fn quarantine_closes_both_and_refuses_the_identity_for_a_while() -> anyhow
     Ok(())
 }
 
-/// A gateway of another region: its own Redis for sessions and routing,
-/// the cluster's Redis as the durable store both regions share, the same
-/// keyvault. Returns its device address and what stops it.
-async fn gateway_in_region(
-    cluster: &Cluster,
-    region: &str,
-) -> anyhow::Result<(
-    std::net::SocketAddr,
-    LocalRedis,
-    trellis_core::shutdown::ShutdownTrigger,
-)> {
-    let regional = LocalRedis::start(RedisData::Ephemeral)?;
-    let mut config = cluster.config.clone();
-    config.region = region.into();
-    config.redis.durable_url = Some(cluster.redis.url());
-    config.redis.url = Some(regional.url());
-    config.gateway.id = format!("gw-{region}");
-    config.gateway.keyvault_url = format!("http://{}", cluster.keyvault);
-    let devices = trellis_gateway::bind_device_listener("127.0.0.1:0").await?;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = devices.local_addr()?;
-    let (trigger, shutdown) = trellis_core::shutdown::Shutdown::new();
-    tokio::spawn(trellis_gateway::serve_with_listeners(
-        config, devices, grpc, shutdown,
-    ));
-    Ok((addr, regional, trigger))
-}
-
 /// The same key in session in two regions from two addresses: the older
 /// region's gateway sees the newer claim at its next ownership refresh
 /// (half a keepalive), flags a suspected clone and closes its session. A
@@ -363,7 +335,7 @@ async fn a_clone_in_another_region_is_flagged_within_one_keepalive() -> anyhow::
         c.gateway.keepalive_secs = 4;
     })
     .await?;
-    let (gw_b, _regional_b, stop_b) = gateway_in_region(&cluster, "clones-cross-b").await?;
+    let (gw_b, _regional_b, stop_b) = cluster.gateway_in_region("clones-cross-b").await?;
     let keepalive = Duration::from_secs(4);
 
     // Failover from the same address: superseded, not a clone.

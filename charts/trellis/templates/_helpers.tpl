@@ -146,8 +146,12 @@ for a message that says what to set).
 {{- else -}}
 {{- $need := list "keyvault" "gateway" "signer" "ota" -}}
 {{- if .Values.tests.enabled }}{{ $need = append $need "operator" }}{{ end -}}
+{{- if .Values.api.enabled }}{{ $need = append $need "api" }}{{ end -}}
 {{- range $role := $need }}
 {{- if not (index $tls.existingSecrets $role) }}
+{{- if eq $role "api" }}
+{{- fail "tls.mode is mutual but no certificate for the api (it calls the services with a certificate of role operator): set tls.certManager.enabled=true (cert-manager) or tls.existingSecrets.api to a Secret with ca.crt, tls.crt and tls.key of its own (`trellis certs issue --role operator --out DIR`), or api.enabled=false, or tls.mode=off" }}
+{{- end }}
 {{- fail (printf "tls.mode is mutual but no certificate for role %s: set tls.certManager.enabled=true (cert-manager) or tls.existingSecrets.%s to a Secret with ca.crt, tls.crt and tls.key (`trellis certs issue --role %s`), or tls.mode=off" $role $role $role) }}
 {{- end }}
 {{- end }}
@@ -171,6 +175,32 @@ for a message that says what to set).
 {{- end }}
 {{- end }}
 
+{{/*
+Redis ACL users (redis.acl): each service connects as trellis-<service>
+(the names `trellis redis acl` prints) with the password in its own key,
+<service>.password, of redis.acl.existingSecret, mounted here.
+*/}}
+{{- define "trellis.redisPasswordDir" -}}
+/var/run/trellis/redis
+{{- end }}
+
+{{/*
+The Secret with the services' Redis passwords; the chart refuses to render
+without it when redis.acl.enabled, and refuses chart-made URLs that name a
+user or password (the binary puts redis.username and the password only into
+URLs that carry no credentials, so the ACL user would silently not be used).
+*/}}
+{{- define "trellis.redisAclSecretName" -}}
+{{- if not .Values.redis.existingSecret }}
+{{- range $key, $url := dict "redis.url" .Values.redis.url "redis.durableUrl" .Values.redis.durableUrl }}
+{{- if regexMatch "^[^:/]+://[^/?#]*@" $url }}
+{{- fail (printf "redis.acl.enabled is true but %s names a user or password (user:password@): the service would connect with those instead of its ACL user; remove them from the URL (the password comes from redis.acl.existingSecret)" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- required "redis.acl.enabled is true but redis.acl.existingSecret is empty: make the users and their passwords (trellis redis acl --passwords redis-passwords > users.acl, load users.acl into Redis), store the passwords as a Secret with keys keyvault.password, gateway.password, signer.password and ota.password (kubectl create secret generic trellis-redis-acl --from-file=redis-passwords/) and set redis.acl.existingSecret=trellis-redis-acl; or set redis.acl.enabled=false" .Values.redis.acl.existingSecret }}
+{{- end }}
+
 {{- define "trellis.masterKeySecretName" -}}
 {{- if .Values.keyvault.masterKey.existingSecret }}
 {{- .Values.keyvault.masterKey.existingSecret }}
@@ -184,13 +214,17 @@ Environment every service reads (figment: TRELLIS_ prefix, "__" between
 sections). The binary refuses unknown TRELLIS_* keys, so only documented ones
 are set here, and pods run with enableServiceLinks: false (Kubernetes would
 otherwise inject TRELLIS_KEYVAULT_SERVICE_HOST and friends for a release
-named "trellis").
+named "trellis"). (dict "root" $ "redis" bool): the Redis settings only for
+the services that use Redis (not the api, which holds no Redis credentials).
 */}}
 {{- define "trellis.commonEnv" -}}
+{{- $redis := .redis -}}
+{{- with .root -}}
 - name: TRELLIS_REGION
   value: {{ .Values.region | quote }}
 - name: TRELLIS_DATA_DIR
   value: /var/lib/trellis
+{{- if $redis }}
 - name: TRELLIS_REDIS__URL
   valueFrom:
     secretKeyRef:
@@ -209,6 +243,7 @@ named "trellis").
   value: {{ .Values.redis.sentinel.masterName | quote }}
 - name: TRELLIS_REDIS__SENTINELS
   value: {{ join "," .Values.redis.sentinel.addresses | quote }}
+{{- end }}
 {{- end }}
 {{- with .Values.telemetry.otlpEndpoint }}
 - name: TRELLIS_TELEMETRY__OTLP_ENDPOINT
@@ -233,11 +268,14 @@ named "trellis").
 - name: TRELLIS_TELEMETRY__ENVIRONMENT
   value: {{ .Values.telemetry.environment | quote }}
 {{- end }}
+{{- end }}
 
 {{/*
 One Deployment. Called with (dict "root" $ "component" "gateway"
 "values" .Values.gateway "env" <yaml list string> "ports" <yaml list string>
-"volumes" <yaml> "volumeMounts" <yaml> "noReplicas" bool).
+"volumes" <yaml> "volumeMounts" <yaml> "noReplicas" bool "noRedis" bool).
+noRedis: a service that never talks to Redis (the api) gets no Redis URL,
+user, password file or Secret checksum.
 */}}
 {{- define "trellis.deployment" -}}
 {{- $root := .root -}}
@@ -270,11 +308,15 @@ spec:
         {{- with $v.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if or (not .noRedis) $v.podAnnotations }}
       annotations:
+        {{- if not .noRedis }}
         checksum/redis: {{ include (print $root.Template.BasePath "/secret-redis.yaml") $root | sha256sum | trunc 16 }}
+        {{- end }}
         {{- with $v.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- end }}
     spec:
       serviceAccountName: {{ include "trellis.serviceAccountName" $root }}
       automountServiceAccountToken: {{ $root.Values.automountServiceAccountToken }}
@@ -299,7 +341,13 @@ spec:
               containerPort: 9100
               protocol: TCP
           env:
-            {{- include "trellis.commonEnv" $root | nindent 12 }}
+            {{- include "trellis.commonEnv" (dict "root" $root "redis" (not .noRedis)) | nindent 12 }}
+            {{- if and $root.Values.redis.acl.enabled (not .noRedis) }}
+            - name: TRELLIS_REDIS__USERNAME
+              value: {{ printf "trellis-%s" .component | quote }}
+            - name: TRELLIS_REDIS__PASSWORD_FILE
+              value: {{ printf "%s/%s.password" (include "trellis.redisPasswordDir" $root) .component | quote }}
+            {{- end }}
             {{- .env | nindent 12 }}
             {{- with $root.Values.extraEnv }}
             {{- toYaml . | nindent 12 }}
@@ -337,6 +385,11 @@ spec:
               mountPath: {{ include "trellis.tlsMountPath" $root }}
               readOnly: true
             {{- end }}
+            {{- if and $root.Values.redis.acl.enabled (not .noRedis) }}
+            - name: redis-password
+              mountPath: {{ include "trellis.redisPasswordDir" $root }}
+              readOnly: true
+            {{- end }}
             {{- with .volumeMounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -361,6 +414,18 @@ spec:
                 path: tls.crt
               - key: tls.key
                 path: tls.key
+        {{- end }}
+        {{- if and $root.Values.redis.acl.enabled (not .noRedis) }}
+        # This service's Redis ACL password and no other service's (items):
+        # a gateway pod never holds keyvault's. Mode 0400; the kubelet adds
+        # group read for fsGroup, the trellis user's group.
+        - name: redis-password
+          secret:
+            secretName: {{ include "trellis.redisAclSecretName" $root }}
+            defaultMode: 0400
+            items:
+              - key: {{ .component }}.password
+                path: {{ .component }}.password
         {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}
@@ -416,7 +481,8 @@ spec:
 {{- end }}
 {{- end }}
 
-{{/* One ClusterIP Service: (dict "root" $ "component" "x" "port" 7100). */}}
+{{/* One ClusterIP Service: (dict "root" $ "component" "x" "port" 7100), its
+gRPC port named grpc; "portName" "http" "appProtocol" "http" for the api. */}}
 {{- define "trellis.service" -}}
 {{- $sel := dict "root" .root "component" .component }}
 ---
@@ -433,11 +499,11 @@ spec:
   selector:
     {{- include "trellis.selectorLabels" $sel | nindent 4 }}
   ports:
-    - name: grpc
+    - name: {{ default "grpc" .portName }}
       port: {{ .port }}
-      targetPort: grpc
+      targetPort: {{ default "grpc" .portName }}
       protocol: TCP
-      appProtocol: grpc
+      appProtocol: {{ default "grpc" .appProtocol }}
     - name: admin
       port: 9100
       targetPort: admin

@@ -3,8 +3,8 @@
 //! `trellis:org:<org>` (hash) and `trellis:orgs` (set); `trellis:product:<id>`
 //! (hash: org, name) and `trellis:products`; `trellis:user:<org>:<user>`
 //! (hash: role) and `trellis:users:<org>`; `trellis:token:<id>` (hash: the
-//! secret's SHA-256, org, user, name, scopes, created/expires/last-used/
-//! revoked times) and `trellis:tokens:<org>`.
+//! secret's SHA-256, org, user, name, scopes, created/expires/
+//! revoked times) and `trellis:tokens:<org>`; last use in `trellis:token-use`.
 use crate::scope::{Role, Scope};
 use crate::token::NewToken;
 use redis::AsyncCommands;
@@ -12,28 +12,8 @@ use std::collections::HashMap;
 use trellis_core::redis_conn::Redis;
 use trellis_core::time::now_ms;
 
-pub mod keys {
-    pub const ORGS: &str = "trellis:orgs";
-    pub fn org(org: &str) -> String {
-        format!("trellis:org:{org}")
-    }
-    pub const PRODUCTS: &str = "trellis:products";
-    pub fn product(id: u32) -> String {
-        format!("trellis:product:{id}")
-    }
-    pub fn users(org: &str) -> String {
-        format!("trellis:users:{org}")
-    }
-    pub fn user(org: &str, user: &str) -> String {
-        format!("trellis:user:{org}:{user}")
-    }
-    pub fn tokens(org: &str) -> String {
-        format!("trellis:tokens:{org}")
-    }
-    pub fn token(id: &str) -> String {
-        format!("trellis:token:{id}")
-    }
-}
+// Key names live with every other service's, in one place.
+use trellis_core::redis_conn::keys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -332,7 +312,6 @@ pub async fn create_token(
                 ("scopes", Scope::join(&record.scopes)),
                 ("created_ms", record.created_ms.to_string()),
                 ("expires_ms", record.expires_ms.to_string()),
-                ("last_used_ms", "0".into()),
                 ("revoked_ms", "0".into()),
             ],
         )
@@ -342,8 +321,16 @@ pub async fn create_token(
 }
 
 pub async fn get_token(redis: &mut Redis, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-    let h: HashMap<String, String> = redis.hgetall(keys::token(id)).await?;
-    Ok(TokenRecord::from_hash(id, &h))
+    let (h, used): (HashMap<String, String>, Option<i64>) = redis::pipe()
+        .hgetall(keys::token(id))
+        .hget(keys::TOKEN_USE, id)
+        .query_async(redis)
+        .await?;
+    Ok(TokenRecord::from_hash(id, &h).map(|mut t| {
+        // Tokens made before last use moved out of the record carry it there.
+        t.last_used_ms = t.last_used_ms.max(used.unwrap_or(0));
+        t
+    }))
 }
 
 pub async fn list_tokens(redis: &mut Redis, org: &str) -> Result<Vec<TokenRecord>, StoreError> {
@@ -367,7 +354,10 @@ pub async fn revoke_token(redis: &mut Redis, id: &str) -> Result<(), StoreError>
     Ok(())
 }
 
+/// Records a token's last use in `trellis:token-use`, not in the token's
+/// record: every service checks tokens, and none but keyvault may write
+/// the records (scopes, organisation, revocation).
 pub async fn touch_token(redis: &mut Redis, id: &str, at_ms: i64) -> Result<(), StoreError> {
-    let _: () = redis.hset(keys::token(id), "last_used_ms", at_ms).await?;
+    let _: () = redis.hset(keys::TOKEN_USE, id, at_ms).await?;
     Ok(())
 }

@@ -125,6 +125,22 @@ pub struct RedisConfig {
     /// How long a durable write waits for Sentinel to name a reachable
     /// primary (during a failover) before it fails with an error.
     pub failover_wait_ms: u64,
+    /// The Redis ACL user this service connects as (`trellis redis acl`
+    /// prints each service's rules). Unset: the user named in the URL, if
+    /// any, else Redis's `default`.
+    pub username: Option<String>,
+    /// A file holding that user's password (a mounted Secret); read at
+    /// start. Takes precedence over `password`.
+    pub password_file: Option<PathBuf>,
+    /// The password itself (development; prefer `password_file`).
+    pub password: Option<String>,
+    /// TLS to Redis (`rediss://` URLs): the CA that signed the Redis
+    /// server's certificate (PEM). Unset: the system's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM) for a Redis that asks for one
+    /// (`tls-auth-clients yes`, redis-server's default with TLS on).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -135,11 +151,42 @@ impl Default for RedisConfig {
             sentinels: Vec::new(),
             sentinel_master: "mymaster".into(),
             failover_wait_ms: 10_000,
+            username: None,
+            password_file: None,
+            password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl RedisConfig {
+    /// Puts `username` and the password into `url` and `durable_url` where
+    /// those name no user of their own, so that every connection (direct,
+    /// Sentinel-named primary, blocking reads, health checks) carries them.
+    pub fn apply_credentials(&mut self) -> Result<(), ConfigError> {
+        let password = match &self.password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::PasswordFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.password.clone(),
+        };
+        if self.username.is_none() && password.is_none() {
+            return Ok(());
+        }
+        for url in [&mut self.url, &mut self.durable_url].into_iter().flatten() {
+            *url = with_credentials(url, self.username.as_deref(), password.as_deref());
+        }
+        Ok(())
+    }
+
     /// Where durable records live when Sentinel is not used (and this
     /// region's copy of them when it is): `durable_url`, else `url`.
     pub fn effective_durable_url(&self) -> Option<&str> {
@@ -464,11 +511,46 @@ impl Default for TelemetryConfig {
 pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
+    #[error("configuration: redis.password_file {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration: data_dir {dir}: {source}")]
     DataDir {
         dir: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// `url` with `user:password@` in front of its host, unless it names a user
+/// or password already (an explicit URL wins). Both are percent-encoded.
+fn with_credentials(url: &str, user: Option<&str>, password: Option<&str>) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest[..authority_end].contains('@') {
+        return url.to_string();
+    }
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let user_info = match (user, password) {
+        (Some(u), Some(p)) => format!("{}:{}@", encode(u), encode(p)),
+        (Some(u), None) => format!("{}@", encode(u)),
+        (None, Some(p)) => format!(":{}@", encode(p)),
+        (None, None) => String::new(),
+    };
+    format!("{}{user_info}{rest}", &url[..scheme_end])
 }
 
 impl Config {
@@ -483,6 +565,7 @@ impl Config {
         // Child processes (redis-server) change directory before they open
         // the paths they are given, so a relative data directory would mean
         // something else to them: pin it to the directory we started in.
+        config.redis.apply_credentials()?;
         config.data_dir =
             std::path::absolute(&config.data_dir).map_err(|e| ConfigError::DataDir {
                 dir: config.data_dir.clone(),
@@ -542,6 +625,35 @@ mod tests {
             assert_eq!(c.gateway.keepalive_secs, 5);
             assert_eq!(c.gateway.device_listen, "127.0.0.1:1");
             assert_eq!(c.keyvault.queue_depth, 64);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_services_redis_user_and_password_file_go_into_both_urls() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gateway.password", "p@ss/word\n")?;
+            jail.set_env("TRELLIS_REDIS__URL", "redis://local:6379/");
+            jail.set_env("TRELLIS_REDIS__DURABLE_URL", "rediss://durable:6380/0");
+            jail.set_env("TRELLIS_REDIS__USERNAME", "trellis-gateway");
+            jail.set_env("TRELLIS_REDIS__PASSWORD_FILE", "gateway.password");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.redis.url.as_deref(),
+                Some("redis://trellis-gateway:p%40ss%2Fword@local:6379/")
+            );
+            assert_eq!(
+                c.redis.durable_url.as_deref(),
+                Some("rediss://trellis-gateway:p%40ss%2Fword@durable:6380/0")
+            );
+            // A URL that names its own user keeps it.
+            jail.set_env("TRELLIS_REDIS__URL", "redis://other:x@local:6379/");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.url.as_deref(), Some("redis://other:x@local:6379/"));
+            // A password file that is not there is an error that names it.
+            jail.set_env("TRELLIS_REDIS__PASSWORD_FILE", "missing.password");
+            let e = Config::load(None).expect_err("missing file").to_string();
+            assert!(e.contains("redis.password_file missing.password"), "{e}");
             Ok(())
         });
     }

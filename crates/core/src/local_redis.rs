@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::redis_conn::acl::{self, RedisUser};
+
 #[derive(Debug, thiserror::Error)]
 pub enum LocalRedisError {
     #[error(
@@ -39,6 +41,30 @@ pub struct LocalRedis {
     child: Child,
     port: u16,
     _tmp: Option<tempfile::TempDir>,
+    users: Option<Users>,
+}
+
+/// Who may connect to a server started with [`LocalRedis::start_with_users`].
+#[derive(Clone)]
+struct Users {
+    /// `default`'s password; `None`: `default` is open (tests).
+    admin: Option<String>,
+    services: Vec<(RedisUser, String)>,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Users(***)")
+    }
+}
+
+/// How `default`, the administrator's user, is reached on a server with
+/// per-service users.
+pub enum Admin<'a> {
+    /// No password (tests on loopback: they read and poke every key).
+    Open,
+    /// This password (`trellis up`: kept in the data directory, 0600).
+    Password(&'a str),
 }
 
 /// Where the server keeps its data: a directory kept across runs (with
@@ -54,8 +80,38 @@ impl LocalRedis {
         Self::start_on(port, data)
     }
 
+    /// Starts with one ACL user per service ([`RedisUser`], fresh random
+    /// passwords) besides `default`: what `trellis up` runs, and what the
+    /// tests run so that every service in them works with no more than
+    /// its own keys. [`LocalRedis::url_for`] is a service's URL.
+    pub fn start_with_users(
+        data: RedisData<'_>,
+        admin: Admin<'_>,
+    ) -> Result<Self, LocalRedisError> {
+        let port = free_port().map_err(LocalRedisError::NoPort)?;
+        let users = Users {
+            admin: match admin {
+                Admin::Open => None,
+                Admin::Password(p) => Some(p.to_string()),
+            },
+            services: RedisUser::ALL
+                .into_iter()
+                .map(|u| (u, acl::new_password()))
+                .collect(),
+        };
+        Self::start_inner(port, data, Some(users))
+    }
+
     /// Starts on a given port (a restarted test server keeps its address).
     pub fn start_on(port: u16, data: RedisData<'_>) -> Result<Self, LocalRedisError> {
+        Self::start_inner(port, data, None)
+    }
+
+    fn start_inner(
+        port: u16,
+        data: RedisData<'_>,
+        users: Option<Users>,
+    ) -> Result<Self, LocalRedisError> {
         let (dir, tmp, persist) = match data {
             RedisData::Persistent(dir) => (dir.to_path_buf(), None, true),
             RedisData::Ephemeral => {
@@ -101,11 +157,23 @@ impl LocalRedis {
             .stdin(Stdio::null())
             .stdout(early_out)
             .stderr(early_err);
+        if let Some(users) = &users {
+            // Written anew at every start (the passwords are new too); the
+            // file holds password hashes only.
+            let file = dir.join("users.acl");
+            std::fs::write(
+                &file,
+                acl::acl_file(users.admin.as_deref(), &users.services),
+            )
+            .map_err(data_dir)?;
+            cmd.arg("--aclfile").arg(&file);
+        }
         let child = cmd.spawn().map_err(LocalRedisError::Spawn)?;
         let mut server = LocalRedis {
             child,
             port,
             _tmp: tmp,
+            users,
         };
         server.wait_ready(Duration::from_secs(10), &log, &early)?;
         Ok(server)
@@ -115,8 +183,31 @@ impl LocalRedis {
         self.port
     }
 
+    /// The administrator's URL (`default`, with its password if it has one).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.users.as_ref().and_then(|u| u.admin.as_deref()) {
+            Some(password) => format!("redis://default:{password}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// `user`'s password on a server with per-service users.
+    pub fn password_for(&self, user: RedisUser) -> Option<&str> {
+        self.users
+            .as_ref()?
+            .services
+            .iter()
+            .find(|(s, _)| *s == user)
+            .map(|(_, p)| p.as_str())
+    }
+
+    /// The URL `user` connects with: its own ACL user on a server started
+    /// with [`LocalRedis::start_with_users`], else [`LocalRedis::url`].
+    pub fn url_for(&self, user: RedisUser) -> String {
+        match self.password_for(user) {
+            Some(p) => format!("redis://{}:{p}@127.0.0.1:{}/", user.name(), self.port),
+            None => self.url(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -194,7 +285,8 @@ fn ping(port: u16) -> bool {
         return false;
     }
     let mut buf = [0u8; 7];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    // A server whose `default` user has a password answers NOAUTH: up too.
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }
 
 /// A free TCP port on 127.0.0.1 (bind to port 0, read it, release it).

@@ -4,6 +4,7 @@
 use redis::aio::{ConnectionLike, ConnectionManager};
 use std::sync::Arc;
 
+pub mod acl;
 mod sentinel;
 
 /// A shared, auto-reconnecting Redis connection; clone it freely. Either
@@ -71,6 +72,13 @@ pub enum RedisError {
         url: String,
         source: redis::RedisError,
     },
+    #[error("redis TLS: cannot read {path}: {source}")]
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("redis TLS: set both redis.tls_cert_file and redis.tls_key_file, or neither")]
+    TlsPair,
     #[error(
         "no Redis for durable records: set redis.durable_url or redis.url (TRELLIS_REDIS__DURABLE_URL / TRELLIS_REDIS__URL), or redis.sentinels"
     )]
@@ -107,6 +115,54 @@ pub fn redact_url(url: &str) -> String {
     format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
 }
 
+/// TLS material for `rediss://` URLs, loaded once per process by
+/// [`init_tls`] (every service of one process talks to the same Redis
+/// installation).
+static TLS: std::sync::RwLock<Option<Arc<redis::TlsCertificates>>> = std::sync::RwLock::new(None);
+
+/// Loads `redis.tls_ca_file` and the client certificate, if set, for every
+/// later `rediss://` connection of this process. A file that cannot be
+/// read is an error naming it.
+pub fn init_tls(config: &crate::config::RedisConfig) -> Result<(), RedisError> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| RedisError::TlsFile {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let root_cert = config.tls_ca_file.as_ref().map(read).transpose()?;
+    let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        (None, None) => None,
+        _ => return Err(RedisError::TlsPair),
+    };
+    let tls = (root_cert.is_some() || client_tls.is_some()).then(|| {
+        Arc::new(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    });
+    *TLS.write().unwrap_or_else(|e| e.into_inner()) = tls;
+    Ok(())
+}
+
+/// A client for `url` (or a parsed address): over TLS with the process's
+/// CA and client certificate when the URL is `rediss://` and
+/// [`init_tls`] loaded any.
+pub fn client(url: impl redis::IntoConnectionInfo) -> redis::RedisResult<redis::Client> {
+    let info = url.into_connection_info()?;
+    let tls = TLS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    match (info.addr(), tls) {
+        (redis::ConnectionAddr::TcpTls { .. }, Some(tls)) => {
+            redis::Client::build_with_tls(info, (*tls).clone())
+        }
+        _ => redis::Client::open(info),
+    }
+}
+
 /// Connects with a connection manager that reconnects by itself when Redis
 /// goes away and comes back.
 pub async fn connect(url: &str) -> Result<Redis, RedisError> {
@@ -114,7 +170,7 @@ pub async fn connect(url: &str) -> Result<Redis, RedisError> {
 }
 
 async fn connect_manager(url: &str) -> Result<ConnectionManager, RedisError> {
-    let client = redis::Client::open(url).map_err(|source| RedisError::BadUrl {
+    let client = client(url).map_err(|source| RedisError::BadUrl {
         url: redact_url(url),
         source,
     })?;
@@ -185,7 +241,7 @@ pub async fn connect_blocking(url: &str) -> redis::RedisResult<redis::aio::Multi
         .set_response_timeout(Some(std::time::Duration::from_millis(
             BLOCKING_READ_MS + 5_000,
         )));
-    redis::Client::open(url)?
+    client(url)?
         .get_multiplexed_async_connection_with_config(&config)
         .await
 }
@@ -208,6 +264,9 @@ pub mod keys {
     pub fn pending_device(device_id: &str) -> String {
         format!("trellis:pending:{device_id}")
     }
+    /// Sorted set: pending device ids by their last attempt (ms); members
+    /// whose record expired are dropped when listed.
+    pub const PENDING_INDEX: &str = "trellis:pendings";
     /// String: the sealed cloud key record.
     pub const CLOUD_KEY: &str = "trellis:cloudkey:v1";
     /// String: the sealed release-signing key record (keyvault, purpose "release").
@@ -272,6 +331,10 @@ pub mod keys {
     pub fn home(device_id: &str) -> String {
         format!("trellis:home:{device_id}")
     }
+    /// Stream (capped ~10 000): revoked and deleted devices, appended by
+    /// keyvault in the script that changes the record; every gateway reads
+    /// it and closes their live sessions.
+    pub const REVOCATIONS: &str = "trellis:revocations";
     /// String with a TTL: the device is quarantined as a suspected clone
     /// while it exists (keyvault refuses its handshakes).
     pub fn quarantine(device_id: &str) -> String {
@@ -298,6 +361,36 @@ pub mod keys {
     pub fn gateway_control(gateway_id: &str) -> String {
         format!("trellis:gw:{gateway_id}:control")
     }
+
+    /// Set of all organisations; hash per organisation (created time).
+    pub const ORGS: &str = "trellis:orgs";
+    pub fn org(org: &str) -> String {
+        format!("trellis:org:{org}")
+    }
+    /// Set of all product ids; hash per product (org, name).
+    pub const PRODUCTS: &str = "trellis:products";
+    pub fn product(id: u32) -> String {
+        format!("trellis:product:{id}")
+    }
+    /// Set of an organisation's user names; hash per user (role).
+    pub fn users(org: &str) -> String {
+        format!("trellis:users:{org}")
+    }
+    pub fn user(org: &str, user: &str) -> String {
+        format!("trellis:user:{org}:{user}")
+    }
+    /// Set of an organisation's token ids; hash per token (the secret's
+    /// SHA-256, org, user, name, scopes, created/expires/revoked times).
+    pub fn tokens(org: &str) -> String {
+        format!("trellis:tokens:{org}")
+    }
+    pub fn token(id: &str) -> String {
+        format!("trellis:token:{id}")
+    }
+    /// Hash: token id -> when it was last used (ms). Apart from the token
+    /// records because every service writes it and only keyvault may write
+    /// those.
+    pub const TOKEN_USE: &str = "trellis:token-use";
 
     /// Hash: one OTA rollout (spec, state, stage progress, counters).
     pub fn rollout(rollout_id: &str) -> String {

@@ -10,6 +10,7 @@
 //! single chunk; the image is only ever accepted whole, after its size and
 //! SHA-256 match the verified manifest.
 
+pub mod command;
 pub mod keys;
 pub mod manifest;
 pub mod policy;
@@ -18,6 +19,10 @@ pub mod rejection;
 pub mod sender;
 pub mod signing;
 
+pub use command::{
+    CommandEnvelope, CommandGuard, CommandPolicy, CommandRefusal, EnvelopeError, Protected,
+    SignedCommand, sign_command,
+};
 pub use keys::{
     KeyError, MIN_RELEASE_KEY_BITS, key_id, private_key_from_pem, public_key_from_pem,
     public_key_to_pem,

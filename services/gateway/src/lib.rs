@@ -13,6 +13,7 @@ pub mod local;
 pub mod ownership;
 pub mod refresher;
 mod release;
+pub mod revocations;
 pub mod routing;
 pub mod session;
 
@@ -224,7 +225,12 @@ pub async fn serve_with_listeners(
     // and "not delivered" refusals until the sessions have closed.
     let (inbox_stop, inbox_shutdown) = Shutdown::new();
     let refresher = tokio::spawn(refresher::run(Arc::clone(&gw), inbox_shutdown.clone()));
-    let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown));
+    let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown.clone()));
+    let revocations = tokio::spawn(revocations::run(
+        gw.durable.clone(),
+        Arc::clone(&gw.local),
+        inbox_shutdown,
+    ));
     let grpc_task = {
         let svc = DeviceServiceServer::new(grpc::DeviceApi::new(Arc::clone(&gw)));
         let auth = trellis_auth::setup::server_layer(&config, gw.durable.clone(), "gateway");
@@ -262,6 +268,7 @@ pub async fn serve_with_listeners(
     }
     inbox_stop.trigger();
     let _ = refresher.await;
+    let _ = revocations.await;
     if tokio::time::timeout(Duration::from_secs(3), inbox)
         .await
         .is_err()

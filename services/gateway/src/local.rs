@@ -105,6 +105,21 @@ impl LocalSessions {
         }
     }
 
+    /// Closes the device's session, whatever its epoch; true when one was
+    /// held here.
+    pub fn close_device(&self, device_id: &str, reason: &str) -> bool {
+        let handle = self.lock().get(device_id).cloned();
+        match handle {
+            Some(h) => {
+                let _ = h.tx.try_send(Box::new(SessionCommand::Close {
+                    reason: reason.into(),
+                }));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Closes every session (drain on shutdown).
     pub fn close_all(&self, reason: &str) {
         for h in self.lock().values() {

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use trellis_core::redis_conn::Redis;
 use trellis_firmware::encode_signed_manifest;
-use trellis_signer::store;
+use trellis_records::release as store;
 
 pub struct Bundle {
     pub signed_manifest: Vec<u8>,
@@ -52,8 +52,8 @@ impl Cache {
 }
 
 pub async fn load(redis: &mut Redis, cache: &Cache, release_id: &str) -> Result<Bundle, String> {
-    let fail = |e: trellis_signer::SignerError| format!("release {release_id}: {e}");
-    let (id, _, _) = trellis_signer::validate::release_id(release_id).map_err(fail)?;
+    let fail = |e: trellis_records::RecordError| format!("release {release_id}: {e}");
+    let (id, _, _) = store::parse_release_id(release_id).map_err(fail)?;
     let release = store::get_release(redis, &id)
         .await
         .map_err(fail)?

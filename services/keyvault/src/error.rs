@@ -21,6 +21,17 @@ pub enum KeyvaultError {
     Internal(String),
 }
 
+impl From<trellis_records::RecordError> for KeyvaultError {
+    fn from(e: trellis_records::RecordError) -> Self {
+        use trellis_records::RecordError as R;
+        match e {
+            R::Invalid(m) => KeyvaultError::InvalidArgument(m),
+            R::Redis(e) => KeyvaultError::Redis(e),
+            R::Corrupt(m) | R::Internal(m) => KeyvaultError::Internal(m),
+        }
+    }
+}
+
 impl From<KeyvaultError> for Status {
     fn from(e: KeyvaultError) -> Self {
         let message = e.to_string();

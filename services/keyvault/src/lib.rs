@@ -20,6 +20,7 @@ pub mod master_key;
 pub mod pool;
 pub mod registry;
 pub mod release_key;
+pub mod rewrap;
 pub mod service;
 pub mod session;
 pub mod signing;

@@ -292,8 +292,12 @@ pub async fn list(redis: &mut Redis, product_id: u32) -> Result<Vec<DeviceRecord
 
 // Marks a record revoked if it exists; returns 0 if there is none.
 static REVOKE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKE_LUA));
+// KEYS: record, revocation stream. ARGV: time, reason, device id.
+// Every revoke (a repeated one too) tells the gateways to close the
+// device's session.
 const REVOKE_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'device', ARGV[3], 'reason', ARGV[2], 'time_ms', ARGV[1])
 if redis.call('HGET', KEYS[1], 'revoked') == '1' then return 2 end
 redis.call('HSET', KEYS[1], 'revoked', '1', 'revoked_at_ms', ARGV[1], 'revoke_reason', ARGV[2])
 return 1
@@ -310,8 +314,10 @@ pub async fn revoke(
     let device_id = parse_device_id(device_id)?;
     let result: i64 = REVOKE
         .key(keys::device(&device_id))
+        .key(keys::REVOCATIONS)
         .arg(now_ms())
         .arg(reason)
+        .arg(&device_id)
         .invoke_async(redis)
         .await?;
     if result == 0 {
@@ -328,6 +334,60 @@ pub async fn revoke(
         tracing::info!(device_id = %device_id, reason, "device revoked");
     }
     get_device(redis, &device_id).await
+}
+
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DELETE_LUA));
+// KEYS: record, index, revocation stream. ARGV: time, reason, device id.
+const DELETE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'device', ARGV[3], 'reason', ARGV[2], 'time_ms', ARGV[1])
+return 1
+"#;
+
+/// Deletes a device's record (its key is no longer trusted, its id can be
+/// registered again) and closes its live session. Its audit history stays.
+pub async fn delete(redis: &mut Redis, device_id: &str, reason: &str, actor: &str) -> Result<()> {
+    let device_id = parse_device_id(device_id)?;
+    let deleted: i64 = DELETE
+        .key(keys::device(&device_id))
+        .key(keys::DEVICE_INDEX)
+        .key(keys::REVOCATIONS)
+        .arg(now_ms())
+        .arg(reason)
+        .arg(&device_id)
+        .invoke_async(redis)
+        .await?;
+    if deleted == 0 {
+        return Err(KeyvaultError::NotFound(format!(
+            "device {device_id} is not registered"
+        )));
+    }
+    audit_write(
+        redis,
+        AuditRecord::new(actor, "delete", &device_id, "ok").with("reason", reason),
+    )
+    .await;
+    tracing::info!(device_id = %device_id, reason, "device deleted");
+    Ok(())
+}
+
+/// Lifts a clone quarantine; true when there was one.
+pub async fn lift_quarantine(redis: &mut Redis, device_id: &str, actor: &str) -> Result<bool> {
+    let device_id = parse_device_id(device_id)?;
+    let removed: i64 = redis::AsyncCommands::del(redis, keys::quarantine(&device_id)).await?;
+    audit_write(
+        redis,
+        AuditRecord::new(
+            actor,
+            "quarantine_lift",
+            &device_id,
+            if removed > 0 { "ok" } else { "not_quarantined" },
+        ),
+    )
+    .await;
+    Ok(removed > 0)
 }
 
 /// Most tags one device may carry.
@@ -436,9 +496,67 @@ pub async fn keep_pending(
         .ignore()
         .expire(&key, TTL_SECS)
         .ignore()
+        .zadd(keys::PENDING_INDEX, device_id, &now)
+        .ignore()
         .query_async(redis)
         .await?;
     Ok(())
+}
+
+/// How long a pending record lives after the device's last attempt.
+const PENDING_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+
+fn pending_from_hash(h: &HashMap<String, String>) -> Option<pb::PendingDevice> {
+    let num = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let der = hex::decode(h.get("public_key_der")?).ok()?;
+    Some(pb::PendingDevice {
+        device_id: h.get("device_id")?.clone(),
+        key_id: trellis_core::keys::key_id(&der),
+        public_key_der: der,
+        first_seen_ms: num("first_seen_ms"),
+        last_seen_ms: num("last_seen_ms"),
+        attempts: u64::try_from(num("attempts")).unwrap_or(0),
+        gateway_id: h.get("gateway_id").cloned().unwrap_or_default(),
+        peer_addr: h.get("peer_addr").cloned().unwrap_or_default(),
+    })
+}
+
+pub async fn get_pending(redis: &mut Redis, device_id: &str) -> Result<Option<pb::PendingDevice>> {
+    let device_id = parse_device_id(device_id)?;
+    let h: HashMap<String, String> = redis.hgetall(keys::pending_device(&device_id)).await?;
+    Ok(pending_from_hash(&h))
+}
+
+/// The most recently seen pending devices, newest first.
+pub async fn list_pending(redis: &mut Redis, limit: usize) -> Result<Vec<pb::PendingDevice>> {
+    // Records expire on their own; their index entries go here.
+    let _: () = redis
+        .zrembyscore(keys::PENDING_INDEX, "-inf", now_ms() - PENDING_TTL_MS)
+        .await?;
+    let ids: Vec<String> = redis
+        .zrevrange(keys::PENDING_INDEX, 0, limit.max(1) as isize - 1)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.hgetall(keys::pending_device(id));
+    }
+    let maps: Vec<HashMap<String, String>> = pipe.query_async(redis).await?;
+    Ok(maps.iter().filter_map(pending_from_hash).collect())
+}
+
+/// Drops a pending record; false when there was none.
+pub async fn drop_pending(redis: &mut Redis, device_id: &str) -> Result<bool> {
+    let device_id = parse_device_id(device_id)?;
+    let (removed, _): (i64, i64) = redis::pipe()
+        .atomic()
+        .del(keys::pending_device(&device_id))
+        .zrem(keys::PENDING_INDEX, &device_id)
+        .query_async(redis)
+        .await?;
+    Ok(removed > 0)
 }
 
 /// Appends an audit record; a failure is logged loudly but does not fail the

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field};
+use trellis_core::audit::AuditRecord;
 use trellis_core::redis_conn::Redis;
 use trellis_proto::v1 as pb;
 use trellis_proto::v1::key_vault_server::KeyVault;
@@ -210,6 +211,161 @@ impl KeyVault for KeyVaultService {
                 .await
                 .map(|r| Response::new(r.to_proto()))
                 .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<pb::DeleteDeviceRequest>,
+    ) -> Result<Response<pb::DeleteDeviceResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.delete_device", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
+            registry::delete(&mut redis, &req.device_id, &req.reason, &principal.actor())
+                .await
+                .map(|()| Response::new(pb::DeleteDeviceResponse {}))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn lift_quarantine(
+        &self,
+        request: Request<pb::LiftQuarantineRequest>,
+    ) -> Result<Response<pb::LiftQuarantineResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.lift_quarantine", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
+            registry::lift_quarantine(&mut redis, &req.device_id, &principal.actor())
+                .await
+                .map(|was_quarantined| {
+                    Response::new(pb::LiftQuarantineResponse { was_quarantined })
+                })
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_pending(
+        &self,
+        request: Request<pb::ListPendingRequest>,
+    ) -> Result<Response<pb::ListPendingResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(10_000)
+        } as usize;
+        let mut redis = self.redis.clone();
+        registry::list_pending(&mut redis, limit)
+            .instrument(tracing::debug_span!("keyvault.list_pending"))
+            .await
+            .map(|devices| Response::new(pb::ListPendingResponse { devices }))
+            .map_err(status)
+    }
+
+    async fn approve_pending(
+        &self,
+        request: Request<pb::ApprovePendingRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let organization = match req.organization.trim() {
+            "" => principal.org.clone(),
+            org if principal.sees(org) => org.to_string(),
+            _ => {
+                return Err(Status::permission_denied(
+                    "devices are registered in your own organisation",
+                ));
+            }
+        };
+        let span = tracing::info_span!("keyvault.approve_pending", device_id = %req.device_id, product_id = req.product_id);
+        let mut redis = self.redis.clone();
+        async move {
+            let pending = registry::get_pending(&mut redis, &req.device_id)
+                .await
+                .map_err(status)?
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no pending key for device {} (`trellis device pending list`)",
+                        req.device_id
+                    ))
+                })?;
+            // The key reviewed, not one offered since by whoever else
+            // claims the id.
+            if req.key_id.trim() != pending.key_id {
+                return Err(Status::failed_precondition(format!(
+                    "device {} now offers key {}, not {:?}: review it again (`trellis device pending list`)",
+                    pending.device_id, pending.key_id, req.key_id
+                )));
+            }
+            let actor = principal.actor();
+            let device = registry::register(
+                &mut redis,
+                pb::RegisterDeviceRequest {
+                    device_id: pending.device_id.clone(),
+                    product_id: req.product_id,
+                    public_key: pending.public_key_der.clone(),
+                    organization,
+                },
+                &actor,
+            )
+            .await
+            .map_err(status)?;
+            registry::drop_pending(&mut redis, &pending.device_id)
+                .await
+                .map_err(status)?;
+            registry::audit_write(
+                &mut redis,
+                AuditRecord::new(&actor, "pending_approve", &pending.device_id, "ok")
+                    .with("key_id", pending.key_id.clone())
+                    .with("product_id", req.product_id.to_string()),
+            )
+            .await;
+            Ok(Response::new(device.to_proto()))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reject_pending(
+        &self,
+        request: Request<pb::RejectPendingRequest>,
+    ) -> Result<Response<pb::RejectPendingResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.reject_pending", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            if !registry::drop_pending(&mut redis, &req.device_id)
+                .await
+                .map_err(status)?
+            {
+                return Err(Status::not_found(format!(
+                    "no pending key for device {}",
+                    req.device_id
+                )));
+            }
+            registry::audit_write(
+                &mut redis,
+                AuditRecord::new(&principal.actor(), "pending_reject", &req.device_id, "ok"),
+            )
+            .await;
+            Ok(Response::new(pb::RejectPendingResponse {}))
         }
         .instrument(span)
         .await

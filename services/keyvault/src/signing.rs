@@ -85,18 +85,14 @@ async fn stored_manifest(redis: &mut Redis, data: &[u8]) -> Result<()> {
     let manifest = trellis_firmware::decode_manifest(data).map_err(|e| {
         KeyvaultError::InvalidArgument(format!("keyvault signs only firmware manifests ({e})"))
     })?;
-    let release_id = format!("{}-{}", manifest.product_id, manifest.version);
-    let stored: Option<Vec<u8>> = redis::AsyncCommands::hget(
-        redis,
-        trellis_core::redis_conn::keys::release(&release_id),
-        "manifest",
-    )
-    .await?;
+    let release_id =
+        trellis_records::release::make_release_id(manifest.product_id, manifest.version);
+    let stored = trellis_records::release::get_manifest(redis, &release_id).await?;
     if stored.as_deref() == Some(data) {
         Ok(())
     } else {
         Err(KeyvaultError::FailedPrecondition(format!(
-            "no stored release {release_id} has exactly these manifest bytes; keyvault signs only              manifests the signer has stored"
+            "no stored release {release_id} has exactly these manifest bytes; keyvault signs only manifests the signer has stored"
         )))
     }
 }

@@ -34,6 +34,18 @@ pub enum SignerError {
     Internal(String),
 }
 
+impl From<trellis_records::RecordError> for SignerError {
+    fn from(e: trellis_records::RecordError) -> Self {
+        use trellis_records::RecordError as R;
+        match e {
+            R::Invalid(m) => SignerError::InvalidArgument(m),
+            R::Corrupt(m) => SignerError::Corrupt(m),
+            R::Internal(m) => SignerError::Internal(m),
+            R::Redis(e) => SignerError::Redis(e),
+        }
+    }
+}
+
 impl SignerError {
     pub fn keyvault(url: &str, status: &Status) -> Self {
         SignerError::Keyvault {

@@ -427,7 +427,7 @@ impl SignerService {
     }
 
     pub async fn list_releases(&self, product_id: u32) -> Result<Vec<ReleaseRecord>> {
-        store::list_releases(&mut self.redis.clone(), product_id).await
+        Ok(store::list_releases(&mut self.redis.clone(), product_id).await?)
     }
 
     /// SetPolicy: every PEM parsed, key ids computed (and checked when

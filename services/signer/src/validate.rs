@@ -67,29 +67,10 @@ pub fn organization(input: &str) -> Result<String> {
 
 /// A release id, "<product_id>-<version>".
 pub fn release_id(input: &str) -> Result<(String, u32, u32)> {
-    let s = input.trim();
-    let bad = || {
-        SignerError::InvalidArgument(format!(
-            "release id {input:?} is not \"<product_id>-<version>\" (for example \"7-3\"); \
-             `trellis release list` shows them"
-        ))
-    };
-    let (p, v) = s.split_once('-').ok_or_else(bad)?;
-    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
-    if !digits(p) || !digits(v) {
-        return Err(bad());
-    }
-    let product: u32 = p.parse().map_err(|_| bad())?;
-    let version: u32 = v.parse().map_err(|_| bad())?;
-    if product == 0 || version == 0 {
-        return Err(bad());
-    }
-    Ok((make_release_id(product, version), product, version))
+    Ok(trellis_records::release::parse_release_id(input)?)
 }
 
-pub fn make_release_id(product_id: u32, version: u32) -> String {
-    format!("{product_id}-{version}")
-}
+pub use trellis_records::release::make_release_id;
 
 #[cfg(test)]
 mod tests {

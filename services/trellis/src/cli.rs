@@ -67,8 +67,9 @@ pub struct Endpoints {
 pub enum Command {
     /// Run keyvault and gateway(s) in one process (the embedded default).
     Up(UpArgs),
-    /// Run the key vault service.
-    Keyvault,
+    /// Run the key vault service (`keyvault rewrap`: re-seal its keys
+    /// under a new master key).
+    Keyvault(KeyvaultArgs),
     /// Run an edge gateway.
     Gateway,
     /// Run the firmware signer (images, releases, signatures, policies).
@@ -123,6 +124,30 @@ pub enum Command {
     /// The CA and role certificates of mutual TLS: init, issue, list.
     #[command(subcommand)]
     Certs(crate::certs_cli::CertsCommand),
+    /// Redis least privilege: `trellis redis acl` prints one ACL user per
+    /// service.
+    #[command(subcommand)]
+    Redis(crate::redis_cli::RedisCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyvaultArgs {
+    #[command(subcommand)]
+    pub action: Option<KeyvaultAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyvaultAction {
+    /// Re-seal every sealed key (cloud key, release key) under a new
+    /// master key, straight in Redis (`redis.url`): each key is replaced
+    /// atomically, and a run that stopped half way finishes when run again.
+    /// The current master key comes from keyvault.master_key_file as for
+    /// `trellis keyvault`. Then restart keyvault with the new key.
+    Rewrap {
+        /// The new master key (64 hex characters, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        new_master_key: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -192,6 +217,37 @@ pub struct SimArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PendingCommand {
+    /// The most recently seen first: id, key id, attempts, last gateway and
+    /// address (needs cluster:admin).
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Register the reviewed key as the device's, in product P.
+    Approve {
+        id: String,
+        #[arg(long)]
+        product: u32,
+        /// The key id `pending list` showed (refused if the device has
+        /// offered another key since).
+        #[arg(long)]
+        key_id: String,
+        /// Default: your own.
+        #[arg(long, default_value = "")]
+        org: String,
+    },
+    /// Drop the pending key (needs cluster:admin).
+    Reject { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// End the device's quarantine now (audited).
+    Lift { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Make a device key pair, register it, write it with the cloud key.
     Provision {
@@ -245,12 +301,27 @@ pub enum DeviceCommand {
         #[arg(long, default_value_t = 0)]
         timeout_ms: u32,
     },
-    /// Revoke a device: it can no longer open a session.
+    /// Revoke a device: it can no longer open a session, and its live
+    /// session (on any gateway, in any region) closes within a second.
     Revoke {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Delete a device's record: its key is no longer trusted, its id can
+    /// be registered again, its live session closes; its audit history is
+    /// kept.
+    Delete {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Clone quarantine: `lift ID` ends one before it expires.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Keys unknown devices offered at a handshake: list, approve, reject.
+    #[command(subcommand)]
+    Pending(PendingCommand),
     /// Set a device's tags (replacing its old ones; none: clear them), for
     /// `trellis rollout create --tag`. Tags: a-z, 0-9, '.', '_', '-'.
     Tag { id: String, tags: Vec<String> },
@@ -301,7 +372,10 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Up(_) => "up",
-            Command::Keyvault => "keyvault",
+            Command::Keyvault(KeyvaultArgs { action: None }) => "keyvault",
+            Command::Keyvault(KeyvaultArgs {
+                action: Some(KeyvaultAction::Rewrap { .. }),
+            }) => "keyvault rewrap",
             Command::Gateway => "gateway",
             Command::Signer => "signer",
             Command::Ota => "ota",
@@ -315,6 +389,13 @@ impl Command {
                 DeviceCommand::Call { .. } => "device call",
                 DeviceCommand::Get { .. } => "device get",
                 DeviceCommand::Revoke { .. } => "device revoke",
+                DeviceCommand::Delete { .. } => "device delete",
+                DeviceCommand::Quarantine(QuarantineCommand::Lift { .. }) => {
+                    "device quarantine lift"
+                }
+                DeviceCommand::Pending(PendingCommand::List { .. }) => "device pending list",
+                DeviceCommand::Pending(PendingCommand::Approve { .. }) => "device pending approve",
+                DeviceCommand::Pending(PendingCommand::Reject { .. }) => "device pending reject",
                 DeviceCommand::Tag { .. } => "device tag",
             },
             Command::Events(_) => "events tail",
@@ -331,6 +412,7 @@ impl Command {
             Command::User(_) => "user",
             Command::Token(_) => "token",
             Command::Certs(_) => "certs",
+            Command::Redis(_) => "redis",
         }
     }
 }

@@ -7,6 +7,7 @@ mod cli;
 mod demo_ota;
 mod firmware_cli;
 mod ops;
+mod redis_cli;
 mod rollout_cli;
 mod sim;
 mod up;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    // `rediss://` URLs of every service in this process use these.
+    trellis_core::redis_conn::init_tls(&config.redis)?;
     // What operator requests (CLI, simulator provisioning) carry.
     let token = access_cli::find_token(cli.token.as_deref(), &config.data_dir);
     telemetry::set_operator_credential(token.as_deref()).map_err(anyhow::Error::msg)?;
@@ -50,6 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Certs(cmd) => certs_cli::run(&config, cmd),
+        Command::Redis(cmd) => redis_cli::run(cmd),
         Command::Up(args) => {
             if args.demo.is_some() && config.telemetry.log == TelemetryConfig::default().log {
                 // The demo narrates on stdout; service logs drown it at info.
@@ -58,7 +62,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init("up", &config);
             up::run(config, args).await
         }
-        Command::Keyvault => {
+        Command::Keyvault(cli::KeyvaultArgs {
+            action: Some(cli::KeyvaultAction::Rewrap { new_master_key }),
+        }) => ops::rewrap(&config, &new_master_key).await,
+        Command::Keyvault(cli::KeyvaultArgs { action: None }) => {
             let _telemetry = telemetry::init("keyvault", &config);
             let (_trigger, shutdown) = Shutdown::on_signals();
             let redis = config.redis.url.clone().unwrap_or_default();

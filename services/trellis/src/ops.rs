@@ -1,6 +1,8 @@
 //! Operator commands: thin gRPC clients of keyvault and any gateway.
 use crate::cli::Command;
-use crate::cli::{AuditCommand, DeviceCommand, Endpoints, EventsCommand};
+use crate::cli::{
+    AuditCommand, DeviceCommand, Endpoints, EventsCommand, PendingCommand, QuarantineCommand,
+};
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use std::path::Path;
@@ -254,6 +256,81 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 .into_inner();
             println!("revoked {}", d.device_id);
         }
+        DeviceCommand::Delete { id, reason } => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            kv.delete_device(DeleteDeviceRequest {
+                device_id: id.clone(),
+                reason,
+            })
+            .await
+            .map_err(status)?;
+            println!("deleted {id}");
+        }
+        DeviceCommand::Pending(PendingCommand::List { limit }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let r = kv
+                .list_pending(ListPendingRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.devices.is_empty() {
+                println!("no pending keys");
+            }
+            for d in r.devices {
+                println!(
+                    "{}  key {}  attempts {}  last {} via {} from {}",
+                    d.device_id,
+                    d.key_id,
+                    d.attempts,
+                    trellis_core::time::format_ms(d.last_seen_ms),
+                    d.gateway_id,
+                    d.peer_addr
+                );
+            }
+        }
+        DeviceCommand::Pending(PendingCommand::Approve {
+            id,
+            product,
+            key_id,
+            org,
+        }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let d = kv
+                .approve_pending(ApprovePendingRequest {
+                    device_id: id,
+                    product_id: product,
+                    organization: org,
+                    key_id,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("registered {} in product {}", d.device_id, d.product_id);
+        }
+        DeviceCommand::Pending(PendingCommand::Reject { id }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            kv.reject_pending(RejectPendingRequest {
+                device_id: id.clone(),
+            })
+            .await
+            .map_err(status)?;
+            println!("rejected the pending key of {id}");
+        }
+        DeviceCommand::Quarantine(QuarantineCommand::Lift { id }) => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let r = kv
+                .lift_quarantine(LiftQuarantineRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if r.was_quarantined {
+                println!("quarantine lifted for {id}");
+            } else {
+                println!("{id} was not quarantined");
+            }
+        }
         DeviceCommand::Tag { id, tags } => {
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
             let d = kv
@@ -423,4 +500,49 @@ async fn refusals(endpoints: &Endpoints, limit: u32, device: Option<String>) -> 
         );
     }
     Ok(())
+}
+
+/// `trellis keyvault rewrap --new-master-key FILE`.
+pub async fn rewrap(
+    config: &trellis_core::Config,
+    new_key_file: &std::path::Path,
+) -> anyhow::Result<()> {
+    use trellis_keyvault::master_key::MasterKey;
+    let old = MasterKey::from_config(&config.keyvault)?;
+    let new = MasterKey::from_config(&trellis_core::config::KeyvaultConfig {
+        master_key: None,
+        master_key_file: Some(new_key_file.to_path_buf()),
+        ..config.keyvault.clone()
+    })?;
+    let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("keyvault rewrap writes to Redis: set redis.url (TRELLIS_REDIS__URL)")?;
+    let actor = format!("operator@{} (keyvault rewrap)", hostname());
+    let done =
+        trellis_keyvault::rewrap::rewrap_all(&mut redis, &old, &new, &actor, |slot, outcome| {
+            use trellis_keyvault::rewrap::Outcome;
+            let what = match outcome {
+                Outcome::Rewrapped => "re-sealed under the new master key",
+                Outcome::AlreadyNew => "already under the new master key",
+                Outcome::Absent => "not made yet (nothing to do)",
+            };
+            println!("rewrap: {} ({}): {what}", slot.what, slot.location);
+        })
+        .await?;
+    let rewrapped = done
+        .iter()
+        .filter(|(_, o)| *o == trellis_keyvault::rewrap::Outcome::Rewrapped)
+        .count();
+    println!(
+        "rewrap: done ({rewrapped} of {} keys re-sealed now); restart keyvault with keyvault.master_key_file = {}",
+        done.len(),
+        new_key_file.display()
+    );
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }

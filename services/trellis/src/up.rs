@@ -9,7 +9,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use trellis_core::admin::ReadinessCheck;
-use trellis_core::local_redis::{LocalRedis, RedisData};
+use trellis_core::local_redis::{Admin, LocalRedis, RedisData};
+use trellis_core::redis_conn::acl::{self, RedisUser};
+
+/// The local Redis's administrator (`default` user) password, in `data_dir`.
+pub const REDIS_ADMIN_PASSWORD_FILE: &str = "redis-admin.password";
+
+/// The administrator password kept in `path` (0600), made on first start.
+fn admin_password(path: &std::path::Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let password = text.trim();
+        if !password.is_empty() {
+            return Ok(password.to_string());
+        }
+    }
+    let password = acl::new_password();
+    trellis_auth::setup::write_token_file(path, &password)?;
+    Ok(password)
+}
 use trellis_core::{Config, Shutdown};
 use trellis_proto::v1::{CallFunctionRequest, GetVariableRequest};
 use trellis_wire::DeviceId;
@@ -107,25 +124,39 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
-    let _redis = match &config.redis.url {
+    let local_redis = match &config.redis.url {
         Some(url) => {
             println!(
-                "redis: {} (configured)",
+                "redis: {} (configured; every service connects with this URL's user)",
                 trellis_core::redis_conn::redact_url(url)
             );
             None
         }
         None => {
             let dir = config.data_dir.join("redis");
-            let server = LocalRedis::start(RedisData::Persistent(&dir))?;
+            let password_file = config.data_dir.join(REDIS_ADMIN_PASSWORD_FILE);
+            let admin = admin_password(&password_file)?;
+            let server =
+                LocalRedis::start_with_users(RedisData::Persistent(&dir), Admin::Password(&admin))?;
             println!(
-                "redis: started redis-server on {} (data in {})",
-                server.url(),
-                dir.display()
+                "redis: started redis-server on 127.0.0.1:{} (data in {}); each service is its own ACL user with only its keys; administrator: REDISCLI_AUTH=$(cat {}) redis-cli -p {}",
+                server.port(),
+                dir.display(),
+                password_file.display(),
+                server.port()
             );
             config.redis.url = Some(server.url());
             Some(server)
         }
+    };
+    // Each service's configuration: the shared one, with the service's own
+    // Redis user when this process started the Redis.
+    let service_config = |config: &Config, user: RedisUser| {
+        let mut c = config.clone();
+        if let Some(server) = &local_redis {
+            c.redis.url = Some(server.url_for(user));
+        }
+        c
     };
     if config.keyvault.master_key.is_none() && config.keyvault.master_key_file.is_none() {
         let path = trellis_keyvault::ensure_dev_master_key(&config.data_dir)?;
@@ -146,7 +177,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     let kv_addr = kv_listener.local_addr()?;
     config.gateway.keyvault_url = url_of(kv_addr);
     let keyvault = tokio::spawn(trellis_keyvault::serve_with_listener(
-        config.clone(),
+        service_config(&config, RedisUser::Keyvault),
         kv_listener,
         shutdown.clone(),
     ));
@@ -181,7 +212,7 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     let mut device_addrs = Vec::new();
     let mut grpc_addrs = Vec::new();
     for n in 0..gateway_count {
-        let mut gw_config = config.clone();
+        let mut gw_config = service_config(&config, RedisUser::Gateway);
         let device_listen = offset_port(&config.gateway.device_listen, n)?;
         let grpc_listen = offset_port(&config.gateway.grpc_listen, n)?;
         if gw_config.gateway.id.is_empty() {
@@ -214,13 +245,13 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     let first_grpc = grpc_addrs.first().context("no gateway")?;
     config.ota.gateway_url = url_of(*first_grpc);
     let signer = tokio::spawn(trellis_signer::serve_with_listener(
-        config.clone(),
+        service_config(&config, RedisUser::Signer),
         signer_listener,
         shutdown.clone(),
     ));
     println!("signer: gRPC on {signer_addr}");
     let ota = tokio::spawn(trellis_ota::serve_with_listener(
-        config.clone(),
+        service_config(&config, RedisUser::Ota),
         ota_listener,
         shutdown.clone(),
     ));

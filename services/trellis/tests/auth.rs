@@ -477,12 +477,15 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
     // Without `trellis up`: the first owner straight from Redis, and a
     // service that refuses to start without its credential.
     let log = up._proc.output();
-    let redis_url = log
+    let redis_addr = log
         .lines()
         .find_map(|l| l.strip_prefix("redis: started redis-server on "))
         .and_then(|l| l.split_whitespace().next())
         .expect("trellis up names its Redis")
         .to_string();
+    // Its administrator, as the line it prints says.
+    let admin = std::fs::read_to_string(up.dir.path().join("trellis-data/redis-admin.password"))?;
+    let redis_url = format!("redis://default:{}@{redis_addr}/", admin.trim());
     let out = up.cli_env(
         None,
         &["token", "bootstrap", "--out", "boot.token"],

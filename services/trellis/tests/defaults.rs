@@ -37,6 +37,47 @@ async fn trellis_up_with_the_defaults_serves_a_device_from_a_fresh_directory() -
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "development master key mode {mode:o}");
+        let mode = std::fs::metadata(data.join("redis-admin.password"))?
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "Redis administrator password mode {mode:o}"
+        );
+    }
+    // Its Redis has a user per service, password hashes only, and no open
+    // `default`: a client without the password is refused.
+    let acl = std::fs::read_to_string(data.join("redis/users.acl"))?;
+    for user in [
+        "trellis-keyvault",
+        "trellis-gateway",
+        "trellis-signer",
+        "trellis-ota",
+    ] {
+        assert!(
+            acl.contains(&format!("user {user} on #")),
+            "{user} in {acl}"
+        );
+    }
+    let admin = std::fs::read_to_string(data.join("redis-admin.password"))?;
+    assert!(!acl.contains(admin.trim()), "the ACL file holds a password");
+    assert!(!acl.contains("nopass"), "an open user in {acl}");
+    let said = up.output();
+    let port: u16 = said
+        .split("redis: started redis-server on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no Redis port in what trellis up said:\n{said}"));
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET trellis:cloudkey:v1\r\n")?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(reply.starts_with("-NOAUTH"), "unauthenticated GET: {reply}");
     }
 
     let urls = [

@@ -336,12 +336,13 @@ fn metrics_txt_matches_the_dashboards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_metric_is_exported_after_real_traffic() -> anyhow::Result<()> {
-    let redis = trellis_core::local_redis::LocalRedis::start(
+    let redis = trellis_core::local_redis::LocalRedis::start_with_users(
         trellis_core::local_redis::RedisData::Ephemeral,
+        trellis_core::local_redis::Admin::Open,
     )?;
     let dir = tempfile::tempdir()?;
     let mut services = Services::start(Options {
-        redis_url: &redis.url(),
+        redis: &redis,
         dir: dir.path(),
         otlp: None,
         log: "info",

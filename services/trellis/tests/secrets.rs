@@ -110,14 +110,15 @@ async fn no_secret_in_any_span_or_log_line() -> anyhow::Result<()> {
             .await
     });
 
-    let redis = trellis_core::local_redis::LocalRedis::start(
+    let redis = trellis_core::local_redis::LocalRedis::start_with_users(
         trellis_core::local_redis::RedisData::Ephemeral,
+        trellis_core::local_redis::Admin::Open,
     )?;
     let dir = tempfile::tempdir()?;
     // Debug logs from every Trellis crate: the most a service ever prints.
     let log = "info,trellis=debug,trellis_core=debug,trellis_gateway=debug,trellis_keyvault=debug,trellis_signer=debug,trellis_ota=debug,trellis_device=debug";
     let mut services = Services::start(Options {
-        redis_url: &redis.url(),
+        redis: &redis,
         dir: dir.path(),
         otlp: Some(&otlp),
         log,
@@ -282,6 +283,11 @@ async fn no_secret_in_any_span_or_log_line() -> anyhow::Result<()> {
     }
     for f in forms(&services.master_key_hex) {
         secrets.push(("the master key".into(), f));
+    }
+    // Each service's Redis password (the services log their Redis URLs).
+    for user in trellis_core::redis_conn::acl::RedisUser::ALL {
+        let password = redis.password_for(user).expect("a Redis user per service");
+        secrets.push((format!("{}'s Redis password", user.name()), password.into()));
     }
     secrets.push(("a PEM private-key marker".into(), "private key".into()));
     for id in &ids {

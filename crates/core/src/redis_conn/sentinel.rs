@@ -214,7 +214,7 @@ impl SentinelConn {
             .template
             .clone()
             .set_addr(ConnectionAddr::Tcp(host.to_string(), port));
-        let client = redis::Client::open(info)?;
+        let client = super::client(info)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(PRIMARY_CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_secs(5)))

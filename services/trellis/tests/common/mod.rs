@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_core::local_redis::LocalRedis;
+use trellis_core::redis_conn::acl::RedisUser;
 
 /// A free loopback port (bound, then released for the child to take).
 /// A free port, never the same one twice in this test process (see
@@ -243,7 +245,10 @@ pub struct Services {
 }
 
 pub struct Options<'a> {
-    pub redis_url: &'a str,
+    /// Started with `LocalRedis::start_with_users`: each service process
+    /// then connects as its own ACL user (`redis.username`,
+    /// `redis.password_file`), as a deployment does.
+    pub redis: &'a LocalRedis,
     pub dir: &'a Path,
     pub otlp: Option<&'a str>,
     pub log: &'a str,
@@ -262,9 +267,9 @@ impl Services {
         let (keyvault, keyvault_admin) = (addr(), addr());
         let (signer, signer_admin) = (addr(), addr());
         let (ota, ota_admin) = (addr(), addr());
-        let common = |admin: &str| {
+        let common = |admin: &str, user: RedisUser| {
             let mut env = vec![
-                ("TRELLIS_REDIS__URL", o.redis_url.to_string()),
+                ("TRELLIS_REDIS__URL", o.redis.url()),
                 ("TRELLIS_REGION", "test-region".to_string()),
                 ("TRELLIS_TELEMETRY__ADMIN_LISTEN", admin.to_string()),
                 ("TRELLIS_TELEMETRY__LOG", o.log.to_string()),
@@ -273,10 +278,16 @@ impl Services {
             if let Some(otlp) = o.otlp {
                 env.push(("TRELLIS_TELEMETRY__OTLP_ENDPOINT", otlp.to_string()));
             }
+            if let Some(password) = o.redis.password_for(user) {
+                let file = o.dir.join(format!("{}.redis-password", user.service()));
+                std::fs::write(&file, password).expect("write the Redis password file");
+                env.push(("TRELLIS_REDIS__USERNAME", user.name().to_string()));
+                env.push(("TRELLIS_REDIS__PASSWORD_FILE", file.display().to_string()));
+            }
             env
         };
         let mut procs = Vec::new();
-        let mut env = common(&keyvault_admin);
+        let mut env = common(&keyvault_admin, RedisUser::Keyvault);
         env.extend([
             ("TRELLIS_KEYVAULT__LISTEN", keyvault.clone()),
             (
@@ -295,7 +306,7 @@ impl Services {
         let mut gateways = Vec::new();
         for n in 1..=2 {
             let (id, devices, grpc, admin) = (format!("gw-{n}"), addr(), addr(), addr());
-            let mut env = common(&admin);
+            let mut env = common(&admin, RedisUser::Gateway);
             env.extend([
                 ("TRELLIS_GATEWAY__ID", id.clone()),
                 ("TRELLIS_GATEWAY__DEVICE_LISTEN", devices.clone()),
@@ -320,7 +331,7 @@ impl Services {
             gateways.push(g);
         }
 
-        let mut env = common(&signer_admin);
+        let mut env = common(&signer_admin, RedisUser::Signer);
         env.extend([
             ("TRELLIS_SIGNER__LISTEN", signer.clone()),
             ("TRELLIS_SIGNER__KEYVAULT_URL", format!("http://{keyvault}")),
@@ -329,7 +340,7 @@ impl Services {
         wait_ok(&signer_admin, "/readyz", Duration::from_secs(60), &s).await?;
         procs.push(s);
 
-        let mut env = common(&ota_admin);
+        let mut env = common(&ota_admin, RedisUser::Ota);
         env.extend([
             ("TRELLIS_OTA__LISTEN", ota.clone()),
             (
