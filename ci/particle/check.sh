@@ -58,6 +58,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# The CLI's temporary files (keys send) go where cleanup finds them.
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 kv=$(port); gw=$(port); dev=$(port); sg=$(port); ota=$(port); api=$(port); admin=$(port)
 export TRELLIS_DATA_DIR="$work/data"
@@ -120,6 +123,17 @@ check "call a missing function" 1 "Function .nope. not found" -- call "$device" 
 check "get a missing variable" 1 "Variable not found" -- get "$device" nope
 check "subscribe --device (prefix)" 0 '"name":"temperature"' -- subscribe temp --device "$device" --max 1
 check "subscribe (mine)" 0 '"coreid":"'"$device"'"' -- subscribe --max 1
+# publish: the event reaches the publisher's own stream ("mine").
+HOME="$work/home" timeout 30 particle subscribe check/ --max 1 </dev/null >"$work/sub.out" 2>&1 &
+sub=$!
+sleep 3
+check "publish" 0 "Published" -- publish check/hello world
+ran=$((ran + 1))
+if wait "$sub" && grep -q '"name":"check/hello"' "$work/sub.out" && grep -q '"data":"world"' "$work/sub.out"; then
+  echo "ok   subscribe gets the published event"
+else
+  failures=$((failures + 1)); echo "FAIL subscribe did not get the published event:"; sed 's/^/    /' "$work/sub.out"
+fi
 check "product device list" 0 "$device" -- product device list 6
 check "unknown device" 1 "Permission Denied" -- call 0123456789abcdef01234567 add 1,1
 check "still logged in after errors" 0 "owner" -- whoami

@@ -103,6 +103,8 @@ pub const RULES: &[(&str, Rule)] = &[
         "/trellis.v1.DeviceService/DeliverUpdate",
         Service(ServiceOta),
     ),
+    // Events from users and apps, seen by their organisation only.
+    ("/trellis.v1.DeviceService/PublishEvent", Scope(DevicesCall)),
     // Signer: images, releases, policies.
     ("/trellis.v1.Signer/UploadImage", Scope(FirmwareWrite)),
     (

@@ -402,6 +402,11 @@ pub struct ApiConfig {
     pub signer_url: String,
     /// The OTA scheduler's gRPC endpoint (one-device rollouts).
     pub ota_url: String,
+    /// HTTPS: the certificate chain (PEM) the API serves. With
+    /// `tls_key_file`; both unset: plain HTTP (a proxy terminates TLS).
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS: the certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -412,6 +417,8 @@ impl Default for ApiConfig {
             keyvault_url: "http://127.0.0.1:7100".into(),
             signer_url: "http://127.0.0.1:7300".into(),
             ota_url: "http://127.0.0.1:7400".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

@@ -438,3 +438,22 @@ pub async fn provision(
         "product_id": device.product_id,
     })))
 }
+
+/// `DELETE /v1/devices/:id` (`particle device remove`): Trellis devices are
+/// not claimed, so they cannot be released; stopping to trust one is a
+/// revocation, which is final and is not done from here.
+pub async fn unclaim(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+) -> Result<Json<Value>, ApiError> {
+    let token = Token::from_request(&headers, &query, None)?;
+    let device = resolve(&state, &token, &id, None).await?;
+    Err(ApiError::bad_request(format!(
+        "Trellis devices belong to the organisation that registered them and are not removed \
+         from an account; to stop trusting device {} for good, revoke it: \
+         `trellis device revoke {}`",
+        device.device_id, device.device_id
+    )))
+}

@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use trellis_proto::v1::{DeviceEvent, ListDeviceStatesRequest, StreamEventsRequest, WhoAmIRequest};
+use trellis_proto::v1::{
+    DeviceEvent, ListDeviceStatesRequest, PublishEventRequest, StreamEventsRequest, WhoAmIRequest,
+};
 
 /// Longest silence on a stream before a keep-alive comment (the clients
 /// reconnect after 15 s without a byte).
@@ -47,9 +49,25 @@ pub fn frame(event: &DeviceEvent) -> Bytes {
         "data": data,
         "ttl": 60,
         "published_at": iso_time(event.time_ms),
-        "coreid": event.device_id,
+        // Events published through the API have no device: the publisher
+        // (user@organisation), as spark-server gave the user.
+        "coreid": if event.device_id.is_empty() { &event.publisher } else { &event.device_id },
     });
-    Bytes::from(format!("event: {name}\ndata: {payload}\n\n"))
+    // `id:` lets a client resume (Last-Event-ID); Particle's clients ignore it.
+    let id: String = event.id.chars().filter(|c| c.is_ascii_graphic()).collect();
+    Bytes::from(format!("id: {id}\nevent: {name}\ndata: {payload}\n\n"))
+}
+
+/// A Redis stream entry id (`<ms>-<seq>`), ordered.
+pub fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.trim().split_once('-').unwrap_or((id.trim(), "0"));
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Where a reconnecting client left off: its `Last-Event-ID` header (the
+/// `id:` of the last event it got).
+fn resume_from(headers: &HeaderMap) -> Option<(u64, u64)> {
+    stream_id(headers.get("last-event-id")?.to_str().ok()?)
 }
 
 /// Which of the caller's events a stream carries beyond the prefix.
@@ -74,7 +92,9 @@ pub struct ProductFilter {
 
 impl ProductFilter {
     async fn admits(&mut self, device_id: &str) -> bool {
-        if self.devices.contains(device_id) {
+        // Published through the API (no device): the gateway passed it, so
+        // it is the caller's organisation's, and products publish that way.
+        if device_id.is_empty() || self.devices.contains(device_id) {
             return true;
         }
         if self.refreshed.elapsed() < Duration::from_secs(10) {
@@ -98,6 +118,7 @@ pub async fn pump<S>(
     mut events: S,
     tx: mpsc::Sender<Bytes>,
     mut product: Option<ProductFilter>,
+    mut resume_after: Option<(u64, u64)>,
     mut shutdown: trellis_core::Shutdown,
     slow: Duration,
 ) where
@@ -122,6 +143,13 @@ pub async fn pump<S>(
                         return;
                     }
                 };
+                // Resuming: the replay up to the last event the client had.
+                if let Some(after) = resume_after {
+                    if stream_id(&event.id).is_some_and(|id| id <= after) {
+                        continue;
+                    }
+                    resume_after = None;
+                }
                 if let Some(filter) = product.as_mut()
                     && !filter.admits(&event.device_id).await
                 {
@@ -152,6 +180,7 @@ pub async fn pump<S>(
 
 async fn open(
     state: AppState,
+    resume: Option<(u64, u64)>,
     token: Token,
     device_id: String,
     prefix: String,
@@ -160,7 +189,9 @@ async fn open(
     let request = StreamEventsRequest {
         device_id,
         prefix: prefix.clone(),
-        from_start: false,
+        // A resume replays what the capped stream still holds, from which
+        // the pump drops what the client already had.
+        from_start: resume.is_some(),
     };
     let events = state
         .services
@@ -181,7 +212,14 @@ async fn open(
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let span = tracing::info_span!("api.sse", prefix = %prefix);
     tokio::spawn(tracing::Instrument::instrument(
-        pump(events, tx, product, state.shutdown.clone(), SLOW_CONSUMER),
+        pump(
+            events,
+            tx,
+            product,
+            resume,
+            state.shutdown.clone(),
+            SLOW_CONSUMER,
+        ),
         span,
     ));
     let body = Body::from_stream(
@@ -219,6 +257,90 @@ async fn product_devices(
         .collect())
 }
 
+/// `POST /v1/devices/events`: publishes an event (JSON or form `name`,
+/// optional `data`, `private`) to the caller's organisation: it shows up
+/// on the organisation's streams (`/v1/devices/events`), not on a
+/// device's.
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    publish_fields(&state, &headers, &query, &body, None).await
+}
+
+/// `POST /v1/products/:p/events`: as `/v1/devices/events` (the event goes to
+/// the caller's organisation; the product's streams carry it).
+pub async fn publish_product(
+    State(state): State<AppState>,
+    Path(_product): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    publish_fields(&state, &headers, &query, &body, None).await
+}
+
+/// `POST /v1/orgs/:org/events`: the organisation must be the token's.
+pub async fn publish_org(
+    State(state): State<AppState>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    publish_fields(&state, &headers, &query, &body, Some(&org)).await
+}
+
+async fn publish_fields(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &[u8],
+    org: Option<&str>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let fields = crate::devices::body_fields(headers, body)?;
+    let token = Token::from_request(headers, query, Some(&fields))?;
+    let name = fields
+        .get("name")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    let private = fields
+        .get("private")
+        .is_some_and(|p| p == "true" || p == "1");
+    if let Some(org) = org {
+        same_org(state, &token, org).await?;
+    }
+    state
+        .services
+        .devices()
+        .publish_event(token.request(PublishEventRequest {
+            name: name.clone(),
+            data: fields.get("data").cloned().unwrap_or_default().into_bytes(),
+            private,
+        }))
+        .await?;
+    Ok(axum::Json(json!({"ok": true})))
+}
+
+/// `Ok` when the token belongs to organisation `org`.
+async fn same_org(state: &AppState, token: &Token, org: &str) -> Result<(), ApiError> {
+    let me = state
+        .services
+        .access()
+        .who_am_i(token.request(WhoAmIRequest {}))
+        .await?
+        .into_inner();
+    if me.org != org {
+        return Err(ApiError::PermissionDenied(format!(
+            "this token belongs to organisation {}, not {org}",
+            me.org
+        )));
+    }
+    Ok(())
+}
+
 /// `GET /v1/events`, `/v1/devices/events`: every event of the caller's
 /// devices.
 pub async fn mine(
@@ -227,7 +349,15 @@ pub async fn mine(
     Query(query): Params,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(&headers, &query, None)?;
-    open(state, token, String::new(), String::new(), Scope::Mine).await
+    open(
+        state,
+        resume_from(&headers),
+        token,
+        String::new(),
+        String::new(),
+        Scope::Mine,
+    )
+    .await
 }
 
 /// `GET /v1/events/:prefix`, `/v1/devices/events/:prefix`.
@@ -238,7 +368,15 @@ pub async fn mine_prefix(
     Query(query): Params,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(&headers, &query, None)?;
-    open(state, token, String::new(), prefix, Scope::Mine).await
+    open(
+        state,
+        resume_from(&headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Mine,
+    )
+    .await
 }
 
 async fn device_stream(
@@ -250,7 +388,15 @@ async fn device_stream(
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(headers, query, None)?;
     let device = resolve(&state, &token, id, None).await?;
-    open(state, token, device.device_id, prefix, Scope::Device).await
+    open(
+        state,
+        resume_from(headers),
+        token,
+        device.device_id,
+        prefix,
+        Scope::Device,
+    )
+    .await
 }
 
 /// `GET /v1/devices/:id/events`.
@@ -286,7 +432,15 @@ async fn product_stream(
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| ApiError::NotFound(format!("Product {product} not found")))?;
-    open(state, token, String::new(), prefix, Scope::Product(product)).await
+    open(
+        state,
+        resume_from(headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Product(product),
+    )
+    .await
 }
 
 /// `GET /v1/products/:p/events`.
@@ -317,19 +471,16 @@ async fn org_stream(
     prefix: String,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(headers, query, None)?;
-    let me = state
-        .services
-        .access()
-        .who_am_i(token.request(WhoAmIRequest {}))
-        .await?
-        .into_inner();
-    if me.org != org {
-        return Err(ApiError::PermissionDenied(format!(
-            "this token belongs to organisation {}, not {org}",
-            me.org
-        )));
-    }
-    open(state, token, String::new(), prefix, Scope::Mine).await
+    same_org(&state, &token, org).await?;
+    open(
+        state,
+        resume_from(headers),
+        token,
+        String::new(),
+        prefix,
+        Scope::Mine,
+    )
+    .await
 }
 
 /// `GET /v1/orgs/:org/events`: the organisation must be the token's.
@@ -366,13 +517,15 @@ mod tests {
             public: true,
             time_ms: 1_796_280_251_299,
             gateway_id: "gw".into(),
+            publisher: String::new(),
         };
         let text = String::from_utf8(frame(&e).to_vec()).expect("utf8");
         let lines: Vec<&str> = text.split('\n').collect();
-        assert_eq!(lines[0], "event: temp x");
-        assert!(lines[1].starts_with("data: {"), "{text}");
-        assert_eq!(&lines[2..], ["", ""]);
-        let data: Value = serde_json::from_str(&lines[1]["data: ".len()..]).expect("json");
+        assert_eq!(lines[0], "id: 1-0");
+        assert_eq!(lines[1], "event: temp x");
+        assert!(lines[2].starts_with("data: {"), "{text}");
+        assert_eq!(&lines[3..], ["", ""]);
+        let data: Value = serde_json::from_str(&lines[2]["data: ".len()..]).expect("json");
         assert_eq!(data["data"], "21.5");
         assert_eq!(data["coreid"], "0123456789abcdef01234567");
         assert_eq!(data["ttl"], 60);
@@ -392,6 +545,7 @@ mod tests {
             public: true,
             time_ms: 1,
             gateway_id: "gw".into(),
+            publisher: String::new(),
         }
     }
 
@@ -410,6 +564,7 @@ mod tests {
             events,
             tx,
             None,
+            None,
             trellis_core::Shutdown::never(),
             Duration::from_millis(200),
         ));
@@ -417,7 +572,7 @@ mod tests {
         assert!(
             rx.recv()
                 .await
-                .is_some_and(|f| f.starts_with(b"event: temperature\n"))
+                .is_some_and(|f| f.starts_with(b"id: 1-0\nevent: temperature\n"))
         );
         tokio::time::timeout(Duration::from_secs(5), pump)
             .await
@@ -437,6 +592,7 @@ mod tests {
         let pump = tokio::spawn(pump(
             events,
             tx,
+            None,
             None,
             trellis_core::Shutdown::never(),
             SLOW_CONSUMER,

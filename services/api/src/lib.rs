@@ -18,6 +18,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod ota;
+pub mod tls;
 pub mod tokens;
 
 use anyhow::Context;
@@ -65,11 +66,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/provisioning/{id}", post(devices::provision))
         .route("/v1/events", get(events::mine))
         .route("/v1/events/{*prefix}", get(events::mine_prefix))
-        .route("/v1/devices/events", get(events::mine))
+        .route(
+            "/v1/devices/events",
+            get(events::mine).post(events::publish),
+        )
         .route("/v1/devices/events/{*prefix}", get(events::mine_prefix))
         .route(
             "/v1/devices/{id}",
-            get(devices::get_device).put(ota::update_device),
+            get(devices::get_device)
+                .put(ota::update_device)
+                .delete(devices::unclaim)
+                // Firmware uploads; every other route keeps axum's 2 MB.
+                .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD)),
         )
         .route("/v1/devices/{id}/events", get(events::device))
         .route(
@@ -92,15 +100,21 @@ pub fn router(state: AppState) -> Router {
             "/v1/products/{p}/devices/{id}/{name}",
             get(devices::get_product_variable).post(devices::call_product_function),
         )
-        .route("/v1/products/{p}/events", get(events::product))
+        .route(
+            "/v1/products/{p}/events",
+            get(events::product).post(events::publish_product),
+        )
         .route(
             "/v1/products/{p}/events/{*prefix}",
             get(events::product_prefix),
         )
-        .route("/v1/orgs/{org}/events", get(events::org))
+        .route(
+            "/v1/orgs/{org}/events",
+            get(events::org).post(events::publish_org),
+        )
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             confirm_token_refusals,
@@ -156,6 +170,14 @@ async fn confirm_token_refusals(
         }
         Err(_) => response,
     }
+}
+
+/// Every error is JSON, a wrong method too (the clients parse every body).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::Other(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not supported here"),
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -216,10 +238,26 @@ pub async fn serve_with_listener(
         shutdown: shutdown.clone(),
     });
     let mut stop = shutdown;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.wait().await })
-        .await
-        .context("api HTTP server failed")?;
+    let stopped = async move { stop.wait().await };
+    match (&config.api.tls_cert_file, &config.api.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let acceptor = tls::acceptor(cert, key)?;
+            tracing::info!(cert = %cert.display(), "api serving HTTPS");
+            axum::serve(tls::TlsListener::new(listener, acceptor)?, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("api HTTPS server failed")?;
+        }
+        (None, None) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("api HTTP server failed")?;
+        }
+        _ => anyhow::bail!(
+            "api.tls_cert_file and api.tls_key_file go together: set both for HTTPS, or neither"
+        ),
+    }
     tracing::info!("api stopped");
     Ok(())
 }

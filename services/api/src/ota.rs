@@ -67,36 +67,51 @@ pub async fn update_device(
     let mut multipart = Multipart::from_request(request, &state)
         .await
         .map_err(|e| ApiError::bad_request(format!("the multipart body is malformed: {e}")))?;
-    let mut image: Option<Vec<u8>> = None;
+    // The image is hashed as it arrives, never held: only its SHA-256 and
+    // size matter (the device gets the signed release, not these bytes).
+    let mut image: Option<(String, u64)> = None;
     let mut form = HashMap::new();
-    while let Some(field) = multipart
+    while let Some(mut field) = multipart
         .next_field()
         .await
         .map_err(|e| ApiError::bad_request(format!("the multipart body is malformed: {e}")))?
     {
         let name = field.name().unwrap_or_default().to_string();
-        let bytes = field.bytes().await.map_err(|e| {
+        let read_error = |e: axum::extract::multipart::MultipartError| {
             ApiError::bad_request(format!("cannot read multipart field {name}: {e}"))
-        })?;
+        };
         if name == "file" {
-            image = Some(bytes.to_vec());
+            if image.is_some() {
+                return Err(ApiError::bad_request(
+                    "flash one image at a time: Trellis releases are one signed image",
+                ));
+            }
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Some(chunk) = field.chunk().await.map_err(read_error)? {
+                size += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            image = Some((hex::encode(hasher.finalize()), size));
         } else if name.starts_with("file") {
             return Err(ApiError::bad_request(
                 "flash one image at a time: Trellis releases are one signed image",
             ));
         } else {
-            form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+            let bytes = field.bytes().await.map_err(read_error)?;
+            if bytes.len() <= 4096 {
+                form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+            }
         }
     }
     let token = Token::from_request(&headers, &query, Some(&form))?;
     let device = resolve(&state, &token, &id, None).await?;
-    let Some(image) = image.filter(|i| !i.is_empty()) else {
+    let Some((sha, size)) = image.filter(|(_, size)| *size > 0) else {
         return Err(ApiError::bad_request(
             "no firmware: give the image as multipart field `file`",
         ));
     };
-    let sha = hex::encode(Sha256::digest(&image));
-    tracing::info!(device = %device.device_id, product = device.product_id, sha256 = %sha, bytes = image.len(), "flash requested");
+    tracing::info!(device = %device.device_id, product = device.product_id, sha256 = %sha, bytes = size, "flash requested");
     let mut releases = state
         .services
         .signer()

@@ -148,6 +148,35 @@ async fn devices_functions_and_variables() -> anyhow::Result<()> {
         assert_eq!(body["error"], "Permission Denied");
     }
 
+    // Removing (unclaiming) is refused with what to do instead; a method a
+    // route does not have is a JSON 405.
+    let (status, body) = json_of(
+        f.http
+            .delete(f.url(&format!("/v1/devices/{id}")))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("trellis device revoke")),
+        "{body}"
+    );
+    let (status, body) = json_of(
+        f.http
+            .patch(f.url("/v1/devices"))
+            .bearer_auth(&f.owner)
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = json_of(f.http.get(f.url("/v1/nothing/here")).send().await?).await;
+    assert_eq!(status, 404, "{body}");
+
     // Products: the device under its product, and not under another.
     let (status, body) = json_of(
         f.http
@@ -413,8 +442,106 @@ async fn organisations_do_not_see_each_other() -> anyhow::Result<()> {
     assert!(text.contains("event: globex/temp"), "{text}");
     assert!(!text.contains("acme"), "{text}");
     assert!(!text.contains(&theirs), "{text}");
+    drop(stream);
+
+    // An event published through the API reaches the publisher's
+    // organisation's stream, not another's, and not a device's stream.
+    let open = |token: &str, path: &str| {
+        f.http
+            .get(f.url(path))
+            .bearer_auth(token.to_string())
+            .send()
+    };
+    let mut mine = open(&globex, "/v1/devices/events/hello").await?;
+    let mut device = open(&globex, &format!("/v1/devices/{ours}/events/hello")).await?;
+    let mut other = open(&acme, "/v1/devices/events/hello").await?;
+    for s in [&mine, &device, &other] {
+        assert_eq!(s.status(), 200);
+    }
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/devices/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "hello/world", "data": "hi"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    let text = read_until(&mut mine, Duration::from_secs(10), |t| {
+        t.contains("hello/world")
+    })
+    .await;
+    let events = events_in(&text);
+    assert_eq!(events.len(), 1, "{text:?}");
+    assert_eq!(events[0].1, "hello/world");
+    assert_eq!(events[0].2["data"], "hi");
+    assert_eq!(events[0].2["coreid"], "alice@globex");
+    for s in [&mut device, &mut other] {
+        let text = read_until(s, Duration::from_secs(2), |t| t.contains("hello/world")).await;
+        assert!(!text.contains("hello/world"), "{text:?}");
+    }
+
+    // The product and organisation forms: a product's stream carries its
+    // devices' events and what is published to it; an organisation's
+    // routes take only the token's own organisation.
+    let mut product = open(&globex, "/v1/products/6/events/prod").await?;
+    assert_eq!(product.status(), 200);
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/products/6/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "prod/x"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let text = read_until(&mut product, Duration::from_secs(10), |t| {
+        t.contains("prod/x")
+    })
+    .await;
+    assert!(text.contains("event: prod/x"), "{text:?}");
+    let (status, body) = json_of(
+        f.http
+            .post(f.url("/v1/orgs/acme/events"))
+            .bearer_auth(&globex)
+            .json(&json!({"name": "x"}))
+            .send()
+            .await?,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let r = open(&globex, "/v1/orgs/acme/events").await?;
+    assert_eq!(r.status().as_u16(), 403);
+    let r = open(&globex, "/v1/orgs/globex/events").await?;
+    assert_eq!(r.status().as_u16(), 200);
     f.stop().await;
     Ok(())
+}
+
+/// The events in an SSE text: (id, name, data), each block checked to be
+/// `id:`, `event:`, `data:` lines.
+fn events_in(text: &str) -> Vec<(String, String, Value)> {
+    text.split("\n\n")
+        .filter(|b| b.contains("event: "))
+        .filter(|b| b.ends_with('}'))
+        .map(|block| {
+            let mut lines = block.lines();
+            let id = lines.next().and_then(|l| l.strip_prefix("id: "));
+            let name = lines.next().and_then(|l| l.strip_prefix("event: "));
+            let data = lines.next().and_then(|l| l.strip_prefix("data: "));
+            match (id, name, data) {
+                (Some(id), Some(name), Some(data)) => (
+                    id.to_string(),
+                    name.to_string(),
+                    serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {block:?}")),
+                ),
+                _ => panic!("not an id/event/data block: {block:?}"),
+            }
+        })
+        .collect()
 }
 
 /// Reads `stream` until `until` holds or `within` passes; what it read.
@@ -461,21 +588,39 @@ async fn event_streams() -> anyhow::Result<()> {
     })
     .await;
     assert!(text.starts_with(":ok\n\n"), "{text:?}");
-    let mut events = 0;
-    for block in text.split("\n\n").filter(|b| b.starts_with("event:")) {
-        let mut lines = block.lines();
-        assert_eq!(lines.next(), Some("event: temperature"), "{block:?}");
-        let data = lines
-            .next()
-            .and_then(|l| l.strip_prefix("data: "))
-            .unwrap_or_else(|| panic!("no data line: {block:?}"));
-        let data: Value = serde_json::from_str(data)?;
+    let blocks = events_in(&text);
+    for (_, name, data) in &blocks {
+        assert_eq!(name, "temperature");
         assert_eq!(data["coreid"], temp.as_str());
         assert_eq!(data["data"], "21.5");
         assert_eq!(data["ttl"], 60);
-        events += 1;
     }
+    let events = blocks.len();
     assert!(events >= 2, "{text:?}");
+    drop(stream);
+
+    // Resuming with Last-Event-ID: the events after that one, from the
+    // Redis stream, with nothing missed in between.
+    let (first, _, _) = &blocks[0];
+    let later: Vec<&String> = blocks[1..].iter().map(|(id, _, _)| id).collect();
+    let mut stream = f
+        .http
+        .get(f.url("/v1/devices/events/temp"))
+        .bearer_auth(&f.owner)
+        .header("Last-Event-ID", first.as_str())
+        .send()
+        .await?;
+    let text = read_until(&mut stream, Duration::from_secs(10), |t| {
+        events_in(t).len() >= later.len()
+    })
+    .await;
+    let resumed: Vec<String> = events_in(&text).into_iter().map(|(id, _, _)| id).collect();
+    assert!(resumed.len() >= later.len(), "{text:?}");
+    assert_eq!(
+        resumed[..later.len()].iter().collect::<Vec<_>>(),
+        later,
+        "{text:?}"
+    );
     drop(stream);
 
     // An encoded prefix (`a/b` as the SDK sends it), on /v1/events.

@@ -116,6 +116,46 @@ pub async fn append_event(
         .await
 }
 
+/// Appends an event a user or app published (no device) to the events
+/// stream, marked with the publisher's organisation: only that
+/// organisation's streams carry it.
+#[allow(clippy::too_many_arguments)]
+pub async fn append_published_event(
+    redis: &mut Redis,
+    max_len: usize,
+    org: &str,
+    publisher: &str,
+    gateway_id: &str,
+    name: &str,
+    data: &[u8],
+    public: bool,
+) -> redis::RedisResult<String> {
+    redis::cmd("XADD")
+        .arg(keys::EVENTS)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg("device")
+        .arg("")
+        .arg("org")
+        .arg(org)
+        .arg("publisher")
+        .arg(publisher)
+        .arg("name")
+        .arg(name)
+        .arg("data")
+        .arg(data)
+        .arg("public")
+        .arg(if public { "1" } else { "0" })
+        .arg("time_ms")
+        .arg(now_ms())
+        .arg("gateway")
+        .arg(gateway_id)
+        .query_async(redis)
+        .await
+}
+
 /// A state hash as field -> value.
 pub async fn load(
     redis: &mut Redis,

@@ -368,6 +368,38 @@ impl DeviceService for DeviceApi {
         }
     }
 
+    #[tracing::instrument(name = "rpc.publish_event", skip_all, fields(event))]
+    async fn publish_event(
+        &self,
+        request: Request<PublishEventRequest>,
+    ) -> Result<Response<PublishEventResponse>, Status> {
+        let principal = Principal::of(&request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("event", req.name.as_str());
+        if req.name.is_empty() || req.name.len() > 64 {
+            return Err(Status::invalid_argument("event name must be 1 to 64 bytes"));
+        }
+        if req.data.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "event data is limited to 1024 bytes",
+            ));
+        }
+        let mut redis = self.gw.redis.clone();
+        let id = device_state::append_published_event(
+            &mut redis,
+            self.gw.config.events_max_len,
+            &principal.org,
+            &format!("{}@{}", principal.user, principal.org),
+            &self.gw.id,
+            &req.name,
+            &req.data,
+            !req.private,
+        )
+        .await
+        .map_err(redis_status)?;
+        Ok(Response::new(PublishEventResponse { id }))
+    }
+
     type StreamEventsStream = EventStream;
 
     async fn stream_events(
@@ -427,6 +459,7 @@ impl DeviceService for DeviceApi {
                         public: entry.get::<String>("public").is_some_and(|p| p == "1"),
                         time_ms: entry.get("time_ms").unwrap_or_default(),
                         gateway_id: entry.get("gateway").unwrap_or_default(),
+                        publisher: entry.get("publisher").unwrap_or_default(),
                     };
                     if device_filter
                         .as_ref()
@@ -435,10 +468,17 @@ impl DeviceService for DeviceApi {
                     {
                         continue;
                     }
-                    // Another organisation's events are not this caller's.
-                    if device_filter.is_none()
+                    if event.device_id.is_empty() {
+                        // Published by a user or app (PublishEvent): its
+                        // organisation's streams only, never a device's.
+                        let org: Option<String> = entry.get("org");
+                        if device_filter.is_some() || !org.is_some_and(|o| principal.sees(&o)) {
+                            continue;
+                        }
+                    } else if device_filter.is_none()
                         && orgs.check(&gw, &principal, &event.device_id).await.is_err()
                     {
+                        // Another organisation's events are not this caller's.
                         continue;
                     }
                     if tx.send(Ok(event)).await.is_err() {

@@ -417,7 +417,12 @@ pub async fn events(endpoints: &Endpoints, cmd: EventsCommand) -> anyhow::Result
         println!(
             "{}  {}  {}{}  {}",
             event.id,
-            event.device_id,
+            // Events published through the API have no device: their publisher.
+            if event.device_id.is_empty() {
+                &event.publisher
+            } else {
+                &event.device_id
+            },
             if event.public { "" } else { "(private) " },
             event.name,
             String::from_utf8_lossy(&event.data)
