@@ -318,7 +318,7 @@ for h in helm4; do
                 'redis.acl is off' 'trellis redis acl --passwords redis-passwords > users.acl' \
                 'create secret generic trellis-redis-acl --from-file=redis-passwords/' \
                 'redis.acl.enabled=true' \
-                'port-forward svc/trellis-api 8080:8080' 'particle config apiUrl http://127.0.0.1:8080' \
+                'port-forward svc/trellis-api 8080:8080' 'particle.config.json' \
                 'particle login --token'; do
       grep -qF -- "$want" "$out/notes.txt" || missing="$missing '$want'"
     done
@@ -345,7 +345,7 @@ for h in helm4; do
   # Without the api, NOTES does not send anyone to it.
   if "$tools/$h/helm" install trellis "$chart" -n trellis --dry-run=client --set api.enabled=false \
       > "$out/notes-noapi.txt" 2> "$out/err"; then
-    if grep -qE 'svc/trellis-api|particle config apiUrl' "$out/notes-noapi.txt"; then
+    if grep -qE 'svc/trellis-api|particle.config.json' "$out/notes-noapi.txt"; then
       fail "$h NOTES.txt with api.enabled=false still points at the api"
     else
       pass "$h NOTES.txt with api.enabled=false does not point at the api"
