@@ -4,15 +4,16 @@
 # out of memory). First replays every saved crash in fuzz/regressions/.
 #
 # Wall time on the 2-core CI machine, from scratch (cargo-fuzz not
-# installed, empty fuzz/target, crates.io cache warm), FUZZ_SECONDS=20,
-# measured while another build kept the load average at 7-8:
-#   11 min 09 s in all (user CPU 6 min 24 s): cargo install cargo-fuzz
-#   2 min 07 s, first build of the targets 7 min 01 s, fuzzing 5 x 20 s
-#   plus replays 1 min 50 s. With cargo-fuzz installed and the targets
-#   built (a machine kept from an earlier run), the same run is 2 min 06 s.
-# On an idle machine the CPU time above suggests about 5 min from
-# scratch. Most of the build is the network stack that trellis-proto
-# brings along (no target runs it; fuzz/Cargo.toml builds it unoptimised).
+# installed, empty fuzz/target, crates.io download cache warm),
+# FUZZ_SECONDS=20:
+#   5 min 39 s (user CPU 6 min 37 s), load average about 3 from another
+#   engineer's builds: cargo install cargo-fuzz 56 s, first build of the
+#   targets 2 min 24 s, fuzzing 5 x 20 s plus start-up 2 min 12 s.
+#   The same from scratch under a load average of 7-8: 11 min 09 s.
+#   With cargo-fuzz installed and the targets built (a machine kept from
+#   an earlier run): about 2 min 10 s.
+# Most of the build is the network stack that trellis-proto brings along
+# (no target runs it; fuzz/Cargo.toml builds it unoptimised).
 #
 # cargo-fuzz passes rustc -Z flags (-Zsanitizer=address and the coverage
 # instrumentation libFuzzer needs), which only a nightly rustc accepts.
