@@ -12,10 +12,18 @@
 //!     { "name": "customer", "key_id": "<hex sha-256 of the SPKI DER>",
 //!       "public_key": "-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n" },
 //!     { "name": "cloud-release", "public_key": "-----BEGIN PUBLIC KEY-----\n..." }
-//!   ]
+//!   ],
+//!   "commands": {
+//!     "threshold": 1,
+//!     "keys": [ { "name": "operator", "public_key": "-----BEGIN PUBLIC KEY-----\n..." } ],
+//!     "protected": { "only": ["open", "wipe"] },
+//!     "max_validity_secs": 300
+//!   }
 //! }
 //! ```
-//! `key_id` is optional on input (computed from the key) and checked when
+//! `commands` is optional: without it function calls need no signature
+//! (signed commands, [`crate::command`]; `"protected": "all"` protects
+//! every function). `key_id` is optional on input (computed from the key) and checked when
 //! present, so a policy file whose ids and keys disagree is refused.
 //!
 //! An invalid policy cannot be made: the fields are private, and
@@ -32,6 +40,7 @@ use std::fmt;
 use rsa::PublicKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::command::{CommandPolicy, Protected};
 use crate::keys::{KeyError, check_release_key, key_id, public_key_from_pem, public_key_to_pem};
 use crate::manifest::{
     FirmwareManifest, ManifestSignature, SignedManifest, decode_manifest, decode_signed_manifest,
@@ -123,12 +132,32 @@ pub enum PolicyError {
 pub struct TrustPolicy {
     keys: Vec<TrustedKey>,
     threshold: usize,
+    /// Who must sign function calls, if anyone (signed commands,
+    /// [`crate::command`]); rotated with the rest of the policy.
+    commands: Option<Box<CommandPolicy>>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct PolicyFile {
     threshold: usize,
     keys: Vec<KeyFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    commands: Option<CommandPolicyFile>,
+}
+
+/// The longest validity a command policy may allow (one year): a signed
+/// call valid for longer is a standing order, not a command.
+pub const MAX_COMMAND_VALIDITY_SECS: u64 = 365 * 24 * 3600;
+
+/// `"commands"` in the JSON form: its own keys and threshold, the
+/// protected functions (`"all"` or a list of names), and the longest
+/// validity window of a signed call.
+#[derive(Serialize, Deserialize)]
+struct CommandPolicyFile {
+    threshold: usize,
+    keys: Vec<KeyFile>,
+    protected: Protected,
+    max_validity_secs: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -197,7 +226,11 @@ impl TrustPolicy {
     /// Checks the keys (distinct, long enough, ids matching) and that
     /// `1 <= threshold <= keys`.
     pub fn new(keys: Vec<TrustedKey>, threshold: usize) -> Result<Self, PolicyError> {
-        let policy = TrustPolicy { keys, threshold };
+        let policy = TrustPolicy {
+            keys,
+            threshold,
+            commands: None,
+        };
         policy.validate()?;
         Ok(policy)
     }
@@ -252,6 +285,18 @@ impl TrustPolicy {
         self.keys.iter().find(|k| k.key_id == key_id)
     }
 
+    /// The command policy a device enforces, if the policy has one.
+    pub fn commands(&self) -> Option<&CommandPolicy> {
+        self.commands.as_deref()
+    }
+
+    /// This policy with `commands` as its command policy (`None`: calls
+    /// need no signature).
+    pub fn with_commands(mut self, commands: Option<CommandPolicy>) -> Self {
+        self.commands = commands.map(Box::new);
+        self
+    }
+
     /// Parses the JSON form (see the module documentation) and validates it.
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile =
@@ -261,30 +306,21 @@ impl TrustPolicy {
 
     /// The parsed JSON form, validated.
     fn from_file(file: PolicyFile) -> Result<Self, PolicyError> {
-        let mut keys = Vec::with_capacity(file.keys.len());
-        for k in file.keys {
-            let public_key =
-                public_key_from_pem(&k.public_key).map_err(|source| PolicyError::BadKey {
-                    name: k.name.clone(),
-                    source,
-                })?;
-            let computed = key_id(&public_key);
-            if let Some(given) = k.key_id
-                && !given.eq_ignore_ascii_case(&computed)
-            {
-                return Err(PolicyError::KeyIdMismatch {
-                    name: k.name,
-                    given,
-                    computed,
-                });
+        let commands = match file.commands {
+            Some(c) => {
+                let signers = TrustPolicy::new(parse_keys(c.keys)?, c.threshold)?;
+                if !(1..=MAX_COMMAND_VALIDITY_SECS).contains(&c.max_validity_secs) {
+                    return Err(PolicyError::Json(format!(
+                        "commands.max_validity_secs is {}; give 1 to {MAX_COMMAND_VALIDITY_SECS}",
+                        c.max_validity_secs
+                    )));
+                }
+                let max_validity_ms = (c.max_validity_secs * 1000) as i64;
+                Some(CommandPolicy::new(signers, c.protected, max_validity_ms)?)
             }
-            keys.push(TrustedKey {
-                key_id: computed,
-                public_key,
-                name: k.name,
-            });
-        }
-        TrustPolicy::new(keys, file.threshold)
+            None => None,
+        };
+        Ok(TrustPolicy::new(parse_keys(file.keys)?, file.threshold)?.with_commands(commands))
     }
 
     /// The JSON form, pretty-printed, key ids included.
@@ -295,20 +331,19 @@ impl TrustPolicy {
     /// The JSON form's fields; an invalid policy is never written out.
     fn to_file(&self) -> Result<PolicyFile, PolicyError> {
         self.validate()?;
-        let keys = self
-            .keys
-            .iter()
-            .map(|k| {
-                Ok(KeyFile {
-                    name: k.name.clone(),
-                    key_id: Some(k.key_id.clone()),
-                    public_key: public_key_to_pem(&k.public_key)?,
-                })
-            })
-            .collect::<Result<Vec<_>, KeyError>>()?;
+        let commands = match self.commands() {
+            Some(c) => Some(CommandPolicyFile {
+                threshold: c.signers.threshold,
+                keys: key_files(&c.signers.keys)?,
+                protected: c.protected.clone(),
+                max_validity_secs: u64::try_from(c.max_validity_ms / 1000).unwrap_or(0),
+            }),
+            None => None,
+        };
         Ok(PolicyFile {
             threshold: self.threshold,
-            keys,
+            keys: key_files(&self.keys)?,
+            commands,
         })
     }
 
@@ -352,6 +387,47 @@ impl TrustPolicy {
             unknown,
         }
     }
+}
+
+/// Trusted keys from the JSON form: each PEM parsed, a given key id checked.
+fn parse_keys(files: Vec<KeyFile>) -> Result<Vec<TrustedKey>, PolicyError> {
+    let mut keys = Vec::with_capacity(files.len());
+    for k in files {
+        let public_key =
+            public_key_from_pem(&k.public_key).map_err(|source| PolicyError::BadKey {
+                name: k.name.clone(),
+                source,
+            })?;
+        let computed = key_id(&public_key);
+        if let Some(given) = k.key_id
+            && !given.eq_ignore_ascii_case(&computed)
+        {
+            return Err(PolicyError::KeyIdMismatch {
+                name: k.name,
+                given,
+                computed,
+            });
+        }
+        keys.push(TrustedKey {
+            key_id: computed,
+            public_key,
+            name: k.name,
+        });
+    }
+    Ok(keys)
+}
+
+fn key_files(keys: &[TrustedKey]) -> Result<Vec<KeyFile>, PolicyError> {
+    keys.iter()
+        .map(|k| {
+            Ok(KeyFile {
+                name: k.name.clone(),
+                key_id: Some(k.key_id.clone()),
+                public_key: public_key_to_pem(&k.public_key)?,
+            })
+        })
+        .collect::<Result<Vec<_>, KeyError>>()
+        .map_err(PolicyError::from)
 }
 
 /// The JSON form (see the module documentation).
@@ -456,6 +532,64 @@ mod tests {
         }
     }
 
+    /// A command policy rides in the trust policy's JSON (and so is rotated
+    /// with it); a policy without one writes no `commands`.
+    #[test]
+    fn a_command_policy_round_trips_in_the_json_form() {
+        let release = TrustedKey::new(
+            "customer",
+            rsa::PrivateKey::new(&mut rand::rng(), 2048)
+                .expect("key")
+                .to_public_key(),
+        )
+        .expect("trusted");
+        let operator = TrustedKey::new(
+            "operator",
+            rsa::PrivateKey::new(&mut rand::rng(), 2048)
+                .expect("key")
+                .to_public_key(),
+        )
+        .expect("trusted");
+        let plain = TrustPolicy::new(vec![release.clone()], 1).expect("policy");
+        let text = plain.to_json().expect("json");
+        assert!(!text.contains("commands"), "{text}");
+        assert_eq!(TrustPolicy::from_json(&text).expect("parse"), plain);
+
+        let commands = CommandPolicy::new(
+            TrustPolicy::new(vec![operator.clone()], 1).expect("signers"),
+            Protected::Only(vec!["open".into(), "wipe".into()]),
+            300_000,
+        )
+        .expect("command policy");
+        let with = plain.clone().with_commands(Some(commands.clone()));
+        let text = with.to_json().expect("json");
+        let back = TrustPolicy::from_json(&text).expect("parse");
+        assert_eq!(back, with);
+        assert_eq!(back.commands(), Some(&commands));
+        assert!(back.commands().expect("commands").protects("wipe"));
+        assert!(!back.commands().expect("commands").protects("led"));
+
+        // An impossible command threshold, or no validity at all, is
+        // refused like any other invalid policy.
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        for (field, value) in [
+            ("threshold", 3),
+            ("max_validity_secs", 0),
+            ("max_validity_secs", MAX_COMMAND_VALIDITY_SECS + 1),
+        ] {
+            let mut bad = v.clone();
+            bad["commands"][field] = serde_json::json!(value);
+            assert!(
+                TrustPolicy::from_json(&bad.to_string()).is_err(),
+                "{field} {value}"
+            );
+        }
+        let mut all = v;
+        all["commands"]["protected"] = serde_json::json!("all");
+        let all = TrustPolicy::from_json(&all.to_string()).expect("all");
+        assert!(all.commands().expect("commands").protects("anything"));
+    }
+
     /// A policy put together without the constructor (only this module
     /// can) is still refused at verify time: no keys and threshold 0 would
     /// otherwise accept firmware nobody signed.
@@ -474,6 +608,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![],
                     threshold: 0,
+                    commands: None,
                 },
                 "trusts no keys",
             ),
@@ -481,6 +616,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![key.clone()],
                     threshold: 0,
+                    commands: None,
                 },
                 "threshold 0",
             ),
@@ -488,6 +624,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![key.clone(), key.clone()],
                     threshold: 1,
+                    commands: None,
                 },
                 "listed twice",
             ),
