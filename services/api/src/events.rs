@@ -341,33 +341,26 @@ async fn same_org(state: &AppState, token: &Token, org: &str) -> Result<(), ApiE
     Ok(())
 }
 
-/// `GET /v1/events`, `/v1/devices/events`: every event of the caller's
-/// devices.
+/// A stream route's path parameters: the resource's id, if any, and the
+/// event-name prefix of its `…/events/{*prefix}` form (empty without).
+type StreamPath = Path<HashMap<String, String>>;
+
+fn path_param(path: &HashMap<String, String>, name: &str) -> String {
+    path.get(name).cloned().unwrap_or_default()
+}
+
+/// `GET /v1/events[/:prefix]`, `/v1/devices/events[/:prefix]`: every
+/// event of the caller's devices.
 pub async fn mine(
     State(state): State<AppState>,
+    path: Option<StreamPath>,
     headers: HeaderMap,
     Query(query): Params,
 ) -> Result<Response, ApiError> {
     let token = Token::from_request(&headers, &query, None)?;
-    open(
-        state,
-        resume_from(&headers),
-        token,
-        String::new(),
-        String::new(),
-        Scope::Mine,
-    )
-    .await
-}
-
-/// `GET /v1/events/:prefix`, `/v1/devices/events/:prefix`.
-pub async fn mine_prefix(
-    State(state): State<AppState>,
-    Path(prefix): Path<String>,
-    headers: HeaderMap,
-    Query(query): Params,
-) -> Result<Response, ApiError> {
-    let token = Token::from_request(&headers, &query, None)?;
+    let prefix = path
+        .map(|Path(p)| path_param(&p, "prefix"))
+        .unwrap_or_default();
     open(
         state,
         resume_from(&headers),
@@ -379,54 +372,35 @@ pub async fn mine_prefix(
     .await
 }
 
-async fn device_stream(
-    state: AppState,
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    id: &str,
-    prefix: String,
+/// `GET /v1/devices/:id/events[/:prefix]`.
+pub async fn device(
+    State(state): State<AppState>,
+    Path(path): StreamPath,
+    headers: HeaderMap,
+    Query(query): Params,
 ) -> Result<Response, ApiError> {
-    let token = Token::from_request(headers, query, None)?;
-    let device = resolve(&state, &token, id, None).await?;
+    let token = Token::from_request(&headers, &query, None)?;
+    let device = resolve(&state, &token, &path_param(&path, "id"), None).await?;
     open(
         state,
-        resume_from(headers),
+        resume_from(&headers),
         token,
         device.device_id,
-        prefix,
+        path_param(&path, "prefix"),
         Scope::Device,
     )
     .await
 }
 
-/// `GET /v1/devices/:id/events`.
-pub async fn device(
+/// `GET /v1/products/:p/events[/:prefix]`.
+pub async fn product(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(path): StreamPath,
     headers: HeaderMap,
     Query(query): Params,
 ) -> Result<Response, ApiError> {
-    device_stream(state, &headers, &query, &id, String::new()).await
-}
-
-/// `GET /v1/devices/:id/events/:prefix`.
-pub async fn device_prefix(
-    State(state): State<AppState>,
-    Path((id, prefix)): Path<(String, String)>,
-    headers: HeaderMap,
-    Query(query): Params,
-) -> Result<Response, ApiError> {
-    device_stream(state, &headers, &query, &id, prefix).await
-}
-
-async fn product_stream(
-    state: AppState,
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    product: &str,
-    prefix: String,
-) -> Result<Response, ApiError> {
-    let token = Token::from_request(headers, query, None)?;
+    let token = Token::from_request(&headers, &query, None)?;
+    let product = path_param(&path, "p");
     let product = product
         .parse::<u32>()
         .ok()
@@ -434,73 +408,34 @@ async fn product_stream(
         .ok_or_else(|| ApiError::NotFound(format!("Product {product} not found")))?;
     open(
         state,
-        resume_from(headers),
+        resume_from(&headers),
         token,
         String::new(),
-        prefix,
+        path_param(&path, "prefix"),
         Scope::Product(product),
     )
     .await
 }
 
-/// `GET /v1/products/:p/events`.
-pub async fn product(
+/// `GET /v1/orgs/:org/events[/:prefix]`: the organisation must be the
+/// token's.
+pub async fn org(
     State(state): State<AppState>,
-    Path(product): Path<String>,
+    Path(path): StreamPath,
     headers: HeaderMap,
     Query(query): Params,
 ) -> Result<Response, ApiError> {
-    product_stream(state, &headers, &query, &product, String::new()).await
-}
-
-/// `GET /v1/products/:p/events/:prefix`.
-pub async fn product_prefix(
-    State(state): State<AppState>,
-    Path((product, prefix)): Path<(String, String)>,
-    headers: HeaderMap,
-    Query(query): Params,
-) -> Result<Response, ApiError> {
-    product_stream(state, &headers, &query, &product, prefix).await
-}
-
-async fn org_stream(
-    state: AppState,
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    org: &str,
-    prefix: String,
-) -> Result<Response, ApiError> {
-    let token = Token::from_request(headers, query, None)?;
-    same_org(&state, &token, org).await?;
+    let token = Token::from_request(&headers, &query, None)?;
+    same_org(&state, &token, &path_param(&path, "org")).await?;
     open(
         state,
-        resume_from(headers),
+        resume_from(&headers),
         token,
         String::new(),
-        prefix,
+        path_param(&path, "prefix"),
         Scope::Mine,
     )
     .await
-}
-
-/// `GET /v1/orgs/:org/events`: the organisation must be the token's.
-pub async fn org(
-    State(state): State<AppState>,
-    Path(org): Path<String>,
-    headers: HeaderMap,
-    Query(query): Params,
-) -> Result<Response, ApiError> {
-    org_stream(state, &headers, &query, &org, String::new()).await
-}
-
-/// `GET /v1/orgs/:org/events/:prefix`.
-pub async fn org_prefix(
-    State(state): State<AppState>,
-    Path((org, prefix)): Path<(String, String)>,
-    headers: HeaderMap,
-    Query(query): Params,
-) -> Result<Response, ApiError> {
-    org_stream(state, &headers, &query, &org, prefix).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! trellis-api: the application API. Particle-compatible REST and
-//! server-sent events (`../../shared/PARTICLE-API.md` is the
-//! specification), so `particle` (particle-cli) and particle-api-js work
+//! server-sent events (the calls particle-cli 3.51 and particle-api-js 12
+//! make, README "Application API"), so `particle` (particle-cli) and particle-api-js work
 //! against Trellis unchanged.
 //!
 //! Stateless: every request's Particle access token is forwarded as the
@@ -65,12 +65,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/provisioning/{id}", post(devices::provision))
         .route("/v1/events", get(events::mine))
-        .route("/v1/events/{*prefix}", get(events::mine_prefix))
+        .route("/v1/events/{*prefix}", get(events::mine))
         .route(
             "/v1/devices/events",
             get(events::mine).post(events::publish),
         )
-        .route("/v1/devices/events/{*prefix}", get(events::mine_prefix))
+        .route("/v1/devices/events/{*prefix}", get(events::mine))
         .route(
             "/v1/devices/{id}",
             get(devices::get_device)
@@ -80,10 +80,7 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD)),
         )
         .route("/v1/devices/{id}/events", get(events::device))
-        .route(
-            "/v1/devices/{id}/events/{*prefix}",
-            get(events::device_prefix),
-        )
+        .route("/v1/devices/{id}/events/{*prefix}", get(events::device))
         .route(
             "/v1/devices/{id}/{name}",
             get(devices::get_variable).post(devices::call_function),
@@ -104,15 +101,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/products/{p}/events",
             get(events::product).post(events::publish_product),
         )
-        .route(
-            "/v1/products/{p}/events/{*prefix}",
-            get(events::product_prefix),
-        )
+        .route("/v1/products/{p}/events/{*prefix}", get(events::product))
         .route(
             "/v1/orgs/{org}/events",
             get(events::org).post(events::publish_org),
         )
-        .route("/v1/orgs/{org}/events/{*prefix}", get(events::org_prefix))
+        .route("/v1/orgs/{org}/events/{*prefix}", get(events::org))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -94,26 +94,8 @@ pub async fn append_event(
     data: &[u8],
     public: bool,
 ) -> redis::RedisResult<String> {
-    redis::cmd("XADD")
-        .arg(keys::EVENTS)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(max_len)
-        .arg("*")
-        .arg("device")
-        .arg(device_id)
-        .arg("name")
-        .arg(name)
-        .arg("data")
-        .arg(data)
-        .arg("public")
-        .arg(if public { "1" } else { "0" })
-        .arg("time_ms")
-        .arg(now_ms())
-        .arg("gateway")
-        .arg(gateway_id)
-        .query_async(redis)
-        .await
+    let origin = [("device", device_id)];
+    append(redis, max_len, &origin, gateway_id, name, data, public).await
 }
 
 /// Appends an event a user or app published (no device) to the events
@@ -130,19 +112,32 @@ pub async fn append_published_event(
     data: &[u8],
     public: bool,
 ) -> redis::RedisResult<String> {
-    redis::cmd("XADD")
-        .arg(keys::EVENTS)
+    let origin = [("device", ""), ("org", org), ("publisher", publisher)];
+    append(redis, max_len, &origin, gateway_id, name, data, public).await
+}
+
+/// One XADD to the capped events stream: who it comes from, then the
+/// fields every event has.
+#[allow(clippy::too_many_arguments)]
+async fn append(
+    redis: &mut Redis,
+    max_len: usize,
+    origin: &[(&str, &str)],
+    gateway_id: &str,
+    name: &str,
+    data: &[u8],
+    public: bool,
+) -> redis::RedisResult<String> {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(keys::EVENTS)
         .arg("MAXLEN")
         .arg("~")
         .arg(max_len)
-        .arg("*")
-        .arg("device")
-        .arg("")
-        .arg("org")
-        .arg(org)
-        .arg("publisher")
-        .arg(publisher)
-        .arg("name")
+        .arg("*");
+    for (field, value) in origin {
+        cmd.arg(*field).arg(*value);
+    }
+    cmd.arg("name")
         .arg(name)
         .arg("data")
         .arg(data)

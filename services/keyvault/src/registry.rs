@@ -263,7 +263,7 @@ pub async fn get_device(redis: &mut Redis, device_id: &str) -> Result<DeviceReco
     let device_id = parse_device_id(device_id)?;
     get(redis, &device_id)
         .await?
-        .ok_or_else(|| KeyvaultError::NotFound(format!("device {device_id} is not registered")))
+        .ok_or_else(|| not_registered(&device_id))
 }
 
 /// All devices (or those of one product, `product_id` != 0), sorted by id.
@@ -321,9 +321,7 @@ pub async fn revoke(
         .invoke_async(redis)
         .await?;
     if result == 0 {
-        return Err(KeyvaultError::NotFound(format!(
-            "device {device_id} is not registered"
-        )));
+        return Err(not_registered(&device_id));
     }
     if result == 1 {
         audit_write(
@@ -360,9 +358,7 @@ pub async fn delete(redis: &mut Redis, device_id: &str, reason: &str, actor: &st
         .invoke_async(redis)
         .await?;
     if deleted == 0 {
-        return Err(KeyvaultError::NotFound(format!(
-            "device {device_id} is not registered"
-        )));
+        return Err(not_registered(&device_id));
     }
     audit_write(
         redis,
@@ -388,6 +384,10 @@ pub async fn lift_quarantine(redis: &mut Redis, device_id: &str, actor: &str) ->
     )
     .await;
     Ok(removed > 0)
+}
+
+fn not_registered(device_id: &str) -> KeyvaultError {
+    KeyvaultError::NotFound(format!("device {device_id} is not registered"))
 }
 
 /// Most tags one device may carry.
@@ -452,9 +452,7 @@ pub async fn set_tags(
         .invoke_async(redis)
         .await?;
     if result == 0 {
-        return Err(KeyvaultError::NotFound(format!(
-            "device {device_id} is not registered"
-        )));
+        return Err(not_registered(&device_id));
     }
     audit_write(
         redis,
