@@ -338,6 +338,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         firmware_version: 1,
         platform_id: 6,
         firmware_sha256: Some([0; 32]),
+        command_policy: None,
         ..Default::default()
     };
     let sources = util::source_addrs(8);

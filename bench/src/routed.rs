@@ -197,6 +197,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
                         function: "add".into(),
                         argument: format!("{i},1"),
                         timeout_ms: 5_000,
+                        signed_command: Vec::new(),
                     })
                     .await?
                     .into_inner();

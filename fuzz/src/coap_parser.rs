@@ -57,9 +57,16 @@ pub fn run(data: &[u8]) {
             message::chunk(id, token, c)
         }
         Request::ChunkMissed(ix) => message::chunk_missed(id, token, ix),
-        Request::FunctionCall { name, argument } => {
-            message::function_call(id, token, name, argument)
-        }
+        Request::FunctionCall {
+            name,
+            argument,
+            signed: None,
+        } => message::function_call(id, token, name, argument),
+        Request::FunctionCall {
+            name,
+            argument,
+            signed: Some(signed),
+        } => message::signed_function_call(id, token, name, argument, signed),
         Request::VariableRequest { name } => message::variable_request(id, token, name),
         Request::Event { public, name, data } => message::event(id, *public, name, data),
         Request::Subscribe { prefix } => message::subscribe(id, token, prefix),

@@ -381,6 +381,7 @@ impl RawDevice {
             platform_id: 6,
             device_id: Some(device_id),
             firmware_sha256: Some(sha),
+            command_policy: None,
         };
         let id = self.take_id();
         self.send(&trellis_wire::message::hello_device(id, &hello))

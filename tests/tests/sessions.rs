@@ -102,6 +102,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "add".into(),
             argument: "2,3".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await?
         .into_inner();
@@ -112,6 +113,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "led".into(),
             argument: "on".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await?
         .into_inner();
@@ -123,6 +125,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "add".into(),
             argument: "40,2".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await?
         .into_inner();
@@ -133,6 +136,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "led".into(),
             argument: "off".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await?
         .into_inner();
@@ -183,6 +187,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "add".into(),
             argument: String::new(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -194,6 +199,7 @@ async fn devices_on_two_gateways_events_calls_and_variables() -> anyhow::Result<
             function: "add".into(),
             argument: "1,1".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await
         .unwrap_err();

@@ -5,12 +5,14 @@
 //! business, and so is applying a verified update (`SessionEnd`).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use trellis_firmware::command::CommandGuard;
 use trellis_firmware::{OtaReceiver, REJECTED_EVENT, ReceivedUpdate, ReceiverConfig, TrustPolicy};
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::message::{self, Incoming, Request, encode_value};
@@ -50,6 +52,27 @@ pub struct SessionConfig {
     pub version_floor: u32,
     /// Largest firmware image the device accepts.
     pub max_image_size: u64,
+    /// Signed commands (docs/protocol.md §7.4): the guard every function
+    /// call passes before it runs, shared by this device's sessions so the
+    /// last accepted sequence survives reconnects. `None`: calls run
+    /// unsigned, as with the original protocol.
+    pub command_guard: Option<SharedCommandGuard>,
+}
+
+/// One device's command guard, kept across its sessions.
+pub type SharedCommandGuard = Arc<Mutex<CommandGuard>>;
+
+/// A guard for `device_id` if `policy` has a command policy.
+pub fn command_guard_for(
+    device_id: &str,
+    policy: Option<&TrustPolicy>,
+) -> Option<SharedCommandGuard> {
+    let commands = policy?.commands()?.clone();
+    Some(Arc::new(Mutex::new(CommandGuard::new(
+        device_id,
+        Some(commands),
+        0,
+    ))))
 }
 
 impl Default for SessionConfig {
@@ -70,6 +93,7 @@ impl Default for SessionConfig {
             trust_policy: None,
             version_floor: 0,
             max_image_size: ReceiverConfig::default().max_image_size,
+            command_guard: None,
         }
     }
 }
@@ -87,6 +111,12 @@ pub enum SessionEvent {
     },
     VariableRead {
         name: String,
+    },
+    /// A function call refused by the command guard; the function did not
+    /// run.
+    CommandRefused {
+        name: String,
+        reason: String,
     },
     /// An update was refused; the device keeps its image. Also published as
     /// the private event `trellis/ota/rejected`, data `<reason_code>: <message>`.
@@ -253,6 +283,13 @@ impl Session {
             platform_id: session.config.platform_id,
             device_id: Some(identity.device_id),
             firmware_sha256: Some(session.config.firmware_sha256),
+            command_policy: session.config.command_guard.as_ref().and_then(|g| {
+                let g = g.lock().unwrap_or_else(|p| p.into_inner());
+                Some(trellis_wire::hello::CommandPolicyReport {
+                    policy_sha256: g.policy()?.digest(),
+                    last_sequence: g.last_sequence(),
+                })
+            }),
         };
         let id = session.out_ids.next();
         session.send(&message::hello_device(id, &hello)).await?;
@@ -358,6 +395,36 @@ impl Session {
         Ok(None)
     }
 
+    /// The command guard's verdict on a call (docs/protocol.md §7.4); the
+    /// device's clock is the system clock, which a real device sets from
+    /// the cloud's time sync.
+    fn check_command(
+        &mut self,
+        name: &str,
+        argument: &[u8],
+        signed: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let Some(guard) = &self.config.command_guard else {
+            return Ok(());
+        };
+        let mut guard = guard.lock().unwrap_or_else(|p| p.into_inner());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        // A signed argument is text; bytes that are not cannot match one.
+        let argument = match std::str::from_utf8(argument) {
+            Ok(a) => a,
+            Err(_) if guard.policy().is_some_and(|p| p.protects(name)) => {
+                return Err(trellis_firmware::command::CommandRefusal::WrongCall.reason());
+            }
+            Err(_) => return Ok(()),
+        };
+        guard
+            .check(name, argument, signed, now_ms)
+            .map_err(|r| r.reason())
+    }
+
     async fn handle(
         &mut self,
         m: &CoapMessage,
@@ -421,27 +488,39 @@ impl Session {
                     &app.describe().to_json(),
                 ))]
             }
-            Request::FunctionCall { name, argument } => {
+            Request::FunctionCall {
+                name,
+                argument,
+                signed,
+            } => {
                 let empty = CachedReply {
                     message: message::empty_ack(m.message_id),
                     keeps_id: true,
                 };
-                match app.call(&name, &argument) {
-                    Some(result) => {
-                        on_event(SessionEvent::FunctionCalled {
-                            name,
-                            argument,
-                            result,
-                        });
-                        vec![empty, fresh(message::function_return(0, token, result))]
+                match self.check_command(&name, &argument, signed.as_deref()) {
+                    Err(reason) => {
+                        tracing::warn!(function = %name, %reason, "function call refused");
+                        let refusal = fresh(message::function_refused(token, &reason));
+                        on_event(SessionEvent::CommandRefused { name, reason });
+                        vec![empty, refusal]
                     }
-                    None => vec![
-                        empty,
-                        fresh(
-                            CoapMessage::new(MessageType::NonConfirmable, code::NOT_FOUND, 0)
-                                .with_token(token),
-                        ),
-                    ],
+                    Ok(()) => match app.call(&name, &argument) {
+                        Some(result) => {
+                            on_event(SessionEvent::FunctionCalled {
+                                name,
+                                argument,
+                                result,
+                            });
+                            vec![empty, fresh(message::function_return(0, token, result))]
+                        }
+                        None => vec![
+                            empty,
+                            fresh(
+                                CoapMessage::new(MessageType::NonConfirmable, code::NOT_FOUND, 0)
+                                    .with_token(token),
+                            ),
+                        ],
+                    },
                 }
             }
             Request::VariableRequest { name } => match app.read(&name) {

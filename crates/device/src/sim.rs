@@ -120,6 +120,12 @@ pub enum DeviceReport {
         device_id: DeviceId,
         name: String,
     },
+    /// A function call its command guard refused (signed commands).
+    CommandRefused {
+        device_id: DeviceId,
+        name: String,
+        reason: String,
+    },
 }
 
 /// Full-jitter exponential backoff: uniform in [d/2, d], d = base·2^attempt
@@ -231,6 +237,10 @@ impl Device {
         }
         // What this device runs; an applied update changes it.
         let mut session_config = (*self.session_config).clone();
+        session_config.command_guard = crate::session::command_guard_for(
+            &device_id.to_string(),
+            session_config.trust_policy.as_ref(),
+        );
         if self.endpoints.is_empty() {
             shutdown.cancelled().await;
             return;
@@ -317,6 +327,13 @@ impl Device {
                         },
                         SessionEvent::VariableRead { name } => {
                             DeviceReport::VariableRead { device_id, name }
+                        }
+                        SessionEvent::CommandRefused { name, reason } => {
+                            DeviceReport::CommandRefused {
+                                device_id,
+                                name,
+                                reason,
+                            }
                         }
                         SessionEvent::UpdateRejected { reason_code, .. } => {
                             DeviceReport::EventPublished {

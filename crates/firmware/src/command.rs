@@ -285,6 +285,43 @@ impl CommandPolicy {
         })
     }
 
+    /// What a device reports in its Hello (docs/protocol.md §7.4) so that an
+    /// operator can tell which policy it enforces: SHA-256 over the
+    /// threshold, the sorted key ids, the protected functions (sorted, or
+    /// `*` for all) and the longest validity, each length-prefixed.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field(b"TRELLIS-CMD-POLICY-1");
+        field(&(self.signers.threshold() as u64).to_be_bytes());
+        let mut ids: Vec<&str> = self
+            .signers
+            .keys()
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            field(id.as_bytes());
+        }
+        match &self.protected {
+            Protected::All => field(b"*"),
+            Protected::Only(names) => {
+                let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+                names.sort_unstable();
+                for n in names {
+                    field(n.as_bytes());
+                }
+            }
+        }
+        field(&self.max_validity_ms.to_be_bytes());
+        h.finalize().into()
+    }
+
     pub fn protects(&self, function: &str) -> bool {
         match &self.protected {
             Protected::All => true,

@@ -11,6 +11,10 @@ use crate::error::CoapError;
 /// Option numbers used by the protocol.
 pub const OPTION_URI_PATH: u16 = 11;
 pub const OPTION_URI_QUERY: u16 = 15;
+/// Trellis extension (docs/protocol.md §7.4): a signed command riding with a
+/// function call. From the experimental-use range (65000-65535), even, so
+/// elective: a device that does not know it ignores it.
+pub const OPTION_SIGNED_COMMAND: u16 = 65000;
 
 pub(crate) const PAYLOAD_MARKER: u8 = 0xFF;
 

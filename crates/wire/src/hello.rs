@@ -10,6 +10,22 @@ use crate::id::DeviceId;
 pub const FLAG_UPDATED: u8 = 1;
 /// Extension type carrying the SHA-256 of the running image.
 pub const EXT_FIRMWARE_SHA256: u8 = 0x01;
+/// Extension type announcing signed commands (docs/protocol.md §7.4): the
+/// device enforces a command policy and understands the signed-command
+/// option on function calls. Value: the SHA-256 of the policy (32 bytes),
+/// then the last sequence number it accepted (u64, big-endian).
+pub const EXT_COMMAND_POLICY: u8 = 0x02;
+/// Length of the [`EXT_COMMAND_POLICY`] value.
+pub const COMMAND_POLICY_LEN: usize = 40;
+
+/// What a device with signed commands announces in its Hello.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommandPolicyReport {
+    /// SHA-256 of the command policy the device enforces.
+    pub policy_sha256: [u8; 32],
+    /// The highest sequence number it has accepted.
+    pub last_sequence: u64,
+}
 
 /// A device's (or the server's) Hello. A field the sender cut short reads as
 /// zero / `None`.
@@ -22,6 +38,8 @@ pub struct Hello {
     pub platform_id: u16,
     pub device_id: Option<DeviceId>,
     pub firmware_sha256: Option<[u8; 32]>,
+    /// Present when the device enforces signed commands.
+    pub command_policy: Option<CommandPolicyReport>,
 }
 
 fn be16(p: &[u8], at: usize) -> Option<u16> {
@@ -38,6 +56,7 @@ impl Hello {
             platform_id: be16(payload, 6).unwrap_or(0),
             device_id: None,
             firmware_sha256: None,
+            command_policy: None,
         };
         let Some(id_len) = be16(payload, 8) else {
             return Ok(h);
@@ -82,6 +101,22 @@ impl Hello {
                     }
                 })?;
                 h.firmware_sha256 = Some(sha);
+            } else if ext_type == EXT_COMMAND_POLICY {
+                if len != COMMAND_POLICY_LEN {
+                    return Err(MessageError::HelloExtensionLength {
+                        ext_type,
+                        len,
+                        expected: COMMAND_POLICY_LEN,
+                    });
+                }
+                let mut policy_sha256 = [0u8; 32];
+                policy_sha256.copy_from_slice(&value[..32]);
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&value[32..]);
+                h.command_policy = Some(CommandPolicyReport {
+                    policy_sha256,
+                    last_sequence: u64::from_be_bytes(seq),
+                });
             }
             at += 2 + len;
         }
@@ -89,16 +124,20 @@ impl Hello {
     }
 
     /// The 8-byte spark layout, 22 bytes with a device id, the full Trellis
-    /// layout when the firmware hash is known. A hash without an id is sent
-    /// with an all-zero id, since extensions only follow the id.
+    /// layout when the firmware hash or a command policy is known. An
+    /// extension without an id is sent with an all-zero id, since
+    /// extensions only follow the id.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(22 + 34);
+        let mut out = Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN);
         out.extend_from_slice(&self.product_id.to_be_bytes());
         out.extend_from_slice(&self.firmware_version.to_be_bytes());
         out.push(self.reserved);
         out.push(self.flags);
         out.extend_from_slice(&self.platform_id.to_be_bytes());
-        if self.device_id.is_none() && self.firmware_sha256.is_none() {
+        if self.device_id.is_none()
+            && self.firmware_sha256.is_none()
+            && self.command_policy.is_none()
+        {
             return out;
         }
         out.extend_from_slice(&(DEVICE_ID_LEN as u16).to_be_bytes());
@@ -107,6 +146,12 @@ impl Hello {
             out.push(EXT_FIRMWARE_SHA256);
             out.push(32);
             out.extend_from_slice(sha);
+        }
+        if let Some(policy) = &self.command_policy {
+            out.push(EXT_COMMAND_POLICY);
+            out.push(COMMAND_POLICY_LEN as u8);
+            out.extend_from_slice(&policy.policy_sha256);
+            out.extend_from_slice(&policy.last_sequence.to_be_bytes());
         }
         out
     }

@@ -6,7 +6,9 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::coap::{CoapMessage, MessageType, OPTION_URI_PATH, OPTION_URI_QUERY, code};
+use crate::coap::{
+    CoapMessage, MessageType, OPTION_SIGNED_COMMAND, OPTION_URI_PATH, OPTION_URI_QUERY, code,
+};
 use crate::error::MessageError;
 use crate::hello::Hello;
 use crate::ota::{Chunk, UpdateBegin};
@@ -75,6 +77,29 @@ pub fn function_call(id: u16, token: u8, name: &str, argument: &[u8]) -> CoapMes
         }
     }
     m
+}
+
+/// A function call carrying a signed command (docs/protocol.md §7.4): the
+/// same bytes as [`function_call`] plus one [`OPTION_SIGNED_COMMAND`]
+/// option after the Uri-Query options. The option is elective, so a device
+/// that does not know it runs the call as before.
+pub fn signed_function_call(
+    id: u16,
+    token: u8,
+    name: &str,
+    argument: &[u8],
+    signed_command: &[u8],
+) -> CoapMessage {
+    function_call(id, token, name, argument).with_option(OPTION_SIGNED_COMMAND, signed_command)
+}
+
+/// The device's refusal of a function call whose signed command failed its
+/// checks: NON 4.03 Forbidden with the token, the reason as UTF-8 payload
+/// (`signature missing`, `expired`, `replayed`, …).
+pub fn function_refused(token: &[u8], reason: &str) -> CoapMessage {
+    CoapMessage::new(NON, code::FORBIDDEN, 0)
+        .with_token(token)
+        .with_payload(reason.as_bytes())
 }
 
 /// NON CHANGED with the i32 result, big-endian.
@@ -244,6 +269,8 @@ pub enum Request {
     FunctionCall {
         name: String,
         argument: Vec<u8>,
+        /// The signed command that came with the call, if any (§7.4).
+        signed: Option<Vec<u8>>,
     },
     VariableRequest {
         name: String,
@@ -338,6 +365,10 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
         (code::POST, b"f") => Request::FunctionCall {
             name: name_after_first(&path, "function")?,
             argument: join_queries(m),
+            signed: m
+                .option_values(OPTION_SIGNED_COMMAND)
+                .first()
+                .map(|v| v.to_vec()),
         },
         (code::GET, b"v") => Request::VariableRequest {
             name: name_after_first(&path, "variable")?,

@@ -14,7 +14,8 @@ use trellis_wire::message::{
 use trellis_wire::ota::{Chunk, UpdateBegin, chunk_crc, padded_chunks};
 use trellis_wire::{
     CoapError, CounterError, DeviceId, FrameError, HandshakeError, Hello, MessageError,
-    SessionCipher, hello::FLAG_UPDATED,
+    SessionCipher,
+    hello::{CommandPolicyReport, FLAG_UPDATED},
 };
 
 const KEY: [u8; 16] = [7; 16];
@@ -98,7 +99,8 @@ fn function_call_splits_argument_on_ampersand() {
         req(&CoapMessage::decode(&m.encode()).expect("decode")),
         Request::FunctionCall {
             name: "set".into(),
-            argument: b"a=1&b=2&".to_vec()
+            argument: b"a=1&b=2&".to_vec(),
+            signed: None,
         }
     );
     let empty = message::function_call(1, 9, "go", b"");
@@ -107,7 +109,8 @@ fn function_call_splits_argument_on_ampersand() {
         req(&empty),
         Request::FunctionCall {
             name: "go".into(),
-            argument: Vec::new()
+            argument: Vec::new(),
+            signed: None,
         }
     );
 }
@@ -310,6 +313,7 @@ fn hello_accepts_every_prefix() {
         platform_id: 6,
         device_id: Some(id),
         firmware_sha256: Some([0xab; 32]),
+        command_policy: None,
     };
     let bytes = full.encode();
     assert_eq!(bytes.len(), 56);
@@ -362,9 +366,75 @@ fn hello_accepts_every_prefix() {
     let short = Hello {
         device_id: None,
         firmware_sha256: None,
+        command_policy: None,
         ..full
     };
     assert_eq!(short.encode(), hx("0006000200010006"));
+}
+
+/// §7.4: the command-policy Hello extension, byte for byte, and its length
+/// check.
+#[test]
+fn hello_command_policy_extension() {
+    let id: DeviceId = "0123456789abcdef01234567".parse().expect("id");
+    let hello = Hello {
+        product_id: 6,
+        firmware_version: 2,
+        reserved: 0,
+        flags: 0,
+        platform_id: 6,
+        device_id: Some(id),
+        firmware_sha256: None,
+        command_policy: Some(CommandPolicyReport {
+            policy_sha256: [0x11; 32],
+            last_sequence: 0x0102_0304_0506_0708,
+        }),
+    };
+    let bytes = hello.encode();
+    let mut want = hx("0006000200000006000c0123456789abcdef01234567");
+    want.extend_from_slice(&[0x02, 40]);
+    want.extend_from_slice(&[0x11; 32]);
+    want.extend_from_slice(&hx("0102030405060708"));
+    assert_eq!(bytes, want);
+    assert_eq!(Hello::parse(&bytes), Ok(hello));
+    let mut short = bytes[..22].to_vec();
+    short.extend_from_slice(&[0x02, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(
+        Hello::parse(&short),
+        Err(MessageError::HelloExtensionLength {
+            ext_type: 2,
+            len: 8,
+            expected: 40
+        })
+    );
+}
+
+/// §7.4: the signed command rides in option 65000 after the Uri-Query
+/// options (delta 64985: nibble 14 and two extended bytes); a call without
+/// it encodes exactly as before; the refusal is NON 4.03 with the reason.
+#[test]
+fn signed_function_call_option_and_refusal() {
+    let plain = message::function_call(1, 9, "open", b"valve-3");
+    let signed = message::signed_function_call(1, 9, "open", b"valve-3", b"ENVELOPE");
+    let bytes = signed.encode();
+    let mut want = plain.encode();
+    // Options end right before the payload marker; the plain call has none.
+    want.extend_from_slice(&[0xe8, 0xfc, 0xcc]);
+    want.extend_from_slice(b"ENVELOPE");
+    assert_eq!(bytes, want);
+    assert_eq!(
+        req(&CoapMessage::decode(&bytes).expect("decode")),
+        Request::FunctionCall {
+            name: "open".into(),
+            argument: b"valve-3".to_vec(),
+            signed: Some(b"ENVELOPE".to_vec()),
+        }
+    );
+    let refused = message::function_refused(&[9], "replayed");
+    assert_eq!(refused.mtype, MessageType::NonConfirmable);
+    assert_eq!(refused.code, code::FORBIDDEN);
+    assert_eq!(refused.token, vec![9]);
+    assert_eq!(refused.payload, b"replayed".to_vec());
 }
 
 #[test]

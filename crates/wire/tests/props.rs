@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use trellis_wire::coap::{CoapMessage, MessageType};
 use trellis_wire::frame::{FrameDecoder, FrameEncoder};
+use trellis_wire::hello::CommandPolicyReport;
 use trellis_wire::message::classify;
 use trellis_wire::ota::UpdateBegin;
 use trellis_wire::{DeviceId, Hello};
@@ -166,11 +167,13 @@ proptest! {
     fn hello_round_trip(
         product_id in any::<u16>(), firmware_version in any::<u16>(), reserved in any::<u8>(), flags in any::<u8>(),
         platform_id in any::<u16>(), id in proptest::option::of(any::<[u8; 12]>()), sha in proptest::option::of(any::<[u8; 32]>()),
+        commands in proptest::option::of((any::<[u8; 32]>(), any::<u64>())),
     ) {
-        let mut h = Hello { product_id, firmware_version, reserved, flags, platform_id, device_id: id.map(DeviceId), firmware_sha256: sha };
+        let command_policy = commands.map(|(policy_sha256, last_sequence)| CommandPolicyReport { policy_sha256, last_sequence });
+        let mut h = Hello { product_id, firmware_version, reserved, flags, platform_id, device_id: id.map(DeviceId), firmware_sha256: sha, command_policy };
         let back = Hello::parse(&h.encode()).expect("parses");
-        // A hash without an id travels with an all-zero id.
-        if h.device_id.is_none() && h.firmware_sha256.is_some() {
+        // Extensions without an id travel with an all-zero id.
+        if h.device_id.is_none() && (h.firmware_sha256.is_some() || h.command_policy.is_some()) {
             h.device_id = Some(DeviceId::default());
         }
         prop_assert_eq!(back, h);

@@ -200,6 +200,7 @@ fn protocol_v1_conversation() {
         platform_id: 6,
         device_id: Some(device_id),
         firmware_sha256: Some(sha),
+        command_policy: None,
     };
     let built = [
         message::hello_device(1000, &hello),
@@ -254,7 +255,8 @@ fn protocol_v1_conversation() {
         kinds[5],
         Incoming::Request(Request::FunctionCall {
             name: "add".into(),
-            argument: b"2,3".to_vec()
+            argument: b"2,3".to_vec(),
+            signed: None,
         })
     );
     assert_eq!(kinds[6], Incoming::Response);
@@ -400,7 +402,8 @@ fn spark_0_1_6_transcript() {
         cls("FunctionCall"),
         Incoming::Request(Request::FunctionCall {
             name: "led".into(),
-            argument: b"on".to_vec()
+            argument: b"on".to_vec(),
+            signed: None,
         })
     );
     assert_eq!(cls("FunctionCall ACK (empty)"), Incoming::Response);

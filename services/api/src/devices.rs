@@ -205,6 +205,23 @@ async fn call(
         .or_else(|| fields.get("arg"))
         .cloned()
         .unwrap_or_default();
+    // A Trellis addition: the signed command (`trellis command sign`'s
+    // file, base64) for a device that requires one (README "Signed commands").
+    let signed_command = match fields.get("signed_command") {
+        None => Vec::new(),
+        Some(b64) => {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| {
+                    ApiError::Other(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "signed_command must be base64 (the file `trellis command sign` writes)"
+                            .into(),
+                    )
+                })?
+        }
+    };
     let device = resolve(state, &token, id, product).await?;
     let missing = || ApiError::NotFound(format!("Function {function} not found"));
     // Only a device that has described itself is known to lack it.
@@ -222,6 +239,7 @@ async fn call(
             function: function.to_string(),
             argument,
             timeout_ms: 0,
+            signed_command,
         }))
         .await
         .map_err(|s| ApiError::from_status_or(&s, missing))?

@@ -33,6 +33,14 @@ pub async fn record_hello(
     hello: &Hello,
 ) -> redis::RedisResult<()> {
     let sha = hello.firmware_sha256.map(hex::encode).unwrap_or_default();
+    let policy = hello.command_policy.unwrap_or_default();
+    let (command_policy, command_sequence) = match hello.command_policy {
+        Some(_) => (
+            hex::encode(policy.policy_sha256),
+            policy.last_sequence.to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
     redis::cmd("HSET")
         .arg(keys::device_state(device_id))
         .arg(&[
@@ -41,6 +49,8 @@ pub async fn record_hello(
             ("platform", hello.platform_id.to_string()),
             ("hello_flags", hello.flags.to_string()),
             ("firmware_sha256", sha),
+            ("command_policy", command_policy),
+            ("command_sequence", command_sequence),
             ("last_seen", now_ms().to_string()),
         ])
         .query_async(redis)

@@ -132,6 +132,7 @@ fn failure_status(f: Failure) -> Status {
         FailureKind::NotFound => Status::not_found(f.message),
         FailureKind::Timeout => Status::deadline_exceeded(f.message),
         FailureKind::SessionLost => Status::unavailable(f.message),
+        FailureKind::Refused => Status::permission_denied(format!("device refused: {}", f.message)),
         FailureKind::Internal => Status::internal(f.message),
     }
 }
@@ -174,6 +175,11 @@ fn build_state(
         recent_sessions: Vec::new(),
         clone_flags: Vec::new(),
         quarantined_until_ms: 0,
+        command_policy_sha256: get("command_policy"),
+        command_sequence: state
+            .get("command_sequence")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -274,16 +280,24 @@ impl DeviceService for DeviceApi {
                 "function argument is limited to 622 bytes",
             ));
         }
+        let signed = (!req.signed_command.is_empty()).then_some(req.signed_command);
+        let sequence = match &signed {
+            Some(bytes) => Some(crate::commands::sequence_of(bytes)?),
+            None => None,
+        };
+        let function = req.function.clone();
         let action = Action::CallFunction {
             name: req.function,
             argument: req.argument,
+            signed,
         };
-        match self
+        let outcome = self
             .gw
             .router
             .execute(&id, action, self.timeout(req.timeout_ms))
-            .await
-        {
+            .await;
+        crate::commands::after_call(&self.gw, &principal, &id, &function, sequence, &outcome).await;
+        match outcome {
             Ok(Output::FunctionReturn(v)) => Ok(Response::new(CallFunctionResponse {
                 return_value: v,
                 gateway_id: self.gw.id.clone(),

@@ -4,6 +4,7 @@
 //! routing to the owning gateway when it is not this one. It keeps no state
 //! another gateway could not rebuild.
 pub mod clones;
+pub mod commands;
 pub mod device_state;
 pub mod fence;
 mod grpc;

@@ -42,6 +42,8 @@ pub enum Action {
     CallFunction {
         name: String,
         argument: String,
+        /// A signed command for the device to check (docs/protocol.md §7.4).
+        signed: Option<Vec<u8>>,
     },
     GetVariable {
         name: String,
@@ -81,6 +83,9 @@ pub enum FailureKind {
     Timeout,
     /// The session ended (or moved) while the command was in flight.
     SessionLost,
+    /// The device refused the call (signed commands); the message is the
+    /// device's reason.
+    Refused,
     Internal,
 }
 
@@ -355,10 +360,17 @@ impl Router {
             messaging.destination.name = %keys::gateway_commands(&owner.gateway_id),
         );
         match action {
-            Action::CallFunction { name, argument } => {
+            Action::CallFunction {
+                name,
+                argument,
+                signed,
+            } => {
                 fields.push(("action", "call".into()));
                 fields.push(("name", name.clone()));
                 fields.push(("argument", argument.clone()));
+                if let Some(signed) = signed {
+                    fields.push(("signed", hex::encode(signed)));
+                }
             }
             Action::GetVariable { name } => {
                 fields.push(("action", "get".into()));
@@ -720,6 +732,7 @@ fn failure_kind_name(kind: FailureKind) -> &'static str {
         FailureKind::NotFound => "not_found",
         FailureKind::Timeout => "timeout",
         FailureKind::SessionLost => "session_lost",
+        FailureKind::Refused => "refused",
         FailureKind::Internal => "internal",
     }
 }
@@ -730,6 +743,7 @@ fn failure_kind_from(name: &str) -> FailureKind {
         "not_found" => FailureKind::NotFound,
         "timeout" => FailureKind::Timeout,
         "session_lost" => FailureKind::SessionLost,
+        "refused" => FailureKind::Refused,
         _ => FailureKind::Internal,
     }
 }
@@ -769,6 +783,10 @@ impl InboxEntry {
                         "call" => Action::CallFunction {
                             name: need("name")?,
                             argument: get("argument").unwrap_or_default(),
+                            signed: match get("signed") {
+                                None => None,
+                                Some(h) => Some(hex::decode(h).map_err(|_| "bad signed command")?),
+                            },
                         },
                         "get" => Action::GetVariable {
                             name: need("name")?,

@@ -545,7 +545,23 @@ impl Session {
             }
             Pending::Ota => {}
             Pending::Function { reply, .. } => {
-                let outcome = if failed {
+                let outcome = if msg.code == code::FORBIDDEN {
+                    // A device with signed commands refused the call; its
+                    // reason is the payload (docs/protocol.md §7.4).
+                    let reason: String = String::from_utf8_lossy(&msg.payload)
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .take(80)
+                        .collect();
+                    Err(Failure::new(
+                        FailureKind::Refused,
+                        if reason.is_empty() {
+                            "no reason given".into()
+                        } else {
+                            reason
+                        },
+                    ))
+                } else if failed {
                     Err(Failure::new(
                         FailureKind::NotFound,
                         format!("device answered {}", code_text(msg.code)),
@@ -610,20 +626,27 @@ impl Session {
                 .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
         }
         tracing::debug!(device = %self.device_id, ?action, "command to device");
-        let (name, is_call, argument) = match action {
+        let (name, call_signature, argument) = match action {
             Action::DeliverUpdate { release_id, .. } => {
                 return self.start_transfer(release_id, deadline, reply).await;
             }
-            Action::CallFunction { name, argument } => (name, true, argument),
-            Action::GetVariable { name } => (name, false, String::new()),
+            Action::CallFunction {
+                name,
+                argument,
+                signed,
+            } => (name, Some(signed), argument),
+            Action::GetVariable { name } => (name, None, String::new()),
         };
         let token = self.take_token();
         let id = self.outgoing.next();
-        let (msg, pending) = if is_call {
-            (
-                message::function_call(id, token, &name, argument.as_bytes()),
-                Pending::Function { reply, deadline },
-            )
+        let (msg, pending) = if let Some(signed) = call_signature {
+            let msg = match signed {
+                Some(signed) => {
+                    message::signed_function_call(id, token, &name, argument.as_bytes(), &signed)
+                }
+                None => message::function_call(id, token, &name, argument.as_bytes()),
+            };
+            (msg, Pending::Function { reply, deadline })
         } else {
             (
                 message::variable_request(id, token, &name),

@@ -35,6 +35,7 @@ async fn a_command_in_the_gap_between_claim_and_registration_reaches_the_session
                     Action::CallFunction {
                         name: "add".into(),
                         argument: "1,2".into(),
+                        signed: None,
                     },
                     Duration::from_secs(3),
                 )

@@ -221,6 +221,7 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                     function,
                     argument,
                     timeout_ms,
+                    signed_command: Vec::new(),
                 })
                 .await
                 .map_err(status)?

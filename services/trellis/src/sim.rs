@@ -117,6 +117,11 @@ pub fn print_report(report: &DeviceReport) {
         DeviceReport::VariableRead { device_id, name } => {
             println!("device {device_id}: variable {name} read")
         }
+        DeviceReport::CommandRefused {
+            device_id,
+            name,
+            reason,
+        } => println!("device {device_id}: refused function {name}: {reason}"),
     }
 }
 
@@ -305,6 +310,7 @@ async fn smoke_steps(
                 function: "add".into(),
                 argument: "2,3".into(),
                 timeout_ms: 0,
+                signed_command: Vec::new(),
             })
             .await
             .map_err(|e| anyhow::anyhow!("{} ({:?})", e.message(), e.code()))?

@@ -477,6 +477,7 @@ async fn demo(
             function: "add".into(),
             argument: "2,3".into(),
             timeout_ms: 0,
+            signed_command: Vec::new(),
         })
         .await
         .map_err(|e| anyhow::anyhow!("demo call failed: {}", e.message()))?

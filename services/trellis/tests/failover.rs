@@ -431,6 +431,7 @@ async fn call(
         function: function.to_string(),
         argument: argument.to_string(),
         timeout_ms,
+        signed_command: Vec::new(),
     });
     // Well above the gateway's own bound (timeout + 2 s): if this fires,
     // the gateway said nothing.

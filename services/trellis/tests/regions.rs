@@ -902,6 +902,7 @@ async fn region_a_dies_devices_fail_over_to_b_and_return_home_gradually() -> any
                 function: "add".into(),
                 argument: "2,3".into(),
                 timeout_ms: 5000,
+                signed_command: Vec::new(),
             })
             .await?
             .into_inner();
