@@ -15,6 +15,10 @@ pub const OPTION_URI_QUERY: u16 = 15;
 /// function call. From the experimental-use range (65000-65535), even, so
 /// elective: a device that does not know it ignores it.
 pub const OPTION_SIGNED_COMMAND: u16 = 65000;
+/// Longest signed command a gateway sends: with the call's path, a 622-byte
+/// argument and framing it stays inside a device's 4,096-byte frame
+/// ([`crate::DEFAULT_MAX_FRAME_LEN`]). Five 3072-bit signatures fit.
+pub const MAX_SIGNED_COMMAND_LEN: usize = 3072;
 
 pub(crate) const PAYLOAD_MARKER: u8 = 0xFF;
 

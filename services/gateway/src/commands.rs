@@ -15,6 +15,13 @@ use trellis_firmware::command::{CommandEnvelope, SignedCommand};
 /// that are not one (a device would refuse them as malformed anyway; the
 /// caller learns why sooner).
 pub fn sequence_of(signed: &[u8]) -> Result<u64, Status> {
+    let max = trellis_wire::coap::MAX_SIGNED_COMMAND_LEN;
+    if signed.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "signed_command is {} bytes; at most {max} fit in a device's frame (fewer or shorter keys)",
+            signed.len()
+        )));
+    }
     let signed = SignedCommand::decode(signed).map_err(|e| {
         Status::invalid_argument(format!(
             "signed_command is not a signed command ({e}); make one with `trellis command sign`"

@@ -151,6 +151,16 @@ pub async fn login(endpoints: &Endpoints, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This CLI's identity as keyvault sees it.
+pub async fn who_am_i(endpoints: &Endpoints) -> anyhow::Result<pb::Identity> {
+    Ok(client(endpoints)
+        .await?
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .map_err(status)?
+        .into_inner())
+}
+
 pub async fn whoami(endpoints: &Endpoints) -> anyhow::Result<()> {
     let me = client(endpoints)
         .await?

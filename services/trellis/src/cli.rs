@@ -128,6 +128,10 @@ pub enum Command {
     /// service.
     #[command(subcommand)]
     Redis(crate::redis_cli::RedisCommand),
+    /// Signed commands, offline: sign, cosign, show, and the command
+    /// policy devices enforce (README "Signed commands").
+    #[command(subcommand, name = "command")]
+    SignedCommand(crate::command_cli::CommandCommand),
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +297,18 @@ pub enum DeviceCommand {
         argument: String,
         #[arg(long, default_value_t = 0)]
         timeout_ms: u32,
+        /// Sign the call with this private key (PKCS#8 PEM) for a device
+        /// whose command policy requires it; repeat for a threshold. The
+        /// key is read here and never sent.
+        #[arg(long = "sign-with", value_name = "KEY.pem", conflicts_with = "envelope")]
+        sign_with: Vec<PathBuf>,
+        /// How long a call signed with --sign-with stays valid.
+        #[arg(long, default_value = "1m")]
+        valid_for: humantime::Duration,
+        /// Send a command signed earlier (`trellis command sign -o FILE`);
+        /// FUNCTION and ARGUMENT must match it.
+        #[arg(long, value_name = "FILE")]
+        envelope: Option<PathBuf>,
     },
     /// Read a variable from a device.
     Get {
@@ -405,6 +421,7 @@ impl Command {
             Command::Firmware(c) => c.name(),
             Command::Release(c) => c.name(),
             Command::Policy(c) => c.name(),
+            Command::SignedCommand(c) => c.name(),
             Command::Login { .. } => "login",
             Command::Whoami => "whoami",
             Command::Org(_) => "org",

@@ -797,7 +797,7 @@ fn show_release(r: &pb::Release, json: bool) -> anyhow::Result<()> {
 }
 
 /// `NAME=PUB.pem` or `PUB.pem`.
-fn parse_key_arg(arg: &str) -> anyhow::Result<(String, PathBuf)> {
+pub(crate) fn parse_key_arg(arg: &str) -> anyhow::Result<(String, PathBuf)> {
     let (name, path) = match arg.split_once('=') {
         Some((n, p)) if !n.trim().is_empty() => (n.trim().to_string(), PathBuf::from(p)),
         Some(_) => bail!("--key {arg:?}: the name before '=' is empty; give NAME=PUB.pem"),

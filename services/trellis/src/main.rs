@@ -3,6 +3,7 @@
 mod access_cli;
 mod admin;
 mod certs_cli;
+mod command_cli;
 mod cli;
 mod demo_ota;
 mod firmware_cli;
@@ -151,6 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .instrument(span)
                             .await
                     }
+                    Command::SignedCommand(cmd) => span.in_scope(|| command_cli::run(cmd)),
                     Command::Policy(cmd) => {
                         firmware_cli::policy(&cli.endpoints, cmd)
                             .instrument(span)

@@ -213,15 +213,21 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
             function,
             argument,
             timeout_ms,
+            sign_with,
+            valid_for,
+            envelope,
         } => {
             let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let signed_command =
+                signed_command_for(endpoints, &mut gw, &id, &function, &argument, sign_with, valid_for.into(), envelope)
+                    .await?;
             let r = gw
                 .call_function(CallFunctionRequest {
                     device_id: id,
                     function,
                     argument,
                     timeout_ms,
-                    signed_command: Vec::new(),
+                    signed_command,
                 })
                 .await
                 .map_err(status)?
@@ -362,6 +368,57 @@ pub fn format_value(r: &GetVariableResponse) -> String {
     }
 }
 
+/// The signed command for `device call`, if it is to carry one: read from
+/// --envelope (checked against the call), or made now with --sign-with,
+/// its sequence above the last one the device accepted.
+#[allow(clippy::too_many_arguments)]
+async fn signed_command_for(
+    endpoints: &Endpoints,
+    gw: &mut DeviceServiceClient<TracedChannel>,
+    id: &str,
+    function: &str,
+    argument: &str,
+    sign_with: Vec<std::path::PathBuf>,
+    valid_for: std::time::Duration,
+    envelope: Option<std::path::PathBuf>,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::command_cli;
+    if let Some(path) = envelope {
+        let (e, signed) = command_cli::read_file(&path)?;
+        if !e.device_id.eq_ignore_ascii_case(id) || e.function != function || e.argument != argument {
+            anyhow::bail!(
+                "{} signs {}({:?}) on device {}, not {function}({argument:?}) on {id}",
+                path.display(),
+                e.function,
+                e.argument,
+                e.device_id
+            );
+        }
+        return signed.encode().map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    if sign_with.is_empty() {
+        return Ok(Vec::new());
+    }
+    let state = gw
+        .get_device_state(GetDeviceStateRequest {
+            device_id: id.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let now = command_cli::now_ms();
+    let sequence = u64::try_from(now)
+        .unwrap_or(0)
+        .max(state.command_sequence.saturating_add(1));
+    let org = match crate::access_cli::who_am_i(endpoints).await {
+        Ok(me) => me.org,
+        Err(_) => trellis_auth::DEFAULT_ORG.to_string(),
+    };
+    let e = command_cli::envelope(&org, id, function, argument, now, valid_for, sequence);
+    let (_, signed) = command_cli::make(e, &sign_with)?;
+    signed.encode().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn state_json(d: &DeviceState) -> serde_json::Value {
     serde_json::json!({
         "device_id": d.device_id,
@@ -393,6 +450,8 @@ fn state_json(d: &DeviceState) -> serde_json::Value {
             "action": f.action,
         })).collect::<Vec<_>>(),
         "quarantined_until_ms": d.quarantined_until_ms,
+        "command_policy_sha256": d.command_policy_sha256,
+        "command_sequence": d.command_sequence,
     })
 }
 
