@@ -7,6 +7,7 @@
 //! command for each.
 mod alloc_count;
 mod cluster;
+mod commands;
 mod fastdevice;
 mod handshake;
 mod idle;
@@ -49,6 +50,9 @@ enum Cmd {
     Ota(ota::Args),
     /// Allocations per wire operation (timings: cargo bench -p trellis-wire).
     Wire(wire::Args),
+    /// Signed commands: the device's check vs raw RSA-PSS verification, and
+    /// a routed signed call next to an unsigned one.
+    Commands(commands::Args),
     /// Every figure in turn, with the defaults (or --smoke).
     All,
 }
@@ -83,6 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Routed(a) => routed::run(&pick(smoke, a, routed::Args::smoke()), bin).await,
         Cmd::Ota(a) => ota::run(&pick(smoke, a, ota::Args::smoke()), bin).await,
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
+        Cmd::Commands(a) => commands::run(&pick(smoke, a, commands::Args::smoke()), bin).await,
         Cmd::All => {
             wire::run(&pick(
                 smoke,

@@ -300,7 +300,11 @@ pub enum DeviceCommand {
         /// Sign the call with this private key (PKCS#8 PEM) for a device
         /// whose command policy requires it; repeat for a threshold. The
         /// key is read here and never sent.
-        #[arg(long = "sign-with", value_name = "KEY.pem", conflicts_with = "envelope")]
+        #[arg(
+            long = "sign-with",
+            value_name = "KEY.pem",
+            conflicts_with = "envelope"
+        )]
         sign_with: Vec<PathBuf>,
         /// How long a call signed with --sign-with stays valid.
         #[arg(long, default_value = "1m")]

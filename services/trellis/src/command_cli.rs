@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use trellis_firmware::command::{
     CommandEnvelope, CommandPolicy, Protected, SignedCommand, sign_command,
 };
-use trellis_firmware::{TrustPolicy, TrustedKey, key_id, private_key_from_pem, public_key_from_pem};
+use trellis_firmware::{
+    TrustPolicy, TrustedKey, key_id, private_key_from_pem, public_key_from_pem,
+};
 
 /// The `format` of a signed-command file.
 pub const FILE_FORMAT: &str = "trellis-signed-command-1";
@@ -120,10 +122,8 @@ pub fn now_ms() -> i64 {
 
 fn iso(ms: i64) -> String {
     let ms = u64::try_from(ms).unwrap_or(0);
-    humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-    )
-    .to_string()
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 fn millis(d: std::time::Duration) -> i64 {
@@ -163,7 +163,11 @@ pub fn make(
     envelope: CommandEnvelope,
     keys: &[PathBuf],
 ) -> anyhow::Result<(CommandEnvelope, SignedCommand)> {
-    if envelope.device_id.parse::<trellis_wire::DeviceId>().is_err() {
+    if envelope
+        .device_id
+        .parse::<trellis_wire::DeviceId>()
+        .is_err()
+    {
         bail!(
             "device id {:?} is not 24 hex characters",
             envelope.device_id
@@ -229,8 +233,8 @@ fn to_file(envelope: &CommandEnvelope, signed: &SignedCommand) -> anyhow::Result
 /// Reads a signed-command file: the envelope (from the signed bytes, never
 /// from the readable fields) and the signed command.
 pub fn read_file(path: &Path) -> anyhow::Result<(CommandEnvelope, SignedCommand)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file: SignedCommandFile = serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a signed-command file (make one with `trellis command sign`)",

@@ -3,8 +3,8 @@
 mod access_cli;
 mod admin;
 mod certs_cli;
-mod command_cli;
 mod cli;
+mod command_cli;
 mod demo_ota;
 mod firmware_cli;
 mod ops;

@@ -218,9 +218,17 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
             envelope,
         } => {
             let mut gw = gateway_client(&endpoints.gateway_url).await?;
-            let signed_command =
-                signed_command_for(endpoints, &mut gw, &id, &function, &argument, sign_with, valid_for.into(), envelope)
-                    .await?;
+            let signed_command = signed_command_for(
+                endpoints,
+                &mut gw,
+                &id,
+                &function,
+                &argument,
+                sign_with,
+                valid_for.into(),
+                envelope,
+            )
+            .await?;
             let r = gw
                 .call_function(CallFunctionRequest {
                     device_id: id,
@@ -385,7 +393,8 @@ async fn signed_command_for(
     use crate::command_cli;
     if let Some(path) = envelope {
         let (e, signed) = command_cli::read_file(&path)?;
-        if !e.device_id.eq_ignore_ascii_case(id) || e.function != function || e.argument != argument {
+        if !e.device_id.eq_ignore_ascii_case(id) || e.function != function || e.argument != argument
+        {
             anyhow::bail!(
                 "{} signs {}({:?}) on device {}, not {function}({argument:?}) on {id}",
                 path.display(),
