@@ -44,7 +44,10 @@ pub fn run(data: &[u8]) {
             message::hello_device(id, h)
         }
         Request::UpdateBegin(u) => {
-            assert_eq!(&UpdateBegin::parse(&u.encode()).expect("own UpdateBegin"), u);
+            assert_eq!(
+                &UpdateBegin::parse(&u.encode()).expect("own UpdateBegin"),
+                u
+            );
             message::update_begin(id, token, u)
         }
         Request::Chunk(c) => {

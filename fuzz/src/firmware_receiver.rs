@@ -85,7 +85,11 @@ pub fn drive(data: &[u8]) -> Reached {
         policy: (config_byte != 0xFF).then(|| v.policy.clone()),
         product_id: PRODUCT_ID,
         version_floor: VERSION_FLOOR,
-        max_image_size: if config_byte & 0x40 != 0 { 256 } else { 1 << 20 },
+        max_image_size: if config_byte & 0x40 != 0 {
+            256
+        } else {
+            1 << 20
+        },
         max_crc_failures: 1 + u32::from(config_byte & 3),
         max_missed_rounds: 1 + u32::from((config_byte >> 2) & 3),
     };
@@ -127,7 +131,14 @@ pub fn drive(data: &[u8]) -> Reached {
                 assert_eq!(model.is_some(), valid, "UpdateBegin {begin:?}: {out:?}");
                 if which != 0 && rx.config().policy.is_some() {
                     let code = out.rejected.as_ref().map(Rejection::code);
-                    assert_eq!(code, Some(if which == 1 { "wrong_product" } else { "rollback" }));
+                    assert_eq!(
+                        code,
+                        Some(if which == 1 {
+                            "wrong_product"
+                        } else {
+                            "rollback"
+                        })
+                    );
                 }
             }
             1 => {
@@ -145,7 +156,8 @@ pub fn drive(data: &[u8]) -> Reached {
                 // Only the releases' own envelopes carry a valid signature.
                 model = begin_outcome(&out, &rx, 0, &begin);
                 if model.is_some() {
-                    let signed = trellis_firmware::decode_signed_manifest(&bytes).expect("accepted");
+                    let signed =
+                        trellis_firmware::decode_signed_manifest(&bytes).expect("accepted");
                     assert_eq!(signed.manifest, v.releases[0].manifest);
                 }
             }
@@ -238,7 +250,9 @@ fn send(rx: &mut OtaReceiver, m: CoapMessage) -> ReceiverOutput {
     let Ok(Incoming::Request(request)) = classify(&decoded) else {
         panic!("a built OTA request does not classify: {decoded:?}");
     };
-    let out = rx.handle(&decoded, &request).expect("an OTA request is handled");
+    let out = rx
+        .handle(&decoded, &request)
+        .expect("an OTA request is handled");
     check_replies(&out);
     out
 }
@@ -305,7 +319,11 @@ fn chunk_outcome(
         return;
     };
     if right && index < m.stored.len() {
-        assert_eq!(last_code(out), code::CHANGED, "right chunk {index} not stored: {out:?}");
+        assert_eq!(
+            last_code(out),
+            code::CHANGED,
+            "right chunk {index} not stored: {out:?}"
+        );
     }
     if out.rejected.is_some() {
         *model = None;

@@ -55,7 +55,9 @@ fn stream(key: [u8; 16], iv: [u8; 16], max: usize, step: usize, one_per_read: bo
         loop {
             match dec.next_message() {
                 Ok(Some(plain)) => {
-                    let frame = enc.try_encode(&plain).expect("a decoded message re-encodes");
+                    let frame = enc
+                        .try_encode(&plain)
+                        .expect("a decoded message re-encodes");
                     assert_eq!(
                         &bytes[consumed..consumed + frame.len()],
                         &frame[..],

@@ -75,10 +75,16 @@ pub fn drive(data: &[u8]) -> Reached {
             }
             Ok(None) => {
                 fed += piece.len();
-                assert!(fed < HANDSHAKE_CIPHERTEXT_LEN, "{fed} bytes in, no ciphertext");
+                assert!(
+                    fed < HANDSHAKE_CIPHERTEXT_LEN,
+                    "{fed} bytes in, no ciphertext"
+                );
             }
             Err(_) => {
-                assert!(fed + piece.len() > HANDSHAKE_CIPHERTEXT_LEN, "refused at {fed}");
+                assert!(
+                    fed + piece.len() > HANDSHAKE_CIPHERTEXT_LEN,
+                    "refused at {fed}"
+                );
                 return reached;
             }
         }
@@ -86,7 +92,10 @@ pub fn drive(data: &[u8]) -> Reached {
     let material = SessionMaterial::from_bytes(&v.session_material).expect("material");
     let Some(ciphertext) = ciphertext else {
         assert!(fed < HANDSHAKE_CIPHERTEXT_LEN);
-        assert!(hs.accept(material, &v.server_reply).is_err(), "accepted after {fed} bytes");
+        assert!(
+            hs.accept(material, &v.server_reply).is_err(),
+            "accepted after {fed} bytes"
+        );
         return reached;
     };
     reached.ciphertext = true;
@@ -136,7 +145,10 @@ fn plaintext_checks(bytes: &[u8], nonce: &[u8; trellis_wire::NONCE_LEN]) -> bool
     assert_eq!(p.to_bytes(), bytes);
     assert_eq!(nonce_matches(nonce, &p.nonce), &p.nonce == nonce);
     let shown = p.device_id.to_string();
-    assert_eq!(shown.parse::<trellis_wire::DeviceId>().expect("id"), p.device_id);
+    assert_eq!(
+        shown.parse::<trellis_wire::DeviceId>().expect("id"),
+        p.device_id
+    );
     let _ = format!("{p:?}");
     if let Some(der) = &p.public_key_der
         && let Ok(key) = rsa::PublicKey::from_public_key_der(der)
@@ -151,10 +163,17 @@ fn plaintext_checks(bytes: &[u8], nonce: &[u8; trellis_wire::NONCE_LEN]) -> bool
 /// CoAP; a CON or NON must be the Hello first (which starts the counter)
 /// and then carry the previous id + 1; `classify`. `None`: the gateway
 /// ends the session here. `Some(true)`: a message through the counter.
-fn session_message(plain: &[u8], counter: &mut IncomingCounter, hello_seen: &mut bool) -> Option<bool> {
+fn session_message(
+    plain: &[u8],
+    counter: &mut IncomingCounter,
+    hello_seen: &mut bool,
+) -> Option<bool> {
     let m = CoapMessage::decode(plain).ok()?;
     let classified = classify(&m);
-    let request_flow = matches!(m.mtype, MessageType::Confirmable | MessageType::NonConfirmable);
+    let request_flow = matches!(
+        m.mtype,
+        MessageType::Confirmable | MessageType::NonConfirmable
+    );
     if !request_flow {
         return hello_seen.then_some(false);
     }

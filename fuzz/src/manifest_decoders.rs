@@ -7,7 +7,9 @@
 //!   so signatures are checked (the seeds carry valid ones);
 //! - 2: a trust policy's JSON (`TrustPolicy::from_json` and serde), and the
 //!   text as a PEM public key;
-//! - 3: `parse_rejection_event` (what a device reports when it refuses).
+//! - 3: `parse_rejection_event` (what a device reports when it refuses);
+//! - 4: a signed command (`SignedCommand::decode`, its envelope) and the
+//!   check a device with a command policy runs on it.
 //!
 //! Whatever decodes must encode back to something that decodes the same.
 
@@ -25,11 +27,12 @@ pub fn run(data: &[u8]) {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
     };
-    match selector % 4 {
+    match selector % 5 {
         0 => manifest(bytes),
         1 => signed_manifest(bytes),
         2 => policy(bytes),
-        _ => rejection(bytes),
+        3 => rejection(bytes),
+        _ => signed_command(bytes),
     }
 }
 
@@ -39,7 +42,10 @@ fn manifest(bytes: &[u8]) {
     };
     assert_eq!(m.image_sha256.len(), 32);
     assert!(m.image_size > 0);
-    assert_eq!(decode_manifest(&encode_manifest(&m)).expect("own manifest"), m);
+    assert_eq!(
+        decode_manifest(&encode_manifest(&m)).expect("own manifest"),
+        m
+    );
 }
 
 fn signed_manifest(bytes: &[u8]) {
@@ -52,7 +58,10 @@ fn signed_manifest(bytes: &[u8]) {
     assert!(!signed.manifest.is_empty());
     let again = decode_signed_manifest(&encode_signed_manifest(&signed)).expect("own envelope");
     assert_eq!(again, signed);
-    assert_eq!(verify_update(&signed, &v.policy, PRODUCT_ID, VERSION_FLOOR), verdict);
+    assert_eq!(
+        verify_update(&signed, &v.policy, PRODUCT_ID, VERSION_FLOOR),
+        verdict
+    );
 
     let report = v.policy.evaluate(&signed.manifest, &signed.signatures);
     assert_eq!(report.satisfied(), report.clone().into_result().is_ok());
@@ -82,18 +91,52 @@ fn policy(bytes: &[u8]) {
     }
     let parsed = TrustPolicy::from_json(text);
     let via_serde = serde_json::from_str::<TrustPolicy>(text);
-    assert_eq!(parsed.is_ok(), via_serde.is_ok(), "from_json and serde disagree");
+    assert_eq!(
+        parsed.is_ok(),
+        via_serde.is_ok(),
+        "from_json and serde disagree"
+    );
     let Ok(policy) = parsed else {
         return;
     };
     policy.validate().expect("a parsed policy is valid");
     assert!(policy.threshold() >= 1 && policy.threshold() <= policy.keys().len());
     let json = policy.to_json().expect("own policy to JSON");
-    assert_eq!(TrustPolicy::from_json(&json).expect("own policy JSON"), policy);
+    assert_eq!(
+        TrustPolicy::from_json(&json).expect("own policy JSON"),
+        policy
+    );
 }
 
 fn rejection(bytes: &[u8]) {
     if let Some((code, message)) = parse_rejection_event(bytes) {
         assert_eq!(format!("{code}: {message}").as_bytes(), bytes);
+    }
+}
+
+fn signed_command(bytes: &[u8]) {
+    use trellis_firmware::command::{
+        CommandEnvelope, CommandGuard, CommandPolicy, CommandRefusal, Protected, SignedCommand,
+    };
+    let v = vectors::get();
+    let policy =
+        CommandPolicy::new(v.policy.clone(), Protected::All, 3_600_000).expect("a command policy");
+    let mut guard = CommandGuard::new("0123456789abcdef01234567", Some(policy), 0);
+    let verdict = guard.check("f", "", Some(bytes), 1_800_000_000_000);
+    let Ok(signed) = SignedCommand::decode(bytes) else {
+        assert_eq!(verdict, Err(CommandRefusal::Malformed));
+        return;
+    };
+    let again = SignedCommand::decode(&signed.encode().expect("own command")).expect("own bytes");
+    assert_eq!(again, signed);
+    if let Ok(e) = CommandEnvelope::from_bytes(&signed.envelope) {
+        let back = CommandEnvelope::from_bytes(&e.to_bytes().expect("own envelope"));
+        assert_eq!(back.as_ref(), Ok(&e));
+    }
+    if verdict.is_ok() {
+        // Only the vectors' cloud key could have signed it.
+        let report = v.policy.evaluate(&signed.envelope, &signed.signatures);
+        assert!(report.satisfied());
+        assert!(guard.last_sequence() > 0);
     }
 }

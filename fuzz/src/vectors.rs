@@ -54,7 +54,13 @@ fn hex_field(v: &serde_json::Value, key: &str) -> Vec<u8> {
 }
 
 fn release(key: &PrivateKey, product: u32, version: u32, image: Vec<u8>) -> Release {
-    let manifest = encode_manifest(&build_manifest(product, version, &image, 1_700_000_000_000, "fuzz"));
+    let manifest = encode_manifest(&build_manifest(
+        product,
+        version,
+        &image,
+        1_700_000_000_000,
+        "fuzz",
+    ));
     let signature = sign_manifest(key, &manifest).expect("sign");
     let signed = SignedManifest {
         manifest: manifest.clone(),
@@ -71,8 +77,8 @@ fn release(key: &PrivateKey, product: u32, version: u32, image: Vec<u8>) -> Rele
 
 fn load() -> Vectors {
     let v: serde_json::Value = serde_json::from_str(PROTOCOL_V1).expect("protocol-v1.json");
-    let cloud_key = private_key_from_pem(v["cloud_private_pem"].as_str().expect("pem"))
-        .expect("cloud key");
+    let cloud_key =
+        private_key_from_pem(v["cloud_private_pem"].as_str().expect("pem")).expect("cloud key");
     let conversation = v["conversation"]
         .as_array()
         .expect("conversation")

@@ -82,20 +82,56 @@ fn write_seeds() {
     let cloud = v.stream(false);
 
     // handshake_server: [read size, glued bytes] ciphertext frames...
-    write("handshake_server", "session-one-read", &cat(&[&[0, 0], ct, &device]));
-    write("handshake_server", "session-reads-of-7", &cat(&[&[7, 0], ct, &device]));
-    write("handshake_server", "session-pipelined", &cat(&[&[64, 16], ct, &device]));
+    write(
+        "handshake_server",
+        "session-one-read",
+        &cat(&[&[0, 0], ct, &device]),
+    );
+    write(
+        "handshake_server",
+        "session-reads-of-7",
+        &cat(&[&[7, 0], ct, &device]),
+    );
+    write(
+        "handshake_server",
+        "session-pipelined",
+        &cat(&[&[64, 16], ct, &device]),
+    );
     write("handshake_server", "ciphertext-only", &cat(&[&[0, 0], ct]));
-    write("handshake_server", "half-a-ciphertext", &cat(&[&[100, 0], &ct[..128]]));
+    write(
+        "handshake_server",
+        "half-a-ciphertext",
+        &cat(&[&[100, 0], &ct[..128]]),
+    );
     let mut plain = v.device_plaintext.clone();
     plain.resize(256, 0);
-    write("handshake_server", "plaintext-in-clear", &cat(&[&[0, 0], &plain]));
+    write(
+        "handshake_server",
+        "plaintext-in-clear",
+        &cat(&[&[0, 0], &plain]),
+    );
 
     // frame_decoder: [mode, read size, max len u16] bytes...
-    write("frame_decoder", "device-frames", &cat(&[&[0, 0, 0x10, 0], &device]));
-    write("frame_decoder", "device-frames-reads-of-3", &cat(&[&[0, 3, 0x10, 0], &device]));
-    write("frame_decoder", "cloud-frames-one-per-read", &cat(&[&[2, 40, 0x10, 0], &cloud]));
-    write("frame_decoder", "device-frames-max-32", &cat(&[&[0, 0, 0, 32], &device]));
+    write(
+        "frame_decoder",
+        "device-frames",
+        &cat(&[&[0, 0, 0x10, 0], &device]),
+    );
+    write(
+        "frame_decoder",
+        "device-frames-reads-of-3",
+        &cat(&[&[0, 3, 0x10, 0], &device]),
+    );
+    write(
+        "frame_decoder",
+        "cloud-frames-one-per-read",
+        &cat(&[&[2, 40, 0x10, 0], &cloud]),
+    );
+    write(
+        "frame_decoder",
+        "device-frames-max-32",
+        &cat(&[&[0, 0, 0, 32], &device]),
+    );
     let mut plaintexts = vec![1u8, 5, 0, 0];
     for f in &v.conversation {
         plaintexts.extend_from_slice(&(f.coap.len() as u16).to_be_bytes());
@@ -127,20 +163,35 @@ fn write_seeds() {
     };
     let describe = Describe {
         functions: vec!["add".into(), "reboot".into()],
-        variables: vec![("temp".into(), VariableType::Double), ("on".into(), VariableType::Bool)],
+        variables: vec![
+            ("temp".into(), VariableType::Double),
+            ("on".into(), VariableType::Bool),
+        ],
     };
     let built: Vec<(&str, CoapMessage)> = vec![
         ("hello", message::hello_device(1, &hello)),
         ("update-begin", message::update_begin(2, 3, &begin)),
-        ("chunk", message::chunk(3, 4, &Chunk::new(Some(1), r.image[64..128].to_vec()))),
-        ("chunk-no-index", message::chunk(4, 5, &Chunk::new(None, vec![1, 2, 3]))),
+        (
+            "chunk",
+            message::chunk(3, 4, &Chunk::new(Some(1), r.image[64..128].to_vec())),
+        ),
+        (
+            "chunk-no-index",
+            message::chunk(4, 5, &Chunk::new(None, vec![1, 2, 3])),
+        ),
         ("chunk-missed", message::chunk_missed(5, 6, &[0, 2, 4])),
         ("update-done", message::update_done(6, 7)),
         ("function-call", message::function_call(7, 8, "add", b"2&3")),
         ("subscribe", message::subscribe(8, 9, "alerts/")),
-        ("private-event", message::event(9, false, "trellis/ota/rejected", b"rollback: no")),
+        (
+            "private-event",
+            message::event(9, false, "trellis/ota/rejected", b"rollback: no"),
+        ),
         ("get-time", message::get_time(10, 11)),
-        ("describe-reply", message::describe_reply(11, &[12], &describe.to_json())),
+        (
+            "describe-reply",
+            message::describe_reply(11, &[12], &describe.to_json()),
+        ),
         (
             "long-option",
             CoapMessage::new(trellis_wire::MessageType::Confirmable, 2, 12)
@@ -156,28 +207,56 @@ fn write_seeds() {
     // manifest_decoders: [selector] bytes...
     write("manifest_decoders", "manifest", &cat(&[&[0], &r.manifest]));
     for (i, rel) in v.releases.iter().enumerate() {
-        write("manifest_decoders", &format!("signed-release-{i}"), &cat(&[&[1], &rel.signed_bytes]));
+        write(
+            "manifest_decoders",
+            &format!("signed-release-{i}"),
+            &cat(&[&[1], &rel.signed_bytes]),
+        );
     }
     let mut two = r.signed.clone();
     two.signatures.push(ManifestSignature {
         key_id: "00".repeat(32),
         signature: vec![1; 256],
     });
-    write("manifest_decoders", "signed-plus-unknown-key", &cat(&[&[1], &encode_signed_manifest(&two)]));
+    write(
+        "manifest_decoders",
+        "signed-plus-unknown-key",
+        &cat(&[&[1], &encode_signed_manifest(&two)]),
+    );
     let forged = SignedManifest {
         manifest: v.releases[1].manifest.clone(),
         signatures: r.signed.signatures.clone(),
     };
-    write("manifest_decoders", "signature-over-other-bytes", &cat(&[&[1], &encode_signed_manifest(&forged)]));
+    write(
+        "manifest_decoders",
+        "signature-over-other-bytes",
+        &cat(&[&[1], &encode_signed_manifest(&forged)]),
+    );
     let policy = v.policy.to_json().expect("policy JSON");
-    write("manifest_decoders", "policy", &cat(&[&[2], policy.as_bytes()]));
+    write(
+        "manifest_decoders",
+        "policy",
+        &cat(&[&[2], policy.as_bytes()]),
+    );
     let policy_no_id = format!(
         "{{\"threshold\":1,\"keys\":[{{\"name\":\"c\",\"public_key\":{}}}]}}",
         serde_json::Value::String(v.cloud_public_pem.clone())
     );
-    write("manifest_decoders", "policy-without-key-id", &cat(&[&[2], policy_no_id.as_bytes()]));
-    write("manifest_decoders", "device-key-pem", &cat(&[&[2], v.device_public_pem.as_bytes()]));
-    write("manifest_decoders", "rejection-event", b"\x03bad_signature: the signature by cloud (key 0123) does not verify");
+    write(
+        "manifest_decoders",
+        "policy-without-key-id",
+        &cat(&[&[2], policy_no_id.as_bytes()]),
+    );
+    write(
+        "manifest_decoders",
+        "device-key-pem",
+        &cat(&[&[2], v.device_public_pem.as_bytes()]),
+    );
+    write(
+        "manifest_decoders",
+        "rejection-event",
+        b"\x03bad_signature: the signature by cloud (key 0123) does not verify",
+    );
 
     // firmware_receiver: [config] then ops [token, op, ...].
     let mut full = vec![0u8, 1, 0, 0, 63];
@@ -188,10 +267,29 @@ fn write_seeds() {
     }
     full.extend_from_slice(&[3, 5]);
     write("firmware_receiver", "transfer-indexed", &full);
-    write("firmware_receiver", "transfer-unindexed", &[0, 1, 0, 0, 239, 2, 3, 0, 0, 1, 3, 3, 0, 0, 1, 4, 5]);
-    write("firmware_receiver", "missing-then-done", &[0x04, 1, 0, 0, 99, 2, 2, 0, 2, 0, 3, 5, 4, 5, 5, 5, 6, 5]);
-    write("firmware_receiver", "bad-crc-then-right", &[0x01, 1, 0, 0, 149, 2, 4, 0, 0, 0, 0, 4, 1, 2, 3, 4, 0xaa, 0xbb, 0xcc, 0xdd, 3, 2, 0, 0, 1, 4, 5]);
-    write("firmware_receiver", "wrong-product-and-rollback", &[0, 1, 0, 1, 63, 2, 0, 2, 63, 3, 5]);
+    write(
+        "firmware_receiver",
+        "transfer-unindexed",
+        &[0, 1, 0, 0, 239, 2, 3, 0, 0, 1, 3, 3, 0, 0, 1, 4, 5],
+    );
+    write(
+        "firmware_receiver",
+        "missing-then-done",
+        &[0x04, 1, 0, 0, 99, 2, 2, 0, 2, 0, 3, 5, 4, 5, 5, 5, 6, 5],
+    );
+    write(
+        "firmware_receiver",
+        "bad-crc-then-right",
+        &[
+            0x01, 1, 0, 0, 149, 2, 4, 0, 0, 0, 0, 4, 1, 2, 3, 4, 0xaa, 0xbb, 0xcc, 0xdd, 3, 2, 0,
+            0, 1, 4, 5,
+        ],
+    );
+    write(
+        "firmware_receiver",
+        "wrong-product-and-rollback",
+        &[0, 1, 0, 1, 63, 2, 0, 2, 63, 3, 5],
+    );
     write("firmware_receiver", "too-large", &[0x40, 1, 0, 0, 63, 2, 5]);
     write("firmware_receiver", "no-policy", &[0xFF, 1, 0, 0, 63, 2, 5]);
     let done = message::update_done(9, 9).encode();
@@ -211,19 +309,37 @@ fn seeds_reach_the_deep_states() {
     let session = handshake_server::drive(&seed("handshake_server", "session-one-read"));
     assert_eq!(
         session,
-        handshake_server::Reached { ciphertext: true, nonce_ok: true, messages: 5 }
+        handshake_server::Reached {
+            ciphertext: true,
+            nonce_ok: true,
+            messages: 5
+        }
     );
-    assert_eq!(handshake_server::drive(&seed("handshake_server", "session-reads-of-7")), session);
+    assert_eq!(
+        handshake_server::drive(&seed("handshake_server", "session-reads-of-7")),
+        session
+    );
     assert!(!handshake_server::drive(&seed("handshake_server", "session-pipelined")).ciphertext);
     assert!(!handshake_server::drive(&seed("handshake_server", "half-a-ciphertext")).ciphertext);
 
     let fr = |name: &str| firmware_receiver::drive(&seed("firmware_receiver", name));
-    for name in ["transfer-indexed", "transfer-unindexed", "bad-crc-then-right"] {
+    for name in [
+        "transfer-indexed",
+        "transfer-unindexed",
+        "bad-crc-then-right",
+    ] {
         let r = fr(name);
-        assert_eq!((r.accepted, r.completed), (1, usize::from(name != "bad-crc-then-right")), "{name}: {r:?}");
+        assert_eq!(
+            (r.accepted, r.completed),
+            (1, usize::from(name != "bad-crc-then-right")),
+            "{name}: {r:?}"
+        );
     }
     assert_eq!(fr("missing-then-done").refused, ["missing_chunks"]);
-    assert_eq!(fr("wrong-product-and-rollback").refused, ["wrong_product", "rollback"]);
+    assert_eq!(
+        fr("wrong-product-and-rollback").refused,
+        ["wrong_product", "rollback"]
+    );
     assert_eq!(fr("too-large").refused, ["too_large"]);
     assert_eq!(fr("no-policy").refused, ["no_trust_policy"]);
 }

@@ -131,7 +131,7 @@ pub enum Command {
     /// Signed commands, offline: sign, cosign, show, and the command
     /// policy devices enforce (README "Signed commands").
     #[command(subcommand, name = "command")]
-    SignedCommand(crate::command_cli::CommandCommand),
+    SignedCommands(crate::command_cli::CommandCommand),
 }
 
 #[derive(Debug, Args)]
@@ -425,7 +425,7 @@ impl Command {
             Command::Firmware(c) => c.name(),
             Command::Release(c) => c.name(),
             Command::Policy(c) => c.name(),
-            Command::SignedCommand(c) => c.name(),
+            Command::SignedCommands(c) => c.name(),
             Command::Login { .. } => "login",
             Command::Whoami => "whoami",
             Command::Org(_) => "org",

@@ -67,7 +67,7 @@ pub enum CommandCommand {
     /// which devices are provisioned with: who must sign which calls.
     Policy {
         /// The trust policy file to extend (`trellis policy show --product
-        /// P --device-file` prints one).
+        /// P --json` prints one).
         #[arg(long)]
         policy: PathBuf,
         /// A public key that may sign commands, `NAME=PUB.pem` or

@@ -152,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .instrument(span)
                             .await
                     }
-                    Command::SignedCommand(cmd) => span.in_scope(|| command_cli::run(cmd)),
+                    Command::SignedCommands(cmd) => span.in_scope(|| command_cli::run(cmd)),
                     Command::Policy(cmd) => {
                         firmware_cli::policy(&cli.endpoints, cmd)
                             .instrument(span)
