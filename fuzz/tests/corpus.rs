@@ -160,6 +160,10 @@ fn write_seeds() {
         platform_id: 6,
         device_id: Some(trellis_wire::DeviceId([7; 12])),
         firmware_sha256: Some([9; 32]),
+        command_policy: Some(trellis_wire::hello::CommandPolicyReport {
+            policy_sha256: [5; 32],
+            last_sequence: 42,
+        }),
     };
     let describe = Describe {
         functions: vec!["add".into(), "reboot".into()],
@@ -182,6 +186,16 @@ fn write_seeds() {
         ("chunk-missed", message::chunk_missed(5, 6, &[0, 2, 4])),
         ("update-done", message::update_done(6, 7)),
         ("function-call", message::function_call(7, 8, "add", b"2&3")),
+        (
+            "signed-function-call",
+            message::signed_function_call(
+                7,
+                8,
+                "open",
+                b"valve",
+                b"\x00\x10TRELLIS-CMD-1\x00\x00\x00",
+            ),
+        ),
         ("subscribe", message::subscribe(8, 9, "alerts/")),
         (
             "private-event",
