@@ -161,6 +161,18 @@ impl Fixture {
     /// and running the demo app (`add`, `led`, `uptime`, `temp`),
     /// publishing `event` every 200 ms; its id once it is in session.
     pub async fn device(&self, token: &str, product: u16, event: &str) -> anyhow::Result<String> {
+        self.device_with_policy(token, product, event, None).await
+    }
+
+    /// As [`Fixture::device`], the device provisioned with `policy` (its
+    /// command policy, if it has one, guards every function call).
+    pub async fn device_with_policy(
+        &self,
+        token: &str,
+        product: u16,
+        event: &str,
+        policy: Option<&trellis_firmware::TrustPolicy>,
+    ) -> anyhow::Result<String> {
         let identity = self.cluster.unregistered_identity()?;
         self.register(token, &identity, product).await?;
         let id = identity.device_id.to_string();
@@ -171,6 +183,10 @@ impl Fixture {
             platform_id: 6,
             event_interval: Some(Duration::from_millis(200)),
             event_name: event.to_string(),
+            command_guard: trellis_device::session::command_guard_for(
+                &identity.device_id.to_string(),
+                policy,
+            ),
             ..SessionConfig::default()
         };
         let app = Arc::new(DemoApp::new(21.5));
