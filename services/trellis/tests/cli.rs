@@ -297,3 +297,208 @@ async fn provision_sim_list_call_get_events_audit_revoke() -> anyhow::Result<()>
     cluster.stop().await;
     Ok(())
 }
+
+fn fails_with(out: std::process::Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(want),
+        "expected a failure saying {want:?}; status {:?}, stdout {}, stderr {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The README's "Signed commands" walk-through with the real binary: keys
+/// made by `firmware keygen`, the command policy written into policy.json
+/// by `command policy`, devices from `trellis sim` (which load it), calls
+/// through the other gateway with `--sign-with` and `--envelope`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_commands_from_the_cli() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let keys = path("fleet");
+    let id = ok(trellis(
+        &cluster,
+        0,
+        &["device", "provision", "--product", "9", "--out", &keys],
+    ));
+    for name in ["release", "alice", "bob"] {
+        ok(trellis(
+            &cluster,
+            0,
+            &[
+                "firmware",
+                "keygen",
+                "--out",
+                &path(&format!("{name}.pem")),
+                "--bits",
+                "2048",
+            ],
+        ));
+    }
+    // A device trust policy (firmware: the release key), then the command
+    // policy: alice AND bob must sign `add`.
+    let release_pub = std::fs::read_to_string(path("release.pub.pem"))?;
+    let policy_file = format!("{keys}/policy.json");
+    std::fs::write(
+        &policy_file,
+        serde_json::json!({"threshold": 1, "keys": [{"name": "release", "public_key": release_pub}]})
+            .to_string(),
+    )?;
+    ok(trellis(
+        &cluster,
+        0,
+        &[
+            "command",
+            "policy",
+            "--policy",
+            &policy_file,
+            "--key",
+            &path("alice.pub.pem"),
+            "--key",
+            &path("bob.pub.pem"),
+            "--threshold",
+            "2",
+            "--protect",
+            "add",
+        ],
+    ));
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["sim", "--keys", &keys, "--devices", "1", "--gateway"])
+        .arg(cluster.gateways[1].devices.to_string())
+        .args(["--duration", "60"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let state = eventually(
+        Duration::from_secs(30),
+        "the device reports its command policy",
+        || {
+            let out = trellis(&cluster, 0, &["device", "show", &id]);
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                (v["online"] == true
+                    && v["command_policy_sha256"]
+                        .as_str()
+                        .is_some_and(|s| s.len() == 64))
+                .then_some(v)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(state["command_sequence"], 0);
+
+    fails_with(
+        trellis(&cluster, 0, &["device", "call", &id, "add", "2,3"]),
+        "device refused: signature missing",
+    );
+    fails_with(
+        trellis(
+            &cluster,
+            0,
+            &[
+                "device",
+                "call",
+                &id,
+                "add",
+                "2,3",
+                "--sign-with",
+                &path("alice.pem"),
+            ],
+        ),
+        "device refused: signature missing",
+    );
+    // Unprotected functions run unsigned.
+    assert_eq!(
+        ok(trellis(&cluster, 0, &["device", "call", &id, "led", "on"])),
+        "1"
+    );
+    // Signed offline by alice, cosigned by bob, sent later: runs once.
+    let cmd = path("add.cmd");
+    ok(trellis(
+        &cluster,
+        0,
+        &[
+            "command",
+            "sign",
+            "--device",
+            &id,
+            "--function",
+            "add",
+            "--argument",
+            "2,3",
+            "--sign-with",
+            &path("alice.pem"),
+            "-o",
+            &cmd,
+        ],
+    ));
+    fails_with(
+        trellis(
+            &cluster,
+            0,
+            &["device", "call", &id, "add", "2,3", "--envelope", &cmd],
+        ),
+        "device refused: signature missing",
+    );
+    ok(trellis(
+        &cluster,
+        0,
+        &["command", "cosign", &cmd, "--sign-with", &path("bob.pem")],
+    ));
+    fails_with(
+        trellis(
+            &cluster,
+            0,
+            &["device", "call", &id, "add", "9,9", "--envelope", &cmd],
+        ),
+        "not add(\"9,9\")",
+    );
+    assert_eq!(
+        ok(trellis(
+            &cluster,
+            0,
+            &["device", "call", &id, "add", "2,3", "--envelope", &cmd]
+        )),
+        "5"
+    );
+    fails_with(
+        trellis(
+            &cluster,
+            0,
+            &["device", "call", &id, "add", "2,3", "--envelope", &cmd],
+        ),
+        "device refused: replayed",
+    );
+    // Signed on the spot by both: the sequence goes above the last one.
+    assert_eq!(
+        ok(trellis(
+            &cluster,
+            0,
+            &[
+                "device",
+                "call",
+                &id,
+                "add",
+                "40,2",
+                "--sign-with",
+                &path("alice.pem"),
+                "--sign-with",
+                &path("bob.pem"),
+            ],
+        )),
+        "42"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(trellis(&cluster, 0, &["device", "show", &id])))?;
+    assert!(
+        shown["command_sequence"].as_u64().is_some_and(|s| s > 0),
+        "{shown}"
+    );
+    let _ = sim.kill();
+    let _ = sim.wait();
+    cluster.stop().await;
+    Ok(())
+}
