@@ -72,6 +72,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/trellis.v1.KeyVault/ApprovePending", Scope(DevicesAdmin)),
     ("/trellis.v1.KeyVault/RejectPending", Scope(ClusterAdmin)),
     ("/trellis.v1.KeyVault/SetDeviceTags", Scope(DevicesAdmin)),
+    ("/trellis.v1.KeyVault/SetDeviceName", Scope(DevicesAdmin)),
     ("/trellis.v1.KeyVault/GetCloudPublicKey", Public),
     ("/trellis.v1.KeyVault/OpenSession", Service(ServiceGateway)),
     ("/trellis.v1.KeyVault/Sign", Service(ServiceSigner)),

@@ -260,6 +260,11 @@ pub mod keys {
     }
     /// Set of all registered device ids.
     pub const DEVICE_INDEX: &str = "trellis:devices";
+    /// Hash: an organisation's device names (lowercased) -> device id
+    /// (keyvault; names are unique within an organisation).
+    pub fn device_names(org: &str) -> String {
+        format!("trellis:device-names:{org}")
+    }
     /// Hash: an unknown device's offered key, kept, never trusted.
     pub fn pending_device(device_id: &str) -> String {
         format!("trellis:pending:{device_id}")

@@ -40,6 +40,8 @@ pub struct DeviceRecord {
     pub revoke_reason: String,
     /// Sorted, distinct, each valid per [`parse_tags`].
     pub tags: Vec<String>,
+    /// Empty: none ([`parse_name`]).
+    pub name: String,
 }
 
 impl DeviceRecord {
@@ -53,6 +55,7 @@ impl DeviceRecord {
             registered_at_ms: self.registered_at_ms,
             revoked_at_ms: self.revoked_at_ms,
             tags: self.tags.clone(),
+            name: self.name.clone(),
         }
     }
 
@@ -67,6 +70,7 @@ impl DeviceRecord {
             ("revoked_at_ms", self.revoked_at_ms.to_string()),
             ("revoke_reason", self.revoke_reason.clone()),
             ("tags", self.tags.join(",")),
+            ("name", self.name.clone()),
         ]
     }
 
@@ -106,6 +110,7 @@ impl DeviceRecord {
                 .filter(|t| !t.is_empty())
                 .map(str::to_string)
                 .collect(),
+            name: get("name").to_string(),
         })
     }
 }
@@ -216,6 +221,11 @@ pub async fn register(
         }
         Some(rec) => hex::encode(&rec.public_key_der),
     };
+    let kept_name = existing
+        .as_ref()
+        .filter(|r| r.organization == organization)
+        .map(|r| r.name.clone())
+        .unwrap_or_default();
     let record = DeviceRecord {
         device_id: device_id.clone(),
         organization,
@@ -226,6 +236,9 @@ pub async fn register(
         revoked_at_ms: 0,
         revoke_reason: String::new(),
         tags: Vec::new(),
+        // A revoked device registered again in its organisation keeps its
+        // name (the organisation's name index still points at this id).
+        name: kept_name,
     };
     let mut script = PUT_IF_UNCHANGED.prepare_invoke();
     script
@@ -338,6 +351,15 @@ static DELETE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(DEL
 // KEYS: record, index, revocation stream. ARGV: time, reason, device id.
 const DELETE_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local name = redis.call('HGET', KEYS[1], 'name')
+if name and name ~= '' then
+  local org = redis.call('HGET', KEYS[1], 'organization') or ''
+  if org == '' then org = ARGV[4] end
+  local names = ARGV[5] .. org
+  if redis.call('HGET', names, string.lower(name)) == ARGV[3] then
+    redis.call('HDEL', names, string.lower(name))
+  end
+end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[3])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'device', ARGV[3], 'reason', ARGV[2], 'time_ms', ARGV[1])
@@ -355,6 +377,8 @@ pub async fn delete(redis: &mut Redis, device_id: &str, reason: &str, actor: &st
         .arg(now_ms())
         .arg(reason)
         .arg(&device_id)
+        .arg(keys::DEFAULT_ORG)
+        .arg(keys::device_names(""))
         .invoke_async(redis)
         .await?;
     if deleted == 0 {
@@ -460,6 +484,101 @@ pub async fn set_tags(
     )
     .await;
     get_device(redis, &device_id).await
+}
+
+/// Checks a device name: 1..=64 of `[A-Za-z0-9_-]`, and not something that
+/// reads as a device id (24 hex characters), so that a path segment is
+/// never ambiguous. Empty means "no name".
+pub fn parse_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Ok(String::new());
+    }
+    if name.len() > 64 {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "device name {name:?} is longer than 64 characters"
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "device name {name:?} has {bad:?}; names use letters, digits, '_' and '-'"
+        )));
+    }
+    if name.parse::<DeviceId>().is_ok() {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "device name {name:?} reads as a device id; choose another"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+// Renames: KEYS[1] the record, ARGV[1] the id, ARGV[2] the new name ('' to
+// clear), ARGV[3] the names-hash prefix, ARGV[4] the default organisation.
+// Returns 0 if there is no record, -1 if another device has the name, 1.
+static SET_NAME: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(SET_NAME_LUA));
+const SET_NAME_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local org = redis.call('HGET', KEYS[1], 'organization') or ''
+if org == '' then org = ARGV[4] end
+local names = ARGV[3] .. org
+local new = string.lower(ARGV[2])
+if new ~= '' then
+  local holder = redis.call('HGET', names, new)
+  if holder and holder ~= ARGV[1] then return -1 end
+end
+local old = redis.call('HGET', KEYS[1], 'name')
+if old and old ~= '' and redis.call('HGET', names, string.lower(old)) == ARGV[1] then
+  redis.call('HDEL', names, string.lower(old))
+end
+redis.call('HSET', KEYS[1], 'name', ARGV[2])
+if new ~= '' then redis.call('HSET', names, new, ARGV[1]) end
+return 1
+"#;
+
+/// Names a device (Particle's rename), unique within its organisation
+/// regardless of case; an empty name removes it. Audited.
+pub async fn set_name(
+    redis: &mut Redis,
+    device_id: &str,
+    name: &str,
+    actor: &str,
+) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(device_id)?;
+    let name = parse_name(name)?;
+    let result: i64 = SET_NAME
+        .key(keys::device(&device_id))
+        .arg(&device_id)
+        .arg(&name)
+        .arg(keys::device_names(""))
+        .arg(keys::DEFAULT_ORG)
+        .invoke_async(redis)
+        .await?;
+    match result {
+        0 => return Err(not_registered(&device_id)),
+        -1 => {
+            return Err(KeyvaultError::FailedPrecondition(format!(
+                "another device of the organisation is named {name:?}"
+            )));
+        }
+        _ => {}
+    }
+    audit_write(
+        redis,
+        AuditRecord::new(actor, "set_name", &device_id, "ok").with("name", name),
+    )
+    .await;
+    get_device(redis, &device_id).await
+}
+
+/// The id of the device named `name` in `org`, if any.
+pub async fn id_for_name(redis: &mut Redis, org: &str, name: &str) -> Result<Option<String>> {
+    let id: Option<String> =
+        redis::AsyncCommands::hget(redis, keys::device_names(org), name.trim().to_lowercase())
+            .await?;
+    Ok(id)
 }
 
 /// Keeps an unknown device's offered key, never trusted: an operator can

@@ -392,6 +392,27 @@ impl KeyVault for KeyVaultService {
         .await
     }
 
+    async fn set_device_name(
+        &self,
+        request: Request<pb::SetDeviceNameRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.set_device_name", device_id = %req.device_id);
+        let mut redis = self.redis.clone();
+        async move {
+            let record = visible_device(&mut redis, &principal, &req.device_id)
+                .await
+                .map_err(status)?;
+            registry::set_name(&mut redis, &record.device_id, &req.name, &principal.actor())
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn get_cloud_public_key(
         &self,
         _request: Request<pb::GetCloudPublicKeyRequest>,
@@ -679,6 +700,26 @@ async fn visible_device(
     principal: &trellis_auth::Principal,
     device_id: &str,
 ) -> Result<registry::DeviceRecord, KeyvaultError> {
+    // A name of the caller's organisation stands for its device's id.
+    let resolved;
+    let device_id = if device_id.trim().parse::<trellis_wire::DeviceId>().is_err()
+        && registry::parse_name(device_id).is_ok_and(|n| !n.is_empty())
+    {
+        match registry::id_for_name(redis, &principal.org, device_id).await? {
+            Some(id) => {
+                resolved = id;
+                resolved.as_str()
+            }
+            None => {
+                return Err(KeyvaultError::NotFound(format!(
+                    "no device is named {:?}",
+                    device_id.trim()
+                )));
+            }
+        }
+    } else {
+        device_id
+    };
     let record = registry::get_device(redis, device_id).await?;
     if principal.sees(&record.organization) {
         Ok(record)

@@ -291,3 +291,77 @@ async fn tags_are_set_normalised_validated_and_audited() {
     assert_eq!(actions, vec!["register", "set_tags", "set_tags"]);
     kv.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn names_are_unique_resolve_to_ids_and_are_freed_by_delete() {
+    let redis = start_redis();
+    let mut kv = Keyvault::start(config(&redis, &master_hex(8)))
+        .await
+        .unwrap();
+    let c = &mut kv.client;
+    let (a, b) = (Device::new(), Device::new());
+    for d in [&a, &b] {
+        c.register_device(req(&d.id_string(), 3, d.der.clone()))
+            .await
+            .unwrap();
+    }
+    let name = |d: &Device, n: &str| pb::SetDeviceNameRequest {
+        device_id: d.id_string(),
+        name: n.into(),
+    };
+    let named = c
+        .set_device_name(name(&a, "lobby-plant_1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(named.name, "lobby-plant_1");
+    // A name stands for the id wherever GetDevice takes one, any case.
+    for n in ["lobby-plant_1", "LOBBY-PLANT_1"] {
+        let got = c
+            .get_device(pb::GetDeviceRequest {
+                device_id: n.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.device_id, a.id_string());
+        assert_eq!(got.name, "lobby-plant_1");
+    }
+    // Unique within the organisation, whatever the case.
+    let taken = c
+        .set_device_name(name(&b, "Lobby-Plant_1"))
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), tonic::Code::FailedPrecondition, "{taken:?}");
+    // Invalid names, and a name that reads as an id, are refused.
+    for bad in [
+        "with space",
+        "ünï",
+        &"x".repeat(65),
+        "0123456789abcdef01234567",
+    ] {
+        let err = c.set_device_name(name(&b, bad)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    // Renaming frees the old name; an unknown name is NOT_FOUND.
+    c.set_device_name(name(&a, "atrium")).await.unwrap();
+    let gone = c
+        .get_device(pb::GetDeviceRequest {
+            device_id: "lobby-plant_1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    c.set_device_name(name(&b, "lobby-plant_1")).await.unwrap();
+    // Deleting a device frees its name.
+    c.delete_device(pb::DeleteDeviceRequest {
+        device_id: a.id_string(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    c.set_device_name(name(&b, "atrium")).await.unwrap();
+    let audit = audit_of(c, &b.id_string()).await;
+    assert!(audit.iter().any(|r| r.action == "set_name"), "{audit:?}");
+    kv.stop().await.unwrap();
+}

@@ -345,6 +345,10 @@ pub enum DeviceCommand {
     /// Set a device's tags (replacing its old ones; none: clear them), for
     /// `trellis rollout create --tag`. Tags: a-z, 0-9, '.', '_', '-'.
     Tag { id: String, tags: Vec<String> },
+    /// Name a device (unique in its organisation, any case; letters,
+    /// digits, '_' and '-'); the REST API and keyvault then take the name
+    /// wherever they take the id. An empty NAME removes it.
+    Rename { id: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -417,6 +421,7 @@ impl Command {
                 DeviceCommand::Pending(PendingCommand::Approve { .. }) => "device pending approve",
                 DeviceCommand::Pending(PendingCommand::Reject { .. }) => "device pending reject",
                 DeviceCommand::Tag { .. } => "device tag",
+                DeviceCommand::Rename { .. } => "device rename",
             },
             Command::Events(_) => "events tail",
             Command::Audit(AuditCommand::Tail { .. }) => "audit tail",

@@ -362,6 +362,22 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 println!("{}: {}", d.device_id, d.tags.join(" "));
             }
         }
+        DeviceCommand::Rename { id, name } => {
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let d = kv
+                .set_device_name(SetDeviceNameRequest {
+                    device_id: id,
+                    name,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if d.name.is_empty() {
+                println!("{}: no name", d.device_id);
+            } else {
+                println!("{}: {}", d.device_id, d.name);
+            }
+        }
     }
     Ok(())
 }

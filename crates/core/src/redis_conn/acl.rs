@@ -84,6 +84,7 @@ impl RedisUser {
                 own: with_access(&[
                     "trellis:device:*",
                     "trellis:devices",
+                    "trellis:device-names:*",
                     "trellis:pending:*",
                     keys::PENDING_INDEX,
                     "trellis:cloudkey:*",
