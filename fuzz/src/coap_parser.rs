@@ -71,6 +71,7 @@ pub fn run(data: &[u8]) {
             signed: Some(signed),
         } => message::signed_function_call(id, token, name, argument, signed),
         Request::VariableRequest { name } => message::variable_request(id, token, name),
+        Request::Signal(on) => message::signal(id, token, *on),
         Request::Event { public, name, data } => message::event(id, *public, name, data),
         Request::Subscribe { prefix } => message::subscribe(id, token, prefix),
         Request::Ping => message::ping(id),

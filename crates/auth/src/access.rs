@@ -106,6 +106,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     // Events from users and apps, seen by their organisation only.
     ("/trellis.v1.DeviceService/PublishEvent", Scope(DevicesCall)),
+    ("/trellis.v1.DeviceService/SignalDevice", Scope(DevicesCall)),
     // Signer: images, releases, policies.
     ("/trellis.v1.Signer/UploadImage", Scope(FirmwareWrite)),
     (

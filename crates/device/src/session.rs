@@ -112,6 +112,8 @@ pub enum SessionEvent {
     VariableRead {
         name: String,
     },
+    /// The cloud asked the device to signal (`true`) or stop.
+    Signaled(bool),
     /// A function call refused by the command guard; the function did not
     /// run.
     CommandRefused {
@@ -569,6 +571,10 @@ impl Session {
                         keeps_id: !r.fresh_id,
                     })
                     .collect()
+            }
+            Request::Signal(on) => {
+                on_event(SessionEvent::Signaled(on));
+                vec![ack(code::CHANGED)]
             }
             Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {
                 vec![ack(code::METHOD_NOT_ALLOWED)]

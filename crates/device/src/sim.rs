@@ -120,6 +120,11 @@ pub enum DeviceReport {
         device_id: DeviceId,
         name: String,
     },
+    /// Asked to signal (Particle's "nyan") or to stop.
+    Signaled {
+        device_id: DeviceId,
+        on: bool,
+    },
     /// A function call its command guard refused (signed commands).
     CommandRefused {
         device_id: DeviceId,
@@ -328,6 +333,7 @@ impl Device {
                         SessionEvent::VariableRead { name } => {
                             DeviceReport::VariableRead { device_id, name }
                         }
+                        SessionEvent::Signaled(on) => DeviceReport::Signaled { device_id, on },
                         SessionEvent::CommandRefused { name, reason } => {
                             DeviceReport::CommandRefused {
                                 device_id,

@@ -157,6 +157,7 @@ async fn fleet_connects_fails_over_and_shuts_down() {
             }
             DeviceReport::Disconnected { reason, .. } => panic!("unexpected disconnect: {reason}"),
             DeviceReport::VariableRead { .. } => {}
+            DeviceReport::Signaled { .. } => {}
             DeviceReport::CommandRefused { reason, .. } => {
                 panic!("a device without a command policy refused a call: {reason}")
             }

@@ -79,6 +79,17 @@ pub fn function_call(id: u16, token: u8, name: &str, argument: &[u8]) -> CoapMes
     m
 }
 
+/// CON PUT `s` with one Uri-Query byte, 1 or 0: "signal" (the device shows
+/// it is the one being talked to, Particle's rainbow LED) or stop. The
+/// device answers with a piggybacked ACK 2.04 (spark-protocol's
+/// RaiseYourHand).
+pub fn signal(id: u16, token: u8, on: bool) -> CoapMessage {
+    CoapMessage::new(CON, code::PUT, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"s")
+        .with_option(OPTION_URI_QUERY, &[u8::from(on)])
+}
+
 /// A function call carrying a signed command (docs/protocol.md §7.4): the
 /// same bytes as [`function_call`] plus one [`OPTION_SIGNED_COMMAND`]
 /// option after the Uri-Query options. The option is elective, so a device
@@ -284,6 +295,8 @@ pub enum Request {
         prefix: String,
     },
     GetTime,
+    /// Start (`true`) or stop signalling.
+    Signal(bool),
     UpdateBegin(UpdateBegin),
     Chunk(Chunk),
     ChunkMissed(Vec<u16>),
@@ -302,6 +315,7 @@ impl Request {
             Request::Event { .. } => "event",
             Request::Subscribe { .. } => "subscribe",
             Request::GetTime => "get_time",
+            Request::Signal(_) => "signal",
             Request::UpdateBegin(_) => "update_begin",
             Request::Chunk(_) => "chunk",
             Request::ChunkMissed(_) => "chunk_missed",
@@ -386,6 +400,9 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
             },
         },
         (code::GET, b"t") => Request::GetTime,
+        (code::PUT, b"s") => {
+            Request::Signal(m.uri_query().first().and_then(|q| q.first()) == Some(&1))
+        }
         (code::POST, b"u") => Request::UpdateBegin(UpdateBegin::parse(&m.payload)?),
         (code::PUT, b"u") => Request::UpdateDone,
         (code::POST, b"c") => Request::Chunk(parse_chunk(m)?),

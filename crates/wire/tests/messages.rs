@@ -372,6 +372,16 @@ fn hello_accepts_every_prefix() {
     assert_eq!(short.encode(), hx("0006000200010006"));
 }
 
+/// spark-protocol's RaiseYourHand (`particle nyan`): CON PUT `s`, one
+/// Uri-Query byte 1 or 0.
+#[test]
+fn signal_matches_spark_protocol() {
+    let on = message::signal(0x0102, 7, true);
+    assert_eq!(on.encode(), hx("4103010207b1734101"));
+    assert_eq!(req(&on), Request::Signal(true));
+    assert_eq!(req(&message::signal(1, 7, false)), Request::Signal(false));
+}
+
 /// §7.4: the command-policy Hello extension, byte for byte, and its length
 /// check.
 #[test]

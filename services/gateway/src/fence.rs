@@ -128,6 +128,7 @@ pub fn describe(action: &crate::routing::Action) -> String {
     match action {
         Action::CallFunction { name, .. } => format!("function {name}"),
         Action::GetVariable { name } => format!("variable {name}"),
+        Action::Signal { on } => format!("signal {}", if *on { "on" } else { "off" }),
         Action::DeliverUpdate { release_id, .. } => format!("firmware update {release_id}"),
     }
 }

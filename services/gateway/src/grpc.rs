@@ -307,6 +307,35 @@ impl DeviceService for DeviceApi {
         }
     }
 
+    #[tracing::instrument(name = "rpc.signal_device", skip_all, fields(device, on))]
+    async fn signal_device(
+        &self,
+        request: Request<SignalDeviceRequest>,
+    ) -> Result<Response<SignalDeviceResponse>, Status> {
+        let principal = Principal::of(&request)?;
+        let req = request.into_inner();
+        let id = parse_device_id(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
+        tracing::Span::current().record("on", req.on);
+        self.orgs.check(&self.gw, &principal, &id).await?;
+        match self
+            .gw
+            .router
+            .execute(
+                &id,
+                Action::Signal { on: req.on },
+                self.timeout(req.timeout_ms),
+            )
+            .await
+        {
+            Ok(Output::Signaled) => Ok(Response::new(SignalDeviceResponse {
+                gateway_id: self.gw.id.clone(),
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(f) => Err(failure_status(f)),
+        }
+    }
+
     #[tracing::instrument(name = "rpc.get_variable", skip_all, fields(device, variable))]
     async fn get_variable(
         &self,

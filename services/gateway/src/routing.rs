@@ -48,6 +48,10 @@ pub enum Action {
     GetVariable {
         name: String,
     },
+    /// Signal (Particle's rainbow LED) or stop.
+    Signal {
+        on: bool,
+    },
     /// Send a signed release to the device over its session.
     DeliverUpdate {
         release_id: String,
@@ -58,6 +62,8 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     FunctionReturn(i32),
+    /// The device acknowledged a Signal.
+    Signaled,
     /// The value's bytes as the device sent them, and the type it declared
     /// in Describe (empty when it declared none).
     Variable {
@@ -131,6 +137,7 @@ impl Router {
         let kind = match &action {
             Action::CallFunction { .. } => "function",
             Action::GetVariable { .. } => "variable",
+            Action::Signal { .. } => "signal",
             Action::DeliverUpdate { .. } => "update",
         };
         let outcome = self.route(device_id, action, timeout).await;
@@ -375,6 +382,10 @@ impl Router {
             Action::GetVariable { name } => {
                 fields.push(("action", "get".into()));
                 fields.push(("name", name.clone()));
+            }
+            Action::Signal { on } => {
+                fields.push(("action", "signal".into()));
+                fields.push(("name", if *on { "1" } else { "0" }.into()));
             }
             Action::DeliverUpdate {
                 release_id,
@@ -680,6 +691,9 @@ impl Router {
                 fields.push(("result", "function".into()));
                 fields.push(("value", v.to_string()));
             }
+            Ok(Output::Signaled) => {
+                fields.push(("result", "signaled".into()));
+            }
             Ok(Output::Variable { raw, var_type }) => {
                 fields.push(("result", "variable".into()));
                 fields.push(("raw", hex::encode(raw)));
@@ -791,6 +805,9 @@ impl InboxEntry {
                         "get" => Action::GetVariable {
                             name: need("name")?,
                         },
+                        "signal" => Action::Signal {
+                            on: need("name")? == "1",
+                        },
                         "deliver" => Action::DeliverUpdate {
                             release_id: need("name")?,
                             rollout_id: get("argument").unwrap_or_default(),
@@ -819,6 +836,7 @@ impl InboxEntry {
                         "function" => Ok(Output::FunctionReturn(
                             need("value")?.parse().map_err(|_| "bad function value")?,
                         )),
+                        "signaled" => Ok(Output::Signaled),
                         "delivery" => Ok(Output::Delivery {
                             outcome: need("value")?.parse().map_err(|_| "bad delivery outcome")?,
                             reason: get("reason").unwrap_or_default(),

@@ -89,6 +89,10 @@ enum Pending {
         reply: oneshot::Sender<Outcome>,
         deadline: Instant,
     },
+    Signal {
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
 }
 
 pub struct Session {
@@ -173,7 +177,10 @@ impl Session {
             )));
         }
         for (_, p) in self.pending.drain() {
-            if let Pending::Function { reply, .. } | Pending::Variable { reply, .. } = p {
+            if let Pending::Function { reply, .. }
+            | Pending::Variable { reply, .. }
+            | Pending::Signal { reply, .. } = p
+            {
                 let _ = reply.send(Err(Failure::new(
                     FailureKind::SessionLost,
                     format!("session ended before the device answered: {end}"),
@@ -577,6 +584,16 @@ impl Session {
                 };
                 let _ = reply.send(outcome);
             }
+            Pending::Signal { reply, .. } => {
+                let _ = reply.send(if failed {
+                    Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("device answered {}", code_text(msg.code)),
+                    ))
+                } else {
+                    Ok(Output::Signaled)
+                });
+            }
             Pending::Variable { name, reply, .. } => {
                 let outcome = if failed {
                     Err(Failure::new(
@@ -636,6 +653,13 @@ impl Session {
                 signed,
             } => (name, Some(signed), argument),
             Action::GetVariable { name } => (name, None, String::new()),
+            Action::Signal { on } => {
+                let token = self.take_token();
+                let id = self.outgoing.next();
+                self.pending
+                    .insert(token, Pending::Signal { reply, deadline });
+                return self.send(&message::signal(id, token, on)).await;
+            }
         };
         let token = self.take_token();
         let id = self.outgoing.next();
@@ -667,16 +691,19 @@ impl Session {
             .pending
             .iter()
             .filter(|(_, p)| match p {
-                Pending::Function { deadline, .. } | Pending::Variable { deadline, .. } => {
-                    *deadline <= now
-                }
+                Pending::Function { deadline, .. }
+                | Pending::Variable { deadline, .. }
+                | Pending::Signal { deadline, .. } => *deadline <= now,
                 Pending::Describe | Pending::Ota => false,
             })
             .map(|(t, _)| *t)
             .collect();
         for t in expired {
-            if let Some(Pending::Function { reply, .. } | Pending::Variable { reply, .. }) =
-                self.pending.remove(&t)
+            if let Some(
+                Pending::Function { reply, .. }
+                | Pending::Variable { reply, .. }
+                | Pending::Signal { reply, .. },
+            ) = self.pending.remove(&t)
             {
                 let _ = reply.send(Err(Failure::new(
                     FailureKind::Timeout,

@@ -349,6 +349,15 @@ pub enum DeviceCommand {
     /// digits, '_' and '-'); the REST API and keyvault then take the name
     /// wherever they take the id. An empty NAME removes it.
     Rename { id: String, name: String },
+    /// Make a device signal (Particle's rainbow LED, `particle nyan`) so
+    /// someone on site can find it; `off` stops it.
+    Signal {
+        id: String,
+        #[arg(value_parser = ["on", "off"], default_value = "on")]
+        state: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -422,6 +431,7 @@ impl Command {
                 DeviceCommand::Pending(PendingCommand::Reject { .. }) => "device pending reject",
                 DeviceCommand::Tag { .. } => "device tag",
                 DeviceCommand::Rename { .. } => "device rename",
+                DeviceCommand::Signal { .. } => "device signal",
             },
             Command::Events(_) => "events tail",
             Command::Audit(AuditCommand::Tail { .. }) => "audit tail",

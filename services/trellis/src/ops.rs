@@ -362,6 +362,29 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
                 println!("{}: {}", d.device_id, d.tags.join(" "));
             }
         }
+        DeviceCommand::Signal {
+            id,
+            state,
+            timeout_ms,
+        } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let on = state == "on";
+            gw.signal_device(SignalDeviceRequest {
+                device_id: id.clone(),
+                on,
+                timeout_ms,
+            })
+            .await
+            .map_err(status)?;
+            println!(
+                "{id}: {}",
+                if on {
+                    "signalling"
+                } else {
+                    "signalling stopped"
+                }
+            );
+        }
         DeviceCommand::Rename { id, name } => {
             let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
             let d = kv

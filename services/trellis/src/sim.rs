@@ -117,6 +117,14 @@ pub fn print_report(report: &DeviceReport) {
         DeviceReport::VariableRead { device_id, name } => {
             println!("device {device_id}: variable {name} read")
         }
+        DeviceReport::Signaled { device_id, on } => println!(
+            "device {device_id}: {}",
+            if *on {
+                "signalling (rainbow)"
+            } else {
+                "signalling stopped"
+            }
+        ),
         DeviceReport::CommandRefused {
             device_id,
             name,

@@ -497,6 +497,30 @@ async fn signed_commands_from_the_cli() -> anyhow::Result<()> {
         shown["command_sequence"].as_u64().is_some_and(|s| s > 0),
         "{shown}"
     );
+
+    // Signal (the device acknowledges through the other gateway) and a name.
+    assert!(ok(trellis(&cluster, 0, &["device", "signal", &id, "on"])).ends_with("signalling"));
+    assert!(ok(trellis(&cluster, 0, &["device", "signal", &id, "off"])).ends_with("stopped"));
+    fails_with(
+        trellis(
+            &cluster,
+            0,
+            &["device", "signal", "0123456789abcdef01234567"],
+        ),
+        "(",
+    );
+    assert_eq!(
+        ok(trellis(
+            &cluster,
+            0,
+            &["device", "rename", &id, "lobby-valve"]
+        )),
+        format!("{id}: lobby-valve")
+    );
+    fails_with(
+        trellis(&cluster, 0, &["device", "rename", &id, "bad name"]),
+        "names use letters",
+    );
     let _ = sim.kill();
     let _ = sim.wait();
     cluster.stop().await;
