@@ -137,6 +137,19 @@ fi
 check "product device list" 0 "$device" -- product device list 6
 check "unknown device" 1 "Permission Denied" -- call 0123456789abcdef01234567 add 1,1
 check "still logged in after errors" 0 "owner" -- whoami
+check "device rename" 0 "Successfully renamed" -- device rename "$device" lobby-valve
+check "list shows the name" 0 "lobby-valve.*$device" -- list
+check "call by name" 0 "(^|[^0-9])5$" -- call lobby-valve add 2,3
+check "get by name" 0 "(^|[^0-9])21\\.5$" -- get lobby-valve temp
+# nyan prints nothing on success: only its exit status counts.
+for state in on off; do
+  ran=$((ran + 1))
+  if HOME="$work/home" timeout 60 particle nyan "$device" "$state" </dev/null >"$out" 2>&1; then
+    echo "ok   nyan $state"
+  else
+    failures=$((failures + 1)); echo "FAIL nyan $state:"; sed 's/^/    /' "$out"
+  fi
+done
 
 # Another organisation's token sees nothing of ours, and is not logged out.
 acme=$("$trellis" org create acme 2>/dev/null | tail -1)

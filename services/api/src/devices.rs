@@ -17,8 +17,8 @@ use trellis_proto::v1::{
 
 type Params = Query<HashMap<String, String>>;
 
-/// A device as Particle describes one. Trellis devices have no name, so
-/// `name` is null; `product_id` is the device's Trellis product.
+/// A device as Particle describes one (`name` null when it has none);
+/// `product_id` is the device's Trellis product.
 pub fn device_json(state: &DeviceState, details: bool) -> Value {
     let last_heard = (state.last_seen_ms > 0).then(|| iso_time(state.last_seen_ms));
     let ip = state
@@ -28,7 +28,7 @@ pub fn device_json(state: &DeviceState, details: bool) -> Value {
         .ok();
     let mut device = json!({
         "id": state.device_id,
-        "name": Value::Null,
+        "name": (!state.name.is_empty()).then_some(state.name.as_str()),
         "last_app": Value::Null,
         "last_ip_address": ip,
         "last_heard": last_heard,
@@ -52,16 +52,40 @@ pub fn device_json(state: &DeviceState, details: bool) -> Value {
     device
 }
 
-/// The device id a path names. Anywhere Particle takes a device name the
-/// id works too; Trellis devices have no names, so anything that is not a
-/// 24-hex id is a device nobody has.
-pub fn device_id(id_or_name: &str) -> Result<String, ApiError> {
-    let id = id_or_name.trim();
-    if id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(id.to_ascii_lowercase())
-    } else {
-        Err(ApiError::UnknownDevice)
+/// `text` as a device id (24 hex characters, lowercased), if it is one.
+fn hex_id(text: &str) -> Option<String> {
+    let id = text.trim();
+    (id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
+}
+
+/// The device id a path names: a 24-hex id as it is, anything else a
+/// device name of the caller's organisation (`trellis device rename`,
+/// `PUT /v1/devices/:id {"name"}`), which keyvault resolves.
+pub async fn device_id(
+    state: &AppState,
+    token: &Token,
+    id_or_name: &str,
+) -> Result<String, ApiError> {
+    if let Some(id) = hex_id(id_or_name) {
+        return Ok(id);
     }
+    let id = id_or_name.trim();
+    if id.is_empty() || id.len() > 64 {
+        return Err(ApiError::UnknownDevice);
+    }
+    let device = state
+        .services
+        .keyvault()
+        .get_device(token.request(trellis_proto::v1::GetDeviceRequest {
+            device_id: id.to_string(),
+        }))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound | tonic::Code::InvalidArgument => ApiError::UnknownDevice,
+            _ => ApiError::from(s),
+        })?
+        .into_inner();
+    Ok(device.device_id)
 }
 
 /// The caller's view of one device (403 if it is not theirs), optionally
@@ -72,7 +96,7 @@ pub async fn resolve(
     id_or_name: &str,
     product: Option<u32>,
 ) -> Result<DeviceState, ApiError> {
-    let id = device_id(id_or_name)?;
+    let id = device_id(state, token, id_or_name).await?;
     let device = state
         .services
         .devices()
@@ -399,7 +423,8 @@ pub async fn provision(
 ) -> Result<Json<Value>, ApiError> {
     let fields = body_fields(&headers, &body)?;
     let token = Token::from_request(&headers, &query, Some(&fields))?;
-    let device_id = device_id(fields.get("deviceID").unwrap_or(&id))?;
+    // A new device has no name yet: only an id will do.
+    let device_id = hex_id(fields.get("deviceID").unwrap_or(&id)).ok_or(ApiError::UnknownDevice)?;
     let key = fields
         .get("publicKey")
         .filter(|k| !k.trim().is_empty())
@@ -474,4 +499,61 @@ pub async fn unclaim(
          `trellis device revoke {}`",
         device.device_id, device.device_id
     )))
+}
+
+/// `PUT /v1/devices/:id {"name"}`: Particle's rename (keyvault checks and
+/// keeps the name; it must be unique in the organisation).
+pub async fn rename(
+    state: &AppState,
+    token: &Token,
+    device: &DeviceState,
+    name: &str,
+) -> Result<Json<Value>, ApiError> {
+    let renamed = state
+        .services
+        .keyvault()
+        .set_device_name(token.request(trellis_proto::v1::SetDeviceNameRequest {
+            device_id: device.device_id.clone(),
+            name: name.to_string(),
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(json!({
+        "id": renamed.device_id,
+        "name": (!renamed.name.is_empty()).then_some(renamed.name.as_str()),
+        "updated_at": iso_time(trellis_core::time::now_ms()),
+    })))
+}
+
+/// `PUT /v1/devices/:id {"signal": "1"|"0"}`: Particle's nyan, answered
+/// once the device acknowledged.
+pub async fn signal(
+    state: &AppState,
+    token: &Token,
+    device: &DeviceState,
+    signal: &str,
+) -> Result<Json<Value>, ApiError> {
+    let on = match signal.trim() {
+        "1" | "true" => true,
+        "0" | "false" => false,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "signal is \"1\" or \"0\", not {other:?}"
+            )));
+        }
+    };
+    state
+        .services
+        .devices()
+        .signal_device(token.request(trellis_proto::v1::SignalDeviceRequest {
+            device_id: device.device_id.clone(),
+            on,
+            timeout_ms: 0,
+        }))
+        .await?;
+    Ok(Json(json!({
+        "id": device.device_id,
+        "connected": true,
+        "signaling": on,
+    })))
 }

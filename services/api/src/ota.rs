@@ -1,5 +1,6 @@
-//! `PUT /v1/devices/:id`: OTA by upload (multipart `file`), and the JSON
-//! forms (rename, signal) Trellis does not have.
+//! `PUT /v1/devices/:id`: OTA by upload (multipart `file`); the JSON forms
+//! (rename, signal) go to [`crate::devices::rename`] and
+//! [`crate::devices::signal`].
 //!
 //! OTA keeps the security model: the uploaded bytes are never sent
 //! anywhere. Their SHA-256 must be the image of a release of the device's
@@ -54,15 +55,17 @@ pub async fn update_device(
             .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
         let fields = body_fields(&headers, &body)?;
         let token = Token::from_request(&headers, &query, Some(&fields))?;
-        resolve(&state, &token, &id, None).await?;
-        let what = if fields.contains_key("name") {
-            "Trellis devices have no names: use the device id"
-        } else if fields.contains_key("signal") {
-            "Trellis devices cannot be signaled (nyan)"
-        } else {
-            "give a firmware file as multipart field `file` to flash the device"
-        };
-        return Err(ApiError::bad_request(what));
+        let device = resolve(&state, &token, &id, None).await?;
+        if let Some(name) = fields.get("name") {
+            return crate::devices::rename(&state, &token, &device, name).await;
+        }
+        if let Some(signal) = fields.get("signal") {
+            return crate::devices::signal(&state, &token, &device, signal).await;
+        }
+        return Err(ApiError::bad_request(
+            "give a firmware file as multipart field `file` to flash the device, `name` to \
+             rename it or `signal` (\"1\"/\"0\") to make it signal",
+        ));
     }
     let mut multipart = Multipart::from_request(request, &state)
         .await

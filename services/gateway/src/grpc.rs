@@ -175,6 +175,7 @@ fn build_state(
         recent_sessions: Vec::new(),
         clone_flags: Vec::new(),
         quarantined_until_ms: 0,
+        name: device.map(|d| d.name.clone()).unwrap_or_default(),
         command_policy_sha256: get("command_policy"),
         command_sequence: state
             .get("command_sequence")
