@@ -326,14 +326,26 @@ async fn devices_run_only_calls_their_owners_signed() -> anyhow::Result<()> {
         8
     );
 
-    // The accepted sequence is recorded; refusals are audited with reasons.
-    let state = gw
-        .get_device_state(GetDeviceStateRequest {
-            device_id: guarded.clone(),
+    // The accepted sequence is recorded and refusals are audited with
+    // reasons (both off the reply path, so within a moment).
+    {
+        let gw = gw.clone();
+        let guarded = guarded.clone();
+        eventually(Duration::from_secs(5), "sequence 20 recorded", move || {
+            let mut gw = gw.clone();
+            let guarded = guarded.clone();
+            async move {
+                let s = gw
+                    .get_device_state(GetDeviceStateRequest { device_id: guarded })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (s.command_sequence == 20).then_some(())
+            }
         })
-        .await?
-        .into_inner();
-    assert_eq!(state.command_sequence, 20);
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let audit = cluster.audit(Some(&guarded)).await?;
     let reasons: Vec<String> = audit
         .iter()

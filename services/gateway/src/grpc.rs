@@ -297,7 +297,15 @@ impl DeviceService for DeviceApi {
             .router
             .execute(&id, action, self.timeout(req.timeout_ms))
             .await;
-        crate::commands::after_call(&self.gw, &principal, &id, &function, sequence, &outcome).await;
+        if sequence.is_some() || matches!(&outcome, Err(f) if f.kind == FailureKind::Refused) {
+            // The record and the audit are written off the reply path: the
+            // caller has the device's answer already.
+            let (gw, outcome, id) = (Arc::clone(&self.gw), outcome.clone(), id.clone());
+            tokio::spawn(async move {
+                crate::commands::after_call(&gw, &principal, &id, &function, sequence, &outcome)
+                    .await;
+            });
+        }
         match outcome {
             Ok(Output::FunctionReturn(v)) => Ok(Response::new(CallFunctionResponse {
                 return_value: v,

@@ -491,12 +491,21 @@ async fn signed_commands_from_the_cli() -> anyhow::Result<()> {
         )),
         "42"
     );
-    let shown: serde_json::Value =
-        serde_json::from_str(&ok(trellis(&cluster, 0, &["device", "show", &id])))?;
-    assert!(
-        shown["command_sequence"].as_u64().is_some_and(|s| s > 0),
-        "{shown}"
-    );
+    eventually(
+        Duration::from_secs(5),
+        "the accepted sequence recorded",
+        || {
+            let out = trellis(&cluster, 0, &["device", "show", &id]);
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                v["command_sequence"]
+                    .as_u64()
+                    .is_some_and(|s| s > 0)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
 
     // Signal (the device acknowledges through the other gateway) and a name.
     assert!(ok(trellis(&cluster, 0, &["device", "signal", &id, "on"])).ends_with("signalling"));
