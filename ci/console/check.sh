@@ -96,7 +96,7 @@ done
 
 # Another organisation with a device of its own (registered, offline).
 acme=$("$trellis" org create acme 2>/dev/null | tail -1)
-acme_device=$(cd "$work" && TRELLIS_TOKEN=$acme "$trellis" device provision --product 6 --out acme-devs 2>/dev/null | grep -E '^[0-9a-f]{24}$' | head -1)
+acme_device=$(cd "$work" && TRELLIS_TOKEN=$acme "$trellis" device provision --product 9 --out acme-devs 2>/dev/null | grep -E '^[0-9a-f]{24}$' | head -1)
 [ -n "$acme_device" ] || { echo "console check: the other organisation's device was not provisioned"; exit 1; }
 
 # A release signed by both keys; the test starts its rollout from the CLI.

@@ -34,6 +34,7 @@ async function check(name, fn) {
     console.log(`ok   ${name}${note ? ` (${note})` : ''} [${Date.now() - started} ms]`);
   } catch (e) {
     failures += 1;
+    await page.screenshot({ path: path.join(shots, `FAILED-${ran}.png`), fullPage: true }).catch(() => {});
     console.log(`FAIL ${name}: ${(e && e.message ? e.message : String(e)).split('\n').slice(0, 6).join('\n    ')}`);
   }
 }
@@ -146,7 +147,7 @@ await check('tagging asks for confirmation, then saves', async () => {
   await page.click('text=Save tags');
   await page.waitForSelector('#confirm[open]');
   await page.keyboard.press('Escape');
-  await page.waitForSelector('#confirm:not([open])');
+  await page.waitForSelector('#confirm', { state: 'hidden' });
   const unchanged = await page.textContent('[data-testid=device-tags]');
   assert(!unchanged.includes('console-check'), 'saved without confirmation');
   await page.click('text=Save tags');

@@ -334,14 +334,14 @@ function stateBadge(state) {
 export async function releases(view, signal) {
   const [rel, ro] = await Promise.all([api('/v1/trellis/releases'), api('/v1/trellis/rollouts')]);
   const rolloutsHolder = h('div');
-  const renderRollouts = (list) => rolloutsHolder.replaceChildren(list.length === 0
-    ? h('p', { class: 'muted' }, 'No rollouts yet.')
+  const renderRollouts = (list) => rolloutsHolder.replaceChildren(...(list.length === 0
+    ? [h('p', { class: 'muted' }, 'No rollouts yet.')]
     : list.map((r) => h('section', { class: 'card', 'data-testid': 'rollout-card', 'data-id': r.rollout_id },
       h('div', { class: 'stage-head' },
         h('span', {}, h('a', { href: `#/rollouts/${encodeURIComponent(r.rollout_id)}` }, h('code', {}, r.rollout_id)), ' of ', h('code', {}, r.release_id)),
         h('span', {}, stateBadge(r.state), ' ', when(r.created_at))),
       stageBars(r),
-      h('p', { class: 'muted' }, `failure ratio ${(r.failure_ratio * 100).toFixed(0)} % (aborts above ${(r.max_failure_ratio * 100).toFixed(0)} %)`, r.message ? ` · ${r.message}` : ''))));
+      h('p', { class: 'muted' }, `failure ratio ${(r.failure_ratio * 100).toFixed(0)} % (aborts above ${(r.max_failure_ratio * 100).toFixed(0)} %)`, r.message ? ` · ${r.message}` : '')))));
   renderRollouts(ro.rollouts);
   const policies = Object.entries(rel.policies).map(([product, p]) => h('li', {}, `product ${product}: `,
     p ? [`${p.threshold} of `, p.keys.map((k) => k.name).join(', '), p.cloud_only ? h('span', { class: 'bad' }, ' (cloud keys alone meet it)') : null] : h('span', { class: 'warn' }, 'no signing policy')));
