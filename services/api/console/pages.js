@@ -105,7 +105,9 @@ function chart(points) {
       svg('text', { x: pad, y: H - 6 }, '−60 min'),
       svg('text', { x: W - 30, y: H - 6 }, 'now'),
       line('online', 'line-online'),
-      line('offline', 'line-offline')),
+      line('offline', 'line-offline'),
+      ...points.map((p) => svg('circle', { class: 'dot-online', cx: x(p.t).toFixed(1), cy: y(p.online).toFixed(1), r: 2.5 })),
+      ...points.map((p) => svg('circle', { class: 'dot-offline', cx: x(p.t).toFixed(1), cy: y(p.offline).toFixed(1), r: 2.5 }))),
     h('figcaption', { class: 'muted' },
       'Online (solid) and offline (dashed) devices over the last hour, sampled every 15 s by this browser since you signed in.'));
 }
@@ -144,7 +146,7 @@ export async function fleet(view, signal, samples, addSample) {
           h('td', {}, `v${d.firmware_version} `, short(d.firmware_sha256)),
           h('td', {}, d.tags === null ? h('span', { class: 'muted' }, '?') : (d.tags.join(', ') || '—')),
           h('td', {}, when(d.last_seen)),
-          h('td', {}, d.gateway_id || '—')))));
+          h('td', {}, d.gateway_id || '—'))), { class: 'fleet' }));
   };
   search.addEventListener('input', render);
   state.addEventListener('change', render);

@@ -158,7 +158,8 @@ mod tests {
         // Nothing names another origin (the SVG namespace is a name, not
         // a request).
         for asset in ASSETS {
-            let text = String::from_utf8_lossy(asset.body).replace("http://www.w3.org/2000/svg", "");
+            let text =
+                String::from_utf8_lossy(asset.body).replace("http://www.w3.org/2000/svg", "");
             assert!(
                 !text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"),
                 "{} must not reach another origin",

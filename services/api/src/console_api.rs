@@ -82,7 +82,9 @@ fn ms_time(ms: i64) -> Value {
 
 /// `ROLLOUT_STATE_RUNNING` -> `running`.
 fn short(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
 }
 
 // ---------------------------------------------------------------- session
@@ -111,9 +113,7 @@ pub async fn session_cookie(mut request: Request, next: Next) -> Response {
         && let Some(token) = cookie_token(headers)
         && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
     {
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, value);
+        request.headers_mut().insert(header::AUTHORIZATION, value);
     }
     next.run(request).await
 }
@@ -248,7 +248,10 @@ pub async fn session(
 
 /// `DELETE /v1/trellis/session`: clears the cookie; a token that a
 /// password sign-in minted is revoked too.
-pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn sign_out(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     need_console_header(&headers)?;
     if let Some(t) = cookie_token(&headers)
         && let Ok(token) = Token::new(&t)
@@ -474,7 +477,9 @@ pub async fn set_tags(
         }))
         .await?
         .into_inner();
-    Ok(Json(json!({"ok": true, "id": device.device_id, "tags": device.tags})))
+    Ok(Json(
+        json!({"ok": true, "id": device.device_id, "tags": device.tags}),
+    ))
 }
 
 /// `POST /v1/trellis/devices/{id}/revoke` `{"reason"}`: revokes the device
@@ -503,7 +508,9 @@ pub async fn revoke(
         }))
         .await?
         .into_inner();
-    Ok(Json(json!({"ok": true, "id": device.device_id, "revoked": device.revoked})))
+    Ok(Json(
+        json!({"ok": true, "id": device.device_id, "revoked": device.revoked}),
+    ))
 }
 
 /// `POST /v1/trellis/devices/{id}/lift-quarantine`.
@@ -521,7 +528,9 @@ pub async fn lift_quarantine(
         .lift_quarantine(token.request(LiftQuarantineRequest { device_id: id }))
         .await?
         .into_inner();
-    Ok(Json(json!({"ok": true, "was_quarantined": reply.was_quarantined})))
+    Ok(Json(
+        json!({"ok": true, "was_quarantined": reply.was_quarantined}),
+    ))
 }
 
 // ---------------------------------------------------------------- releases
@@ -672,8 +681,10 @@ fn rollout_json(r: &RolloutStatus, details: bool) -> Value {
         map.insert(
             "target".into(),
             spec.target
-                .map(|t| json!({"product_id": t.product_id, "device_ids": t.device_ids,
-                                 "percent": t.percent, "tag": t.tag}))
+                .map(|t| {
+                    json!({"product_id": t.product_id, "device_ids": t.device_ids,
+                                 "percent": t.percent, "tag": t.tag})
+                })
                 .unwrap_or(Value::Null),
         );
         map.insert("max_concurrent".into(), json!(spec.max_concurrent));

@@ -71,11 +71,7 @@ async fn files_carry_the_security_headers_and_revalidate() -> anyhow::Result<()>
         assert_eq!(again.status(), 304, "{file}");
         assert!(again.bytes().await?.is_empty());
     }
-    let missing = f
-        .http
-        .get(f.url("/console/assets/nope.js"))
-        .send()
-        .await?;
+    let missing = f.http.get(f.url("/console/assets/nope.js")).send().await?;
     assert_eq!(missing.status(), 404);
     assert_eq!(header(&missing, "x-content-type-options"), "nosniff");
     // The console's JSON carries them too.
@@ -141,7 +137,11 @@ async fn the_session_cookie_needs_the_console_header() -> anyhow::Result<()> {
     // The cookie alone is not a credential; with the header it is, for
     // every route (the Particle routes too).
     let r = f.http.get(&session).header(COOKIE, &cookie).send().await?;
-    assert_eq!(r.status(), 400, "the cookie without the header must not count");
+    assert_eq!(
+        r.status(),
+        400,
+        "the cookie without the header must not count"
+    );
     let r = f
         .http
         .get(f.url("/v1/devices"))
@@ -195,7 +195,10 @@ async fn the_session_cookie_needs_the_console_header() -> anyhow::Result<()> {
         .strip_prefix("trellis_console=")
         .unwrap_or_default()
         .to_string();
-    assert!(token.starts_with("trellis_") && token != f.owner, "{minted}");
+    assert!(
+        token.starts_with("trellis_") && token != f.owner,
+        "{minted}"
+    );
     let r = f
         .http
         .post(&session)
@@ -213,7 +216,10 @@ async fn the_session_cookie_needs_the_console_header() -> anyhow::Result<()> {
         .await?;
     assert_eq!(r.status(), 200);
     let cleared = header(&r, "set-cookie");
-    assert!(cleared.starts_with("trellis_console=;") && cleared.contains("Max-Age=0"), "{cleared}");
+    assert!(
+        cleared.starts_with("trellis_console=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
     trellis_tests::eventually(
         std::time::Duration::from_secs(10),
         "the minted token is revoked",
@@ -273,7 +279,11 @@ async fn fleet_device_audit_and_organisation_isolation() -> anyhow::Result<()> {
     assert_eq!(entry["product_id"], 6);
     assert_eq!(entry["tags"], json!([]));
     assert!(entry["gateway_id"].as_str().is_some_and(|g| !g.is_empty()));
-    assert!(entry["last_seen"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(
+        entry["last_seen"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
     assert_eq!(fleet["counts"]["online"], 1);
     assert_eq!(fleet["counts"]["total"], 1);
 
@@ -340,7 +350,11 @@ async fn fleet_device_audit_and_organisation_isolation() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{audit}");
     let records = audit["records"].as_array().cloned().unwrap_or_default();
     assert!(!records.is_empty(), "{audit}");
-    assert!(records.iter().all(|r| r["action"] == "set_tags" && r["device_id"] == id.as_str()));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["action"] == "set_tags" && r["device_id"] == id.as_str())
+    );
     let (status, none) = json_of(
         f.http
             .get(f.url("/v1/trellis/audit?actor=nobody-has-this-name"))
