@@ -492,3 +492,186 @@ async fn fleet_device_audit_and_organisation_isolation() -> anyhow::Result<()> {
     f.stop().await;
     Ok(())
 }
+
+/// Releases against their policy and a rollout's progress and actions,
+/// through the console's JSON (auth off here, as in ota.rs: the OTA
+/// fixtures of `trellis-tests` run without tokens; the token checks are
+/// above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn releases_against_the_policy_and_rollout_progress() -> anyhow::Result<()> {
+    use trellis_proto::v1::{CreateRolloutRequest, RolloutTarget, Stage};
+    use trellis_tests::Cluster;
+    use trellis_tests::ota::{
+        Fleet, ReleaseKeys, Signers, all_online, device_config, make_release, test_image,
+    };
+    const PRODUCT: u32 = 7;
+    let (cluster, stack) = Cluster::start_with_ota(1, |_| {}).await?;
+    let keys = ReleaseKeys::provision(&cluster, &stack, &[PRODUCT]).await?;
+    let fleet = Fleet::start(
+        &cluster,
+        2,
+        PRODUCT,
+        device_config(PRODUCT, 1, &keys.policy),
+        vec![cluster.gateways[0].devices.to_string()],
+    )
+    .await?;
+    all_online(&cluster, &fleet.ids(), std::time::Duration::from_secs(60)).await?;
+    let mut config = cluster.config.clone();
+    config.api.gateway_url = format!("http://{}", cluster.gateways[0].grpc);
+    config.api.keyvault_url = format!("http://{}", cluster.keyvault);
+    config.api.signer_url = format!("http://{}", stack.signer);
+    config.api.ota_url = format!("http://{}", stack.ota);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api = format!("http://{}", listener.local_addr()?);
+    let (trigger, shutdown) = trellis_core::Shutdown::new();
+    tokio::spawn(trellis_api::serve_with_listener(config, listener, shutdown));
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("{api}{path}");
+        async move {
+            Ok::<_, reqwest::Error>(
+                json_of(http.get(url).bearer_auth("auth-is-off").send().await?).await,
+            )
+        }
+    };
+    // Only a ready API answers.
+    trellis_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the api answers",
+        || async { (get("/v1/trellis/fleet".into()).await.ok()?.0 == 200).then_some(()) },
+    )
+    .await?;
+
+    // A release the cloud alone signed is short of the customer's key; one
+    // both signed meets the policy.
+    let (short, _) = make_release(
+        &stack,
+        &keys,
+        PRODUCT,
+        3,
+        &test_image(PRODUCT, 3, 4096),
+        Signers::CloudOnly,
+    )
+    .await?;
+    let (good, _) = make_release(
+        &stack,
+        &keys,
+        PRODUCT,
+        2,
+        &test_image(PRODUCT, 2, 8192),
+        Signers::Both,
+    )
+    .await?;
+    let (status, releases) = get(format!("/v1/trellis/releases?product={PRODUCT}")).await?;
+    assert_eq!(status, 200, "{releases}");
+    let find = |id: &str| {
+        releases["releases"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["release_id"] == id).cloned())
+            .unwrap_or_else(|| panic!("{id} not in {releases}"))
+    };
+    let s = find(&short);
+    assert_eq!(s["policy_check"]["satisfied"], false, "{s}");
+    assert_eq!(s["policy_check"]["missing"], json!(["customer"]), "{s}");
+    assert_eq!(s["policy_check"]["threshold"], 2);
+    let g = find(&good);
+    assert_eq!(g["policy_check"]["satisfied"], true, "{g}");
+    assert_eq!(g["policy_check"]["missing"], json!([]), "{g}");
+    assert_eq!(g["signatures"], 2);
+    let policy = &releases["policies"][PRODUCT.to_string()];
+    assert_eq!(policy["threshold"], 2, "{releases}");
+    assert_eq!(policy["keys"].as_array().map(Vec::len), Some(2));
+
+    // A two-stage rollout: paused and resumed through the console's
+    // routes, then followed to the end.
+    let mut ota = stack.ota_client().await?;
+    let rollout = ota
+        .create_rollout(CreateRolloutRequest {
+            release_id: good.clone(),
+            target: Some(RolloutTarget {
+                product_id: PRODUCT,
+                ..Default::default()
+            }),
+            stages: vec![
+                Stage {
+                    name: "canary".into(),
+                    device_count: 1,
+                    ..Default::default()
+                },
+                Stage {
+                    name: "rest".into(),
+                    percent: 100,
+                    ..Default::default()
+                },
+            ],
+            max_failure_ratio: 0.5,
+            max_concurrent: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .rollout_id;
+    let act = |action: &str| {
+        let http = http.clone();
+        let url = format!("{api}/v1/trellis/rollouts/{rollout}/{action}");
+        async move {
+            Ok::<_, reqwest::Error>(
+                json_of(
+                    http.post(url)
+                        .bearer_auth("auth-is-off")
+                        .json(&json!({"reason": "console test"}))
+                        .send()
+                        .await?,
+                )
+                .await,
+            )
+        }
+    };
+    let (status, paused) = act("pause").await?;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["state"], "paused");
+    let (status, resumed) = act("resume").await?;
+    assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["state"], "running");
+    let (_, listed) = get("/v1/trellis/rollouts".into()).await?;
+    assert!(
+        listed["rollouts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["rollout_id"] == rollout.as_str())),
+        "{listed}"
+    );
+    let done = trellis_tests::eventually(
+        std::time::Duration::from_secs(90),
+        "the rollout completes",
+        || async {
+            let (_, r) = get(format!("/v1/trellis/rollouts/{rollout}")).await.ok()?;
+            (r["state"] == "completed").then_some(r)
+        },
+    )
+    .await?;
+    assert_eq!(done["release_id"], good.as_str());
+    assert_eq!(done["max_failure_ratio"], 0.5);
+    assert_eq!(done["failure_ratio"], 0.0);
+    assert_eq!(done["totals"]["applied"], 2, "{done}");
+    assert_eq!(done["not_applied"], json!([]), "{done}");
+    let stages = done["stages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(stages.len(), 2, "{done}");
+    assert!(
+        stages
+            .iter()
+            .all(|s| s["applied"] == 1 && s["completed_at"].is_string()),
+        "{done}"
+    );
+    // Ended: abort is refused, not a silent success.
+    let (status, refused) = act("abort").await?;
+    assert!(status == 400 || status == 409, "{status} {refused}");
+
+    drop(trigger);
+    fleet.stop().await;
+    stack.stop().await;
+    cluster.stop().await;
+    Ok(())
+}
