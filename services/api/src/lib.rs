@@ -12,7 +12,13 @@
 //! - [`events`]: server-sent event streams;
 //! - [`tokens`]: the user, tokens and the OAuth password grant;
 //! - [`ota`]: flashing by upload, only as a signed release;
-//! - [`error`]: every error body, and the one gRPC -> HTTP mapping.
+//! - [`error`]: every error body, and the one gRPC -> HTTP mapping;
+//! - [`console`] and [`console_api`]: the web console at `/` and the JSON
+//!   it reads under `/v1/trellis/...`. The console's session is an
+//!   `HttpOnly`, `SameSite=Strict` cookie that counts only on requests
+//!   that also carry the `X-Trellis-Console` header (see [`console_api`]).
+pub mod console;
+pub mod console_api;
 pub mod devices;
 pub mod error;
 pub mod events;
@@ -40,6 +46,8 @@ pub struct AppState {
     pub services: Services,
     /// Ends open event streams when the server stops.
     pub shutdown: Shutdown,
+    /// The API serves HTTPS itself: the console's cookie is `Secure`.
+    pub https: bool,
 }
 
 /// A time in milliseconds since the epoch as ISO 8601 (`…T06:44:11.299Z`).
@@ -107,15 +115,56 @@ pub fn router(state: AppState) -> Router {
             get(events::org).post(events::publish_org),
         )
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org))
+        .merge(console_routes())
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             confirm_token_refusals,
         ))
+        // The console's cookie becomes the bearer token before anything
+        // reads the token (see console_api).
+        .layer(axum::middleware::from_fn(console_api::session_cookie))
         .layer(axum::middleware::from_fn(span))
         .with_state(state)
 }
+
+// ------------------------------------------------------------------
+// The web console (issue 14): its files and its JSON, every response with
+// the console's security headers (CSP, nosniff, no referrer).
+fn console_routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(console::index))
+        .route("/console/assets/{file}", get(console::asset))
+        .route(
+            "/v1/trellis/session",
+            get(console_api::session)
+                .post(console_api::sign_in)
+                .delete(console_api::sign_out),
+        )
+        .route("/v1/trellis/fleet", get(console_api::fleet))
+        .route("/v1/trellis/devices/{id}", get(console_api::device))
+        .route("/v1/trellis/devices/{id}/tags", post(console_api::set_tags))
+        .route("/v1/trellis/devices/{id}/revoke", post(console_api::revoke))
+        .route(
+            "/v1/trellis/devices/{id}/lift-quarantine",
+            post(console_api::lift_quarantine),
+        )
+        .route("/v1/trellis/releases", get(console_api::releases))
+        .route("/v1/trellis/rollouts", get(console_api::rollouts))
+        .route("/v1/trellis/rollouts/{id}", get(console_api::rollout))
+        .route(
+            "/v1/trellis/rollouts/{id}/{action}",
+            post(console_api::rollout_action),
+        )
+        .route("/v1/trellis/audit", get(console_api::audit))
+        .layer(axum::middleware::map_response(console_headers))
+}
+
+async fn console_headers(response: Response) -> Response {
+    console::security_headers(response)
+}
+// ------------------------------------------------------------------
 
 /// A 401 makes particle-cli forget its login, so it must mean that the
 /// caller's token is bad, not that one Trellis service refused another's
@@ -230,6 +279,7 @@ pub async fn serve_with_listener(
     let app = router(AppState {
         services,
         shutdown: shutdown.clone(),
+        https: config.api.tls_cert_file.is_some(),
     });
     let mut stop = shutdown;
     let stopped = async move { stop.wait().await };

@@ -48,6 +48,28 @@ async fn the_api_serves_https_when_given_a_certificate() -> anyhow::Result<()> {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("invalid_request"), "{reply}");
 
+    // The console's session cookie is Secure over HTTPS (sign-out sets the
+    // clearing cookie without calling any service).
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(
+        b"DELETE /v1/trellis/session HTTP/1.1\r\nHost: localhost\r\nX-Trellis-Console: 1\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .await?;
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut reply)).await??;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let cookie = reply
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_default();
+    assert!(cookie.contains("trellis_console=;"), "{reply}");
+    assert!(cookie.contains("; HttpOnly; SameSite=Strict"), "{cookie}");
+    assert!(cookie.contains("; Secure"), "{cookie}");
+
     // Plain HTTP on the HTTPS port: no HTTP answer.
     let mut plain = TcpStream::connect(addr).await?;
     plain
