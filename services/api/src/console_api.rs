@@ -368,7 +368,7 @@ pub async fn device(
     Query(query): Params,
 ) -> Result<Json<Value>, ApiError> {
     let token = token(&headers, &query)?;
-    let id = device_id(&id)?;
+    let id = device_id(&state, &token, &id).await?;
     let live = state
         .services
         .devices()
@@ -448,7 +448,7 @@ pub async fn set_tags(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let token = token(&headers, &query)?;
-    let id = device_id(&id)?;
+    let id = device_id(&state, &token, &id).await?;
     let fields = json_body(&body)?;
     let tags: Vec<String> = match fields.get("tags") {
         Some(Value::Array(a)) => a
@@ -492,7 +492,7 @@ pub async fn revoke(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let token = token(&headers, &query)?;
-    let id = device_id(&id)?;
+    let id = device_id(&state, &token, &id).await?;
     let fields = json_body(&body)?;
     let reason = fields
         .get("reason")
@@ -521,7 +521,7 @@ pub async fn lift_quarantine(
     Query(query): Params,
 ) -> Result<Json<Value>, ApiError> {
     let token = token(&headers, &query)?;
-    let id = device_id(&id)?;
+    let id = device_id(&state, &token, &id).await?;
     let reply = state
         .services
         .keyvault()
