@@ -1119,14 +1119,36 @@ impl Scheduler {
         let product = target.product_id;
         let id = new_rollout_id();
         let mut redis = self.redis();
-        let mut organization = String::new();
+        // A rollout is its product's organisation's: a device another
+        // organisation registered under the same product number is not in
+        // its fleet (and cannot be named in it).
+        let organization = trellis_auth::store::product_org(&mut redis, product)
+            .await
+            .map_err(|e| {
+                OtaError::Internal(format!("reading product {product}'s organisation: {e}"))
+            })?;
+        let same_org = |org: &str| {
+            let org = if org.is_empty() {
+                keys::DEFAULT_ORG
+            } else {
+                org
+            };
+            org == organization
+        };
         let selection: Vec<String> = if target.device_ids.is_empty() {
             let tag = Some(target.tag.as_str()).filter(|t| !t.is_empty());
             let fleet = store::fleet(&mut redis, product, tag).await?;
-            if let Some((_, org)) = fleet.first() {
-                organization = org.clone();
+            let (ours, theirs): (Vec<_>, Vec<_>) =
+                fleet.into_iter().partition(|(_, org)| same_org(org));
+            if !theirs.is_empty() {
+                tracing::warn!(
+                    product,
+                    organization = %organization,
+                    left_out = theirs.len(),
+                    "devices of other organisations registered under this product are not in the rollout"
+                );
             }
-            spec::fleet_order(&id, fleet.into_iter().map(|(d, _)| d).collect())
+            spec::fleet_order(&id, ours.into_iter().map(|(d, _)| d).collect())
         } else {
             for d in &target.device_ids {
                 match store::registered(&mut redis, d).await? {
@@ -1145,7 +1167,12 @@ impl Scheduler {
                             "device {d} is revoked and cannot connect; leave it out"
                         )));
                     }
-                    Some((_, false, org)) => organization = org,
+                    Some((_, false, org)) if !same_org(&org) => {
+                        return Err(OtaError::InvalidArgument(format!(
+                            "device {d} belongs to another organisation than product {product}; leave it out"
+                        )));
+                    }
+                    Some((_, false, _)) => {}
                 }
             }
             target.device_ids.clone()
@@ -1179,9 +1206,6 @@ impl Scheduler {
                 (d, DeviceRecord::pending(stage, seq, now))
             })
             .collect();
-        if organization.is_empty() {
-            organization = keys::DEFAULT_ORG.to_string();
-        }
         let meta: Vec<(&str, String)> = vec![
             ("spec", RolloutMeta::spec_hex(&req)),
             ("organization", organization),

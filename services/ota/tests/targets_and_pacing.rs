@@ -75,6 +75,40 @@ async fn a_tag_targets_exactly_the_devices_that_carry_it() {
     assert_eq!(before.len(), after.len(), "a refused rollout left records");
 }
 
+/// A device another organisation registered under the product's number is
+/// not in the product's rollouts, and cannot be named in one.
+#[tokio::test]
+async fn a_rollout_takes_only_its_products_organisation() {
+    let env = env().await;
+    let ids = env.devices(PRODUCT, 4, true).await;
+    let mut redis = env.redis.clone();
+    let _: () = redis
+        .hset(keys::device(&ids[3]), "organization", "acme")
+        .await
+        .unwrap();
+    let sched = env.scheduler("a");
+    let created = sched.create(request(vec![stage_pct(100)])).await.unwrap();
+    let targeted: HashSet<String> = created
+        .devices
+        .iter()
+        .map(|d| d.device_id.clone())
+        .collect();
+    let want: HashSet<String> = ids[..3].iter().cloned().collect();
+    assert_eq!(
+        targeted, want,
+        "acme's device is in the default organisation's rollout"
+    );
+    let done = completed(&env, &sched, &created.rollout_id).await;
+    assert_eq!(count(&done, D::Applied), 3);
+
+    let mut named = request(vec![stage_pct(100)]);
+    if let Some(t) = named.target.as_mut() {
+        t.device_ids = vec![ids[3].clone()];
+    }
+    let err = sched.create(named).await.unwrap_err();
+    assert!(err.to_string().contains("another organisation"), "{err}");
+}
+
 #[tokio::test]
 async fn no_more_than_max_concurrent_devices_update_at_once() {
     let env = env().await;
