@@ -10,12 +10,12 @@ use axum::http::{HeaderMap, header};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use utoipa::ToSchema;
 use trellis_proto::v1::variable_value::Value as Var;
 use trellis_proto::v1::{
     CallFunctionRequest, DeviceState, GetDeviceStateRequest, GetVariableRequest,
     ListDeviceStatesRequest, RegisterDeviceRequest,
 };
+use utoipa::ToSchema;
 
 type Params = Query<HashMap<String, String>>;
 
@@ -784,7 +784,8 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&call).expect("json"),
-            json!({"id": "d", "name": Value::Null, "connected": true, "return_value": 5}).to_string()
+            json!({"id": "d", "name": Value::Null, "connected": true, "return_value": 5})
+                .to_string()
         );
         for (value, raw) in [
             (VariableValue::Double(21.5), json!(21.5)),

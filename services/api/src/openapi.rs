@@ -14,16 +14,12 @@ use crate::devices::{
 use crate::error::ErrorBody;
 use crate::events::PublishRequest;
 use crate::ota::{DeviceUpdate, FlashForm, FlashStarted};
-use crate::tokens::{
-    AccountInfo, CurrentToken, Mfa, OAuthToken, OAuthTokenRequest, OkReply, User,
-};
+use crate::tokens::{AccountInfo, CurrentToken, Mfa, OAuthToken, OAuthTokenRequest, OkReply, User};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use std::sync::OnceLock;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::security::{
-    ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
-};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 

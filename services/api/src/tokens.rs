@@ -16,10 +16,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine;
 use serde::Serialize;
 use std::collections::HashMap;
-use utoipa::ToSchema;
 use trellis_proto::v1::{
     CreateTokenRequest, Identity, ListTokensRequest, RevokeTokenRequest, WhoAmIRequest,
 };
+use utoipa::ToSchema;
 
 type Params = Query<HashMap<String, String>>;
 
@@ -395,7 +395,10 @@ mod tests {
                 "scopes": ["devices:read"],
                 "orgs": [],
             });
-            assert_eq!(serde_json::to_string(&current).expect("json"), old.to_string());
+            assert_eq!(
+                serde_json::to_string(&current).expect("json"),
+                old.to_string()
+            );
         }
         let token = OAuthToken {
             access_token: "t".into(),

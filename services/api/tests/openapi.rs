@@ -45,7 +45,10 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
         } else {
             first.trim_matches('"').replace("{*", "{")
         };
-        assert!(path.starts_with('/'), "cannot read the path of .route({call})");
+        assert!(
+            path.starts_with('/'),
+            "cannot read the path of .route({call})"
+        );
         let mut methods = 0;
         for method in ["get", "post", "put", "delete", "patch"] {
             let needle = format!("{method}(");
@@ -154,12 +157,22 @@ async fn the_document_is_served_and_documents_every_route() -> anyhow::Result<()
 
     // Every route of the router, every method, and nothing else.
     let source = routes_in_source();
-    assert!(source.len() >= 30, "{} routes read from lib.rs", source.len());
+    assert!(
+        source.len() >= 30,
+        "{} routes read from lib.rs",
+        source.len()
+    );
     let documented = routes_in_document(&doc);
     let undocumented: Vec<_> = source.difference(&documented).collect();
-    assert!(undocumented.is_empty(), "routes not in the document: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes not in the document: {undocumented:?}"
+    );
     let unrouted: Vec<_> = documented.difference(&source).collect();
-    assert!(unrouted.is_empty(), "documented but not routed: {unrouted:?}");
+    assert!(
+        unrouted.is_empty(),
+        "documented but not routed: {unrouted:?}"
+    );
 
     for (path, method) in &documented {
         let operation = &doc["paths"][path][method];
