@@ -22,7 +22,7 @@
 # (where schemathesis is installed and kept between runs, default
 # target/schemathesis-venv), PIP_TIMEOUT (seconds, default 300),
 # ST_MAX_EXAMPLES (per operation, default 25), ST_MAX_TIME (seconds for the
-# whole run, default 120).
+# whole run, default 100).
 set -euo pipefail
 
 SCHEMATHESIS_VERSION=4.32.5
@@ -83,21 +83,26 @@ for _ in $(seq 1 60); do
 done
 org=$(curl -s -H "Authorization: Bearer $token" "$base/v1/user" | python3 -c 'import json,sys; print(json.load(sys.stdin)["org"])')
 
-# 3. schemathesis. Generated ids, names and products are mixed with real
-# ones (half of the time), so requests reach the device, its functions and
-# variables, the product and the organisation, not only the refusals.
+# 3. schemathesis. Generated device ids (path and claim body), function and
+# variable names, function arguments, products and organisations are mixed
+# with real ones (half of the time), so requests reach the device, its
+# functions and variables, the product and the organisation, not only the
+# refusals.
 cat >"$work/schemathesis.toml" <<EOF
 [dictionaries]
 device = { values = ["$device"] }
 product = { values = [6] }
 member = { values = ["add", "led", "temp", "uptime"] }
 org = { values = ["$org"] }
+args = { values = ["2,3", "on", "off", "40,2"] }
 
 [parameters]
 "path.id" = { dictionary = "device", probability = 0.5 }
 "path.p" = { dictionary = "product", probability = 0.5 }
 "path.name" = { dictionary = "member", probability = 0.5 }
 "path.org" = { dictionary = "org", probability = 0.5 }
+"body.id" = { dictionary = "device", probability = 0.5 }
+"body.args" = { dictionary = "args", probability = 0.5 }
 EOF
 echo "openapi check: schemathesis $SCHEMATHESIS_VERSION against $base (device $device)"
 status=0
@@ -107,7 +112,7 @@ timeout 240 "$venv/bin/st" --config-file "$work/schemathesis.toml" run "$work/op
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --exclude-operation-id-regex '^(stream_.*|delete_current)$' \
   --max-examples "${ST_MAX_EXAMPLES:-25}" \
-  --max-time "${ST_MAX_TIME:-120}" \
+  --max-time "${ST_MAX_TIME:-100}" \
   --request-timeout 20 \
   --workers 2 \
   --seed "${ST_SEED:-$RANDOM}" \

@@ -225,8 +225,8 @@ pub struct ProvisionRequest {
     /// RSA-1024 public key, PEM.
     #[schema(rename = "publicKey")]
     pub public_key: String,
-    /// The device id, instead of the path's.
-    #[schema(rename = "deviceID")]
+    /// The device id (24 hex digits), instead of the path's.
+    #[schema(rename = "deviceID", pattern = "^[0-9a-fA-F]{24}$")]
     pub device_id: Option<String>,
     /// `rsa` (the only one Trellis devices use).
     pub algorithm: Option<String>,
@@ -612,7 +612,7 @@ pub async fn claim(
 /// the registered key again changes nothing; another key for a registered
 /// device is refused by keyvault (revoke it first).
 #[utoipa::path(post, path = "/v1/provisioning/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id (24 hex digits)")),
+    params(("id" = String, Path, description = "Device id (24 hex digits)", pattern = "^[0-9a-fA-F]{24}$")),
     request_body(content(
         (ProvisionRequest = "application/json"),
         (ProvisionRequest = "application/x-www-form-urlencoded"))),

@@ -262,9 +262,11 @@ async fn product_devices(
 #[derive(Debug, utoipa::ToSchema)]
 #[allow(dead_code)]
 pub struct PublishRequest {
-    /// The event name.
+    /// The event name (1 to 64 bytes).
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
-    /// The event data.
+    /// The event data (at most 1024 bytes).
+    #[schema(max_length = 1024)]
     pub data: Option<String>,
     /// `true` for a private event.
     pub private: Option<bool>,
