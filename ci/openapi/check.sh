@@ -106,6 +106,9 @@ args = { values = ["2,3", "on", "off", "40,2"] }
 EOF
 echo "openapi check: schemathesis $SCHEMATHESIS_VERSION against $base (device $device)"
 status=0
+# From the work directory: schemathesis keeps its cache (.schemathesis/)
+# in the current one.
+cd "$work"
 timeout 240 "$venv/bin/st" --config-file "$work/schemathesis.toml" run "$work/openapi.json" \
   --url "$base" \
   --header "Authorization: Bearer $token" \
