@@ -40,6 +40,7 @@ disk_report "after the demo"
 echo "== particle-cli and particle-api-js against trellis up"
 ci/particle/check.sh
 echo "== console (ci/console/check.sh)"; ci/console/check.sh
+echo "== schemathesis (ci/openapi/check.sh)"; ci/openapi/check.sh
 # Coverage-guided fuzzing of every decoder a device or a peer feeds, a
 # bounded time per target (about 5 min in all from scratch on an idle
 # 2-core machine, most of it building cargo-fuzz and the targets); fails on

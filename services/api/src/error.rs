@@ -7,8 +7,49 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 use tonic::Code;
+use utoipa::ToSchema;
+
+/// Every error body (PARTICLE-API.md, "Error replies"). Token and OAuth
+/// problems carry `error` and `error_description`; every other error
+/// carries `ok: false`, `error` and, for "Permission Denied", `info`.
+/// Fields in alphabetical order: the bytes on the wire are those of the
+/// sorted JSON object the clients were tested against.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong (`invalid_token`, `Permission Denied`, a message).
+    pub error: String,
+    /// Token and OAuth errors: the explanation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+    /// "Permission Denied": why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+    /// Always false when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+}
+
+impl ErrorBody {
+    fn oauth(error: &str, description: &str) -> Self {
+        Self {
+            error: error.into(),
+            error_description: Some(description.into()),
+            info: None,
+            ok: None,
+        }
+    }
+
+    fn refusal(error: &str, info: Option<&str>) -> Self {
+        Self {
+            error: error.into(),
+            error_description: None,
+            info: info.map(str::to_string),
+            ok: Some(false),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -78,35 +119,27 @@ impl ApiError {
         }
     }
 
-    pub fn body(&self) -> serde_json::Value {
+    /// The body as its typed form (the schema in the OpenAPI document).
+    pub fn error_body(&self) -> ErrorBody {
         match self {
-            Self::MissingToken => json!({
-                "error": "invalid_request",
-                "error_description": "The access token was not found",
-            }),
-            Self::InvalidToken => json!({
-                "error": "invalid_token",
-                "error_description": "The access token provided is invalid.",
-            }),
-            Self::UnknownDevice => json!({
-                "ok": false,
-                "error": "Permission Denied",
-                "info": "I didn't recognize that device name or ID",
-            }),
-            Self::PermissionDenied(info) => json!({
-                "ok": false,
-                "error": "Permission Denied",
-                "info": info,
-            }),
-            Self::NotFound(message) | Self::Other(_, message) => json!({
-                "ok": false,
-                "error": message,
-            }),
-            Self::OAuth(_, error, description) => json!({
-                "error": error,
-                "error_description": description,
-            }),
+            Self::MissingToken => {
+                ErrorBody::oauth("invalid_request", "The access token was not found")
+            }
+            Self::InvalidToken => {
+                ErrorBody::oauth("invalid_token", "The access token provided is invalid.")
+            }
+            Self::UnknownDevice => ErrorBody::refusal(
+                "Permission Denied",
+                Some("I didn't recognize that device name or ID"),
+            ),
+            Self::PermissionDenied(info) => ErrorBody::refusal("Permission Denied", Some(info)),
+            Self::NotFound(message) | Self::Other(_, message) => ErrorBody::refusal(message, None),
+            Self::OAuth(_, error, description) => ErrorBody::oauth(error, description),
         }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self.error_body()).unwrap_or_default()
     }
 }
 
@@ -139,7 +172,7 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(status = status.as_u16(), error = ?self, "request refused");
         }
-        (status, Json(self.body())).into_response()
+        (status, Json(self.error_body())).into_response()
     }
 }
 
@@ -167,6 +200,45 @@ mod tests {
         assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(e.body()["error"], "invalid_token");
         assert_eq!(ApiError::MissingToken.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_typed_bodies_are_the_bytes_the_clients_were_tested_against() {
+        use serde_json::json;
+        let cases = [
+            (
+                ApiError::MissingToken,
+                json!({"error": "invalid_request", "error_description": "The access token was not found"}),
+            ),
+            (
+                ApiError::InvalidToken,
+                json!({"error": "invalid_token", "error_description": "The access token provided is invalid."}),
+            ),
+            (
+                ApiError::UnknownDevice,
+                json!({"ok": false, "error": "Permission Denied", "info": "I didn't recognize that device name or ID"}),
+            ),
+            (
+                ApiError::PermissionDenied("why".into()),
+                json!({"ok": false, "error": "Permission Denied", "info": "why"}),
+            ),
+            (
+                ApiError::NotFound("Variable not found".into()),
+                json!({"ok": false, "error": "Variable not found"}),
+            ),
+            (
+                ApiError::bad_request("no"),
+                json!({"ok": false, "error": "no"}),
+            ),
+            (
+                ApiError::OAuth(StatusCode::BAD_REQUEST, "invalid_grant", "bad".into()),
+                json!({"error": "invalid_grant", "error_description": "bad"}),
+            ),
+        ];
+        for (error, before) in cases {
+            let typed = serde_json::to_string(&error.error_body()).expect("serialises");
+            assert_eq!(typed, before.to_string(), "{error:?}");
+        }
     }
 
     #[test]

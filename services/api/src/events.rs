@@ -9,6 +9,7 @@
 use crate::devices::resolve;
 use crate::error::ApiError;
 use crate::grpc::Token;
+use crate::tokens::OkReply;
 use crate::{AppState, iso_time};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -257,39 +258,72 @@ async fn product_devices(
         .collect())
 }
 
+/// The body of an event publication (JSON or form).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PublishRequest {
+    /// The event name (1 to 64 bytes).
+    #[schema(min_length = 1, max_length = 64)]
+    pub name: String,
+    /// The event data (at most 1024 bytes).
+    #[schema(max_length = 1024)]
+    pub data: Option<String>,
+    /// `true` for a private event.
+    pub private: Option<bool>,
+    /// Accepted and ignored (events live for 60 s).
+    pub ttl: Option<u32>,
+}
+
 /// `POST /v1/devices/events`: publishes an event (JSON or form `name`,
 /// optional `data`, `private`) to the caller's organisation: it shows up
 /// on the organisation's streams (`/v1/devices/events`), not on a
 /// device's.
+#[utoipa::path(post, path = "/v1/devices/events", tag = "events",
+    request_body(content(
+        (PublishRequest = "application/json"),
+        (PublishRequest = "application/x-www-form-urlencoded"))),
+    responses((status = 200, description = "Published", body = OkReply)))]
 pub async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Params,
     body: axum::body::Bytes,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<OkReply>, ApiError> {
     publish_fields(&state, &headers, &query, &body, None).await
 }
 
 /// `POST /v1/products/:p/events`: as `/v1/devices/events` (the event goes to
 /// the caller's organisation; the product's streams carry it).
+#[utoipa::path(post, path = "/v1/products/{p}/events", tag = "events",
+    params(("p" = u32, Path, description = "Product id")),
+    request_body(content(
+        (PublishRequest = "application/json"),
+        (PublishRequest = "application/x-www-form-urlencoded"))),
+    responses((status = 200, description = "Published", body = OkReply)))]
 pub async fn publish_product(
     State(state): State<AppState>,
     Path(_product): Path<String>,
     headers: HeaderMap,
     Query(query): Params,
     body: axum::body::Bytes,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<OkReply>, ApiError> {
     publish_fields(&state, &headers, &query, &body, None).await
 }
 
 /// `POST /v1/orgs/:org/events`: the organisation must be the token's.
+#[utoipa::path(post, path = "/v1/orgs/{org}/events", tag = "events",
+    params(("org" = String, Path, description = "The token's organisation")),
+    request_body(content(
+        (PublishRequest = "application/json"),
+        (PublishRequest = "application/x-www-form-urlencoded"))),
+    responses((status = 200, description = "Published", body = OkReply)))]
 pub async fn publish_org(
     State(state): State<AppState>,
     Path(org): Path<String>,
     headers: HeaderMap,
     Query(query): Params,
     body: axum::body::Bytes,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<OkReply>, ApiError> {
     publish_fields(&state, &headers, &query, &body, Some(&org)).await
 }
 
@@ -299,7 +333,7 @@ async fn publish_fields(
     query: &HashMap<String, String>,
     body: &[u8],
     org: Option<&str>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<OkReply>, ApiError> {
     let fields = crate::devices::body_fields(headers, body)?;
     let token = Token::from_request(headers, query, Some(&fields))?;
     let name = fields
@@ -321,7 +355,7 @@ async fn publish_fields(
             private,
         }))
         .await?;
-    Ok(axum::Json(json!({"ok": true})))
+    Ok(OkReply::json())
 }
 
 /// `Ok` when the token belongs to organisation `org`.

@@ -23,6 +23,7 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod openapi;
 pub mod ota;
 pub mod tls;
 pub mod tokens;
@@ -60,6 +61,7 @@ pub fn iso_time(ms: i64) -> String {
 /// Every route (README "Application API" lists them).
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route(openapi::PATH, get(openapi::openapi_json))
         .route("/oauth/token", post(tokens::oauth_token))
         .route("/v1/user", get(tokens::user))
         .route(

@@ -14,7 +14,7 @@ use crate::grpc::Token;
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
-use serde_json::{Value, json};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use trellis_proto::v1::{
@@ -36,13 +36,64 @@ fn how_to_sign(product: u32, sha: &str) -> String {
     )
 }
 
+/// `PUT /v1/devices/:id` with a firmware image: the update started.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlashStarted {
+    pub id: String,
+    /// The signed release whose image was uploaded.
+    pub release_id: String,
+    /// The one-device rollout that updates the device.
+    pub rollout_id: String,
+    /// Always `Update started`.
+    pub status: String,
+}
+
+/// The multipart form of a flash.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct FlashForm {
+    /// The firmware image: that of a signed release of the device's product.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub file: Vec<u8>,
+}
+
+/// The JSON or form forms of `PUT /v1/devices/:id`: rename, signal.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct DeviceUpdate {
+    /// A new name: unique in the organisation regardless of case, 1 to 64
+    /// of letters, digits, `_` and `-`, not 24 hex digits; empty removes it.
+    pub name: Option<String>,
+    /// `"1"` to make the device signal, `"0"` to stop.
+    pub signal: Option<String>,
+}
+
+/// What `PUT /v1/devices/:id` answers: a flash started, a rename, or a
+/// signal the device acknowledged.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum DeviceUpdated {
+    Flash(FlashStarted),
+    Renamed(crate::devices::Renamed),
+    Signaled(crate::devices::Signaled),
+}
+
 /// `PUT /v1/devices/:id`.
+#[utoipa::path(put, path = "/v1/devices/{id}", tag = "ota",
+    params(("id" = String, Path, description = "Device id or name")),
+    request_body(content(
+        (FlashForm = "multipart/form-data"),
+        (DeviceUpdate = "application/json"),
+        (DeviceUpdate = "application/x-www-form-urlencoded"))),
+    responses(
+        (status = 200, description = "The image is a signed release's: a one-device rollout started; or the device renamed; or its signal acknowledged", body = DeviceUpdated),
+        (status = 413, description = "The upload is larger than 64 MiB", content_type = "text/plain")))]
 pub async fn update_device(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeviceUpdated>, ApiError> {
     let headers = request.headers().clone();
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -57,10 +108,12 @@ pub async fn update_device(
         let token = Token::from_request(&headers, &query, Some(&fields))?;
         let device = resolve(&state, &token, &id, None).await?;
         if let Some(name) = fields.get("name") {
-            return crate::devices::rename(&state, &token, &device, name).await;
+            let renamed = crate::devices::rename(&state, &token, &device, name).await?;
+            return Ok(Json(DeviceUpdated::Renamed(renamed)));
         }
         if let Some(signal) = fields.get("signal") {
-            return crate::devices::signal(&state, &token, &device, signal).await;
+            let signaled = crate::devices::signal(&state, &token, &device, signal).await?;
+            return Ok(Json(DeviceUpdated::Signaled(signaled)));
         }
         return Err(ApiError::bad_request(
             "give a firmware file as multipart field `file` to flash the device, `name` to \
@@ -172,11 +225,11 @@ pub async fn update_device(
             .await?
             .into_inner();
         tracing::info!(device = %device.device_id, release = %release.release_id, rollout = %rollout.rollout_id, "flash started");
-        return Ok(Json(json!({
-            "id": device.device_id,
-            "status": "Update started",
-            "release_id": release.release_id,
-            "rollout_id": rollout.rollout_id,
+        return Ok(Json(DeviceUpdated::Flash(FlashStarted {
+            id: device.device_id,
+            release_id: release.release_id,
+            rollout_id: rollout.rollout_id,
+            status: "Update started".into(),
         })));
     }
     let mut message = how_to_sign(device.product_id, &sha);
