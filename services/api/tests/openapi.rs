@@ -118,6 +118,7 @@ async fn serve_router() -> anyhow::Result<(String, trellis_core::shutdown::Shutd
     let app = trellis_api::router(AppState {
         services: Services::new(&config)?,
         shutdown,
+        https: false,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
