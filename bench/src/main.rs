@@ -6,6 +6,7 @@
 //! at the top of the repository holds the latest full figures and the
 //! command for each.
 mod alloc_count;
+mod api;
 mod cluster;
 mod commands;
 mod fastdevice;
@@ -50,6 +51,8 @@ enum Cmd {
     Ota(ota::Args),
     /// Allocations per wire operation (timings: cargo bench -p trellis-wire).
     Wire(wire::Args),
+    /// The application API: REST calls next to gRPC, SSE fan-out.
+    Api(api::Args),
     /// Signed commands: the device's check vs raw RSA-PSS verification, and
     /// a routed signed call next to an unsigned one.
     Commands(commands::Args),
@@ -87,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Routed(a) => routed::run(&pick(smoke, a, routed::Args::smoke()), bin).await,
         Cmd::Ota(a) => ota::run(&pick(smoke, a, ota::Args::smoke()), bin).await,
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
+        Cmd::Api(a) => api::run(&pick(smoke, a, api::Args::smoke()), bin).await,
         Cmd::Commands(a) => commands::run(&pick(smoke, a, commands::Args::smoke()), bin).await,
         Cmd::All => {
             wire::run(&pick(
