@@ -13,6 +13,7 @@ mod idle;
 mod ota;
 mod routed;
 mod util;
+mod webhooks;
 mod wire;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,8 @@ enum Cmd {
     Ota(ota::Args),
     /// Allocations per wire operation (timings: cargo bench -p trellis-wire).
     Wire(wire::Args),
+    /// Webhook deliveries per second to a local receiver.
+    Webhooks(webhooks::Args),
     /// Every figure in turn, with the defaults (or --smoke).
     All,
 }
@@ -83,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Routed(a) => routed::run(&pick(smoke, a, routed::Args::smoke()), bin).await,
         Cmd::Ota(a) => ota::run(&pick(smoke, a, ota::Args::smoke()), bin).await,
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
+        Cmd::Webhooks(a) => webhooks::run(&pick(smoke, a, webhooks::Args::smoke())).await,
         Cmd::All => {
             wire::run(&pick(
                 smoke,
@@ -165,6 +169,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 bin,
             )
+            .await?;
+            webhooks::run(&smoke_or(
+                smoke,
+                webhooks::Args::smoke(),
+                webhooks::Args {
+                    events: 5000,
+                    integrations: 8,
+                },
+            ))
             .await
         }
     }
