@@ -179,6 +179,14 @@ pub enum OutboundError {
     },
 }
 
+/// Makes ring the process's rustls provider unless one is installed
+/// already. reqwest is built with `rustls-no-provider` (https targets
+/// without a second crypto library): every process that builds a reqwest
+/// client calls this first; [`check_url`] does.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Parses `url` (http or https only), resolves its host and returns the
 /// first address that is allowed: not refused by [`refusal`], or inside
 /// `allowed`. `setting` names the allow-list in the error.
@@ -187,6 +195,7 @@ pub async fn check_url(
     allowed: &[Cidr],
     setting: &'static str,
 ) -> Result<Checked, OutboundError> {
+    install_tls_provider();
     let parsed = url::Url::parse(url).map_err(|e| OutboundError::BadUrl(format!("{url}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(OutboundError::BadUrl(format!(

@@ -220,7 +220,7 @@ async fn span(request: Request, next: Next) -> Response {
 /// Makes ring the process's rustls provider (reqwest's https: webhook
 /// targets, the CLI's api calls), unless one is installed already.
 pub fn install_tls_provider() {
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    trellis_core::outbound::install_tls_provider();
 }
 
 /// The webhook store and delivery settings, when `redis.url` is set.

@@ -108,6 +108,7 @@ async fn an_api_killed_mid_delivery_loses_nothing() -> anyhow::Result<()> {
 
     let (mut first, listen, admin) = api(&services, &redis, dir.path(), "api-1");
     wait_ok(&admin, "/healthz", Duration::from_secs(60), &first).await?;
+    trellis_core::outbound::install_tls_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

@@ -68,6 +68,8 @@ impl Fixture {
         tweak: impl FnOnce(&mut trellis_core::Config),
     ) -> anyhow::Result<Self> {
         let serial = SERIAL.lock().await;
+        // reqwest (rustls-no-provider) needs the process's provider.
+        trellis_core::outbound::install_tls_provider();
         let redis = if users {
             LocalRedis::start_with_users(
                 RedisData::Ephemeral,
