@@ -15,6 +15,7 @@ mod idle;
 mod ota;
 mod routed;
 mod util;
+mod webhooks;
 mod wire;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +57,8 @@ enum Cmd {
     /// Signed commands: the device's check vs raw RSA-PSS verification, and
     /// a routed signed call next to an unsigned one.
     Commands(commands::Args),
+    /// Webhook deliveries per second to a local receiver.
+    Webhooks(webhooks::Args),
     /// Every figure in turn, with the defaults (or --smoke).
     All,
 }
@@ -92,6 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
         Cmd::Api(a) => api::run(&pick(smoke, a, api::Args::smoke()), bin).await,
         Cmd::Commands(a) => commands::run(&pick(smoke, a, commands::Args::smoke()), bin).await,
+        Cmd::Webhooks(a) => webhooks::run(&pick(smoke, a, webhooks::Args::smoke())).await,
         Cmd::All => {
             wire::run(&pick(
                 smoke,
@@ -174,6 +178,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 bin,
             )
+            .await?;
+            webhooks::run(&smoke_or(
+                smoke,
+                webhooks::Args::smoke(),
+                webhooks::Args {
+                    events: 5000,
+                    integrations: 8,
+                },
+            ))
             .await
         }
     }

@@ -442,15 +442,11 @@ def rules(docs, set_name):
             unknown = [k for k in env if k.startswith("TRELLIS_") and k not in KNOWN_ENV]
             if unknown:
                 p.append(f"{n}: env the binary does not read: {unknown}")
-            # The api never talks to Redis: it gets no Redis URL (nor the Secret's checksum).
-            need = ("TRELLIS_REGION", "TRELLIS_TELEMETRY__ADMIN_LISTEN") + (() if comp == "api" else ("TRELLIS_REDIS__URL",))
+            # Every service, the api too (webhooks), talks to Redis.
+            need = ("TRELLIS_REGION", "TRELLIS_TELEMETRY__ADMIN_LISTEN", "TRELLIS_REDIS__URL")
             for k in need:
                 if k not in env:
                     p.append(f"{n}: no {k}")
-            if comp == "api":
-                redis = [k for k in env if k.startswith("TRELLIS_REDIS__")]
-                if redis or "checksum/redis" in d["spec"]["template"]["metadata"].get("annotations", {}):
-                    p.append(f"{n}: Redis settings although the api uses no Redis: {redis}")
             if env.get("TRELLIS_TELEMETRY__ADMIN_LISTEN", {}).get("value") != "0.0.0.0:9100":
                 p.append(f"{n}: admin not on 0.0.0.0:9100")
             listen = {"gateway": "TRELLIS_GATEWAY__GRPC_LISTEN", "keyvault": "TRELLIS_KEYVAULT__LISTEN",
@@ -458,8 +454,6 @@ def rules(docs, set_name):
             if env.get(listen, {}).get("value") != f"0.0.0.0:{API_PORT if comp == 'api' else COMPONENTS[comp]}":
                 p.append(f"{n}: {listen} is {env.get(listen)}")
             for k, want in exp.get("env", {}).items():
-                if comp == "api" and k.startswith("TRELLIS_REDIS__"):
-                    continue  # checked above: none
                 if env.get(k, {}).get("value") != want:
                     p.append(f"{n}: {k}={env.get(k, {}).get('value')!r}, want {want!r}")
             labels = d["spec"]["template"]["metadata"]["labels"]
@@ -509,12 +503,6 @@ def rules(docs, set_name):
             c = spec["containers"][0]
             env = env_map(c)
             n = name_of(d)
-            if comp == "api":
-                if any(k.startswith("TRELLIS_REDIS__") for k in env) or any(
-                        want_secret and v.get("secret", {}).get("secretName") == want_secret
-                        or v["name"] == "redis-password" for v in spec.get("volumes", [])):
-                    p.append(f"{n}: Redis ACL user or password although the api uses no Redis")
-                continue
             acl_vols = [v for v in spec.get("volumes", [])
                         if any(i.get("key", "").endswith(".password") for i in v.get("secret", {}).get("items", []))
                         or (want_secret and v.get("secret", {}).get("secretName") == want_secret)]
@@ -966,10 +954,14 @@ def rules(docs, set_name):
                 p.append(f"api: {var}={got!r} is not {scheme}:// the {target} Service's gRPC port")
             if got != theirs:
                 p.append(f"api: {var}={got!r}, but {other} uses {other_var}={theirs!r}")
-        # Its own certificate and no other Secret: no Redis URL, no master key,
-        # no other role's certificate (not even the operator's, the test Pod's).
-        secret_vols = [v for v in spec.get("volumes", []) if "secret" in v or "projected" in v]
-        secret_env = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        # Its own certificate and its own Redis credentials (webhooks; checked
+        # by redis_acl) and no other Secret: no master key, no other role's
+        # certificate (not even the operator's, the test Pod's).
+        acl_secret = exp.get("redis_acl")
+        secret_vols = [v for v in spec.get("volumes", []) if ("secret" in v or "projected" in v)
+                       and not (acl_secret and v.get("secret", {}).get("secretName") == acl_secret)]
+        secret_env = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
+                      and not e["name"].startswith("TRELLIS_REDIS__")]
         if secret_env:
             p.append(f"api: env from Secrets {secret_env}")
         if mode == "mutual":

@@ -118,7 +118,7 @@ impl OtaStack {
         Ok(Parts {
             clock: Arc::clone(&self.clock),
             deliverer: Arc::new(GatewayDeliverer::new(&self.config.ota.gateway_url, None)?),
-            approver: Arc::new(HttpApprover::new()),
+            approver: Arc::new(HttpApprover::from_config(&self.config)?),
             releases: Arc::new(SignerReleases::new(&self.config.ota.signer_url, None)?),
         })
     }

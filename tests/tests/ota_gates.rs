@@ -74,7 +74,11 @@ async fn approval_hook(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approval_no_and_silence_hold_exactly_those_devices() -> anyhow::Result<()> {
-    let (cluster, stack) = Cluster::start_with_ota(2, |_| {}).await?;
+    // The hook listens on loopback, which the SSRF guard refuses unless allowed.
+    let (cluster, stack) = Cluster::start_with_ota(2, |c| {
+        c.ota.approval_allowed_targets = vec!["127.0.0.0/8".into()];
+    })
+    .await?;
     let keys = ReleaseKeys::provision(&cluster, &stack, &[PRODUCT]).await?;
     let config = device_config(PRODUCT, 1, &keys.policy);
     let g = |n: usize| cluster.gateways[n].devices.to_string();

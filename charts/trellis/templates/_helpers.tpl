@@ -198,7 +198,7 @@ URLs that carry no credentials, so the ACL user would silently not be used).
 {{- end }}
 {{- end }}
 {{- end }}
-{{- required "redis.acl.enabled is true but redis.acl.existingSecret is empty: make the users and their passwords (trellis redis acl --passwords redis-passwords > users.acl, load users.acl into Redis), store the passwords as a Secret with keys keyvault.password, gateway.password, signer.password and ota.password (kubectl create secret generic trellis-redis-acl --from-file=redis-passwords/) and set redis.acl.existingSecret=trellis-redis-acl; or set redis.acl.enabled=false" .Values.redis.acl.existingSecret }}
+{{- required "redis.acl.enabled is true but redis.acl.existingSecret is empty: make the users and their passwords (trellis redis acl --passwords redis-passwords > users.acl, load users.acl into Redis), store the passwords as a Secret with keys keyvault.password, gateway.password, signer.password, ota.password and api.password (kubectl create secret generic trellis-redis-acl --from-file=redis-passwords/) and set redis.acl.existingSecret=trellis-redis-acl; or set redis.acl.enabled=false" .Values.redis.acl.existingSecret }}
 {{- end }}
 
 {{- define "trellis.masterKeySecretName" -}}
@@ -215,7 +215,7 @@ sections). The binary refuses unknown TRELLIS_* keys, so only documented ones
 are set here, and pods run with enableServiceLinks: false (Kubernetes would
 otherwise inject TRELLIS_KEYVAULT_SERVICE_HOST and friends for a release
 named "trellis"). (dict "root" $ "redis" bool): the Redis settings only for
-the services that use Redis (not the api, which holds no Redis credentials).
+the services that use Redis (all of them; the api since webhooks).
 */}}
 {{- define "trellis.commonEnv" -}}
 {{- $redis := .redis -}}
@@ -274,8 +274,9 @@ the services that use Redis (not the api, which holds no Redis credentials).
 One Deployment. Called with (dict "root" $ "component" "gateway"
 "values" .Values.gateway "env" <yaml list string> "ports" <yaml list string>
 "volumes" <yaml> "volumeMounts" <yaml> "noReplicas" bool "noRedis" bool).
-noRedis: a service that never talks to Redis (the api) gets no Redis URL,
-user, password file or Secret checksum.
+noRedis: a service that never talks to Redis gets no Redis URL, user,
+password file or Secret checksum (none does now: the api keeps webhooks in
+Redis).
 */}}
 {{- define "trellis.deployment" -}}
 {{- $root := .root -}}

@@ -20,6 +20,7 @@ pub struct Config {
     pub ota: OtaConfig,
     pub signer: SignerConfig,
     pub api: ApiConfig,
+    pub webhooks: WebhooksConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
@@ -350,6 +351,12 @@ pub struct OtaConfig {
     /// tick); another replica takes a rollout over this long after its
     /// holder died.
     pub lease_ms: u64,
+    /// Addresses (CIDRs, `127.0.0.0/8`, `::1/128`) a rollout's
+    /// `approval_url` may resolve to although they are loopback,
+    /// link-local, unspecified or a cloud metadata address, which are
+    /// refused otherwise (SSRF guard, `trellis_core::outbound`). Empty by
+    /// default.
+    pub approval_allowed_targets: Vec<String>,
 }
 
 impl Default for OtaConfig {
@@ -360,6 +367,7 @@ impl Default for OtaConfig {
             signer_url: "http://127.0.0.1:7300".into(),
             tick_ms: 500,
             lease_ms: 10_000,
+            approval_allowed_targets: Vec::new(),
         }
     }
 }
@@ -423,6 +431,62 @@ impl Default for ApiConfig {
     }
 }
 
+/// Webhooks (Particle "integrations"), delivered by the api service:
+/// events matching an integration are queued in Redis and sent, at least
+/// once and in order, to the integration's URL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Whether this api process dispatches events and delivers webhooks
+    /// (the `/v1/integrations` REST calls work either way). Needs
+    /// `redis.url` (the api's own Redis user, `trellis-api`).
+    pub enabled: bool,
+    /// Integrations this process delivers at the same time (each one by
+    /// one replica at a time, under a lease).
+    pub workers: usize,
+    /// Attempts per delivery before it becomes a dead letter.
+    pub max_attempts: u32,
+    /// Age (ms since the event) after which an undelivered delivery is
+    /// dead-lettered even with attempts left.
+    pub max_age_ms: u64,
+    /// Timeout of one delivery request (ms).
+    pub timeout_ms: u64,
+    /// First retry delay (ms); doubles per attempt with jitter, up to
+    /// `max_backoff_ms`.
+    pub min_backoff_ms: u64,
+    /// Longest retry delay (ms).
+    pub max_backoff_ms: u64,
+    /// Lifetime of a replica's per-integration lease (ms), renewed while it
+    /// delivers; another replica takes the integration over this long after
+    /// its holder died.
+    pub lease_ms: u64,
+    /// Dead letters kept per integration (oldest dropped first).
+    pub max_dead_letters: usize,
+    /// Addresses (CIDRs, `127.0.0.0/8`, `::1/128`, `169.254.0.0/16`) a
+    /// webhook target may resolve to although they are loopback,
+    /// link-local, unspecified or a cloud metadata address, which are
+    /// refused otherwise (SSRF guard, `trellis_core::outbound`). Empty by
+    /// default.
+    pub allowed_targets: Vec<String>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            workers: 16,
+            max_attempts: 10,
+            max_age_ms: 24 * 3600 * 1000,
+            timeout_ms: 10_000,
+            min_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            lease_ms: 10_000,
+            max_dead_letters: 10_000,
+            allowed_targets: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -447,6 +511,7 @@ impl Default for Config {
             ota: OtaConfig::default(),
             signer: SignerConfig::default(),
             api: ApiConfig::default(),
+            webhooks: WebhooksConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
@@ -584,6 +649,8 @@ impl Config {
                         // Scripts and benches name the binary to run with it.
                         "bin",
                         "config",
+                        // The CLI's api URL (`trellis webhook`).
+                        "api_url",
                         "gateway_url",
                         "keyvault_url",
                         "ota_url",

@@ -6,6 +6,7 @@ pub mod config;
 pub mod keys;
 pub mod local_redis;
 pub mod metrics;
+pub mod outbound;
 pub mod redis_conn;
 pub mod shutdown;
 pub mod telemetry;

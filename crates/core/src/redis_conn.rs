@@ -425,6 +425,40 @@ pub mod keys {
     pub const OTA_DEVICE_PREFIX: &str = "trellis:ota:device:";
     /// Key prefix of [`rollout`], for Lua scripts that build the keys.
     pub const ROLLOUT_PREFIX: &str = "trellis:rollout:";
+
+    /// Hash: one webhook integration (organisation, filter, target, template,
+    /// secret, rate limit, error counter and last error; the api writes it).
+    pub fn webhook(id: &str) -> String {
+        format!("trellis:webhook:{id}")
+    }
+    /// Stream: an integration's deliveries still to make, oldest first; an
+    /// entry is deleted only once delivered or dead-lettered.
+    pub fn webhook_queue(id: &str) -> String {
+        format!("trellis:webhook:{id}:queue")
+    }
+    /// Hash: attempts and next attempt time of the queue's head entry.
+    pub fn webhook_head(id: &str) -> String {
+        format!("trellis:webhook:{id}:head")
+    }
+    /// List: an integration's dead letters (JSON), newest last.
+    pub fn webhook_dead(id: &str) -> String {
+        format!("trellis:webhook:{id}:dead")
+    }
+    /// String: the api replica delivering an integration (`<replica>`, PX).
+    pub fn webhook_lease(id: &str) -> String {
+        format!("trellis:webhook:{id}:lease")
+    }
+    /// Set: every integration id.
+    pub const WEBHOOK_INDEX: &str = "trellis:webhooks";
+    /// Set: one organisation's integration ids.
+    pub fn webhooks_of(org: &str) -> String {
+        format!("trellis:webhooks:org:{org}")
+    }
+    /// String: the id of the last event of `trellis:events` the dispatcher
+    /// turned into deliveries.
+    pub const WEBHOOK_CURSOR: &str = "trellis:webhooks:cursor";
+    /// String: the api replica running the dispatcher (`<replica>`, PX).
+    pub const WEBHOOK_DISPATCH_LEASE: &str = "trellis:webhooks:dispatch-lease";
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! - [`events`]: server-sent event streams;
 //! - [`tokens`]: the user, tokens and the OAuth password grant;
 //! - [`ota`]: flashing by upload, only as a signed release;
+//! - [`webhooks`]: integrations (webhooks), their queues in Redis and delivery;
 //! - [`error`]: every error body, and the one gRPC -> HTTP mapping;
 //! - [`console`] and [`console_api`]: the web console at `/` and the JSON
 //!   it reads under `/v1/trellis/...`. The console's session is an
@@ -27,6 +28,7 @@ pub mod openapi;
 pub mod ota;
 pub mod tls;
 pub mod tokens;
+pub mod webhooks;
 
 use anyhow::Context;
 use axum::Router;
@@ -49,6 +51,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// The API serves HTTPS itself: the console's cookie is `Secure`.
     pub https: bool,
+    /// Webhook integrations (`None`: no `redis.url`, the calls answer 503).
+    pub webhooks: Option<std::sync::Arc<webhooks::deliver::Webhooks>>,
 }
 
 /// A time in milliseconds since the epoch as ISO 8601 (`…T06:44:11.299Z`).
@@ -118,6 +122,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/orgs/{org}/events/{*prefix}", get(events::org))
         .merge(console_routes())
+        .route(
+            "/v1/integrations",
+            get(webhooks::rest::list).post(webhooks::rest::create),
+        )
+        .route(
+            "/v1/integrations/{id}",
+            get(webhooks::rest::get).delete(webhooks::rest::delete),
+        )
+        .route("/v1/integrations/{id}/dead", get(webhooks::rest::dead))
+        .route("/v1/integrations/{id}/replay", post(webhooks::rest::replay))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -254,6 +268,48 @@ async fn span(request: Request, next: Next) -> Response {
     response.into_response()
 }
 
+/// Makes ring the process's rustls provider (reqwest's https: webhook
+/// targets, the CLI's api calls), unless one is installed already.
+pub fn install_tls_provider() {
+    trellis_core::outbound::install_tls_provider();
+}
+
+/// The webhook store and delivery settings, when `redis.url` is set.
+async fn webhooks_from(
+    config: &Config,
+) -> anyhow::Result<Option<std::sync::Arc<webhooks::deliver::Webhooks>>> {
+    let Some(url) = config.redis.url.clone() else {
+        tracing::warn!("no redis.url: webhooks (/v1/integrations) are unavailable");
+        return Ok(None);
+    };
+    // https webhook targets: reqwest's rustls with the ring provider the
+    // API's own TLS uses. Another part of the process may have installed
+    // one already, which is as good.
+    install_tls_provider();
+    let allowed = trellis_core::outbound::parse_cidrs(&config.webhooks.allowed_targets)
+        .map_err(|e| anyhow::anyhow!("webhooks.allowed_targets: {e}"))?;
+    let redis = trellis_core::redis_conn::connect(&url)
+        .await
+        .context("api webhooks need Redis (redis.url)")?;
+    let registry = trellis_core::redis_conn::connect_durable(&config.redis)
+        .await
+        .context("api webhooks read the device registry (redis.durable_url)")?;
+    let replica = format!(
+        "{}-{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "api".into()),
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 4]>())
+    );
+    Ok(Some(std::sync::Arc::new(webhooks::deliver::Webhooks {
+        redis,
+        registry,
+        redis_url: url,
+        config: config.webhooks.clone(),
+        allowed,
+        replica,
+    })))
+}
+
 /// Binds `api.listen` and serves until `shutdown` fires.
 pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.api.listen)
@@ -278,10 +334,20 @@ pub async fn serve_with_listener(
         ota = %config.api.ota_url,
         "api serving"
     );
+    let webhooks = webhooks_from(&config).await?;
+    if let Some(w) = &webhooks
+        && config.webhooks.enabled
+    {
+        tokio::spawn(webhooks::deliver::run(
+            std::sync::Arc::clone(w),
+            shutdown.clone(),
+        ));
+    }
     let app = router(AppState {
         services,
         shutdown: shutdown.clone(),
         https: config.api.tls_cert_file.is_some(),
+        webhooks,
     });
     let mut stop = shutdown;
     let stopped = async move { stop.wait().await };

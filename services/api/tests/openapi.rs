@@ -119,6 +119,7 @@ async fn serve_router() -> anyhow::Result<(String, trellis_core::shutdown::Shutd
         services: Services::new(&config)?,
         shutdown,
         https: false,
+        webhooks: None,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

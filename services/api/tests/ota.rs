@@ -71,6 +71,8 @@ async fn flash_takes_only_signed_releases() -> anyhow::Result<()> {
     let api = format!("http://{}", listener.local_addr()?);
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(trellis_api::serve_with_listener(config, listener, shutdown));
+    // reqwest (rustls-no-provider) needs the process's provider.
+    trellis_core::outbound::install_tls_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;

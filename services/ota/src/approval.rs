@@ -5,6 +5,12 @@
 //! no (the reason is shown); any other status, a body that is not that JSON,
 //! a connection error or no answer within `approval_timeout_ms` is also a
 //! no, shown as such. A no leaves the device HELD.
+//!
+//! The URL is checked before every call by the shared SSRF guard
+//! (`trellis_core::outbound`): a host that resolves to loopback, link-local,
+//! unspecified or a cloud metadata address is refused (the device is held
+//! with `approval_refused: ...`) unless the address is in
+//! `ota.approval_allowed_targets`; the request goes to the checked address.
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -46,14 +52,26 @@ pub trait Approver: Send + Sync + 'static {
 /// The real hook caller (reqwest, HTTP; see the README for https).
 #[derive(Clone, Default)]
 pub struct HttpApprover {
-    client: reqwest::Client,
+    /// Addresses allowed although the SSRF guard refuses them.
+    allowed: Vec<trellis_core::outbound::Cidr>,
 }
 
 impl HttpApprover {
+    /// Refuses every loopback, link-local, unspecified and metadata address.
     pub fn new() -> Self {
-        Self {
-            client: reqwest::Client::new(),
-        }
+        Self::default()
+    }
+
+    /// Allows `allowed` (`ota.approval_allowed_targets`) past the guard.
+    pub fn with_allowed(allowed: Vec<trellis_core::outbound::Cidr>) -> Self {
+        Self { allowed }
+    }
+
+    /// As configured: `ota.approval_allowed_targets`.
+    pub fn from_config(config: &trellis_core::Config) -> anyhow::Result<Self> {
+        let allowed = trellis_core::outbound::parse_cidrs(&config.ota.approval_allowed_targets)
+            .map_err(|e| anyhow::anyhow!("ota.approval_allowed_targets: {e}"))?;
+        Ok(Self::with_allowed(allowed))
     }
 }
 
@@ -67,8 +85,20 @@ impl Approver for HttpApprover {
         Box::pin(async move {
             let ms = timeout.as_millis();
             let call = async {
-                let response = self
-                    .client
+                let target = trellis_core::outbound::check_url(
+                    url,
+                    &self.allowed,
+                    "ota.approval_allowed_targets",
+                )
+                .await
+                .map_err(|e| format!("approval_refused: {e}"))?;
+                // Connect to the address that was checked, never a second
+                // DNS answer (rebinding).
+                let client = reqwest::Client::builder()
+                    .resolve(&target.host, target.addr)
+                    .build()
+                    .map_err(|e| format!("approval_error: {e}"))?;
+                let response = client
                     .post(url)
                     .json(request)
                     .send()

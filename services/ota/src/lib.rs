@@ -61,7 +61,7 @@ pub async fn serve_with_listener(
             &config.ota.gateway_url,
             tls.as_ref(),
         )?),
-        approver: Arc::new(HttpApprover::new()),
+        approver: Arc::new(HttpApprover::from_config(&config)?),
         releases: Arc::new(SignerReleases::new(&config.ota.signer_url, tls.as_ref())?),
     };
     serve_with_parts(config, listener, parts, shutdown).await

@@ -109,3 +109,33 @@ async fn approval_url_that_is_down_holds_with_the_error() {
     );
     assert!(env.fleet.delivered().is_empty());
 }
+
+/// The SSRF guard: without the allow-list, a loopback approval URL and the
+/// cloud metadata address are refused before any request is made, and the
+/// devices are held with the refusal as the reason.
+#[tokio::test]
+async fn approval_url_on_loopback_or_metadata_is_refused_without_the_allow_list() {
+    for url in [
+        "http://127.0.0.1:9/approve".to_string(),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+        "http://[::ffff:127.0.0.1]:9/approve".to_string(),
+    ] {
+        let env = env().await;
+        env.devices(PRODUCT, 1, true).await;
+        let sched = env.scheduler_with("a", Arc::new(trellis_ota::HttpApprover::new()));
+        let mut req = request(vec![stage_pct(100)]);
+        req.approval_url = url.clone();
+        req.approval_timeout_ms = 2_000;
+        let rid = sched.create(req).await.unwrap().rollout_id;
+        let done = drive(&env, &sched, &rid, ended).await;
+        assert_eq!(count(&done, D::Held), 1, "{url}");
+        assert!(
+            done.devices
+                .iter()
+                .all(|d| d.reason.starts_with("approval_refused")
+                    && d.reason.contains("ota.approval_allowed_targets")),
+            "{url}: {done:#?}"
+        );
+        assert!(env.fleet.delivered().is_empty());
+    }
+}

@@ -61,6 +61,14 @@ pub struct Endpoints {
         default_value = "http://127.0.0.1:7300"
     )]
     pub signer_url: String,
+    /// The application API's URL (`trellis webhook`).
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api_url: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +100,10 @@ pub enum Command {
     /// Staged OTA rollouts: create, status, watch, pause, resume, abort, list.
     #[command(subcommand)]
     Rollout(crate::rollout_cli::RolloutCommand),
+    /// Webhooks (integrations) of your organisation through the api
+    /// service: create, list, delete, dead, replay.
+    #[command(subcommand)]
+    Webhook(crate::webhook_cli::WebhookCommand),
     /// Firmware images and offline keys: upload, sign (offline), keygen.
     #[command(subcommand)]
     Firmware(crate::firmware_cli::FirmwareCommand),
@@ -437,6 +449,7 @@ impl Command {
             Command::Audit(AuditCommand::Tail { .. }) => "audit tail",
             Command::Audit(AuditCommand::Refusals { .. }) => "audit refusals",
             Command::Rollout(r) => r.name(),
+            Command::Webhook(c) => c.name(),
             Command::Firmware(c) => c.name(),
             Command::Release(c) => c.name(),
             Command::Policy(c) => c.name(),

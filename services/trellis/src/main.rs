@@ -12,6 +12,7 @@ mod redis_cli;
 mod rollout_cli;
 mod sim;
 mod up;
+mod webhook_cli;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -141,6 +142,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 match command {
                     Command::Rollout(cmd) => {
                         rollout_cli::run(&cli.endpoints, cmd).instrument(span).await
+                    }
+                    Command::Webhook(cmd) => {
+                        webhook_cli::run(&cli.endpoints.api_url, token.clone(), cmd)
+                            .instrument(span)
+                            .await
                     }
                     Command::Firmware(cmd) => {
                         firmware_cli::firmware(&cli.endpoints, cmd)

@@ -259,7 +259,8 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     // The application API (Particle-compatible REST): it calls the others
     // with each request's own token.
     let api = {
-        let mut api_config = config.clone();
+        // Its own Redis user: webhook integrations and queues, reading events.
+        let mut api_config = service_config(&config, RedisUser::Api);
         api_config.api.gateway_url = url_of(*first_grpc);
         api_config.api.keyvault_url = url_of(kv_addr);
         api_config.api.signer_url = url_of(signer_addr);

@@ -54,6 +54,7 @@ async fn trellis_up_with_the_defaults_serves_a_device_from_a_fresh_directory() -
         "trellis-gateway",
         "trellis-signer",
         "trellis-ota",
+        "trellis-api",
     ] {
         assert!(
             acl.contains(&format!("user {user} on #")),

@@ -18,6 +18,8 @@ pub enum RedisUser {
     Gateway,
     Signer,
     Ota,
+    /// The application API: its webhook integrations and their queues.
+    Api,
 }
 
 /// What a user may do with which keys.
@@ -52,7 +54,13 @@ const TOKEN_USE: &str = keys::TOKEN_USE;
 const AUDIT: &str = keys::AUDIT;
 
 impl RedisUser {
-    pub const ALL: [RedisUser; 4] = [Self::Keyvault, Self::Gateway, Self::Signer, Self::Ota];
+    pub const ALL: [RedisUser; 5] = [
+        Self::Keyvault,
+        Self::Gateway,
+        Self::Signer,
+        Self::Ota,
+        Self::Api,
+    ];
 
     /// The ACL user name.
     pub fn name(self) -> &'static str {
@@ -61,6 +69,7 @@ impl RedisUser {
             Self::Gateway => "trellis-gateway",
             Self::Signer => "trellis-signer",
             Self::Ota => "trellis-ota",
+            Self::Api => "trellis-api",
         }
     }
 
@@ -70,6 +79,7 @@ impl RedisUser {
             Self::Gateway => "gateway",
             Self::Signer => "signer",
             Self::Ota => "ota",
+            Self::Api => "api",
         }
     }
 
@@ -154,6 +164,19 @@ impl RedisUser {
                     "trellis:state:*",
                 ]),
                 append: &[AUDIT],
+            },
+            Self::Api => Grants {
+                // Webhook integrations, their delivery queues, dead
+                // letters and leases, the dispatcher's cursor and lease.
+                own: vec![
+                    "trellis:webhook:*",
+                    keys::WEBHOOK_INDEX,
+                    "trellis:webhooks:*",
+                ],
+                // The event stream the deliveries come from, and the
+                // registry (a device's organisation and product).
+                read: vec![keys::EVENTS, "trellis:device:*"],
+                append: &[],
             },
         }
     }
@@ -303,6 +326,15 @@ mod tests {
             (keys::ROLLOUT_INDEX.into(), vec![Ota]),
             (keys::ROLLOUT_ACTIVE.into(), vec![Ota]),
             (keys::ota_device(d), vec![Ota]),
+            (keys::webhook("w1"), vec![Api]),
+            (keys::webhook_queue("w1"), vec![Api]),
+            (keys::webhook_head("w1"), vec![Api]),
+            (keys::webhook_dead("w1"), vec![Api]),
+            (keys::webhook_lease("w1"), vec![Api]),
+            (keys::WEBHOOK_INDEX.into(), vec![Api]),
+            (keys::webhooks_of("acme"), vec![Api]),
+            (keys::WEBHOOK_CURSOR.into(), vec![Api]),
+            (keys::WEBHOOK_DISPATCH_LEASE.into(), vec![Api]),
         ];
         for (key, want) in expected {
             assert_eq!(owners(&key), want, "writers of {key}");

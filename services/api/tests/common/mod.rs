@@ -53,8 +53,31 @@ fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
 
 impl Fixture {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_inner(false, |_| {}).await
+    }
+
+    /// As [`Fixture::start`] on a Redis with one ACL user per service, the
+    /// api as its own user (`trellis-api`), with `tweak` applied to the
+    /// api's configuration (webhook settings).
+    pub async fn start_with(tweak: impl FnOnce(&mut trellis_core::Config)) -> anyhow::Result<Self> {
+        Self::start_inner(true, tweak).await
+    }
+
+    async fn start_inner(
+        users: bool,
+        tweak: impl FnOnce(&mut trellis_core::Config),
+    ) -> anyhow::Result<Self> {
         let serial = SERIAL.lock().await;
-        let redis = LocalRedis::start(RedisData::Ephemeral)?;
+        // reqwest (rustls-no-provider) needs the process's provider.
+        trellis_core::outbound::install_tls_provider();
+        let redis = if users {
+            LocalRedis::start_with_users(
+                RedisData::Ephemeral,
+                trellis_core::local_redis::Admin::Open,
+            )?
+        } else {
+            LocalRedis::start(RedisData::Ephemeral)?
+        };
         let mut config = trellis_tests::test_config(&redis.url());
         config.auth.mode = AuthMode::Tokens;
         config.auth.token_rate = 0;
@@ -102,8 +125,14 @@ impl Fixture {
             ota_listener,
             shutdown.clone(),
         ));
+        let mut api_config = trellis_tests::as_user(
+            &cluster.redis,
+            &config,
+            trellis_core::redis_conn::acl::RedisUser::Api,
+        );
+        tweak(&mut api_config);
         tokio::spawn(trellis_api::serve_with_listener(
-            config.clone(),
+            api_config,
             api_listener,
             shutdown.clone(),
         ));

@@ -51,7 +51,7 @@ pub async fn env() -> Env {
 impl Env {
     /// A scheduler replica over this environment.
     pub fn scheduler(&self, replica: &str) -> Scheduler {
-        self.scheduler_with(replica, Arc::new(HttpApprover::new()))
+        self.scheduler_with(replica, Arc::new(loopback_approver()))
     }
 
     pub fn scheduler_with(&self, replica: &str, approver: Arc<dyn Approver>) -> Scheduler {
@@ -417,7 +417,7 @@ impl Env {
             Parts {
                 clock: Arc::new(self.clock.clone()),
                 deliverer: Arc::new(fleet.clone()),
-                approver: Arc::new(HttpApprover::new()),
+                approver: Arc::new(loopback_approver()),
                 releases: Arc::new(self.releases.clone()),
             },
         )
@@ -489,4 +489,12 @@ pub async fn lease_of(env: &Env, rollout: &str) -> (Option<String>, u64) {
     let holder: Option<String> = redis.get(keys::rollout_lease(rollout)).await.unwrap();
     let fence: Option<u64> = redis.get(keys::rollout_fence(rollout)).await.unwrap();
     (holder, fence.unwrap_or(0))
+}
+
+/// The approval hook caller with loopback allowed: these tests' approval
+/// servers listen on 127.0.0.1, which the SSRF guard refuses by default.
+pub fn loopback_approver() -> HttpApprover {
+    HttpApprover::with_allowed(
+        trellis_core::outbound::parse_cidrs(&["127.0.0.0/8".to_string()]).expect("a CIDR"),
+    )
 }
