@@ -144,6 +144,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let port = free_port()?;
     let _api = start_api(&bin, &cluster, port)?;
     let base = format!("http://127.0.0.1:{port}");
+    trellis_core::outbound::install_tls_provider();
     let http = reqwest::Client::builder().build()?;
 
     // Devices on the gateway, described.

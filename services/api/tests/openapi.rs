@@ -130,6 +130,7 @@ async fn serve_router() -> anyhow::Result<(String, trellis_core::shutdown::Shutd
 #[tokio::test]
 async fn the_document_is_served_and_documents_every_route() -> anyhow::Result<()> {
     let (base, _stop) = serve_router().await?;
+    trellis_core::outbound::install_tls_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

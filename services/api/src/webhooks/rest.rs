@@ -122,6 +122,11 @@ async fn view(redis: &mut Redis, integration: &Integration) -> Result<Value, Api
 }
 
 /// `POST /v1/integrations`.
+#[utoipa::path(post, path = "/v1/integrations", tag = "webhooks",
+    request_body(content(
+        (IntegrationRequest = "application/json"),
+        (IntegrationRequest = "application/x-www-form-urlencoded"))),
+    responses((status = 201, description = "Created; the answer holds the signing secret, shown only now", body = IntegrationView)))]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -279,6 +284,8 @@ pub async fn create(
 }
 
 /// `GET /v1/integrations`: the organisation's integrations.
+#[utoipa::path(get, path = "/v1/integrations", tag = "webhooks",
+    responses((status = 200, description = "The organisation's webhooks", body = Vec<IntegrationView>)))]
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -300,6 +307,11 @@ pub async fn list(
 }
 
 /// `GET /v1/integrations/{id}`.
+#[utoipa::path(get, path = "/v1/integrations/{id}", tag = "webhooks",
+    params(("id" = String, Path, description = "Integration id")),
+    responses(
+        (status = 200, description = "The webhook", body = IntegrationView),
+        (status = 404, description = "No such webhook in the caller's organisation", body = crate::error::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -312,6 +324,11 @@ pub async fn get(
 }
 
 /// `DELETE /v1/integrations/{id}`: the integration, its queue and dead letters.
+#[utoipa::path(delete, path = "/v1/integrations/{id}", tag = "webhooks",
+    params(("id" = String, Path, description = "Integration id")),
+    responses(
+        (status = 204, description = "Deleted; nothing more is delivered"),
+        (status = 404, description = "No such webhook in the caller's organisation", body = crate::error::ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -335,6 +352,11 @@ pub async fn delete(
 }
 
 /// `GET /v1/integrations/{id}/dead`: the dead letters, oldest first.
+#[utoipa::path(get, path = "/v1/integrations/{id}/dead", tag = "webhooks",
+    params(("id" = String, Path, description = "Integration id")),
+    responses(
+        (status = 200, description = "Its dead letters, oldest first", body = Vec<Object>),
+        (status = 404, description = "No such webhook in the caller's organisation", body = crate::error::ErrorBody)))]
 pub async fn dead(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -372,6 +394,11 @@ return #letters
 
 /// `POST /v1/integrations/{id}/replay`: queues the dead letters again
 /// (their age counts from the replay).
+#[utoipa::path(post, path = "/v1/integrations/{id}/replay", tag = "webhooks",
+    params(("id" = String, Path, description = "Integration id")),
+    responses(
+        (status = 200, description = "The dead letters are queued again", body = Replayed),
+        (status = 404, description = "No such webhook in the caller's organisation", body = crate::error::ErrorBody)))]
 pub async fn replay(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -388,4 +415,49 @@ pub async fn replay(
         .map_err(redis_error)?;
     tracing::info!(integration = %i.id, replayed = n, "dead letters replayed");
     Ok(Json(json!({"ok": true, "replayed": n})))
+}
+
+/// The body of `POST /v1/integrations` (JSON or form), as Particle's
+/// webhook form.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code, non_snake_case)]
+pub struct IntegrationRequest {
+    /// `Webhook` (the only kind).
+    pub integration_type: Option<String>,
+    /// The event name prefix that triggers it.
+    pub event: String,
+    /// Where to send it (http or https; loopback, link-local and metadata
+    /// addresses are refused unless `webhooks.allowed_targets` allows them).
+    pub url: String,
+    /// `POST` (default), `PUT`, `GET` or `DELETE`.
+    pub requestType: Option<String>,
+    /// Only this device's events.
+    pub deviceID: Option<String>,
+    /// Only this product's events.
+    pub product_id: Option<u32>,
+    /// Extra request headers (a JSON object of strings).
+    #[schema(value_type = Option<Object>)]
+    pub headers: Option<String>,
+    /// The body template (`{{{PARTICLE_EVENT_NAME}}}`, `…_VALUE`,
+    /// `…_DEVICE_ID`, `…_PUBLISHED_AT`).
+    pub body: Option<String>,
+    /// Deliveries per second at most.
+    pub rate_limit: Option<f64>,
+    /// The HMAC-SHA256 secret (default: made for you and shown once).
+    pub secret: Option<String>,
+}
+
+/// A webhook as the API shows it (its fields: README "Webhooks").
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+#[schema(value_type = Object)]
+pub struct IntegrationView(serde_json::Value);
+
+/// `POST /v1/integrations/{id}/replay` answered.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Replayed {
+    pub ok: bool,
+    /// How many dead letters were queued again.
+    pub replayed: u64,
 }
