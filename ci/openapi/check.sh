@@ -114,6 +114,7 @@ timeout 240 "$venv/bin/st" --config-file "$work/schemathesis.toml" run "$work/op
   --header "Authorization: Bearer $token" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --exclude-operation-id-regex '^(stream_.*|delete_current)$' \
+  --phases examples,coverage,fuzzing \
   --max-examples "${ST_MAX_EXAMPLES:-25}" \
   --max-time "${ST_MAX_TIME:-100}" \
   --request-timeout 20 \

@@ -481,6 +481,27 @@ async fn call(
     }))
 }
 
+/// `POST /v1/devices/:id/events`: a call of a function named `events`
+/// (the path's GET is the device's event stream, so the router sends the
+/// POST here rather than to [`call_function`]).
+#[utoipa::path(post, path = "/v1/devices/{id}/events", tag = "devices",
+    params(("id" = String, Path, description = "Device id or name")),
+    request_body(content(
+        (FunctionArgs = "application/json"),
+        (FunctionArgs = "application/x-www-form-urlencoded"))),
+    responses(
+        (status = 200, description = "The return value of the device's function `events`", body = FunctionResult),
+        (status = 404, description = "The device has no function `events`", body = ErrorBody)))]
+pub async fn call_function_named_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Json<FunctionResult>, ApiError> {
+    call(&state, &headers, &query, &body, &id, "events", None).await
+}
+
 /// `POST /v1/devices/:id/:function` (`args` in, `return_value` out).
 #[utoipa::path(post, path = "/v1/devices/{id}/{name}", tag = "devices",
     params(("id" = String, Path, description = "Device id or name"),

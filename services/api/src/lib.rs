@@ -93,7 +93,10 @@ pub fn router(state: AppState) -> Router {
                 // Firmware uploads; every other route keeps axum's 2 MB.
                 .layer(DefaultBodyLimit::max(ota::MAX_UPLOAD)),
         )
-        .route("/v1/devices/{id}/events", get(events::device))
+        .route(
+            "/v1/devices/{id}/events",
+            get(events::device).post(devices::call_function_named_events),
+        )
         .route("/v1/devices/{id}/events/{*prefix}", get(events::device))
         .route(
             "/v1/devices/{id}/{name}",

@@ -67,6 +67,7 @@ pub const PATH: &str = "/v1/openapi.json";
         crate::events::publish_org,
         stream_org_events_prefix,
         openapi_json,
+        crate::devices::call_function_named_events,
         crate::webhooks::rest::create,
         crate::webhooks::rest::list,
         crate::webhooks::rest::get,

@@ -144,6 +144,10 @@ impl Webhooks {
     pub async fn integrations(&self) -> redis::RedisResult<Vec<Integration>> {
         let mut redis = self.redis.clone();
         let ids: Vec<String> = redis.smembers(keys::WEBHOOK_INDEX).await?;
+        if ids.is_empty() {
+            // redis-rs refuses an empty pipeline ("empty command").
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.hgetall(keys::webhook(id));
