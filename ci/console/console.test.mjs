@@ -126,6 +126,9 @@ await check('calling add with 2,3 on a device page shows 5', async () => {
   });
   const result = await page.textContent('[data-testid=result-add]');
   assert(result === '5', `add(2,3) shows ${result}`);
+  // The owning gateway's region (trellis up's default region is "local").
+  const region = await page.textContent('[data-testid=device-region]');
+  assert(region === 'local', `the device page shows region ${region}`);
 });
 
 await check('an event published by the device appears on its page within 2 s', async () => {

@@ -127,7 +127,7 @@ export async function fleet(view, signal, samples, addSample) {
       if (state.value === 'online' && !d.online) return false;
       if (state.value === 'offline' && d.online) return false;
       if (!q) return true;
-      const hay = [d.id, d.gateway_id, d.firmware_sha256, String(d.firmware_version), String(d.product_id), ...(d.tags || [])].join(' ').toLowerCase();
+      const hay = [d.id, d.name || '', d.gateway_id, d.region || '', d.firmware_sha256, String(d.firmware_version), String(d.product_id), ...(d.tags || [])].join(' ').toLowerCase();
       return hay.includes(q);
     });
     counts.replaceChildren(
@@ -137,16 +137,16 @@ export async function fleet(view, signal, samples, addSample) {
     chartHolder.replaceChildren(chart(samples()));
     rows.replaceChildren(devices.length === 0
       ? h('p', { class: 'muted' }, data.devices.length ? 'No device matches.' : 'No devices in your organisation yet.')
-      : table(['Device', 'State', 'Product', 'Firmware', 'Tags', 'Last seen', 'Gateway'], devices.map((d) =>
+      : table(['Device', 'State', 'Product', 'Firmware', 'Tags', 'Last seen', 'Gateway / region'], devices.map((d) =>
         h('tr', { 'data-testid': 'device-row', 'data-id': d.id, 'data-online': String(d.online) },
-          h('td', {}, h('a', { href: `#/devices/${d.id}` }, h('code', {}, d.id))),
+          h('td', {}, h('a', { href: `#/devices/${d.id}` }, d.name ? [d.name, ' '] : null, h('code', {}, d.id))),
           h('td', {}, d.online ? badge('online', 'online') : badge('offline', 'offline'),
             d.revoked ? [' ', badge('revoked', 'bad')] : null, d.quarantined ? [' ', badge('quarantined', 'warn')] : null),
           h('td', {}, d.product_id),
           h('td', {}, `v${d.firmware_version} `, short(d.firmware_sha256)),
           h('td', {}, d.tags === null ? h('span', { class: 'muted' }, '?') : (d.tags.join(', ') || '—')),
           h('td', {}, when(d.last_seen)),
-          h('td', {}, d.gateway_id || '—'))), { class: 'fleet' }));
+          h('td', {}, d.gateway_id ? `${d.gateway_id}${d.region ? ' / ' + d.region : ''}` : '—'))), { class: 'fleet' }));
   };
   search.addEventListener('input', render);
   state.addEventListener('change', render);
@@ -193,7 +193,9 @@ export async function device(view, signal, id) {
             h('dt', {}, 'Product'), h('dd', {}, d.product_id),
             h('dt', {}, 'Platform'), h('dd', {}, d.platform_id),
             h('dt', {}, 'Firmware'), h('dd', {}, `v${d.firmware_version} `, short(d.firmware_sha256)),
+            h('dt', {}, 'Name'), h('dd', {}, d.name || '—'),
             h('dt', {}, 'Gateway'), h('dd', {}, d.gateway_id || '—'),
+            h('dt', {}, 'Region'), h('dd', { 'data-testid': 'device-region' }, d.region || '—'),
             h('dt', {}, 'Address'), h('dd', {}, d.peer_addr || '—'),
             h('dt', {}, 'Connected'), h('dd', {}, when(d.connected_at)),
             h('dt', {}, 'Last seen'), h('dd', {}, when(d.last_seen)),

@@ -346,6 +346,8 @@ pub async fn fleet(
                 "last_seen": ms_time(d.last_seen_ms),
                 "last_seen_ms": d.last_seen_ms,
                 "gateway_id": d.gateway_id,
+                "region": d.region,
+                "name": d.name,
                 "revoked": d.revoked || record.is_some_and(|r| r.revoked),
                 "quarantined": d.quarantined_until_ms > 0,
             })
@@ -423,6 +425,8 @@ pub async fn device(
         "platform_id": live.platform_id,
         "online": live.online,
         "gateway_id": live.gateway_id,
+        "region": live.region,
+        "name": live.name,
         "peer_addr": live.peer_addr,
         "firmware_version": live.firmware_version,
         "firmware_sha256": live.firmware_sha256,

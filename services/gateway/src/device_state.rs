@@ -11,6 +11,7 @@ pub fn record_connect_in(
     pipe: &mut redis::Pipeline,
     device_id: &str,
     gateway_id: &str,
+    region: &str,
     peer: &str,
     product_id: u32,
 ) {
@@ -19,6 +20,7 @@ pub fn record_connect_in(
         .arg(keys::device_state(device_id))
         .arg(&[
             ("gateway", gateway_id),
+            ("region", region),
             ("peer", peer),
             ("product", &product_id.to_string()),
             ("connected_at", &now),

@@ -176,6 +176,7 @@ fn build_state(
         clone_flags: Vec::new(),
         quarantined_until_ms: 0,
         name: device.map(|d| d.name.clone()).unwrap_or_default(),
+        region: get("region"),
         command_policy_sha256: get("command_policy"),
         command_sequence: state
             .get("command_sequence")

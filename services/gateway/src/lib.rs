@@ -460,6 +460,7 @@ async fn connection(
                 pipe,
                 &device_id,
                 &gw.id,
+                &gw.region,
                 &peer_s,
                 established.product_id,
             )

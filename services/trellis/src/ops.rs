@@ -470,6 +470,8 @@ async fn signed_command_for(
 fn state_json(d: &DeviceState) -> serde_json::Value {
     serde_json::json!({
         "device_id": d.device_id,
+        "name": d.name,
+        "region": d.region,
         "product_id": d.product_id,
         "online": d.online,
         "revoked": d.revoked,
