@@ -2,17 +2,11 @@
 //! on), a real redis-server and simulated devices running the demo app.
 mod common;
 
+use common::json_of;
+
 use common::Fixture;
 use serde_json::{Value, json};
 use std::time::Duration;
-
-async fn json_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    (status, value)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn devices_functions_and_variables() -> anyhow::Result<()> {

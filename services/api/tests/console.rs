@@ -3,20 +3,14 @@
 //! simulated device. The browser end-to-end test is ci/console/check.sh.
 mod common;
 
+use common::json_of;
+
 use common::Fixture;
 use reqwest::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
 use serde_json::{Value, json};
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
 connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
-
-async fn json_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    (status, value)
-}
 
 fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()

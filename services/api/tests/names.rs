@@ -4,15 +4,9 @@
 //! acknowledged.
 mod common;
 
-use serde_json::{Value, json};
+use common::json_of;
 
-async fn json_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    (status, value)
-}
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn names_work_wherever_ids_do_and_signal_reaches_the_device() -> anyhow::Result<()> {

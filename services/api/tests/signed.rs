@@ -5,20 +5,14 @@
 //! are a 400 that says what to send.
 mod common;
 
+use common::json_of;
+
 use base64::Engine;
 use serde_json::{Value, json};
 use trellis_firmware::command::{
     CommandEnvelope, CommandPolicy, Protected, SignedCommand, sign_command,
 };
 use trellis_firmware::{TrustPolicy, TrustedKey};
-
-async fn json_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    (status, value)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rest_calls_carry_signed_commands_to_the_device() -> anyhow::Result<()> {

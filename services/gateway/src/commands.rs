@@ -34,8 +34,10 @@ pub fn sequence_of(signed: &[u8]) -> Result<u64, Status> {
 }
 
 /// Raises the device's recorded sequence to `sequence` unless it is higher
-/// already (two calls may finish out of order).
-const RAISE_SEQUENCE: &str = r"
+/// already (two calls may finish out of order). Hashed once per process.
+static RAISE_SEQUENCE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RAISE_SEQUENCE_LUA));
+const RAISE_SEQUENCE_LUA: &str = r"
 local current = tonumber(redis.call('HGET', KEYS[1], 'command_sequence') or '0') or 0
 local new = tonumber(ARGV[1])
 if new > current then redis.call('HSET', KEYS[1], 'command_sequence', ARGV[1]) end
@@ -55,7 +57,7 @@ pub async fn after_call(
     let record = match (outcome, sequence) {
         (Ok(_), Some(sequence)) => {
             let mut redis = gw.redis.clone();
-            let raised: redis::RedisResult<i64> = redis::Script::new(RAISE_SEQUENCE)
+            let raised: redis::RedisResult<i64> = RAISE_SEQUENCE
                 .key(keys::device_state(device_id))
                 .arg(sequence.to_string())
                 .invoke_async(&mut redis)

@@ -116,15 +116,8 @@ struct SignedCommandFile {
     signed_command: String,
 }
 
-pub fn now_ms() -> i64 {
-    trellis_core::time::now_ms()
-}
-
-fn iso(ms: i64) -> String {
-    let ms = u64::try_from(ms).unwrap_or(0);
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
+use trellis_api::iso_time as iso;
+use trellis_core::time::now_ms;
 
 fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

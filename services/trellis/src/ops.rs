@@ -454,7 +454,7 @@ async fn signed_command_for(
         .await
         .map_err(status)?
         .into_inner();
-    let now = command_cli::now_ms();
+    let now = trellis_core::time::now_ms();
     let sequence = u64::try_from(now)
         .unwrap_or(0)
         .max(state.command_sequence.saturating_add(1));

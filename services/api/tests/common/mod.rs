@@ -276,3 +276,13 @@ impl Fixture {
         self.cluster.stop().await;
     }
 }
+
+/// A response's status and JSON body (a body that is not JSON fails the
+/// test, naming the status and the text).
+pub async fn json_of(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+    (status, value)
+}
