@@ -18,7 +18,7 @@ fi
 bench="target/$profile/trellis-bench"
 export TRELLIS_BIN="$PWD/target/$profile/trellis"
 
-for figure in wire handshake routed ota idle commands api webhooks; do
+for figure in wire handshake routed ota idle commands api webhooks scale; do
   echo "--- trellis-bench --smoke $figure"
   timeout 120 "$bench" --smoke "$figure"
 done

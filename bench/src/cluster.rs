@@ -58,6 +58,15 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A child started elsewhere (e.g. HAProxy), killed on drop like ours.
+    pub fn from_child(name: &str, child: Child, log: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -97,6 +106,8 @@ pub struct GatewayProc {
 
 pub struct ClusterOptions {
     pub gateways: usize,
+    /// Keyvault processes (at least 1); gateway n uses keyvault n mod this.
+    pub keyvaults: usize,
     pub keepalive_secs: u64,
     pub log: String,
     pub trellis_bin: Option<PathBuf>,
@@ -124,6 +135,8 @@ pub struct Cluster {
     pub signer: Option<(Proc, SocketAddr)>,
     pub keyvault: Proc,
     pub keyvault_addr: SocketAddr,
+    /// Keyvaults beyond the first (`ClusterOptions::keyvaults`).
+    pub more_keyvaults: Vec<(Proc, SocketAddr)>,
     pub redis: LocalRedis,
     pub cloud_public_key: rsa::PublicKey,
     /// Holds the processes' logs while they run.
@@ -186,18 +199,31 @@ impl Cluster {
             Ok(cmd)
         };
 
-        let kv_port = free_port()?;
-        let mut cmd = common("keyvault")?;
-        cmd.arg("keyvault")
-            .env("TRELLIS_KEYVAULT__LISTEN", loopback(kv_port).to_string())
-            .env("TRELLIS_KEYVAULT__MASTER_KEY", &master_key);
-        let mut keyvault = Proc {
-            name: "keyvault".into(),
-            child: cmd.spawn().context("cannot start trellis keyvault")?,
-            log: dir.path().join("keyvault.log"),
+        let start_keyvault = |name: &str| -> anyhow::Result<(Proc, SocketAddr)> {
+            let addr = loopback(free_port()?);
+            let mut cmd = common(name)?;
+            cmd.arg("keyvault")
+                .env("TRELLIS_KEYVAULT__LISTEN", addr.to_string())
+                .env("TRELLIS_KEYVAULT__MASTER_KEY", &master_key);
+            let proc = Proc {
+                name: name.into(),
+                child: cmd.spawn().context("cannot start trellis keyvault")?,
+                log: dir.path().join(format!("{name}.log")),
+            };
+            Ok((proc, addr))
         };
-        let keyvault_addr = loopback(kv_port);
+        let (mut keyvault, keyvault_addr) = start_keyvault("keyvault")?;
         let mut kv = wait_keyvault(keyvault_addr, &mut keyvault).await?;
+        // The first keyvault made the cloud key; the others open it.
+        let mut more_keyvaults = Vec::new();
+        for n in 2..=opts.keyvaults.max(1) {
+            let (mut proc, addr) = start_keyvault(&format!("keyvault-{n}"))?;
+            wait_keyvault(addr, &mut proc).await?;
+            more_keyvaults.push((proc, addr));
+        }
+        let keyvault_addrs: Vec<SocketAddr> = std::iter::once(keyvault_addr)
+            .chain(more_keyvaults.iter().map(|(_, a)| *a))
+            .collect();
         let cloud = kv
             .get_cloud_public_key(GetCloudPublicKeyRequest {})
             .await?
@@ -236,7 +262,7 @@ impl Cluster {
                 .env("TRELLIS_GATEWAY__GRPC_LISTEN", grpc.to_string())
                 .env(
                     "TRELLIS_GATEWAY__KEYVAULT_URL",
-                    format!("http://{keyvault_addr}"),
+                    format!("http://{}", keyvault_addrs[n % keyvault_addrs.len()]),
                 )
                 .env(
                     "TRELLIS_GATEWAY__KEEPALIVE_SECS",
@@ -268,6 +294,7 @@ impl Cluster {
             signer,
             keyvault,
             keyvault_addr,
+            more_keyvaults,
             redis,
             cloud_public_key,
             _dir: dir,
@@ -293,6 +320,11 @@ impl Cluster {
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(e) = self.keyvault.exited() {
             bail!(e);
+        }
+        for (p, _) in &mut self.more_keyvaults {
+            if let Some(e) = p.exited() {
+                bail!(e);
+            }
         }
         for g in &mut self.gateways {
             if let Some(e) = g.proc.exited() {

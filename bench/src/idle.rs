@@ -78,6 +78,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let max = levels.iter().copied().max().unwrap_or(0);
     let mut cluster = Cluster::start(&ClusterOptions {
         gateways: 1,
+        keyvaults: 1,
         keepalive_secs: args.keepalive,
         log: "warn".into(),
         trellis_bin,

@@ -14,6 +14,7 @@ mod handshake;
 mod idle;
 mod ota;
 mod routed;
+mod scale;
 mod util;
 mod webhooks;
 mod wire;
@@ -57,6 +58,9 @@ enum Cmd {
     /// Signed commands: the device's check vs raw RSA-PSS verification, and
     /// a routed signed call next to an unsigned one.
     Commands(commands::Args),
+    /// 1-3 gateways behind HAProxy and 1-2 keyvaults: CPU per handshake
+    /// and per call in each setup.
+    Scale(scale::Args),
     /// Webhook deliveries per second to a local receiver.
     Webhooks(webhooks::Args),
     /// Every figure in turn, with the defaults (or --smoke).
@@ -95,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Wire(a) => wire::run(&pick(smoke, a, wire::Args::smoke())),
         Cmd::Api(a) => api::run(&pick(smoke, a, api::Args::smoke()), bin).await,
         Cmd::Commands(a) => commands::run(&pick(smoke, a, commands::Args::smoke()), bin).await,
+        Cmd::Scale(a) => scale::run(&pick(smoke, a, scale::Args::smoke()), bin).await,
         Cmd::Webhooks(a) => webhooks::run(&pick(smoke, a, webhooks::Args::smoke())).await,
         Cmd::All => {
             wire::run(&pick(
@@ -143,9 +148,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         rate: 1000.0,
                         seconds: 10.0,
                         devices: 8,
+                        runs: 5,
                         auth: false,
                     },
                 ),
+                bin.clone(),
+            )
+            .await?;
+            scale::run(
+                &smoke_or(smoke, scale::Args::smoke(), scale::Args::full()),
                 bin.clone(),
             )
             .await?;

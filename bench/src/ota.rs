@@ -300,6 +300,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
 
     let mut cluster = Cluster::start(&ClusterOptions {
         gateways: 1,
+        keyvaults: 1,
         keepalive_secs: 15,
         log: "warn".into(),
         trellis_bin,

@@ -106,6 +106,10 @@ impl FrameEncoder {
     }
 }
 
+/// Capacity a drained decoder may keep: enough for the keepalives and
+/// short replies that make up an idle session's traffic.
+const IDLE_BUFFER_CAPACITY: usize = 64;
+
 /// The receiving half of a session: push bytes as they arrive, pull messages.
 ///
 /// Memory bound: a frame header declaring more than `max_frame_len` is
@@ -242,8 +246,15 @@ impl FrameDecoder {
         self.iv = next_iv;
         self.start = at + len;
         if self.start == self.buf.len() {
-            self.buf.clear();
             self.start = 0;
+            if self.buf.capacity() > IDLE_BUFFER_CAPACITY {
+                // A session idles between messages nearly all its life: it
+                // should not keep the largest frame it ever got (a Describe,
+                // a firmware window) allocated until it ends.
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
         }
         Ok(Some(plaintext))
     }
@@ -261,5 +272,29 @@ impl SessionCipher {
             encoder: FrameEncoder::new(material.key, material.iv),
             decoder: FrameDecoder::new(material.key, material.iv, max_frame_len),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drained_decoder_gives_back_a_large_buffer_and_keeps_a_small_one() {
+        let (key, iv) = ([7u8; 16], [9u8; 16]);
+        let mut enc = FrameEncoder::new(key, iv);
+        let mut dec = FrameDecoder::new(key, iv, 4096);
+        dec.push(&enc.encode(&[1u8; 1500]));
+        assert_eq!(dec.next_message().ok().flatten(), Some(vec![1u8; 1500]));
+        assert_eq!(dec.buffered_len(), 0);
+        assert_eq!(dec.buf.capacity(), 0, "the 1.5 KB frame's buffer is freed");
+        // A keepalive-sized frame keeps its small buffer: no allocation per ping.
+        dec.push(&enc.encode(&[2u8; 4]));
+        assert_eq!(dec.next_message().ok().flatten(), Some(vec![2u8; 4]));
+        let small = dec.buf.capacity();
+        assert!(small > 0 && small <= IDLE_BUFFER_CAPACITY, "{small}");
+        // And the decoder still decodes what comes next, with the IV chain intact.
+        dec.push(&enc.encode(b"next"));
+        assert_eq!(dec.next_message().ok().flatten(), Some(b"next".to_vec()));
     }
 }

@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use trellis_core::Shutdown;
@@ -486,8 +485,9 @@ async fn connection(
     // session in another region sees it and closes (home.rs).
     home::record_claim(&gw, &device_id, claim.epoch, &peer_s);
 
-    let (tx, rx) = mpsc::channel(32);
-    gw.local.insert(&device_id, claim.epoch, peer, tx);
+    let inbox = Arc::new(local::Inbox::default());
+    gw.local
+        .insert(&device_id, claim.epoch, peer, Arc::clone(&inbox));
     tracing::info!(device = %device_id, epoch = claim.epoch, "session open");
     let session = session::Session::new(
         Arc::clone(&gw),
@@ -502,7 +502,7 @@ async fn connection(
         kv("region", gw.region.clone()),
     ];
     metrics().sessions_open.add(1, &gauge_labels);
-    let end = session.run(rx, shutdown).await;
+    let end = session.run(&inbox, shutdown).await;
     metrics().sessions_open.add(-1, &gauge_labels);
     // Session::run released the ownership record before closing the socket.
     gw.local.remove(&device_id, claim.epoch);

@@ -3,10 +3,10 @@
 //! command addressed to an older or newer session than ours is refused, so
 //! a gateway that lost a device can never deliver to it.
 use crate::routing::{Action, Failure, FailureKind, Outcome};
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// What the rest of the gateway can ask of a live session.
 #[derive(Debug)]
@@ -29,9 +29,95 @@ struct Handle {
     epoch: u64,
     /// The device's address, for the refresher's cross-region clone check.
     peer: std::net::SocketAddr,
-    /// Boxed: a channel allocates 32 slots up front, and an idle session
-    /// should not hold 32 full-size commands' worth of memory.
-    tx: mpsc::Sender<Box<SessionCommand>>,
+    inbox: Arc<Inbox>,
+}
+
+/// Most commands one session may have waiting to be read; more is a client
+/// flooding one device, answered at once instead of held in memory.
+pub const MAX_QUEUED_COMMANDS: usize = 1024;
+
+/// A session's command queue: commands and closes, read in the order they
+/// were submitted. Not a tokio `mpsc` channel: that allocates its shared
+/// state (cache-padded) and a first block of 32 slots per session up
+/// front, about 0.9 KB that every idle session carried; this is a lock, an
+/// empty queue and a `Notify` (~0.1 KB) until a command arrives.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    queue: VecDeque<SessionCommand>,
+    closed: bool,
+}
+
+/// Why a command was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The session ended.
+    Closed,
+    /// [`MAX_QUEUED_COMMANDS`] are already waiting.
+    Full,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a command. A close is always queued (it bounds nothing: the
+    /// session ends on it).
+    pub fn push(&self, cmd: SessionCommand) -> Result<(), (PushError, SessionCommand)> {
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return Err((PushError::Closed, cmd));
+            }
+            if state.queue.len() >= MAX_QUEUED_COMMANDS
+                && !matches!(cmd, SessionCommand::Close { .. })
+            {
+                return Err((PushError::Full, cmd));
+            }
+            state.queue.push_back(cmd);
+        }
+        // One reader: a permit stored while it is not waiting wakes its
+        // next `recv` at once.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next command; `None` once closed.
+    pub async fn recv(&self) -> Option<SessionCommand> {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(cmd) = state.queue.pop_front() {
+                    if state.queue.is_empty() && state.queue.capacity() > 4 {
+                        state.queue = VecDeque::new();
+                    }
+                    return Some(cmd);
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// No command is taken any more; those still queued are dropped, so
+    /// their callers learn at once that the session ended.
+    pub fn close(&self) {
+        let dropped = {
+            let mut state = self.lock();
+            state.closed = true;
+            std::mem::take(&mut state.queue)
+        };
+        drop(dropped);
+        self.ready.notify_one();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -51,17 +137,17 @@ impl LocalSessions {
         device_id: &str,
         epoch: u64,
         peer: std::net::SocketAddr,
-        tx: mpsc::Sender<Box<SessionCommand>>,
+        inbox: Arc<Inbox>,
     ) {
         let old = self
             .lock()
-            .insert(device_id.to_string(), Handle { epoch, peer, tx });
+            .insert(device_id.to_string(), Handle { epoch, peer, inbox });
         if let Some(old) = old
             && old.epoch < epoch
         {
-            let _ = old.tx.try_send(Box::new(SessionCommand::Close {
+            let _ = old.inbox.push(SessionCommand::Close {
                 reason: "superseded by a newer session".into(),
-            }));
+            });
         }
     }
 
@@ -99,9 +185,9 @@ impl LocalSessions {
         if let Some(h) = handle
             && h.epoch <= epoch
         {
-            let _ = h.tx.try_send(Box::new(SessionCommand::Close {
+            let _ = h.inbox.push(SessionCommand::Close {
                 reason: reason.into(),
-            }));
+            });
         }
     }
 
@@ -111,9 +197,9 @@ impl LocalSessions {
         let handle = self.lock().get(device_id).cloned();
         match handle {
             Some(h) => {
-                let _ = h.tx.try_send(Box::new(SessionCommand::Close {
+                let _ = h.inbox.push(SessionCommand::Close {
                     reason: reason.into(),
-                }));
+                });
                 true
             }
             None => false,
@@ -123,9 +209,9 @@ impl LocalSessions {
     /// Closes every session (drain on shutdown).
     pub fn close_all(&self, reason: &str) {
         for h in self.lock().values() {
-            let _ = h.tx.try_send(Box::new(SessionCommand::Close {
+            let _ = h.inbox.push(SessionCommand::Close {
                 reason: reason.into(),
-            }));
+            });
         }
     }
 
@@ -173,24 +259,28 @@ impl LocalSessions {
             ));
         }
         let (tx, rx) = oneshot::channel();
-        let cmd = Box::new(SessionCommand::Execute {
+        let cmd = SessionCommand::Execute {
             action,
             timeout,
             request: request.map(str::to_string),
             reply: tx,
-        });
-        let queued = match handle.tx.try_send(cmd) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+        };
+        match handle.inbox.push(cmd) {
+            Ok(()) => {}
+            Err((PushError::Closed, _)) => {
                 return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
             }
-            // 32 commands already waiting: queue behind them (order among
-            // commands still holds; the session reads its channel in order).
-            Err(mpsc::error::TrySendError::Full(cmd)) => Some((handle.tx, cmd)),
-        };
+            Err((PushError::Full, _)) => {
+                return Err(Failure::new(
+                    FailureKind::Internal,
+                    format!(
+                        "device {device_id} already has {MAX_QUEUED_COMMANDS} commands waiting; try again later"
+                    ),
+                ));
+            }
+        }
         Ok(Submitted {
             device_id: device_id.to_string(),
-            queued,
             rx,
             timeout,
         })
@@ -200,18 +290,12 @@ impl LocalSessions {
 /// A command handed to a session; its answer is still to come.
 pub struct Submitted {
     device_id: String,
-    queued: Option<(mpsc::Sender<Box<SessionCommand>>, Box<SessionCommand>)>,
     rx: oneshot::Receiver<Outcome>,
     timeout: Duration,
 }
 
 impl Submitted {
     pub async fn answer(self) -> Outcome {
-        if let Some((tx, cmd)) = self.queued
-            && tx.send(cmd).await.is_err()
-        {
-            return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
-        }
         match tokio::time::timeout(self.timeout + Duration::from_millis(500), self.rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Failure::new(
@@ -227,5 +311,93 @@ impl Submitted {
                 ),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(reason: &str) -> SessionCommand {
+        SessionCommand::Close {
+            reason: reason.into(),
+        }
+    }
+
+    fn reason_of(cmd: Option<SessionCommand>) -> String {
+        match cmd {
+            Some(SessionCommand::Close { reason }) => reason,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn inbox_keeps_order_and_wakes_a_waiting_reader() {
+        let inbox = Arc::new(Inbox::default());
+        let reader = {
+            let inbox = Arc::clone(&inbox);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..3 {
+                    got.push(reason_of(inbox.recv().await));
+                }
+                got
+            })
+        };
+        tokio::task::yield_now().await;
+        for r in ["a", "b", "c"] {
+            inbox.push(close(r)).map_err(|(e, _)| e).expect("queued");
+        }
+        let got = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the reader was woken")
+            .expect("reader task");
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_inbox_refuses_and_drops_what_was_queued() {
+        let inbox = Inbox::default();
+        let (tx, rx) = oneshot::channel();
+        let cmd = SessionCommand::Execute {
+            action: Action::GetVariable { name: "t".into() },
+            timeout: Duration::from_secs(1),
+            request: None,
+            reply: tx,
+        };
+        inbox.push(cmd).map_err(|(e, _)| e).expect("queued");
+        inbox.close();
+        // The queued command's caller learns the session is gone.
+        assert!(rx.await.is_err());
+        assert_eq!(inbox.recv().await.map(|_| ()), None);
+        let refused = inbox.push(close("late")).map_err(|(e, _)| e);
+        assert_eq!(refused, Err(PushError::Closed));
+    }
+
+    #[test]
+    fn a_full_inbox_refuses_commands_but_still_takes_a_close() {
+        let inbox = Inbox::default();
+        for _ in 0..MAX_QUEUED_COMMANDS {
+            let (tx, _rx) = oneshot::channel();
+            let cmd = SessionCommand::Execute {
+                action: Action::GetVariable { name: "t".into() },
+                timeout: Duration::from_secs(1),
+                request: None,
+                reply: tx,
+            };
+            inbox.push(cmd).map_err(|(e, _)| e).expect("queued");
+        }
+        let (tx, _rx) = oneshot::channel();
+        let one_more = SessionCommand::Execute {
+            action: Action::GetVariable { name: "t".into() },
+            timeout: Duration::from_secs(1),
+            request: None,
+            reply: tx,
+        };
+        assert_eq!(
+            inbox.push(one_more).map_err(|(e, _)| e),
+            Err(PushError::Full)
+        );
+        assert!(inbox.push(close("shutdown")).is_ok());
     }
 }

@@ -2,7 +2,7 @@
 //! keepalive, events, and the operator's function calls and variable reads.
 //! The loop owns the socket, the frame codec and both message counters, so
 //! nothing else can write to the device out of order.
-use crate::local::SessionCommand;
+use crate::local::{Inbox, SessionCommand};
 use crate::routing::{Action, Failure, FailureKind, Outcome, Output};
 use crate::{Gateway, device_state, ownership};
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::audit::{self, AuditRecord};
@@ -20,7 +20,7 @@ use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::counter::{IncomingCounter, OutgoingCounter};
 use trellis_wire::frame::SessionCipher;
 use trellis_wire::hello::Hello;
-use trellis_wire::message::{self, Describe, Incoming, Request};
+use trellis_wire::message::{self, Describe, Incoming, Request, VariableType};
 
 /// Why a session ended: logged, and audited when it is the device's fault.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,10 @@ pub struct Session {
     hello_seen: bool,
     next_token: u8,
     pending: HashMap<u8, Pending>,
-    describe: Option<Describe>,
+    /// The variables' types from the device's Describe (a variable read
+    /// answers with its type), and nothing else of it: the rest is in the
+    /// device state in Redis, and every idle session carries this.
+    variable_types: Box<[(Box<str>, VariableType)]>,
     last_received: Instant,
     /// Boxed: an idle session (nearly all of them) should not carry a
     /// transfer's 400 bytes.
@@ -153,19 +156,18 @@ impl Session {
             hello_seen: false,
             next_token: 1,
             pending: HashMap::new(),
-            describe: None,
+            variable_types: Box::default(),
             last_received: Instant::now(),
             transfer: None,
             pump_deferred: false,
         }
     }
 
-    pub async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<Box<SessionCommand>>,
-        mut shutdown: Shutdown,
-    ) -> SessionEnd {
-        let end = self.event_loop(&mut commands, &mut shutdown).await;
+    pub async fn run(mut self, commands: &Inbox, mut shutdown: Shutdown) -> SessionEnd {
+        let end = self.event_loop(commands, &mut shutdown).await;
+        // Commands still queued (and any submitted from now on) fail at
+        // once with "the session ended".
+        commands.close();
         // Whatever is still waiting learns that the session is gone.
         if let Some(t) = self.transfer.take() {
             let _ = t.reply.send(Err(Failure::new(
@@ -199,11 +201,7 @@ impl Session {
         end
     }
 
-    async fn event_loop(
-        &mut self,
-        commands: &mut mpsc::Receiver<Box<SessionCommand>>,
-        shutdown: &mut Shutdown,
-    ) -> SessionEnd {
+    async fn event_loop(&mut self, commands: &Inbox, shutdown: &mut Shutdown) -> SessionEnd {
         let keepalive = Duration::from_secs(self.gw.config.keepalive_secs.max(1));
         let silence_limit = keepalive * 3;
         let hello_deadline = Duration::from_millis(self.gw.config.handshake_step_timeout_ms);
@@ -275,7 +273,7 @@ impl Session {
                         return end;
                     }
                 }
-                cmd = commands.recv() => match cmd.map(|c| *c) {
+                cmd = commands.recv() => match cmd {
                     Some(SessionCommand::Execute { action, timeout, request, reply }) => {
                         if draining {
                             let _ = reply.send(Err(Failure::new(
@@ -543,7 +541,11 @@ impl Session {
                         {
                             tracing::warn!(device = %self.device_id, error = %e, "could not store Describe");
                         }
-                        self.describe = Some(d);
+                        self.variable_types = d
+                            .variables
+                            .into_iter()
+                            .map(|(n, t)| (n.into_boxed_str(), t))
+                            .collect();
                     }
                     Err(e) => {
                         tracing::warn!(device = %self.device_id, error = %e, "unreadable Describe")
@@ -602,9 +604,9 @@ impl Session {
                     ))
                 } else {
                     let var_type = self
-                        .describe
-                        .as_ref()
-                        .and_then(|d| d.variables.iter().find(|(n, _)| *n == name))
+                        .variable_types
+                        .iter()
+                        .find(|(n, _)| **n == *name)
                         .map(|(_, t)| t.name().to_string())
                         .unwrap_or_default();
                     Ok(Output::Variable {

@@ -4,10 +4,9 @@
 //! as "did not reconnect".
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use trellis_core::local_redis::{LocalRedis, RedisData};
 use trellis_core::redis_conn;
-use trellis_gateway::local::{LocalSessions, SessionCommand};
+use trellis_gateway::local::{Inbox, LocalSessions, SessionCommand};
 use trellis_gateway::ownership;
 use trellis_gateway::routing::{Action, Output, Router};
 
@@ -44,11 +43,16 @@ async fn a_command_in_the_gap_between_claim_and_registration_reaches_the_session
     });
     // The session registers 300 ms after its claim, and answers.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (tx, mut rx) = mpsc::channel(32);
-    local.insert(dev, claim.epoch, "127.0.0.1:4000".parse()?, tx);
+    let inbox = Arc::new(Inbox::default());
+    local.insert(
+        dev,
+        claim.epoch,
+        "127.0.0.1:4000".parse()?,
+        Arc::clone(&inbox),
+    );
     tokio::spawn(async move {
-        while let Some(cmd) = rx.recv().await {
-            if let SessionCommand::Execute { reply, .. } = *cmd {
+        while let Some(cmd) = inbox.recv().await {
+            if let SessionCommand::Execute { reply, .. } = cmd {
                 let _ = reply.send(Ok(Output::FunctionReturn(3)));
             }
         }
