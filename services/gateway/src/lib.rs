@@ -497,13 +497,17 @@ async fn connection(
         stream,
         established.cipher,
     );
-    let gauge_labels = [
-        kv("gateway", gw.id.clone()),
-        kv("region", gw.region.clone()),
-    ];
-    metrics().sessions_open.add(1, &gauge_labels);
+    // Labels made at each end rather than held: the session's task keeps
+    // whatever lives across `run` for as long as the device is connected.
+    let gauge_labels = |gw: &Gateway| {
+        [
+            kv("gateway", gw.id.clone()),
+            kv("region", gw.region.clone()),
+        ]
+    };
+    metrics().sessions_open.add(1, &gauge_labels(&gw));
     let end = session.run(&inbox, shutdown).await;
-    metrics().sessions_open.add(-1, &gauge_labels);
+    metrics().sessions_open.add(-1, &gauge_labels(&gw));
     // Session::run released the ownership record before closing the socket.
     gw.local.remove(&device_id, claim.epoch);
     if end.is_violation() {

@@ -515,6 +515,7 @@ impl Session {
             tracing::debug!(device = %self.device_id, token, "answer to nothing we asked");
             return;
         };
+        self.release_empty_pending();
         let failed = msg.code >= code::BAD_REQUEST;
         match pending {
             Pending::Describe => {
@@ -687,6 +688,14 @@ impl Session {
         self.send(&msg).await
     }
 
+    /// A map keeps its table when emptied: every idle session would carry
+    /// the one its Describe needed (~240 bytes) for the rest of its life.
+    fn release_empty_pending(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = HashMap::new();
+        }
+    }
+
     fn expire_pending(&mut self) {
         let now = Instant::now();
         let expired: Vec<u8> = self
@@ -713,6 +722,7 @@ impl Session {
                 )));
             }
         }
+        self.release_empty_pending();
     }
 
     pub async fn audit_end(gw: &Gateway, device_id: &str, peer: SocketAddr, end: &SessionEnd) {
