@@ -71,7 +71,7 @@ impl Proc {
         self.child.id()
     }
 
-    fn exited(&mut self) -> Option<String> {
+    pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(format!(
                 "{} exited ({status}); its log {}:\n{}",

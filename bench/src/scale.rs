@@ -104,7 +104,7 @@ impl Balancer {
         let port = trellis_core::local_redis::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = format!(
-            "global\n  maxconn 50000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend devices\n  bind {addr}\n  default_backend gateways\nbackend gateways\n  balance roundrobin\n"
+            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nfrontend devices\n  bind {addr}\n  default_backend gateways\nbackend gateways\n  balance roundrobin\n"
         );
         for (n, b) in backends.iter().enumerate() {
             cfg.push_str(&format!("  server gw{} {b}\n", n + 1));
@@ -130,9 +130,12 @@ impl Balancer {
             .with_context(|| {
                 format!("cannot start {bin} (Debian: apt-get install haproxy; or --haproxy PATH)")
             })?;
-        let proc = Proc::from_child("haproxy", child, log);
+        let mut proc = Proc::from_child("haproxy", child, log);
         let start = Instant::now();
         while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Some(e) = proc.exited() {
+                bail!(e);
+            }
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("haproxy did not listen on {addr} within 10 s");
             }
