@@ -441,7 +441,13 @@ async fn connection(
             }
         }
     };
-    let device_id = established.device_id.clone();
+    // Taken apart: a struct partly moved from stays in the task's future
+    // (160 bytes, for the life of the session) until the end of the scope.
+    let handshake::Established {
+        device_id,
+        product_id,
+        cipher,
+    } = established;
     tracing::Span::current().record("device", device_id.as_str());
 
     let mut redis = gw.redis.clone();
@@ -456,12 +462,7 @@ async fn connection(
         ttl,
         |pipe| {
             device_state::record_connect_in(
-                pipe,
-                &device_id,
-                &gw.id,
-                &gw.region,
-                &peer_s,
-                established.product_id,
+                pipe, &device_id, &gw.id, &gw.region, &peer_s, product_id,
             )
         },
     ))
@@ -489,14 +490,17 @@ async fn connection(
     gw.local
         .insert(&device_id, claim.epoch, peer, Arc::clone(&inbox));
     tracing::info!(device = %device_id, epoch = claim.epoch, "session open");
-    let session = session::Session::new(
+    // Boxed: an async fn keeps both its argument and the local it moves
+    // it into, so a Session passed by value sits twice in the task's
+    // future for the life of the session.
+    let session = Box::new(session::Session::new(
         Arc::clone(&gw),
         device_id.clone(),
         claim.epoch,
         peer,
         stream,
-        established.cipher,
-    );
+        cipher,
+    ));
     // Labels made at each end rather than held: the session's task keeps
     // whatever lives across `run` for as long as the device is connected.
     let gauge_labels = |gw: &Gateway| {

@@ -163,7 +163,7 @@ impl Session {
         }
     }
 
-    pub async fn run(mut self, commands: &Inbox, mut shutdown: Shutdown) -> SessionEnd {
+    pub async fn run(mut self: Box<Self>, commands: &Inbox, mut shutdown: Shutdown) -> SessionEnd {
         let end = self.event_loop(commands, &mut shutdown).await;
         // Commands still queued (and any submitted from now on) fail at
         // once with "the session ended".
