@@ -142,6 +142,7 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
     let refused = ota
         .create_rollout(CreateRolloutRequest {
             release_id: created.release_id.clone(),
+            stages: vec![stage("all", 0, 100, 0)],
             ..Default::default()
         })
         .await
