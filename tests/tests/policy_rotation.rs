@@ -188,10 +188,8 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
         })
         .await?
         .into_inner();
-    let canary_ids: Vec<String> = trellis_tests::eventually(
-        Duration::from_secs(60),
-        "canary applied",
-        || async {
+    let canary_ids: Vec<String> =
+        trellis_tests::eventually(Duration::from_secs(60), "canary applied", || async {
             let s = stack
                 .ota_client()
                 .await
@@ -207,9 +205,8 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
                 .iter()
                 .all(|d| d.state() == DeviceUpdateState::Applied)
                 .then(|| first.iter().map(|d| d.device_id.clone()).collect())
-        },
-    )
-    .await?;
+        })
+        .await?;
     assert_eq!(canary_ids.len(), 2);
     ota.abort_rollout(RolloutAction {
         rollout_id: canary.rollout_id.clone(),
@@ -264,7 +261,13 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
     assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
     assert_eq!(done.devices.len(), 20);
     for d in &done.devices {
-        assert_eq!(d.state(), DeviceUpdateState::Applied, "{}: {}", d.device_id, d.reason);
+        assert_eq!(
+            d.state(),
+            DeviceUpdateState::Applied,
+            "{}: {}",
+            d.device_id,
+            d.reason
+        );
     }
     let (accepted, rejected) = policy_reports(&fleet);
     assert_eq!(accepted.len(), 20, "every device accepted once");
@@ -278,12 +281,16 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
     tokio::time::sleep(Duration::from_secs(1)).await;
     all_online(&cluster, &ids, Duration::from_secs(60)).await?;
     let v2_sha = signed.policy_sha256.clone();
-    trellis_tests::eventually(Duration::from_secs(20), "v2 reported after restart", || async {
-        let r = reported_policies(&cluster, &ids).await.ok()?;
-        r.iter()
-            .all(|(_, v, s)| *v == 2 && *s == v2_sha)
-            .then_some(())
-    })
+    trellis_tests::eventually(
+        Duration::from_secs(20),
+        "v2 reported after restart",
+        || async {
+            let r = reported_policies(&cluster, &ids).await.ok()?;
+            r.iter()
+                .all(|(_, v, s)| *v == 2 && *s == v2_sha)
+                .then_some(())
+        },
+    )
     .await?;
 
     // A release signed with the new customer key (and the cloud, the new
@@ -317,7 +324,11 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
     let states = device_states(&cluster).await?;
     for id in &ids {
         let st = states.iter().find(|s| &s.device_id == id);
-        assert_eq!(st.map(|s| s.firmware_sha256.as_str()), Some(sha.as_str()), "{id}");
+        assert_eq!(
+            st.map(|s| s.firmware_sha256.as_str()),
+            Some(sha.as_str()),
+            "{id}"
+        );
     }
 
     // One signed with the OLD customer key (and the cloud) only: the signer
@@ -369,12 +380,21 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
     })
     .await?;
     for d in &done.devices {
-        assert!(d.reason.starts_with("unknown_key"), "{}: {}", d.device_id, d.reason);
+        assert!(
+            d.reason.starts_with("unknown_key"),
+            "{}: {}",
+            d.device_id,
+            d.reason
+        );
     }
     let states = device_states(&cluster).await?;
     for id in &ids {
         let st = states.iter().find(|s| &s.device_id == id);
-        assert_eq!(st.map(|s| s.firmware_sha256.as_str()), Some(sha.as_str()), "{id} kept v2");
+        assert_eq!(
+            st.map(|s| s.firmware_sha256.as_str()),
+            Some(sha.as_str()),
+            "{id} kept v2"
+        );
     }
     fleet.stop().await;
     stack.stop().await;
@@ -499,7 +519,14 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
     };
     for (what, version, tag) in [("an equal version", 5, 103), ("a lower version", 4, 104)] {
         let p = rotated(version)?;
-        let id = forge(&cluster, &p, &current, &[&keys.customer, &new_customer], tag).await?;
+        let id = forge(
+            &cluster,
+            &p,
+            &current,
+            &[&keys.customer, &new_customer],
+            tag,
+        )
+        .await?;
         let mut sigs = all_sign(&p)?;
         let c = kv
             .sign(SignRequest {
@@ -584,7 +611,14 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
     // And the rule is not "refuse everything": a proper rotation (version 6,
     // current and new keys) is accepted by all of them.
     let good = rotated(6)?;
-    let id = forge(&cluster, &good, &current, &[&keys.customer, &new_customer], 106).await?;
+    let id = forge(
+        &cluster,
+        &good,
+        &current,
+        &[&keys.customer, &new_customer],
+        106,
+    )
+    .await?;
     let mut sigs = all_sign(&good)?;
     let c = kv
         .sign(SignRequest {

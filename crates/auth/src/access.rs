@@ -136,10 +136,7 @@ pub const RULES: &[(&str, Rule)] = &[
         Scope(ReleasesSign),
     ),
     ("/trellis.v1.Signer/SignPolicyRelease", Scope(ReleasesSign)),
-    (
-        "/trellis.v1.Signer/AddPolicySignature",
-        Scope(ReleasesSign),
-    ),
+    ("/trellis.v1.Signer/AddPolicySignature", Scope(ReleasesSign)),
     (
         "/trellis.v1.Signer/GetPolicyRelease",
         ScopeOrService(DevicesRead, &[ServiceOta]),

@@ -628,39 +628,37 @@ impl Session {
                 on_event(SessionEvent::Signaled(on));
                 vec![ack(code::CHANGED)]
             }
-            Request::TrustPolicy(signed_policy) => {
-                match self.rotate_policy(&signed_policy) {
-                    Ok(policy) => {
-                        tracing::info!(
-                            version = policy.version(),
-                            sha256 = %hex::encode(policy.sha256()),
-                            "trust policy rotated"
-                        );
-                        on_event(SessionEvent::PolicyAccepted {
-                            policy,
-                            signed_policy,
-                        });
-                        vec![CachedReply {
-                            message: message::trust_policy_reply(m.message_id, token, None),
-                            keeps_id: true,
-                        }]
-                    }
-                    Err(r) => {
-                        tracing::warn!(reason = r.code(), rejection = %r, "trust policy refused; keeping the current one");
-                        let data = r.event_data();
-                        let reply = message::trust_policy_reply(
-                            m.message_id,
-                            token,
-                            Some((r.coap_code(), &data)),
-                        );
-                        policy_rejected = Some(r);
-                        vec![CachedReply {
-                            message: reply,
-                            keeps_id: true,
-                        }]
-                    }
+            Request::TrustPolicy(signed_policy) => match self.rotate_policy(&signed_policy) {
+                Ok(policy) => {
+                    tracing::info!(
+                        version = policy.version(),
+                        sha256 = %hex::encode(policy.sha256()),
+                        "trust policy rotated"
+                    );
+                    on_event(SessionEvent::PolicyAccepted {
+                        policy,
+                        signed_policy,
+                    });
+                    vec![CachedReply {
+                        message: message::trust_policy_reply(m.message_id, token, None),
+                        keeps_id: true,
+                    }]
                 }
-            }
+                Err(r) => {
+                    tracing::warn!(reason = r.code(), rejection = %r, "trust policy refused; keeping the current one");
+                    let data = r.event_data();
+                    let reply = message::trust_policy_reply(
+                        m.message_id,
+                        token,
+                        Some((r.coap_code(), &data)),
+                    );
+                    policy_rejected = Some(r);
+                    vec![CachedReply {
+                        message: reply,
+                        keeps_id: true,
+                    }]
+                }
+            },
             Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {
                 vec![ack(code::METHOD_NOT_ALLOWED)]
             }

@@ -33,8 +33,8 @@ pub use manifest::{
     decode_signed_manifest, encode_manifest, encode_signed_manifest, image_sha256,
 };
 pub use policy::{
-    DEFAULT_POLICY_VERSION, KeyRef, PolicyError, PolicyReport, TrustPolicy, TrustedKey, verify_image, verify_update,
-    verify_update_bytes,
+    DEFAULT_POLICY_VERSION, KeyRef, PolicyError, PolicyReport, TrustPolicy, TrustedKey,
+    verify_image, verify_update, verify_update_bytes,
 };
 pub use receiver::{
     ChunkOutcome, DoneOutcome, OtaReceiver, ReceivedUpdate, ReceiverConfig, ReceiverOutput, Reply,

@@ -279,8 +279,8 @@ mod tests {
 
     #[test]
     fn a_rotation_signed_by_both_thresholds_is_accepted_and_then_governs_releases() {
-        let new = verify_policy_update(&current(), &signed(&rotated(), &[0, 1, 2]))
-            .expect("accepted");
+        let new =
+            verify_policy_update(&current(), &signed(&rotated(), &[0, 1, 2])).expect("accepted");
         assert_eq!(new, rotated());
         assert_eq!(new.version(), 2);
         // Releases now need the new customer key; the old one is unknown.
@@ -349,10 +349,7 @@ mod tests {
         for (what, s, code) in cases {
             let err = verify_policy_update(&cur, &s).unwrap_err();
             assert_eq!(err.code(), code, "{what}: {err}");
-            assert!(
-                err.event_data().starts_with(&format!("{code}: ")),
-                "{what}"
-            );
+            assert!(err.event_data().starts_with(&format!("{code}: ")), "{what}");
             let bytes = encode_signed_policy(&s);
             assert_eq!(verify_policy_update_bytes(&cur, &bytes).unwrap_err(), err);
         }
@@ -366,7 +363,10 @@ mod tests {
         // Threshold above the key count: an invalid policy.
         doc.threshold = 3;
         let bytes = doc.encode_to_vec();
-        assert_eq!(decode_policy(&bytes).unwrap_err().code(), "malformed_policy");
+        assert_eq!(
+            decode_policy(&bytes).unwrap_err().code(),
+            "malformed_policy"
+        );
         // An unknown field appended: decodes, but is not canonical.
         let mut bytes = rotated().canonical_bytes().expect("bytes");
         bytes.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1

@@ -206,7 +206,9 @@ mod tests {
             parse_policy_release_id(" tp-7-3 ").unwrap(),
             ("tp-7-3".into(), 7, 3)
         );
-        for bad in ["7-3", "tp-7", "tp--3", "tp-0-1", "tp-7-0", "tp-a-1", "tp-7-3-1"] {
+        for bad in [
+            "7-3", "tp-7", "tp--3", "tp-0-1", "tp-7-0", "tp-a-1", "tp-7-3-1",
+        ] {
             assert!(parse_policy_release_id(bad).is_err(), "{bad}");
         }
         assert!(is_policy_release_id("tp-7-3"));

@@ -162,8 +162,7 @@ impl Hello {
     /// extension without an id is sent with an all-zero id, since
     /// extensions only follow the id.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN + 2 + TRUST_POLICY_LEN);
+        let mut out = Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN + 2 + TRUST_POLICY_LEN);
         out.extend_from_slice(&self.product_id.to_be_bytes());
         out.extend_from_slice(&self.firmware_version.to_be_bytes());
         out.push(self.reserved);

@@ -937,10 +937,15 @@ fn trust_policy_messages() {
     let m = message::trust_policy(0x1234, 0x7a, b"\x0a\x01\x01");
     let bytes = m.encode();
     // ver 1 CON tkl 1 | POST | id | token | Uri-Path(11) len 2 "tp" | ff | payload
-    assert_eq!(bytes, hx("41021234 7a b2 7470 ff 0a0101".replace(' ', "").as_str()));
+    assert_eq!(
+        bytes,
+        hx("41021234 7a b2 7470 ff 0a0101".replace(' ', "").as_str())
+    );
     assert_eq!(
         classify(&CoapMessage::decode(&bytes).expect("decode")),
-        Ok(Incoming::Request(Request::TrustPolicy(b"\x0a\x01\x01".to_vec())))
+        Ok(Incoming::Request(Request::TrustPolicy(
+            b"\x0a\x01\x01".to_vec()
+        )))
     );
     assert_eq!(Request::TrustPolicy(vec![]).kind(), "trust_policy");
 

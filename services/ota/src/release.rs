@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::GetReleaseRequest;
-use trellis_records::policy_release::is_policy_release_id;
 use trellis_proto::v1::signer_client::SignerClient;
+use trellis_records::policy_release::is_policy_release_id;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseInfo {

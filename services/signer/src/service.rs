@@ -873,8 +873,7 @@ async fn guard_policy_release(
     principal: &trellis_auth::Principal,
     release_id: &str,
 ) -> Result<()> {
-    let (id, product_id, _) =
-        trellis_records::policy_release::parse_policy_release_id(release_id)?;
+    let (id, product_id, _) = trellis_records::policy_release::parse_policy_release_id(release_id)?;
     guard_product(redis, principal, product_id, || {
         SignerError::NotFound(format!(
             "no policy release {id}; `trellis policy list` shows them"

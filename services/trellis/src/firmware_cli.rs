@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
 use trellis_core::telemetry::TracedChannel;
 use trellis_firmware::{
-    FirmwareManifest, ManifestSignature, TrustPolicy, decode_manifest, key_id, private_key_from_pem,
-    public_key_from_pem, public_key_to_pem, sign_manifest,
+    FirmwareManifest, ManifestSignature, TrustPolicy, decode_manifest, key_id,
+    private_key_from_pem, public_key_from_pem, public_key_to_pem, sign_manifest,
 };
 use trellis_proto::v1 as pb;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
@@ -1000,7 +1000,9 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                     anyhow::anyhow!("the signer sent bytes that are not a trust policy: {e}")
                 })?;
                 if hex::encode(Sha256::digest(&bytes)) != current.policy_sha256 {
-                    bail!("the policy bytes do not hash to the release's policy_sha256; not signing");
+                    bail!(
+                        "the policy bytes do not hash to the release's policy_sha256; not signing"
+                    );
                 }
                 let pem = zeroize::Zeroizing::new(read_text(&key_path, "the private key")?);
                 let private = private_key_from_pem(&pem)
