@@ -230,6 +230,7 @@ async fn signed_release(
                 }],
                 threshold: 1,
                 cloud_only: false,
+                version: 0,
             }),
             // The benchmark signs with the cloud release key only.
             allow_cloud_only: true,

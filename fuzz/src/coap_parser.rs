@@ -78,6 +78,7 @@ pub fn run(data: &[u8]) {
         Request::Describe => message::describe(id, token),
         Request::GetTime => message::get_time(id, token),
         Request::UpdateDone => message::update_done(id, token),
+        Request::TrustPolicy(bytes) => message::trust_policy(id, token, bytes),
     };
     let again = CoapMessage::decode(&rebuilt.encode()).expect("a built message decodes");
     assert_eq!(

@@ -9,7 +9,10 @@
 //!   text as a PEM public key;
 //! - 3: `parse_rejection_event` (what a device reports when it refuses);
 //! - 4: a signed command (`SignedCommand::decode`, its envelope) and the
-//!   check a device with a command policy runs on it.
+//!   check a device with a command policy runs on it;
+//! - 5: a signed trust policy (`decode_signed_policy`, `decode_policy`) and
+//!   the device's rotation rule (`verify_policy_update_bytes`) against the
+//!   vectors' policy.
 //!
 //! Whatever decodes must encode back to something that decodes the same.
 
@@ -27,12 +30,43 @@ pub fn run(data: &[u8]) {
     let Some((&selector, bytes)) = data.split_first() else {
         return;
     };
-    match selector % 5 {
+    match selector % 6 {
         0 => manifest(bytes),
         1 => signed_manifest(bytes),
         2 => policy(bytes),
         3 => rejection(bytes),
-        _ => signed_command(bytes),
+        4 => signed_command(bytes),
+        _ => signed_policy(bytes),
+    }
+}
+
+fn signed_policy(bytes: &[u8]) {
+    use trellis_firmware::rotation::{
+        decode_policy, decode_signed_policy, encode_signed_policy, verify_policy_update,
+        verify_policy_update_bytes,
+    };
+    let v = vectors::get();
+    let verdict = verify_policy_update_bytes(&v.policy, bytes);
+    if let Ok(p) = decode_policy(bytes) {
+        // Canonical bytes only: they are exactly what the policy encodes to.
+        assert_eq!(p.canonical_bytes().expect("valid policy encodes"), bytes);
+    }
+    let Ok(signed) = decode_signed_policy(bytes) else {
+        assert!(verdict.is_err());
+        return;
+    };
+    let again = decode_signed_policy(&encode_signed_policy(&signed)).expect("own envelope");
+    assert_eq!(again, signed);
+    assert_eq!(verify_policy_update(&v.policy, &signed), verdict);
+    match verdict {
+        Ok(new) => {
+            assert!(new.version() > v.policy.version());
+            assert!(v.policy.evaluate(&signed.policy, &signed.signatures).satisfied());
+            assert!(new.evaluate(&signed.policy, &signed.signatures).satisfied());
+        }
+        Err(r) => {
+            let _ = (r.code(), r.coap_code(), r.event_data());
+        }
     }
 }
 

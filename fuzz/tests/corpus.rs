@@ -164,6 +164,7 @@ fn write_seeds() {
             policy_sha256: [5; 32],
             last_sequence: 42,
         }),
+        trust_policy: None,
     };
     let describe = Describe {
         functions: vec!["add".into(), "reboot".into()],
@@ -271,6 +272,22 @@ fn write_seeds() {
         "rejection-event",
         b"\x03bad_signature: the signature by cloud (key 0123) does not verify",
     );
+    // Selector 5: signed trust policies (rotation), valid and a rollback.
+    for (name, version, verdict) in [
+        ("signed-policy-v2", 2, None),
+        ("signed-policy-rollback", 1, Some("rollback")),
+    ] {
+        let next = v.policy.clone().with_version(version);
+        let bytes = next.canonical_bytes().expect("canonical policy");
+        let signed = trellis_firmware::SignedPolicy {
+            signatures: vec![trellis_firmware::sign_policy(&v.cloud_key, &bytes).expect("sign")],
+            policy: bytes,
+        };
+        let wire = trellis_firmware::encode_signed_policy(&signed);
+        let got = trellis_firmware::verify_policy_update_bytes(&v.policy, &wire);
+        assert_eq!(got.as_ref().err().map(|r| r.code()), verdict, "{name}");
+        write("manifest_decoders", name, &cat(&[&[5], &wire]));
+    }
 
     // firmware_receiver: [config] then ops [token, op, ...].
     let mut full = vec![0u8, 1, 0, 0, 63];

@@ -231,6 +231,7 @@ impl ReleaseKeys {
                         ],
                         threshold: 2,
                         cloud_only: false,
+                        version: 0,
                     }),
                     allow_cloud_only: false,
                 })

@@ -130,6 +130,18 @@ pub const RULES: &[(&str, Rule)] = &[
         "/trellis.v1.Signer/VerifyRelease",
         ScopeOrService(DevicesRead, &[ServiceOta]),
     ),
+    // Trust policy rotation: policy releases, signed like releases.
+    (
+        "/trellis.v1.Signer/CreatePolicyRelease",
+        Scope(ReleasesSign),
+    ),
+    ("/trellis.v1.Signer/SignPolicyRelease", Scope(ReleasesSign)),
+    ("/trellis.v1.Signer/AddPolicySignature", Scope(ReleasesSign)),
+    (
+        "/trellis.v1.Signer/GetPolicyRelease",
+        ScopeOrService(DevicesRead, &[ServiceOta]),
+    ),
+    ("/trellis.v1.Signer/ListPolicyReleases", Scope(DevicesRead)),
     // OTA scheduler: rollouts.
     ("/trellis.v1.Ota/CreateRollout", Scope(RolloutsWrite)),
     ("/trellis.v1.Ota/GetRollout", Scope(DevicesRead)),

@@ -296,6 +296,15 @@ pub mod keys {
     }
     /// Set of all release ids.
     pub const RELEASE_INDEX: &str = "trellis:releases";
+    /// Set of all policy release ids (`tp-<product_id>-<version>`; each is
+    /// a hash at [`release`], see trellis-records' `policy_release`). Inside
+    /// `trellis:release:*` so the release readers' access covers it.
+    pub const POLICY_RELEASE_INDEX: &str = "trellis:release:tp-index";
+    /// String: the id of the policy release whose canonical policy bytes
+    /// hash to `sha256_hex` (keyvault looks it up before signing a policy).
+    pub fn policy_release_by_sha(sha256_hex: &str) -> String {
+        format!("trellis:release:tp-sha:{sha256_hex}")
+    }
     /// String: a product's signing policy, in the firmware crate's
     /// `TrustPolicy` JSON form.
     pub fn policy(product_id: u32) -> String {

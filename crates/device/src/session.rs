@@ -13,7 +13,10 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use trellis_firmware::command::CommandGuard;
-use trellis_firmware::{OtaReceiver, REJECTED_EVENT, ReceivedUpdate, ReceiverConfig, TrustPolicy};
+use trellis_firmware::rotation::{POLICY_REJECTED_EVENT, verify_policy_update_bytes};
+use trellis_firmware::{
+    OtaReceiver, REJECTED_EVENT, ReceivedUpdate, ReceiverConfig, Rejection, TrustPolicy,
+};
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::message::{self, Incoming, Request, encode_value};
 use trellis_wire::{
@@ -123,6 +126,21 @@ pub enum SessionEvent {
     /// An update was refused; the device keeps its image. Also published as
     /// the private event `trellis/ota/rejected`, data `<reason_code>: <message>`.
     UpdateRejected {
+        reason_code: String,
+        message: String,
+    },
+    /// A signed trust policy (POST `tp`, docs/protocol.md §7.5) passed the
+    /// rotation rule and is now in force for this session's updates and
+    /// calls. The caller persists `signed_policy` (the exact envelope) so
+    /// the device keeps it across restarts, and uses `policy` for its
+    /// later sessions.
+    PolicyAccepted {
+        policy: TrustPolicy,
+        signed_policy: Vec<u8>,
+    },
+    /// A signed trust policy was refused; the device keeps its policy.
+    /// Also published as the private event `trellis/policy/rejected`.
+    PolicyRejected {
         reason_code: String,
         message: String,
     },
@@ -292,6 +310,12 @@ impl Session {
                     last_sequence: g.last_sequence(),
                 })
             }),
+            trust_policy: session.config.trust_policy.as_ref().map(|p| {
+                trellis_wire::hello::TrustPolicyReport {
+                    version: p.version(),
+                    sha256: p.sha256(),
+                }
+            }),
         };
         let id = session.out_ids.next();
         session.send(&message::hello_device(id, &hello)).await?;
@@ -427,6 +451,33 @@ impl Session {
             .map_err(|r| r.reason())
     }
 
+    /// A signed trust policy from the gateway (§7.5): the rotation rule
+    /// against the policy in force; on success the new policy governs every
+    /// later update and signed call (its `commands` part included).
+    fn rotate_policy(&mut self, signed_policy: &[u8]) -> Result<TrustPolicy, Rejection> {
+        let current = self
+            .config
+            .trust_policy
+            .as_ref()
+            .ok_or(Rejection::NoTrustPolicy)?;
+        let new = verify_policy_update_bytes(current, signed_policy)?;
+        self.config.trust_policy = Some(new.clone());
+        self.ota.set_policy(Some(new.clone()));
+        match &self.config.command_guard {
+            Some(g) => g
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_policy(new.commands().cloned()),
+            None if new.commands().is_some() => {
+                tracing::warn!(
+                    "the new trust policy has a command policy, but this device was started without a command guard; calls stay unsigned until it restarts"
+                );
+            }
+            None => {}
+        }
+        Ok(new)
+    }
+
     async fn handle(
         &mut self,
         m: &CoapMessage,
@@ -478,6 +529,7 @@ impl Session {
             keeps_id: false,
         };
         let mut rejected = None;
+        let mut policy_rejected: Option<Rejection> = None;
         let replies: Vec<CachedReply> = match request {
             Request::Ping => vec![CachedReply {
                 message: message::ping_ack(m.message_id, token),
@@ -576,6 +628,37 @@ impl Session {
                 on_event(SessionEvent::Signaled(on));
                 vec![ack(code::CHANGED)]
             }
+            Request::TrustPolicy(signed_policy) => match self.rotate_policy(&signed_policy) {
+                Ok(policy) => {
+                    tracing::info!(
+                        version = policy.version(),
+                        sha256 = %hex::encode(policy.sha256()),
+                        "trust policy rotated"
+                    );
+                    on_event(SessionEvent::PolicyAccepted {
+                        policy,
+                        signed_policy,
+                    });
+                    vec![CachedReply {
+                        message: message::trust_policy_reply(m.message_id, token, None),
+                        keeps_id: true,
+                    }]
+                }
+                Err(r) => {
+                    tracing::warn!(reason = r.code(), rejection = %r, "trust policy refused; keeping the current one");
+                    let data = r.event_data();
+                    let reply = message::trust_policy_reply(
+                        m.message_id,
+                        token,
+                        Some((r.coap_code(), &data)),
+                    );
+                    policy_rejected = Some(r);
+                    vec![CachedReply {
+                        message: reply,
+                        keeps_id: true,
+                    }]
+                }
+            },
             Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {
                 vec![ack(code::METHOD_NOT_ALLOWED)]
             }
@@ -592,6 +675,21 @@ impl Session {
                 self.answered.pop_front();
             }
             self.answered.push_back((m.message_id, replies));
+        }
+        if let Some(rejection) = policy_rejected {
+            let data = rejection.event_data();
+            let id = self.out_ids.next();
+            self.send(&message::event(
+                id,
+                false,
+                POLICY_REJECTED_EVENT,
+                data.as_bytes(),
+            ))
+            .await?;
+            on_event(SessionEvent::PolicyRejected {
+                reason_code: rejection.code().to_owned(),
+                message: rejection.to_string(),
+            });
         }
         if let Some(rejection) = rejected {
             let data = rejection.event_data();

@@ -7,7 +7,8 @@
 //! its running image and version, and reconnects at once with Hello flag
 //! bit 0 set and the new image's SHA-256.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngExt;
@@ -64,6 +65,48 @@ pub struct SimConfig {
     /// to the next endpoint (failover.rs). One that does not accept is left
     /// at once. 1: move on after any failure.
     pub max_turned_away: u32,
+    /// Where each device keeps what it must remember across restarts: the
+    /// signed trust policy it accepted last (`<device id>.policy.bin`, the
+    /// exact `SignedPolicy` bytes), loaded at start in place of
+    /// `trust_policy`. `None`: an accepted policy lasts until the process
+    /// ends.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// File (inside [`SimConfig::state_dir`]) holding a device's accepted
+/// signed trust policy.
+pub fn policy_state_file(dir: &Path, device_id: &DeviceId) -> PathBuf {
+    dir.join(format!("{device_id}.policy.bin"))
+}
+
+/// The trust policy a device persisted after a rotation, if any. A file that
+/// is there but does not hold a valid signed policy is an error, never
+/// silently the provisioned policy.
+pub fn load_persisted_policy(
+    dir: &Path,
+    device_id: &DeviceId,
+) -> Result<Option<TrustPolicy>, String> {
+    let path = policy_state_file(dir, device_id);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let signed = trellis_firmware::decode_signed_policy(&bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    trellis_firmware::decode_policy(&signed.policy)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes the accepted signed policy (to a temporary file, then renamed, so
+/// a crash leaves the old policy or the new one, never half of one).
+fn persist_policy(dir: &Path, device_id: &DeviceId, signed: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = policy_state_file(dir, device_id);
+    let tmp = path.with_extension("bin.tmp");
+    std::fs::write(&tmp, signed)?;
+    std::fs::rename(&tmp, &path)
 }
 
 impl Default for SimConfig {
@@ -85,6 +128,7 @@ impl Default for SimConfig {
             version_floor: 0,
             home_return: None,
             max_turned_away: DEFAULT_MAX_TURNED_AWAY,
+            state_dir: None,
         }
     }
 }
@@ -130,6 +174,19 @@ pub enum DeviceReport {
         device_id: DeviceId,
         name: String,
         reason: String,
+    },
+    /// A trust policy rotation the device accepted (and persisted, with a
+    /// state directory).
+    PolicyAccepted {
+        device_id: DeviceId,
+        version: u64,
+        sha256: [u8; 32],
+    },
+    /// A trust policy rotation the device refused, with the reason code.
+    PolicyRejected {
+        device_id: DeviceId,
+        reason_code: String,
+        message: String,
     },
 }
 
@@ -242,10 +299,33 @@ impl Device {
         }
         // What this device runs; an applied update changes it.
         let mut session_config = (*self.session_config).clone();
-        session_config.command_guard = crate::session::command_guard_for(
-            &device_id.to_string(),
-            session_config.trust_policy.as_ref(),
-        );
+        if let Some(dir) = &self.config.state_dir {
+            match load_persisted_policy(dir, &device_id) {
+                Ok(Some(policy)) => {
+                    tracing::info!(%device_id, version = policy.version(), "trust policy loaded from the state directory");
+                    session_config.trust_policy = Some(policy);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Like a policy.json that does not parse: the device
+                    // trusts nothing rather than something it did not accept.
+                    tracing::error!(%device_id, error = %e, "persisted trust policy unreadable; refusing every update");
+                    session_config.trust_policy = None;
+                }
+            }
+        }
+        // A guard even without a command policy, so a rotation that adds
+        // one is enforced at once (a guard without a policy lets every call
+        // run).
+        session_config.command_guard = session_config.trust_policy.as_ref().map(|p| {
+            Arc::new(Mutex::new(trellis_firmware::CommandGuard::new(
+                device_id.to_string(),
+                p.commands().cloned(),
+                0,
+            )))
+        });
+        // A policy accepted in a session, for the sessions after it.
+        let rotated: Arc<Mutex<Option<TrustPolicy>>> = Arc::new(Mutex::new(None));
         if self.endpoints.is_empty() {
             shutdown.cancelled().await;
             return;
@@ -300,6 +380,8 @@ impl Device {
                 handshake: started.elapsed(),
             });
             let reports = self.reports.clone();
+            let rotated_slot = rotated.clone();
+            let state_dir = self.config.state_dir.clone();
             // Away from home: a prober ends the session (through its own
             // token) once home accepts connections.
             let leave = shutdown.child_token();
@@ -341,6 +423,31 @@ impl Device {
                                 reason,
                             }
                         }
+                        SessionEvent::PolicyAccepted {
+                            policy,
+                            signed_policy,
+                        } => {
+                            if let Some(dir) = &state_dir
+                                && let Err(e) = persist_policy(dir, &device_id, &signed_policy)
+                            {
+                                tracing::error!(%device_id, error = %e, "accepted trust policy not persisted");
+                            }
+                            let report = DeviceReport::PolicyAccepted {
+                                device_id,
+                                version: policy.version(),
+                                sha256: policy.sha256(),
+                            };
+                            *rotated_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+                            report
+                        }
+                        SessionEvent::PolicyRejected {
+                            reason_code,
+                            message,
+                        } => DeviceReport::PolicyRejected {
+                            device_id,
+                            reason_code,
+                            message,
+                        },
                         SessionEvent::UpdateRejected { reason_code, .. } => {
                             DeviceReport::EventPublished {
                                 device_id,
@@ -355,6 +462,9 @@ impl Device {
                 .await;
             if let Some(p) = prober {
                 p.abort();
+            }
+            if let Some(policy) = rotated.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                session_config.trust_policy = Some(policy);
             }
             let going_home = leave.is_cancelled() && !shutdown.is_cancelled();
             let reason = match outcome {

@@ -161,6 +161,9 @@ async fn fleet_connects_fails_over_and_shuts_down() {
             DeviceReport::CommandRefused { reason, .. } => {
                 panic!("a device without a command policy refused a call: {reason}")
             }
+            DeviceReport::PolicyAccepted { .. } | DeviceReport::PolicyRejected { .. } => {
+                panic!("nobody sent a trust policy")
+            }
         }
     }
     assert_eq!(

@@ -408,6 +408,13 @@ impl CommandGuard {
         self.policy.as_ref()
     }
 
+    /// Replaces the command policy (the `commands` part of an accepted
+    /// trust policy rotation). The last accepted sequence is kept, so a
+    /// rotation never re-opens old envelopes.
+    pub fn set_policy(&mut self, policy: Option<CommandPolicy>) {
+        self.policy = policy;
+    }
+
     pub fn last_sequence(&self) -> u64 {
         self.last_sequence
     }

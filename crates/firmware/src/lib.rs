@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod policy;
 pub mod receiver;
 pub mod rejection;
+pub mod rotation;
 pub mod sender;
 pub mod signing;
 
@@ -32,12 +33,16 @@ pub use manifest::{
     decode_signed_manifest, encode_manifest, encode_signed_manifest, image_sha256,
 };
 pub use policy::{
-    KeyRef, PolicyError, PolicyReport, TrustPolicy, TrustedKey, verify_image, verify_update,
-    verify_update_bytes,
+    DEFAULT_POLICY_VERSION, KeyRef, PolicyError, PolicyReport, TrustPolicy, TrustedKey,
+    verify_image, verify_update, verify_update_bytes,
 };
 pub use receiver::{
     ChunkOutcome, DoneOutcome, OtaReceiver, ReceivedUpdate, ReceiverConfig, ReceiverOutput, Reply,
 };
 pub use rejection::{REJECTED_EVENT, Rejection, parse_rejection_event};
+pub use rotation::{
+    POLICY_REJECTED_EVENT, SignedPolicy, TrustPolicyDoc, decode_policy, decode_signed_policy,
+    encode_signed_policy, sign_policy, verify_policy_update, verify_policy_update_bytes,
+};
 pub use sender::{OtaSender, Outcome, Progress, SendFailure, SenderConfig, SenderError, Step};
 pub use signing::{SignError, SignatureError, sign_manifest, verify_signature};

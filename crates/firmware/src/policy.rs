@@ -7,6 +7,7 @@
 //! JSON form (`policy.json`, for provisioning):
 //! ```json
 //! {
+//!   "version": 1,
 //!   "threshold": 2,
 //!   "keys": [
 //!     { "name": "customer", "key_id": "<hex sha-256 of the SPKI DER>",
@@ -21,6 +22,12 @@
 //!   }
 //! }
 //! ```
+//! `version` is optional and defaults to 1 (policy files written before
+//! policies had versions keep working); a device replaces its policy only
+//! with a higher version ([`crate::rotation`]). The canonical signed form
+//! of a policy is the `trellis.v1.TrustPolicyDoc` protobuf
+//! ([`TrustPolicy::canonical_bytes`]).
+//!
 //! `commands` is optional: without it function calls need no signature
 //! (signed commands, [`crate::command`]; `"protected": "all"` protects
 //! every function). `key_id` is optional on input (computed from the key) and checked when
@@ -117,6 +124,10 @@ pub enum PolicyError {
     BadKey { name: String, source: KeyError },
     #[error("policy JSON: {0}")]
     Json(String),
+    #[error("policy version 0 is not a version (versions start at 1)")]
+    VersionZero,
+    #[error("policy encoding: {0}")]
+    Encoding(String),
 }
 
 /// Which trusted keys must have signed, and how many of them. Always valid
@@ -132,13 +143,24 @@ pub enum PolicyError {
 pub struct TrustPolicy {
     keys: Vec<TrustedKey>,
     threshold: usize,
+    /// Strictly increasing across rotations (1 when a file gives none).
+    version: u64,
     /// Who must sign function calls, if anyone (signed commands,
     /// [`crate::command`]); rotated with the rest of the policy.
     commands: Option<Box<CommandPolicy>>,
 }
 
+/// The version of a policy file that names none.
+pub const DEFAULT_POLICY_VERSION: u64 = 1;
+
+fn default_version() -> u64 {
+    DEFAULT_POLICY_VERSION
+}
+
 #[derive(Serialize, Deserialize)]
 struct PolicyFile {
+    #[serde(default = "default_version")]
+    version: u64,
     threshold: usize,
     keys: Vec<KeyFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -229,6 +251,7 @@ impl TrustPolicy {
         let policy = TrustPolicy {
             keys,
             threshold,
+            version: DEFAULT_POLICY_VERSION,
             commands: None,
         };
         policy.validate()?;
@@ -240,6 +263,9 @@ impl TrustPolicy {
     /// key listed twice. Checked on every construction and again by
     /// [`verify_update`].
     pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.version == 0 {
+            return Err(PolicyError::VersionZero);
+        }
         if self.keys.is_empty() {
             return Err(PolicyError::NoKeys);
         }
@@ -285,6 +311,18 @@ impl TrustPolicy {
         self.keys.iter().find(|k| k.key_id == key_id)
     }
 
+    /// The policy's version (1 unless set): a device replaces its policy
+    /// only with a strictly higher one.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// This policy as `version`.
+    pub fn with_version(mut self, version: u64) -> Self {
+        self.version = version;
+        self
+    }
+
     /// The command policy a device enforces, if the policy has one.
     pub fn commands(&self) -> Option<&CommandPolicy> {
         self.commands.as_deref()
@@ -320,7 +358,11 @@ impl TrustPolicy {
             }
             None => None,
         };
-        Ok(TrustPolicy::new(parse_keys(file.keys)?, file.threshold)?.with_commands(commands))
+        let policy = TrustPolicy::new(parse_keys(file.keys)?, file.threshold)?
+            .with_commands(commands)
+            .with_version(file.version);
+        policy.validate()?;
+        Ok(policy)
     }
 
     /// The JSON form, pretty-printed, key ids included.
@@ -341,6 +383,7 @@ impl TrustPolicy {
             None => None,
         };
         Ok(PolicyFile {
+            version: self.version,
             threshold: self.threshold,
             keys: key_files(&self.keys)?,
             commands,
@@ -608,6 +651,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![],
                     threshold: 0,
+                    version: 1,
                     commands: None,
                 },
                 "trusts no keys",
@@ -616,6 +660,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![key.clone()],
                     threshold: 0,
+                    version: 1,
                     commands: None,
                 },
                 "threshold 0",
@@ -624,6 +669,7 @@ mod tests {
                 TrustPolicy {
                     keys: vec![key.clone(), key.clone()],
                     threshold: 1,
+                    version: 1,
                     commands: None,
                 },
                 "listed twice",

@@ -139,6 +139,12 @@ pub struct OtaReceiver {
 }
 
 impl OtaReceiver {
+    /// Replaces the trust policy (an accepted rotation): later UpdateBegins
+    /// are checked against it; a transfer already verified goes on.
+    pub fn set_policy(&mut self, policy: Option<TrustPolicy>) {
+        self.config.policy = policy;
+    }
+
     pub fn new(config: ReceiverConfig) -> Self {
         OtaReceiver {
             config,

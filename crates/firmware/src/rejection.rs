@@ -61,6 +61,13 @@ pub enum Rejection {
     /// The transfer itself is impossible: chunk size 0, an index past the
     /// end, a chunk of the wrong length.
     BadTransfer { detail: String },
+    /// A signed trust policy (rotation, [`crate::rotation`]) that does not
+    /// decode, is not canonical, or is not a valid policy.
+    MalformedPolicy { detail: String },
+    /// A new trust policy whose version is not above the device's.
+    PolicyRollback { version: u64, current: u64 },
+    /// A new trust policy not signed by a threshold of its own keys.
+    NewPolicyUnsigned { detail: String },
 }
 
 fn names(keys: &[KeyRef]) -> String {
@@ -92,6 +99,9 @@ impl Rejection {
             Rejection::ChunkCrc { .. } => "chunk_crc",
             Rejection::MissingChunks { .. } => "missing_chunks",
             Rejection::BadTransfer { .. } => "bad_transfer",
+            Rejection::MalformedPolicy { .. } => "malformed_policy",
+            Rejection::PolicyRollback { .. } => "rollback",
+            Rejection::NewPolicyUnsigned { .. } => "new_policy_unsigned",
         }
     }
 
@@ -112,7 +122,9 @@ impl Rejection {
             | Rejection::UnknownKey { .. }
             | Rejection::BadSignature { .. }
             | Rejection::WrongProduct { .. }
-            | Rejection::Rollback { .. } => code::FORBIDDEN,
+            | Rejection::Rollback { .. }
+            | Rejection::PolicyRollback { .. }
+            | Rejection::NewPolicyUnsigned { .. } => code::FORBIDDEN,
             Rejection::TooLarge { .. } => code::REQUEST_ENTITY_TOO_LARGE,
             _ => NOT_ACCEPTABLE,
         }
@@ -181,6 +193,16 @@ impl fmt::Display for Rejection {
                 "{missing} chunks still missing after asking {rounds} times"
             ),
             Rejection::BadTransfer { detail } => write!(f, "bad transfer: {detail}"),
+            Rejection::MalformedPolicy { detail } => write!(f, "malformed trust policy: {detail}"),
+            Rejection::PolicyRollback { version, current } => write!(
+                f,
+                "trust policy version {version} is not above this device's policy version {current}"
+            ),
+            Rejection::NewPolicyUnsigned { detail } => write!(
+                f,
+                "the new trust policy is not signed by a threshold of its own keys ({detail}); \
+                 it could lock the device out"
+            ),
         }
     }
 }

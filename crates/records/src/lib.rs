@@ -2,6 +2,7 @@
 //! each (field names, encodings) and the reads of it. Key names are in
 //! `trellis_core::redis_conn::keys`; who may write which key is in
 //! `trellis_core::redis_conn::acl`.
+pub mod policy_release;
 pub mod registry;
 pub mod release;
 

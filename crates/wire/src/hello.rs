@@ -18,6 +18,21 @@ pub const EXT_COMMAND_POLICY: u8 = 0x02;
 /// Length of the [`EXT_COMMAND_POLICY`] value.
 pub const COMMAND_POLICY_LEN: usize = 40;
 
+/// Extension type announcing the device's firmware trust policy
+/// (docs/protocol.md §7.5): value = policy version (u64, big-endian), then
+/// the SHA-256 of the canonical policy bytes (32).
+pub const EXT_TRUST_POLICY: u8 = 0x04;
+/// Length of the [`EXT_TRUST_POLICY`] value.
+pub const TRUST_POLICY_LEN: usize = 40;
+
+/// The trust policy a device announces in its Hello.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrustPolicyReport {
+    pub version: u64,
+    /// SHA-256 of the canonical `TrustPolicyDoc` bytes.
+    pub sha256: [u8; 32],
+}
+
 /// What a device with signed commands announces in its Hello.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommandPolicyReport {
@@ -40,6 +55,8 @@ pub struct Hello {
     pub firmware_sha256: Option<[u8; 32]>,
     /// Present when the device enforces signed commands.
     pub command_policy: Option<CommandPolicyReport>,
+    /// Present when the device has a firmware trust policy (extension 0x04).
+    pub trust_policy: Option<TrustPolicyReport>,
 }
 
 fn be16(p: &[u8], at: usize) -> Option<u16> {
@@ -57,6 +74,7 @@ impl Hello {
             device_id: None,
             firmware_sha256: None,
             command_policy: None,
+            trust_policy: None,
         };
         let Some(id_len) = be16(payload, 8) else {
             return Ok(h);
@@ -117,6 +135,22 @@ impl Hello {
                     policy_sha256,
                     last_sequence: u64::from_be_bytes(seq),
                 });
+            } else if ext_type == EXT_TRUST_POLICY {
+                if len != TRUST_POLICY_LEN {
+                    return Err(MessageError::HelloExtensionLength {
+                        ext_type,
+                        len,
+                        expected: TRUST_POLICY_LEN,
+                    });
+                }
+                let mut version = [0u8; 8];
+                version.copy_from_slice(&value[..8]);
+                let mut sha256 = [0u8; 32];
+                sha256.copy_from_slice(&value[8..]);
+                h.trust_policy = Some(TrustPolicyReport {
+                    version: u64::from_be_bytes(version),
+                    sha256,
+                });
             }
             at += 2 + len;
         }
@@ -128,7 +162,7 @@ impl Hello {
     /// extension without an id is sent with an all-zero id, since
     /// extensions only follow the id.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN);
+        let mut out = Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN + 2 + TRUST_POLICY_LEN);
         out.extend_from_slice(&self.product_id.to_be_bytes());
         out.extend_from_slice(&self.firmware_version.to_be_bytes());
         out.push(self.reserved);
@@ -137,6 +171,7 @@ impl Hello {
         if self.device_id.is_none()
             && self.firmware_sha256.is_none()
             && self.command_policy.is_none()
+            && self.trust_policy.is_none()
         {
             return out;
         }
@@ -152,6 +187,12 @@ impl Hello {
             out.push(COMMAND_POLICY_LEN as u8);
             out.extend_from_slice(&policy.policy_sha256);
             out.extend_from_slice(&policy.last_sequence.to_be_bytes());
+        }
+        if let Some(policy) = &self.trust_policy {
+            out.push(EXT_TRUST_POLICY);
+            out.push(TRUST_POLICY_LEN as u8);
+            out.extend_from_slice(&policy.version.to_be_bytes());
+            out.extend_from_slice(&policy.sha256);
         }
         out
     }

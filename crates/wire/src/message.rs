@@ -271,6 +271,32 @@ pub fn update_done_ack(request_id: u16, token: &[u8]) -> CoapMessage {
     CoapMessage::new(ACK, code::CHANGED, request_id).with_token(token)
 }
 
+/// Trust policy rotation (docs/protocol.md §7.5), gateway → device: CON
+/// POST `tp`, the `trellis.v1.SignedPolicy` bytes as payload.
+pub fn trust_policy(id: u16, token: u8, signed_policy: &[u8]) -> CoapMessage {
+    CoapMessage::new(CON, code::POST, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"tp")
+        .with_payload(signed_policy)
+}
+
+/// The device's answer to [`trust_policy`], piggybacked on the request's
+/// id and token: ACK 2.04 (accepted, stored, in force) when `refusal` is
+/// `None`; else ACK with the refusal's code (4.03 or 4.06) and
+/// `<reason_code>: <message>` as payload.
+pub fn trust_policy_reply(
+    request_id: u16,
+    token: &[u8],
+    refusal: Option<(u8, &str)>,
+) -> CoapMessage {
+    match refusal {
+        None => CoapMessage::new(ACK, code::CHANGED, request_id).with_token(token),
+        Some((c, reason)) => CoapMessage::new(ACK, c, request_id)
+            .with_token(token)
+            .with_payload(reason.as_bytes()),
+    }
+}
+
 /// A request, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -301,6 +327,9 @@ pub enum Request {
     Chunk(Chunk),
     ChunkMissed(Vec<u16>),
     UpdateDone,
+    /// A signed trust policy to replace the device's (§7.5): the
+    /// `SignedPolicy` bytes, judged only by the device.
+    TrustPolicy(Vec<u8>),
 }
 
 impl Request {
@@ -320,6 +349,7 @@ impl Request {
             Request::Chunk(_) => "chunk",
             Request::ChunkMissed(_) => "chunk_missed",
             Request::UpdateDone => "update_done",
+            Request::TrustPolicy(_) => "trust_policy",
         }
     }
 }
@@ -405,6 +435,7 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
         }
         (code::POST, b"u") => Request::UpdateBegin(UpdateBegin::parse(&m.payload)?),
         (code::PUT, b"u") => Request::UpdateDone,
+        (code::POST, b"tp") => Request::TrustPolicy(m.payload.clone()),
         (code::POST, b"c") => Request::Chunk(parse_chunk(m)?),
         (code::GET, b"c") => {
             if !m.payload.len().is_multiple_of(2) {

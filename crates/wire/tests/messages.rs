@@ -15,7 +15,7 @@ use trellis_wire::ota::{Chunk, UpdateBegin, chunk_crc, padded_chunks};
 use trellis_wire::{
     CoapError, CounterError, DeviceId, FrameError, HandshakeError, Hello, MessageError,
     SessionCipher,
-    hello::{CommandPolicyReport, FLAG_UPDATED},
+    hello::{CommandPolicyReport, FLAG_UPDATED, TrustPolicyReport},
 };
 
 const KEY: [u8; 16] = [7; 16];
@@ -314,6 +314,7 @@ fn hello_accepts_every_prefix() {
         device_id: Some(id),
         firmware_sha256: Some([0xab; 32]),
         command_policy: None,
+        trust_policy: None,
     };
     let bytes = full.encode();
     assert_eq!(bytes.len(), 56);
@@ -367,6 +368,7 @@ fn hello_accepts_every_prefix() {
         device_id: None,
         firmware_sha256: None,
         command_policy: None,
+        trust_policy: None,
         ..full
     };
     assert_eq!(short.encode(), hx("0006000200010006"));
@@ -399,6 +401,7 @@ fn hello_command_policy_extension() {
             policy_sha256: [0x11; 32],
             last_sequence: 0x0102_0304_0506_0708,
         }),
+        trust_policy: None,
     };
     let bytes = hello.encode();
     let mut want = hx("0006000200000006000c0123456789abcdef01234567");
@@ -862,4 +865,99 @@ fn full_handshake_in_memory() {
     )
     .expect("coap");
     assert_eq!(classify(&m), Ok(Incoming::Request(Request::Ping)));
+}
+
+/// §7.5: the trust-policy Hello extension (type 0x04, length 40: version
+/// u64 big-endian, then the policy's SHA-256), byte for byte, after the
+/// command-policy extension, and its length check.
+#[test]
+fn hello_trust_policy_extension() {
+    let id: DeviceId = "0123456789abcdef01234567".parse().expect("id");
+    let hello = Hello {
+        product_id: 6,
+        firmware_version: 2,
+        reserved: 0,
+        flags: 0,
+        platform_id: 6,
+        device_id: Some(id),
+        firmware_sha256: None,
+        command_policy: Some(CommandPolicyReport {
+            policy_sha256: [0x11; 32],
+            last_sequence: 1,
+        }),
+        trust_policy: Some(TrustPolicyReport {
+            version: 0x0102_0304_0506_0708,
+            sha256: [0x22; 32],
+        }),
+    };
+    let bytes = hello.encode();
+    let mut want = hx("0006000200000006000c0123456789abcdef01234567");
+    want.extend_from_slice(&[0x02, 40]);
+    want.extend_from_slice(&[0x11; 32]);
+    want.extend_from_slice(&hx("0000000000000001"));
+    want.extend_from_slice(&[0x04, 40]);
+    want.extend_from_slice(&hx("0102030405060708"));
+    want.extend_from_slice(&[0x22; 32]);
+    assert_eq!(bytes, want);
+    assert_eq!(Hello::parse(&bytes), Ok(hello.clone()));
+
+    // Alone (no other extension): id, then 0x04.
+    let alone = Hello {
+        command_policy: None,
+        ..hello
+    };
+    let bytes = alone.encode();
+    assert_eq!(bytes.len(), 22 + 2 + 40);
+    assert_eq!(&bytes[22..24], &[0x04, 40]);
+    assert_eq!(Hello::parse(&bytes), Ok(alone));
+
+    let mut short = bytes[..22].to_vec();
+    short.extend_from_slice(&[0x04, 8, 0, 0, 0, 0, 0, 0, 0, 2]);
+    assert_eq!(
+        Hello::parse(&short),
+        Err(MessageError::HelloExtensionLength {
+            ext_type: 4,
+            len: 8,
+            expected: 40
+        })
+    );
+    let mut cut = bytes[..22].to_vec();
+    cut.extend_from_slice(&[0x04, 40, 1, 2, 3]);
+    assert!(matches!(
+        Hello::parse(&cut),
+        Err(MessageError::HelloExtensionTruncated { .. })
+    ));
+}
+
+/// §7.5: CON POST `tp` with the SignedPolicy bytes, and the device's
+/// piggybacked answers (2.04, or 4.03/4.06 with `<reason>: <message>`),
+/// byte for byte.
+#[test]
+fn trust_policy_messages() {
+    let m = message::trust_policy(0x1234, 0x7a, b"\x0a\x01\x01");
+    let bytes = m.encode();
+    // ver 1 CON tkl 1 | POST | id | token | Uri-Path(11) len 2 "tp" | ff | payload
+    assert_eq!(
+        bytes,
+        hx("41021234 7a b2 7470 ff 0a0101".replace(' ', "").as_str())
+    );
+    assert_eq!(
+        classify(&CoapMessage::decode(&bytes).expect("decode")),
+        Ok(Incoming::Request(Request::TrustPolicy(
+            b"\x0a\x01\x01".to_vec()
+        )))
+    );
+    assert_eq!(Request::TrustPolicy(vec![]).kind(), "trust_policy");
+
+    let ok = message::trust_policy_reply(0x1234, &[0x7a], None).encode();
+    assert_eq!(ok, hx("61441234 7a".replace(' ', "").as_str()));
+    let refused =
+        message::trust_policy_reply(0x1234, &[0x7a], Some((code::FORBIDDEN, "rollback: x")))
+            .encode();
+    let mut want = hx("61831234 7a ff".replace(' ', "").as_str());
+    want.extend_from_slice(b"rollback: x");
+    assert_eq!(refused, want);
+    let r = CoapMessage::decode(&refused).expect("decode");
+    assert!(r.is_response());
+    assert_eq!(r.code, code::FORBIDDEN);
 }

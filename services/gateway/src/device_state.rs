@@ -43,6 +43,10 @@ pub async fn record_hello(
         ),
         None => (String::new(), String::new()),
     };
+    let (trust_version, trust_sha) = match hello.trust_policy {
+        Some(p) => (p.version.to_string(), hex::encode(p.sha256)),
+        None => (String::new(), String::new()),
+    };
     redis::cmd("HSET")
         .arg(keys::device_state(device_id))
         .arg(&[
@@ -53,7 +57,27 @@ pub async fn record_hello(
             ("firmware_sha256", sha),
             ("command_policy", command_policy),
             ("command_sequence", command_sequence),
+            ("trust_policy_version", trust_version),
+            ("trust_policy_sha256", trust_sha),
             ("last_seen", now_ms().to_string()),
+        ])
+        .query_async(redis)
+        .await
+}
+
+/// The trust policy a device accepted over its session (it answered 2.04
+/// to POST `tp`), until its next Hello reports it.
+pub async fn record_trust_policy(
+    redis: &mut Redis,
+    device_id: &str,
+    version: u64,
+    sha256_hex: &str,
+) -> redis::RedisResult<()> {
+    redis::cmd("HSET")
+        .arg(keys::device_state(device_id))
+        .arg(&[
+            ("trust_policy_version", version.to_string()),
+            ("trust_policy_sha256", sha256_hex.to_string()),
         ])
         .query_async(redis)
         .await

@@ -182,6 +182,11 @@ fn build_state(
             .get("command_sequence")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        trust_policy_version: state
+            .get("trust_policy_version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        trust_policy_sha256: get("trust_policy_sha256"),
     }
 }
 

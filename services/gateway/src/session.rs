@@ -93,6 +93,15 @@ enum Pending {
         reply: oneshot::Sender<Outcome>,
         deadline: Instant,
     },
+    /// A trust policy rotation (POST `tp`, docs/protocol.md §7.5).
+    Policy {
+        release_id: String,
+        version: u64,
+        sha256: String,
+        bytes: u64,
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
 }
 
 pub struct Session {
@@ -587,6 +596,31 @@ impl Session {
                 };
                 let _ = reply.send(outcome);
             }
+            Pending::Policy {
+                release_id,
+                version,
+                sha256,
+                bytes,
+                reply,
+                ..
+            } => {
+                let outcome = policy_outcome(msg.code, &msg.payload, bytes);
+                if msg.code == code::CHANGED {
+                    let mut redis = self.gw.redis.clone();
+                    if let Err(e) = device_state::record_trust_policy(
+                        &mut redis,
+                        &self.device_id,
+                        version,
+                        &sha256,
+                    )
+                    .await
+                    {
+                        tracing::warn!(device = %self.device_id, error = %e, "accepted trust policy not recorded in the device state");
+                    }
+                }
+                tracing::info!(device = %self.device_id, release = %release_id, code = %code_text(msg.code), "trust policy delivery answered");
+                let _ = reply.send(Ok(outcome));
+            }
             Pending::Signal { reply, .. } => {
                 let _ = reply.send(if failed {
                     Err(Failure::new(
@@ -647,6 +681,11 @@ impl Session {
         }
         tracing::debug!(device = %self.device_id, ?action, "command to device");
         let (name, call_signature, argument) = match action {
+            Action::DeliverUpdate { release_id, .. }
+                if trellis_records::policy_release::is_policy_release_id(&release_id) =>
+            {
+                return self.start_policy(release_id, deadline, reply).await;
+            }
             Action::DeliverUpdate { release_id, .. } => {
                 return self.start_transfer(release_id, deadline, reply).await;
             }
@@ -704,7 +743,8 @@ impl Session {
             .filter(|(_, p)| match p {
                 Pending::Function { deadline, .. }
                 | Pending::Variable { deadline, .. }
-                | Pending::Signal { deadline, .. } => *deadline <= now,
+                | Pending::Signal { deadline, .. }
+                | Pending::Policy { deadline, .. } => *deadline <= now,
                 Pending::Describe | Pending::Ota => false,
             })
             .map(|(t, _)| *t)
@@ -713,7 +753,8 @@ impl Session {
             if let Some(
                 Pending::Function { reply, .. }
                 | Pending::Variable { reply, .. }
-                | Pending::Signal { reply, .. },
+                | Pending::Signal { reply, .. }
+                | Pending::Policy { reply, .. },
             ) = self.pending.remove(&t)
             {
                 let _ = reply.send(Err(Failure::new(
@@ -761,6 +802,11 @@ impl Session {
             firmware_version: u32::from(hello.firmware_version),
             firmware_sha256: hello.firmware_sha256.map(hex::encode).unwrap_or_default(),
             gateway_id: self.gw.id.clone(),
+            policy_version: hello.trust_policy.map_or(0, |p| p.version),
+            policy_sha256: hello
+                .trust_policy
+                .map(|p| hex::encode(p.sha256))
+                .unwrap_or_default(),
         };
         let router = Arc::clone(&self.gw.router);
         let device = self.device_id.clone();
@@ -798,6 +844,54 @@ impl Session {
             }
             .instrument(tracing::info_span!("ota.device_hello")),
         );
+    }
+
+    /// Sends a policy release's SignedPolicy to the device (CON POST `tp`);
+    /// its piggybacked answer (2.04, or 4.03/4.06 with the reason) ends the
+    /// delivery.
+    async fn start_policy(
+        &mut self,
+        release_id: String,
+        deadline: Instant,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), SessionEnd> {
+        let mut durable = self.gw.durable.clone();
+        let record =
+            match trellis_records::policy_release::get_policy_release(&mut durable, &release_id)
+                .await
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    let _ = reply.send(Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("no policy release {release_id}"),
+                    )));
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(Failure::new(
+                        FailureKind::NotFound,
+                        format!("policy release {release_id}: {e}"),
+                    )));
+                    return Ok(());
+                }
+            };
+        let bytes = trellis_firmware::encode_signed_policy(&record.signed_policy());
+        let token = self.take_token();
+        let id = self.outgoing.next();
+        tracing::info!(device = %self.device_id, release = %release_id, bytes = bytes.len(), "trust policy delivery starts");
+        self.pending.insert(
+            token,
+            Pending::Policy {
+                version: record.version,
+                sha256: record.sha256(),
+                release_id,
+                bytes: bytes.len() as u64,
+                reply,
+                deadline,
+            },
+        );
+        self.send(&message::trust_policy(id, token, &bytes)).await
     }
 
     async fn start_transfer(
@@ -964,6 +1058,37 @@ impl Session {
             return self.pump_transfer().await;
         }
         Ok(())
+    }
+}
+
+/// The device's answer to POST `tp` as a delivery: 2.04 is SENT (the
+/// device accepted and stored the policy), a 4.xx with `<reason>: <message>`
+/// REJECTED with that reason.
+fn policy_outcome(answer: u8, payload: &[u8], bytes_sent: u64) -> Output {
+    use trellis_proto::v1::DeliveryOutcome;
+    if answer == code::CHANGED {
+        return Output::Delivery {
+            outcome: DeliveryOutcome::Sent as i32,
+            reason: String::new(),
+            message: "the device accepted the trust policy".into(),
+            bytes_sent,
+        };
+    }
+    let (reason, message) = trellis_firmware::parse_rejection_event(payload).unwrap_or_else(|| {
+        (
+            "refused".into(),
+            format!("device answered {} to the trust policy", code_text(answer)),
+        )
+    });
+    Output::Delivery {
+        outcome: if answer >= code::BAD_REQUEST {
+            DeliveryOutcome::Rejected as i32
+        } else {
+            DeliveryOutcome::Failed as i32
+        },
+        reason,
+        message,
+        bytes_sent,
     }
 }
 

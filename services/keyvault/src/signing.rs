@@ -78,13 +78,16 @@ fn checked(req: &pb::SignRequest) -> Result<()> {
 }
 
 /// The release key signs firmware manifests the signer has stored, byte for
-/// byte, and nothing else: whoever holds a signer credential cannot have
-/// arbitrary bytes signed, and every cloud signature belongs to a release
-/// that `trellis release list` shows.
+/// byte, and the trust policies of policy releases the signer has stored
+/// (rotations, docs/protocol.md §7.5), and nothing else: whoever holds a
+/// signer credential cannot have arbitrary bytes signed, and every cloud
+/// signature belongs to a release or policy release that `trellis release
+/// list` / `trellis policy list` shows.
 async fn stored_manifest(redis: &mut Redis, data: &[u8]) -> Result<()> {
-    let manifest = trellis_firmware::decode_manifest(data).map_err(|e| {
-        KeyvaultError::InvalidArgument(format!("keyvault signs only firmware manifests ({e})"))
-    })?;
+    let manifest = match trellis_firmware::decode_manifest(data) {
+        Ok(m) => m,
+        Err(manifest_error) => return stored_policy(redis, data, &manifest_error).await,
+    };
     let release_id =
         trellis_records::release::make_release_id(manifest.product_id, manifest.version);
     let stored = trellis_records::release::get_manifest(redis, &release_id).await?;
@@ -94,6 +97,32 @@ async fn stored_manifest(redis: &mut Redis, data: &[u8]) -> Result<()> {
         Err(KeyvaultError::FailedPrecondition(format!(
             "no stored release {release_id} has exactly these manifest bytes; keyvault signs only manifests the signer has stored"
         )))
+    }
+}
+
+/// `data` is the exact policy of a stored policy release.
+async fn stored_policy(
+    redis: &mut Redis,
+    data: &[u8],
+    manifest_error: &trellis_firmware::Rejection,
+) -> Result<()> {
+    if trellis_firmware::decode_policy(data).is_err() {
+        return Err(KeyvaultError::InvalidArgument(format!(
+            "keyvault signs only firmware manifests and trust policies ({manifest_error})"
+        )));
+    }
+    let sha = hex::encode(Sha256::digest(data));
+    let id = trellis_records::policy_release::policy_release_by_sha(redis, &sha).await?;
+    let stored = match &id {
+        Some(id) => trellis_records::release::get_manifest(redis, id).await?,
+        None => None,
+    };
+    if stored.as_deref() == Some(data) {
+        Ok(())
+    } else {
+        Err(KeyvaultError::FailedPrecondition(
+            "no stored policy release has exactly these policy bytes; keyvault signs only policies the signer has stored".into(),
+        ))
     }
 }
 

@@ -40,6 +40,9 @@ impl From<crate::release::ReleaseError> for OtaError {
     fn from(e: crate::release::ReleaseError) -> Self {
         match e {
             crate::release::ReleaseError::NotFound(_) => OtaError::NotFound(e.to_string()),
+            crate::release::ReleaseError::Incomplete(_) => {
+                OtaError::FailedPrecondition(e.to_string())
+            }
             crate::release::ReleaseError::Unavailable { .. } => {
                 OtaError::Unavailable(e.to_string())
             }

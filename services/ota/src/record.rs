@@ -208,6 +208,13 @@ pub struct RolloutMeta {
 }
 
 impl RolloutMeta {
+    /// A trust policy rollout (its release is a policy release,
+    /// `tp-<product>-<version>`): done on the device's 2.04 or its Hello's
+    /// policy report, not on a reconnect running an image.
+    pub fn is_policy(&self) -> bool {
+        trellis_records::policy_release::is_policy_release_id(&self.spec.release_id)
+    }
+
     pub fn parse(id: &str, map: &HashMap<String, String>) -> Option<Self> {
         use prost::Message;
         let get = |k: &str| map.get(k).map(String::as_str).unwrap_or_default();

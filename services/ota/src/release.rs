@@ -9,6 +9,7 @@ use std::time::Duration;
 use trellis_core::telemetry::{TraceInterceptor, TracedChannel};
 use trellis_proto::v1::GetReleaseRequest;
 use trellis_proto::v1::signer_client::SignerClient;
+use trellis_records::policy_release::is_policy_release_id;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseInfo {
@@ -25,6 +26,9 @@ pub enum ReleaseError {
     NotFound(String),
     #[error("cannot read release {id:?} from the signer: {message}")]
     Unavailable { id: String, message: String },
+    /// A policy release whose signatures devices would not accept yet.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 pub trait ReleaseSource: Send + Sync + 'static {
@@ -61,6 +65,36 @@ impl ReleaseSource for SignerReleases {
             let request = GetReleaseRequest {
                 release_id: release_id.to_string(),
             };
+            if is_policy_release_id(release_id) {
+                // A trust policy rotation: "updated" is the device reporting
+                // the policy's SHA-256 (Hello extension 0x04).
+                return match client.get_policy_release(request).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if !r.complete {
+                            return Err(ReleaseError::Incomplete(format!(
+                                "policy release {} is not fully signed yet (devices would refuse \
+                                 it); `trellis policy show --release {}` says which signatures \
+                                 are missing",
+                                r.release_id, r.release_id
+                            )));
+                        }
+                        Ok(ReleaseInfo {
+                            release_id: r.release_id,
+                            product_id: r.product_id,
+                            version: u32::try_from(r.version).unwrap_or(u32::MAX),
+                            image_sha256: r.policy_sha256.to_ascii_lowercase(),
+                        })
+                    }
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        Err(ReleaseError::NotFound(release_id.to_string()))
+                    }
+                    Err(e) => Err(ReleaseError::Unavailable {
+                        id: release_id.to_string(),
+                        message: format!("{:?}: {}", e.code(), e.message()),
+                    }),
+                };
+            }
             match client.get_release(request).await {
                 Ok(r) => {
                     let r = r.into_inner();

@@ -419,7 +419,8 @@ impl Scheduler {
                     .await?
                     .is_some_and(|e| e != d.epoch);
                 if reconnected
-                    && store::reported_sha(&mut regional, &device).await? == r.meta.release_sha256
+                    && store::reported(&mut regional, &device, r.meta.is_policy()).await?
+                        == r.meta.release_sha256
                 {
                     let mut to = d.clone();
                     to.state = DevState::Applied;
@@ -690,7 +691,9 @@ impl Scheduler {
             };
             online += 1;
             let d = r.devices[i].2.clone();
-            if store::reported_sha(&mut regional, &device).await? == r.meta.release_sha256 {
+            if store::reported(&mut regional, &device, r.meta.is_policy()).await?
+                == r.meta.release_sha256
+            {
                 let mut to = d.clone();
                 to.state = DevState::Applied;
                 to.updated_at_ms = now;
@@ -1057,6 +1060,16 @@ impl Scheduler {
         };
         match pb::DeliveryOutcome::try_from(response.outcome).unwrap_or(pb::DeliveryOutcome::Failed)
         {
+            // A trust policy is in force once the device answered 2.04
+            // (it verified and stored it); nothing restarts.
+            pb::DeliveryOutcome::Sent if meta.is_policy() => {
+                to.sent = true;
+                to.state = DevState::Applied;
+                to.reason = format!(
+                    "accepted trust policy {} (2.04)",
+                    short(&meta.release_sha256)
+                );
+            }
             pb::DeliveryOutcome::Sent => {
                 to.sent = true;
                 to.reason = format!(
@@ -1403,7 +1416,13 @@ impl Scheduler {
         // delivery's own report lands at the same moment as a fast
         // device's Hello): a stale write is read again and retried, so a
         // Hello is never lost.
-        let sha = req.firmware_sha256.trim().to_ascii_lowercase();
+        // A policy rollout counts the policy the device reports (Hello
+        // extension 0x04), a firmware rollout the image it runs.
+        let sha = if meta.is_policy() {
+            req.policy_sha256.trim().to_ascii_lowercase()
+        } else {
+            req.firmware_sha256.trim().to_ascii_lowercase()
+        };
         let runs_release = !sha.is_empty() && sha == meta.release_sha256;
         // The gateway claimed the session (a new epoch) before it tells us.
         let epoch = store::session_epoch(&mut self.regional(), &device)

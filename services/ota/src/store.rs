@@ -369,6 +369,23 @@ pub async fn session_epoch(redis: &mut Redis, device_id: &str) -> redis::RedisRe
 }
 
 /// The SHA-256 the device last reported in Hello ("" if none).
+/// What the device last reported for a rollout of this kind: the trust
+/// policy's SHA-256 for a policy rollout (Hello extension 0x04, or the
+/// policy it accepted since), else its image's.
+pub async fn reported(
+    redis: &mut Redis,
+    device_id: &str,
+    policy: bool,
+) -> redis::RedisResult<String> {
+    if !policy {
+        return reported_sha(redis, device_id).await;
+    }
+    let sha: Option<String> = redis
+        .hget(keys::device_state(device_id), "trust_policy_sha256")
+        .await?;
+    Ok(sha.unwrap_or_default().to_ascii_lowercase())
+}
+
 pub async fn reported_sha(redis: &mut Redis, device_id: &str) -> redis::RedisResult<String> {
     let sha: Option<String> = redis
         .hget(keys::device_state(device_id), "firmware_sha256")

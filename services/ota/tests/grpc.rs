@@ -68,6 +68,7 @@ async fn create_get_watch_over_grpc() {
                         firmware_version: 2,
                         firmware_sha256: sha,
                         gateway_id: "gw".into(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap();

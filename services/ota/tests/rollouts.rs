@@ -260,6 +260,7 @@ async fn reconnect_all_any(env: &Env, sched: &trellis_ota::Scheduler, rollouts: 
                 firmware_version: 2,
                 firmware_sha256: sha,
                 gateway_id: "gw".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -339,6 +340,7 @@ async fn offline_device_is_updated_when_it_connects() {
         firmware_version: 1,
         firmware_sha256: sha.into(),
         gateway_id: "gw-1".into(),
+        ..Default::default()
     };
     let due = sched.device_hello(hello(OLD_SHA, epoch)).await.unwrap();
     assert_eq!(due.rollout_id, rid);

@@ -11,10 +11,12 @@
 //! - [`store`]: the Redis records (one atomic write each);
 //! - [`service`]: the gRPC `Signer` service and its rules;
 //! - [`delivery`]: what a gateway reads to deliver a release;
+//! - [`rotation`]: trust policy rotations (policy releases);
 //! - [`validate`]: operator input checks;
 //! - [`error`]: errors and their gRPC codes.
 pub mod delivery;
 pub mod error;
+pub mod rotation;
 pub mod service;
 pub mod store;
 pub mod validate;

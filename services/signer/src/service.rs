@@ -211,6 +211,18 @@ impl SignerService {
         Ok(stored)
     }
 
+    pub(crate) fn redis(&self) -> Redis {
+        self.redis.clone()
+    }
+
+    pub(crate) fn keyvault(&self) -> KeyVaultClient<TracedChannel> {
+        self.keyvault.clone()
+    }
+
+    pub(crate) fn keyvault_url(&self) -> &str {
+        &self.keyvault_url
+    }
+
     pub async fn get_image(&self, sha256: &str) -> Result<ImageMeta> {
         let sha256 = validate::sha256_hex("sha256", sha256)?;
         store::get_image_meta(&mut self.redis.clone(), &sha256)
@@ -523,11 +535,19 @@ impl SignerService {
             }
             Err(e) => return Err(e),
         };
+        let mut redis = self.redis.clone();
+        // SetPolicy provisions; the version only moves with a rotation.
+        let version = store::get_policy(&mut redis, product_id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(trellis_firmware::DEFAULT_POLICY_VERSION, |p| {
+                p.policy.version()
+            });
         let stored = StoredPolicy {
-            policy: checked,
+            policy: checked.with_version(version),
             allow_cloud_only: cloud_only,
         };
-        let mut redis = self.redis.clone();
         store::put_policy(&mut redis, product_id, &stored).await?;
         let checked = &stored.policy;
         let record = AuditRecord::new(actor, "set_policy", "", "ok")
@@ -796,6 +816,7 @@ fn policy_to_proto(
     Ok(pb::SigningPolicy {
         product_id,
         keys,
+        version: policy.version(),
         threshold: u32::try_from(policy.threshold()).unwrap_or(u32::MAX),
         cloud_only,
     })
@@ -844,6 +865,21 @@ async fn guard_release(
 ) -> Result<()> {
     let (release_id, product_id, _) = validate::release_id(release_id)?;
     guard_product(redis, principal, product_id, || no_release(&release_id)).await
+}
+
+/// As [`guard_product`] for the product a policy release id names.
+async fn guard_policy_release(
+    redis: &Redis,
+    principal: &trellis_auth::Principal,
+    release_id: &str,
+) -> Result<()> {
+    let (id, product_id, _) = trellis_records::policy_release::parse_policy_release_id(release_id)?;
+    guard_product(redis, principal, product_id, || {
+        SignerError::NotFound(format!(
+            "no policy release {id}; `trellis policy list` shows them"
+        ))
+    })
+    .await
 }
 
 fn no_image(sha256: &str) -> SignerError {
@@ -1074,5 +1110,109 @@ impl Signer for SignerService {
         in_span(span, SignerService::verify_release(self, &req.release_id))
             .await
             .map(Response::new)
+    }
+
+    async fn create_policy_release(
+        &self,
+        request: Request<pb::CreatePolicyReleaseRequest>,
+    ) -> Result<Response<pb::PolicyRelease>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let product = req.product_id;
+        guard_product(&self.redis, &principal, product, || {
+            SignerError::NotFound(format!(
+                "product {product} is not one of your organisation's: `trellis product create {product}` first"
+            ))
+        })
+        .await?;
+        let span = tracing::info_span!("signer.create_policy_release", product_id = product);
+        in_span(span, async {
+            let record = SignerService::create_policy_release(self, req).await?;
+            self.policy_release_reply(&record).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn sign_policy_release(
+        &self,
+        request: Request<pb::SignReleaseRequest>,
+    ) -> Result<Response<pb::PolicyRelease>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
+        let req = request.into_inner();
+        guard_policy_release(&self.redis, &principal, &req.release_id).await?;
+        let span = tracing::info_span!("signer.sign_policy_release", release_id = %req.release_id);
+        in_span(span, async {
+            let record = SignerService::sign_policy_release(self, &req.release_id, &actor).await?;
+            self.policy_release_reply(&record).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn add_policy_signature(
+        &self,
+        request: Request<pb::AddSignatureRequest>,
+    ) -> Result<Response<pb::PolicyRelease>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let actor = principal.actor();
+        let req = request.into_inner();
+        guard_policy_release(&self.redis, &principal, &req.release_id).await?;
+        let span = tracing::info_span!(
+            "signer.add_policy_signature",
+            release_id = %req.release_id,
+            key_id = %req.signature.as_ref().map(|s| s.key_id.as_str()).unwrap_or_default()
+        );
+        in_span(span, async {
+            let record =
+                SignerService::add_policy_signature(self, &req.release_id, req.signature, &actor)
+                    .await?;
+            self.policy_release_reply(&record).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_policy_release(
+        &self,
+        request: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::PolicyRelease>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        guard_policy_release(&self.redis, &principal, &req.release_id).await?;
+        let span = tracing::debug_span!("signer.get_policy_release", release_id = %req.release_id);
+        in_span(span, async {
+            let record = SignerService::get_policy_release(self, &req.release_id).await?;
+            self.policy_release_reply(&record).await
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_policy_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListPolicyReleasesResponse>, Status> {
+        let principal = trellis_auth::Principal::of(&request)?;
+        let req = request.into_inner();
+        let span = tracing::debug_span!("signer.list_policy_releases", product_id = req.product_id);
+        in_span(span, async {
+            let list = SignerService::list_policy_releases(self, req.product_id).await?;
+            let mut out = Vec::with_capacity(list.len());
+            for r in &list {
+                let visible = guard_product(&self.redis, &principal, r.product_id, || {
+                    SignerError::NotFound(String::new())
+                })
+                .await
+                .is_ok();
+                if visible {
+                    out.push(self.policy_release_reply(r).await?);
+                }
+            }
+            Ok(pb::ListPolicyReleasesResponse { releases: out })
+        })
+        .await
+        .map(Response::new)
     }
 }

@@ -5,6 +5,8 @@
 //! - images and releases: their layout and reads are in
 //!   `trellis_records::release` (gateways and keyvault read them too); the
 //!   writes are here;
+//! - policy releases (trust policy rotations): layout and reads in
+//!   `trellis_records::policy_release`, the write here;
 //! - `keys::policy(product)`: the product's signing policy in the firmware
 //!   crate's `TrustPolicy` JSON form (the same file a device is provisioned
 //!   with), plus `"allow_cloud_only": true` when the operator accepted a
@@ -105,6 +107,39 @@ pub async fn create_release(redis: &mut Redis, record: &ReleaseRecord) -> Result
         0 => Created::ReleaseExists,
         _ => Created::ImageGone,
     })
+}
+
+// KEYS: policy release, policy index, by-sha pointer. ARGV: id, then field/
+// value pairs. Returns 1 when stored, 0 when the id exists.
+static CREATE_POLICY_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Stores a new policy release (record, index, by-SHA pointer) in one
+/// step; `false` when one with the same id exists.
+pub async fn create_policy_release(
+    redis: &mut Redis,
+    record: &trellis_records::policy_release::PolicyReleaseRecord,
+) -> Result<bool> {
+    let mut invocation = CREATE_POLICY_RELEASE.prepare_invoke();
+    invocation
+        .key(keys::release(&record.release_id))
+        .key(keys::POLICY_RELEASE_INDEX)
+        .key(keys::policy_release_by_sha(&record.sha256()))
+        .arg(&record.release_id);
+    for (k, v) in record.fields()? {
+        invocation.arg(k).arg(v);
+    }
+    let r: i64 = invocation.invoke_async(redis).await?;
+    Ok(r == 1)
 }
 
 // KEYS: release. ARGV: key id, base64 signature. Returns -1 when the release

@@ -663,6 +663,7 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
                 ],
                 threshold: 2,
                 cloud_only: false,
+                version: 0,
             }),
             allow_cloud_only: false,
         })
@@ -889,6 +890,7 @@ async fn bad_policies_are_refused() -> anyhow::Result<()> {
             keys,
             threshold,
             cloud_only: false,
+            version: 0,
         }),
         allow_cloud_only: false,
     };
@@ -953,6 +955,7 @@ async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Re
                 keys,
                 threshold,
                 cloud_only: false,
+                version: 0,
             }),
             allow_cloud_only,
         };

@@ -101,6 +101,7 @@ pub async fn provision_trust(
                 ],
                 threshold: 2,
                 cloud_only: false,
+                version: 0,
             }),
             allow_cloud_only: false,
         })

@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
 use trellis_core::telemetry::TracedChannel;
 use trellis_firmware::{
-    FirmwareManifest, ManifestSignature, decode_manifest, key_id, private_key_from_pem,
-    public_key_from_pem, public_key_to_pem, sign_manifest,
+    FirmwareManifest, ManifestSignature, TrustPolicy, decode_manifest, key_id,
+    private_key_from_pem, public_key_from_pem, public_key_to_pem, sign_manifest,
 };
 use trellis_proto::v1 as pb;
 use trellis_proto::v1::key_vault_client::KeyVaultClient;
@@ -167,14 +167,52 @@ pub enum PolicyCommand {
         #[arg(long)]
         allow_cloud_only: bool,
     },
-    /// A product's signing policy.
+    /// A product's signing policy (its devices' current trust policy), or
+    /// a policy release (a rotation) with the signatures it still needs.
     Show {
         /// The product whose policy to show.
-        #[arg(long)]
-        product: u32,
+        #[arg(long, required_unless_present = "release")]
+        product: Option<u32>,
+        /// A policy release (`tp-<product>-<version>`) instead.
+        #[arg(long, conflicts_with = "product")]
+        release: Option<String>,
         /// Print the policy file a device is provisioned with (JSON).
         #[arg(long)]
         json: bool,
+    },
+    /// Start a trust policy rotation: the product's next device trust
+    /// policy, stored as a policy release `tp-<product>-<version>` that must
+    /// be signed by a threshold of the CURRENT policy's keys and by a
+    /// threshold of the new one's (`trellis policy sign`), then rolled out
+    /// (`trellis rollout create --policy-release ID`).
+    Rotate {
+        #[arg(long)]
+        product: u32,
+        /// The new policy (policy.json form). Without "version": the
+        /// current version + 1.
+        #[arg(long = "new", value_name = "POLICY.json")]
+        new_policy: PathBuf,
+        /// As `policy set --allow-cloud-only`, for the new policy.
+        #[arg(long)]
+        allow_cloud_only: bool,
+    },
+    /// Sign a policy release: with a private key file, locally (the key
+    /// never leaves this machine; only the signature is uploaded), or with
+    /// the cloud release key (`--cloud`, keyvault signs).
+    Sign {
+        /// The policy release, `tp-<product>-<version>`.
+        release: String,
+        /// A private key (PEM) of the current or the new policy.
+        #[arg(long, value_name = "KEY.pem", required_unless_present = "cloud")]
+        key: Option<PathBuf>,
+        /// Sign with keyvault's cloud release key instead.
+        #[arg(long, conflicts_with = "key")]
+        cloud: bool,
+    },
+    /// Policy releases (rotations), of one product or all.
+    List {
+        #[arg(long)]
+        product: Option<u32>,
     },
 }
 
@@ -207,6 +245,9 @@ impl PolicyCommand {
         match self {
             PolicyCommand::Set { .. } => "policy set",
             PolicyCommand::Show { .. } => "policy show",
+            PolicyCommand::Rotate { .. } => "policy rotate",
+            PolicyCommand::Sign { .. } => "policy sign",
+            PolicyCommand::List { .. } => "policy list",
         }
     }
 }
@@ -876,6 +917,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                         keys: policy_keys,
                         threshold,
                         cloud_only: false,
+                        version: 0,
                     }),
                     allow_cloud_only,
                 })
@@ -884,7 +926,136 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                 .into_inner();
             print_policy(&set);
         }
-        PolicyCommand::Show { product, json } => {
+        PolicyCommand::Show {
+            release: Some(release),
+            json,
+            ..
+        } => {
+            let r = signer(endpoints)
+                .await?
+                .get_policy_release(pb::GetReleaseRequest {
+                    release_id: release,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                println!("{}", r.policy_json);
+            } else {
+                print_policy_release(&r);
+            }
+        }
+        PolicyCommand::Rotate {
+            product,
+            new_policy,
+            allow_cloud_only,
+        } => {
+            let text = read_text(&new_policy, "the new policy")?;
+            // Checked here too, so a typo is caught before the network.
+            TrustPolicy::from_json(&text)
+                .with_context(|| format!("{} is not a trust policy", new_policy.display()))?;
+            let r = signer(endpoints)
+                .await?
+                .create_policy_release(pb::CreatePolicyReleaseRequest {
+                    product_id: product,
+                    policy_json: text,
+                    allow_cloud_only,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_policy_release(&r);
+            eprintln!(
+                "sign it with `trellis policy sign {} --key KEY.pem` (each offline key) and/or \
+                 `--cloud`, then roll it out with `trellis rollout create --policy-release {}`",
+                r.release_id, r.release_id
+            );
+        }
+        PolicyCommand::Sign {
+            release,
+            key,
+            cloud,
+        } => {
+            let mut client = signer(endpoints).await?;
+            let r = if cloud {
+                client
+                    .sign_policy_release(pb::SignReleaseRequest {
+                        release_id: release,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+            } else {
+                let key_path = key.context("give --key KEY.pem or --cloud")?;
+                let current = client
+                    .get_policy_release(pb::GetReleaseRequest {
+                        release_id: release.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let bytes = current.signed.map(|s| s.policy).unwrap_or_default();
+                // What is signed is checked to be the policy shown, locally.
+                let policy = trellis_firmware::decode_policy(&bytes).map_err(|e| {
+                    anyhow::anyhow!("the signer sent bytes that are not a trust policy: {e}")
+                })?;
+                if hex::encode(Sha256::digest(&bytes)) != current.policy_sha256 {
+                    bail!(
+                        "the policy bytes do not hash to the release's policy_sha256; not signing"
+                    );
+                }
+                let pem = zeroize::Zeroizing::new(read_text(&key_path, "the private key")?);
+                let private = private_key_from_pem(&pem)
+                    .with_context(|| format!("{} is not a private key", key_path.display()))?;
+                let signature = trellis_firmware::sign_policy(&private, &bytes)
+                    .with_context(|| format!("signing with {}", key_path.display()))?;
+                eprintln!(
+                    "signing policy version {} ({} of {} keys) with key {}",
+                    policy.version(),
+                    policy.threshold(),
+                    policy.keys().len(),
+                    signature.key_id
+                );
+                client
+                    .add_policy_signature(pb::AddSignatureRequest {
+                        release_id: release,
+                        signature: Some(signature),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+            };
+            print_policy_release(&r);
+        }
+        PolicyCommand::List { product } => {
+            let list = signer(endpoints)
+                .await?
+                .list_policy_releases(pb::ListReleasesRequest {
+                    product_id: product.unwrap_or(0),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if list.releases.is_empty() {
+                println!("no policy releases");
+            }
+            for r in &list.releases {
+                println!(
+                    "{:<14} v{} (from v{})  {}  {}",
+                    r.release_id,
+                    r.version,
+                    r.previous_version,
+                    &r.policy_sha256.get(..16).unwrap_or(&r.policy_sha256),
+                    if r.complete {
+                        "complete"
+                    } else {
+                        "needs signatures"
+                    }
+                );
+            }
+        }
+        PolicyCommand::Show { product, json, .. } => {
+            let product = product.context("give --product P or --release ID")?;
             let p = signer(endpoints)
                 .await?
                 .get_policy(pb::GetPolicyRequest {
@@ -896,6 +1067,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
             if json {
                 // The firmware crate's policy file: what a device is given.
                 let v = serde_json::json!({
+                    "version": p.version,
                     "threshold": p.threshold,
                     "keys": p.keys.iter().map(|k| serde_json::json!({
                         "name": k.name,
@@ -913,12 +1085,53 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
     Ok(())
 }
 
+fn print_policy_release(r: &pb::PolicyRelease) {
+    println!(
+        "policy release {}: product {}, version {} (rotates from version {}), sha256 {}",
+        r.release_id, r.product_id, r.version, r.previous_version, r.policy_sha256
+    );
+    for (what, st) in [
+        ("current policy", &r.under_current),
+        ("new policy", &r.under_new),
+    ] {
+        if let Some(st) = st {
+            println!(
+                "  under the {what}: {} of {} signed ({}){}",
+                st.signed_by.len(),
+                st.threshold,
+                if st.signed_by.is_empty() {
+                    "none".to_string()
+                } else {
+                    st.signed_by.join(", ")
+                },
+                if st.satisfied {
+                    String::new()
+                } else {
+                    format!("; missing: {}", st.missing.join(", "))
+                }
+            );
+        }
+    }
+    println!(
+        "  {}",
+        if r.complete {
+            "complete: devices on the current policy accept it; the product's policy advanced"
+        } else {
+            "not complete: devices would refuse it"
+        }
+    );
+    if !r.policy_warning.is_empty() {
+        policy_warning(&r.policy_warning);
+    }
+}
+
 fn print_policy(p: &pb::SigningPolicy) {
     println!(
-        "product {}: {} of {} keys must sign",
+        "product {}: {} of {} keys must sign (policy version {})",
         p.product_id,
         p.threshold,
-        p.keys.len()
+        p.keys.len(),
+        p.version
     );
     for k in &p.keys {
         println!("  {:<16} {}", k.name, k.key_id);

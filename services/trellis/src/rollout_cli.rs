@@ -46,8 +46,14 @@ pub enum RolloutCommand {
 #[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
     /// The release to roll out (trellis release show).
-    #[arg(long)]
-    pub release: String,
+    #[arg(long, required_unless_present = "policy_release")]
+    pub release: Option<String>,
+    /// A policy release to roll out instead (a trust policy rotation,
+    /// `tp-<product>-<version>`, trellis policy show --release): delivered
+    /// staged and abortable like firmware; a device is done when it
+    /// accepts it (2.04) or reports it in its Hello.
+    #[arg(long, conflicts_with = "release")]
+    pub policy_release: Option<String>,
     /// Target these devices (comma-separated ids) instead of the whole fleet.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
@@ -216,7 +222,11 @@ fn create_request(a: &CreateArgs) -> anyhow::Result<CreateRolloutRequest> {
         stages.push(stage);
     }
     Ok(CreateRolloutRequest {
-        release_id: a.release.clone(),
+        release_id: a
+            .policy_release
+            .clone()
+            .or_else(|| a.release.clone())
+            .unwrap_or_default(),
         target: Some(RolloutTarget {
             product_id: a.product,
             device_ids: a.devices.iter().map(|d| d.trim().to_string()).collect(),

@@ -30,6 +30,9 @@ pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
         // their keys; without policy.json they refuse every update.
         trust_policy: trellis_device::load_trust_policy(&args.keys)
             .with_context(|| format!("reading the trust policy in {}", args.keys.display()))?,
+        // A rotated trust policy is kept beside the device's keys
+        // (`<id>.policy.bin`) and used instead of policy.json from then on.
+        state_dir: Some(args.keys.clone()),
         ..SimConfig::default()
     })
 }
@@ -130,6 +133,19 @@ pub fn print_report(report: &DeviceReport) {
             name,
             reason,
         } => println!("device {device_id}: refused function {name}: {reason}"),
+        DeviceReport::PolicyAccepted {
+            device_id,
+            version,
+            sha256,
+        } => println!(
+            "device {device_id}: trust policy version {version} accepted (sha256 {})",
+            hex::encode(sha256)
+        ),
+        DeviceReport::PolicyRejected {
+            device_id,
+            reason_code,
+            message,
+        } => println!("device {device_id}: trust policy refused: {reason_code}: {message}"),
     }
 }
 

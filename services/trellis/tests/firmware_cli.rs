@@ -535,3 +535,120 @@ async fn cloud_only_policy_needs_allow_cloud_only_and_every_release_command_warn
     cluster.stop().await;
     Ok(())
 }
+
+/// The README's "Rotating release keys" walk-through with the real binary:
+/// a new customer key, `policy rotate` from the shown policy, signatures
+/// under the current and the new policy (two local keys, the cloud), and
+/// the product's policy advancing once both thresholds are met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
+    let cluster = Cluster::start(0).await?;
+    let (env, trigger, signer_task) = start_signer(&cluster).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    for name in ["customer", "customer-2027", "stranger"] {
+        ok(trellis(
+            &env,
+            &[
+                "firmware",
+                "keygen",
+                "--out",
+                p(&d.join(format!("{name}.pem"))),
+                "--bits",
+                "2048",
+            ],
+        ));
+    }
+    ok(trellis(
+        &env,
+        &[
+            "policy",
+            "set",
+            "--product",
+            "9",
+            "--key",
+            p(&d.join("customer.pub.pem")),
+            "--cloud-release-key",
+        ],
+    ));
+    let mut shown: serde_json::Value = serde_json::from_str(&ok(trellis(
+        &env,
+        &["policy", "show", "--product", "9", "--json"],
+    )))?;
+    assert_eq!(shown["version"], 1);
+    // Edit: the new customer key in place of the old one, no version.
+    let new_pem = std::fs::read_to_string(d.join("customer-2027.pub.pem"))?;
+    shown["keys"][0] = serde_json::json!({ "name": "customer-2027", "public_key": new_pem });
+    shown.as_object_mut().map(|o| o.remove("version"));
+    let new_file = d.join("policy.json");
+    std::fs::write(&new_file, shown.to_string())?;
+
+    let out = ok(trellis(
+        &env,
+        &["policy", "rotate", "--product", "9", "--new", p(&new_file)],
+    ));
+    assert!(out.contains("policy release tp-9-2"), "{out}");
+    assert!(out.contains("rotates from version 1"), "{out}");
+    assert!(out.contains("missing: customer, cloud-release"), "{out}");
+    assert!(
+        out.contains("missing: customer-2027, cloud-release"),
+        "{out}"
+    );
+    assert!(out.contains("not complete"), "{out}");
+
+    // A key of neither policy is refused by the signer.
+    refused(
+        trellis(
+            &env,
+            &[
+                "policy",
+                "sign",
+                "tp-9-2",
+                "--key",
+                p(&d.join("stranger.pem")),
+            ],
+        ),
+        &["in neither the current policy"],
+    );
+    for key in ["customer.pem", "customer-2027.pem"] {
+        ok(trellis(
+            &env,
+            &["policy", "sign", "tp-9-2", "--key", p(&d.join(key))],
+        ));
+    }
+    let out = ok(trellis(&env, &["policy", "sign", "tp-9-2", "--cloud"]));
+    assert!(
+        out.contains("complete: devices on the current policy accept it"),
+        "{out}"
+    );
+    let out = ok(trellis(&env, &["policy", "show", "--release", "tp-9-2"]));
+    assert!(
+        out.contains("2 of 2 signed (customer, cloud-release)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 of 2 signed (customer-2027, cloud-release)"),
+        "{out}"
+    );
+    let out = ok(trellis(&env, &["policy", "list", "--product", "9"]));
+    assert!(out.contains("tp-9-2") && out.contains("complete"), "{out}");
+    // The product's policy advanced: version 2, the new key.
+    let out = ok(trellis(&env, &["policy", "show", "--product", "9"]));
+    assert!(out.contains("policy version 2"), "{out}");
+    assert!(out.contains("customer-2027"), "{out}");
+    // A rotation that is not above the current version is refused.
+    shown["version"] = serde_json::json!(2);
+    std::fs::write(&new_file, shown.to_string())?;
+    refused(
+        trellis(
+            &env,
+            &["policy", "rotate", "--product", "9", "--new", p(&new_file)],
+        ),
+        &["version 2 is not above the current version 2"],
+    );
+
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
+    cluster.stop().await;
+    Ok(())
+}

@@ -495,6 +495,7 @@ async fn release_policy(
                 ],
                 threshold: 2,
                 cloud_only: false,
+                version: 0,
             }),
             allow_cloud_only: false,
         })

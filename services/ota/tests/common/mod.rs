@@ -271,6 +271,7 @@ pub async fn hello(sched: &Scheduler, device: &str, sha: &str) {
             firmware_version: 2,
             firmware_sha256: sha.to_string(),
             gateway_id: "gw-test".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -477,6 +478,7 @@ pub async fn reconnect_in(
                 firmware_version: 2,
                 firmware_sha256: sha,
                 gateway_id: "gw-test".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
