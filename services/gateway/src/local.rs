@@ -68,17 +68,18 @@ impl Inbox {
     }
 
     /// Queues a command. A close is always queued (it bounds nothing: the
-    /// session ends on it).
-    pub fn push(&self, cmd: SessionCommand) -> Result<(), (PushError, SessionCommand)> {
+    /// session ends on it). A refused command is dropped, so a caller
+    /// waiting on its reply learns at once.
+    pub fn push(&self, cmd: SessionCommand) -> Result<(), PushError> {
         {
             let mut state = self.lock();
             if state.closed {
-                return Err((PushError::Closed, cmd));
+                return Err(PushError::Closed);
             }
             if state.queue.len() >= MAX_QUEUED_COMMANDS
                 && !matches!(cmd, SessionCommand::Close { .. })
             {
-                return Err((PushError::Full, cmd));
+                return Err(PushError::Full);
             }
             state.queue.push_back(cmd);
         }
@@ -267,10 +268,10 @@ impl LocalSessions {
         };
         match handle.inbox.push(cmd) {
             Ok(()) => {}
-            Err((PushError::Closed, _)) => {
+            Err(PushError::Closed) => {
                 return Err(Failure::new(FailureKind::SessionLost, "the session ended"));
             }
-            Err((PushError::Full, _)) => {
+            Err(PushError::Full) => {
                 return Err(Failure::new(
                     FailureKind::Internal,
                     format!(
@@ -346,7 +347,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         for r in ["a", "b", "c"] {
-            inbox.push(close(r)).map_err(|(e, _)| e).expect("queued");
+            inbox.push(close(r)).expect("queued");
         }
         let got = tokio::time::timeout(Duration::from_secs(2), reader)
             .await
@@ -365,12 +366,12 @@ mod tests {
             request: None,
             reply: tx,
         };
-        inbox.push(cmd).map_err(|(e, _)| e).expect("queued");
+        inbox.push(cmd).expect("queued");
         inbox.close();
         // The queued command's caller learns the session is gone.
         assert!(rx.await.is_err());
         assert_eq!(inbox.recv().await.map(|_| ()), None);
-        let refused = inbox.push(close("late")).map_err(|(e, _)| e);
+        let refused = inbox.push(close("late"));
         assert_eq!(refused, Err(PushError::Closed));
     }
 
@@ -385,7 +386,7 @@ mod tests {
                 request: None,
                 reply: tx,
             };
-            inbox.push(cmd).map_err(|(e, _)| e).expect("queued");
+            inbox.push(cmd).expect("queued");
         }
         let (tx, _rx) = oneshot::channel();
         let one_more = SessionCommand::Execute {
@@ -394,10 +395,7 @@ mod tests {
             request: None,
             reply: tx,
         };
-        assert_eq!(
-            inbox.push(one_more).map_err(|(e, _)| e),
-            Err(PushError::Full)
-        );
+        assert_eq!(inbox.push(one_more), Err(PushError::Full));
         assert!(inbox.push(close("shutdown")).is_ok());
     }
 }
