@@ -164,6 +164,7 @@ fn write_seeds() {
             policy_sha256: [5; 32],
             last_sequence: 42,
         }),
+        cloud_key_version: None,
     };
     let describe = Describe {
         functions: vec!["add".into(), "reboot".into()],

@@ -64,6 +64,13 @@ pub struct SimConfig {
     /// to the next endpoint (failover.rs). One that does not accept is left
     /// at once. 1: move on after any failure.
     pub max_turned_away: u32,
+    /// Key rotation (docs/protocol.md §6.7, §6.8): devices announce Hello
+    /// extension 0x03, store announced cloud keys and rotate their own key
+    /// when asked. Off: legacy devices.
+    pub key_rotation: bool,
+    /// Where rotated keys are saved (the fleet's key directory), so they
+    /// survive a restart; `None`: in memory only.
+    pub keys_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -85,6 +92,8 @@ impl Default for SimConfig {
             version_floor: 0,
             home_return: None,
             max_turned_away: DEFAULT_MAX_TURNED_AWAY,
+            key_rotation: false,
+            keys_dir: None,
         }
     }
 }
@@ -130,6 +139,20 @@ pub enum DeviceReport {
         device_id: DeviceId,
         name: String,
         reason: String,
+    },
+    /// A verified cloud key announcement was stored.
+    CloudKeyStored {
+        device_id: DeviceId,
+        version: u32,
+    },
+    /// A cloud key announcement was refused.
+    CloudKeyRefused {
+        device_id: DeviceId,
+        reason: String,
+    },
+    /// The device's new key was registered; used from the next handshake.
+    DeviceKeyCommitted {
+        device_id: DeviceId,
     },
 }
 
@@ -201,7 +224,21 @@ pub fn run_fleet(
     tokio::spawn(async move {
         let mut set = JoinSet::new();
         for identity in identities {
+            let keys = if config.key_rotation {
+                match crate::keys::DeviceKeys::load(&identity, config.keys_dir.as_deref()) {
+                    Ok(k) => Some(k.shared()),
+                    Err(e) => {
+                        tracing::warn!(device_id = %identity.device_id, error = %e, "cannot load the device's rotated keys; using its identity");
+                        crate::keys::DeviceKeys::load(&identity, None)
+                            .ok()
+                            .map(crate::keys::DeviceKeys::shared)
+                    }
+                }
+            } else {
+                None
+            };
             let device = Device {
+                keys,
                 identity,
                 config: config.clone(),
                 session_config: session_config.clone(),
@@ -217,6 +254,7 @@ pub fn run_fleet(
 
 struct Device {
     identity: DeviceIdentity,
+    keys: Option<crate::keys::SharedKeys>,
     config: Arc<SimConfig>,
     session_config: Arc<SessionConfig>,
     endpoints: Arc<Vec<String>>,
@@ -246,6 +284,7 @@ impl Device {
             &device_id.to_string(),
             session_config.trust_policy.as_ref(),
         );
+        session_config.keys = self.keys.clone();
         if self.endpoints.is_empty() {
             shutdown.cancelled().await;
             return;
@@ -340,6 +379,16 @@ impl Device {
                                 name,
                                 reason,
                             }
+                        }
+                        SessionEvent::CloudKeyStored { version } => {
+                            DeviceReport::CloudKeyStored { device_id, version }
+                        }
+                        SessionEvent::CloudKeyRefused { reason } => {
+                            DeviceReport::CloudKeyRefused { device_id, reason }
+                        }
+                        SessionEvent::DeviceKeyOffered => return,
+                        SessionEvent::DeviceKeyCommitted => {
+                            DeviceReport::DeviceKeyCommitted { device_id }
                         }
                         SessionEvent::UpdateRejected { reason_code, .. } => {
                             DeviceReport::EventPublished {

@@ -161,6 +161,11 @@ async fn fleet_connects_fails_over_and_shuts_down() {
             DeviceReport::CommandRefused { reason, .. } => {
                 panic!("a device without a command policy refused a call: {reason}")
             }
+            DeviceReport::CloudKeyStored { .. }
+            | DeviceReport::CloudKeyRefused { .. }
+            | DeviceReport::DeviceKeyCommitted { .. } => {
+                panic!("a device without key rotation changed its keys")
+            }
         }
     }
     assert_eq!(

@@ -314,6 +314,7 @@ fn hello_accepts_every_prefix() {
         device_id: Some(id),
         firmware_sha256: Some([0xab; 32]),
         command_policy: None,
+        cloud_key_version: None,
     };
     let bytes = full.encode();
     assert_eq!(bytes.len(), 56);
@@ -367,6 +368,7 @@ fn hello_accepts_every_prefix() {
         device_id: None,
         firmware_sha256: None,
         command_policy: None,
+        cloud_key_version: None,
         ..full
     };
     assert_eq!(short.encode(), hx("0006000200010006"));
@@ -399,6 +401,7 @@ fn hello_command_policy_extension() {
             policy_sha256: [0x11; 32],
             last_sequence: 0x0102_0304_0506_0708,
         }),
+        cloud_key_version: None,
     };
     let bytes = hello.encode();
     let mut want = hx("0006000200000006000c0123456789abcdef01234567");

@@ -201,6 +201,7 @@ fn protocol_v1_conversation() {
         device_id: Some(device_id),
         firmware_sha256: Some(sha),
         command_policy: None,
+        cloud_key_version: None,
     };
     let built = [
         message::hello_device(1000, &hello),

@@ -30,6 +30,8 @@ pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
         // their keys; without policy.json they refuse every update.
         trust_policy: trellis_device::load_trust_policy(&args.keys)
             .with_context(|| format!("reading the trust policy in {}", args.keys.display()))?,
+        key_rotation: args.key_rotation,
+        keys_dir: args.key_rotation.then(|| args.keys.clone()),
         ..SimConfig::default()
     })
 }
@@ -130,6 +132,15 @@ pub fn print_report(report: &DeviceReport) {
             name,
             reason,
         } => println!("device {device_id}: refused function {name}: {reason}"),
+        DeviceReport::CloudKeyStored { device_id, version } => {
+            println!("device {device_id}: stored cloud key version {version}")
+        }
+        DeviceReport::CloudKeyRefused { device_id, reason } => {
+            println!("device {device_id}: refused a cloud key announcement: {reason}")
+        }
+        DeviceReport::DeviceKeyCommitted { device_id } => {
+            println!("device {device_id}: new device key committed (used from the next handshake)")
+        }
     }
 }
 

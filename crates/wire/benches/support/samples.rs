@@ -23,6 +23,7 @@ pub fn samples() -> Vec<(&'static str, CoapMessage)> {
         device_id: Some(DeviceId([0x42; 12])),
         firmware_sha256: Some([0x5a; 32]),
         command_policy: None,
+        cloud_key_version: None,
     };
     let data = vec![0xab_u8; 256];
     let chunk = Chunk {
