@@ -382,7 +382,7 @@ impl RawDevice {
             device_id: Some(device_id),
             firmware_sha256: Some(sha),
             command_policy: None,
-        cloud_key_version: None,
+            cloud_key_version: None,
         };
         let id = self.take_id();
         self.send(&trellis_wire::message::hello_device(id, &hello))

@@ -31,10 +31,11 @@ impl Fleet {
     /// Devices with key rotation, their keys in `dir`, loaded from there
     /// (as `trellis sim --key-rotation --keys DIR` does).
     fn start(dir: &Path, ids: &[String], endpoint: &str) -> anyhow::Result<Fleet> {
-        let identities: Vec<DeviceIdentity> = trellis_device::identity::load_fleet(dir, None, None)?
-            .into_iter()
-            .filter(|i| ids.contains(&i.device_id.to_string()))
-            .collect();
+        let identities: Vec<DeviceIdentity> =
+            trellis_device::identity::load_fleet(dir, None, None)?
+                .into_iter()
+                .filter(|i| ids.contains(&i.device_id.to_string()))
+                .collect();
         assert_eq!(identities.len(), ids.len());
         let config = SimConfig {
             product_id: 1,
@@ -149,7 +150,12 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
     write_cloud_key(dir.path(), &cluster.cloud_public_key)?;
     let mut fleet_ids = Vec::new();
     for _ in 0..20 {
-        fleet_ids.push(provision_into(&cluster, dir.path()).await?.device_id.to_string());
+        fleet_ids.push(
+            provision_into(&cluster, dir.path())
+                .await?
+                .device_id
+                .to_string(),
+        );
     }
     // Two devices that are offline during the rotation: one comes back
     // before the old version is retired, one after.
@@ -161,13 +167,15 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
     let mut kv = cluster.keyvault_client().await?;
 
     // Both are seen once, holding version 1, then go offline.
-    for id in [&early_id, &late_id] {
+    for (n, id) in [&early_id, &late_id].into_iter().enumerate() {
         let mut f = Fleet::start(dir.path(), std::slice::from_ref(id), &gw1)?;
-        f.wait_for(1, "connect", |r| matches!(r, DeviceReport::Connected { .. }))
-            .await?;
+        f.wait_for(1, "connect", |r| {
+            matches!(r, DeviceReport::Connected { .. })
+        })
+        .await?;
+        wait_holding(&cluster, 1, n as u64 + 1).await?;
         f.stop().await;
     }
-    wait_holding(&cluster, 1, 2).await?;
 
     // The fleet: 20 devices in session, calls answered.
     let mut fleet = Fleet::start(dir.path(), &fleet_ids, &gw1)?;
@@ -217,7 +225,11 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
         .await
         .expect_err("devices still hold version 1");
     assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(refused.message().contains("2 device(s)"), "{}", refused.message());
+    assert!(
+        refused.message().contains("2 device(s)"),
+        "{}",
+        refused.message()
+    );
 
     // The early one comes back before the retirement: its handshake under
     // version 1 works, and it is told of version 2.
@@ -232,9 +244,17 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
         .await?
         .into_iter()
         .filter(|r| r.action == "open_session" && r.outcome == "ok")
-        .filter_map(|r| r.detail.get("cloud_key_version").cloned())
+        .filter_map(|r| {
+            r.detail
+                .iter()
+                .find(|(k, _)| k == "cloud_key_version")
+                .map(|(_, v)| v.clone())
+        })
         .collect();
-    assert!(early_sessions.iter().all(|v| v == "1"), "{early_sessions:?}");
+    assert!(
+        early_sessions.iter().all(|v| v == "1"),
+        "{early_sessions:?}"
+    );
     wait_holding(&cluster, 2, 21).await?;
     let refused = kv
         .retire_cloud_key(RetireCloudKeyRequest {
@@ -243,8 +263,16 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
         })
         .await
         .expect_err("the late device still holds version 1");
-    assert!(refused.message().contains("1 device(s)"), "{}", refused.message());
-    assert!(refused.message().contains(&late_id), "{}", refused.message());
+    assert!(
+        refused.message().contains("1 device(s)"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains(&late_id),
+        "{}",
+        refused.message()
+    );
 
     // Forced: version 1 is retired, and a handshake under it is refused.
     let retired = kv
@@ -372,7 +400,9 @@ async fn a_device_rotates_its_key_and_the_old_one_is_refused() -> anyhow::Result
     // In session on gateway 1; the rotation is asked through gateway 2.
     let mut fleet = Fleet::start(dir.path(), std::slice::from_ref(&id), &gw1)?;
     fleet
-        .wait_for(1, "connect", |r| matches!(r, DeviceReport::Connected { .. }))
+        .wait_for(1, "connect", |r| {
+            matches!(r, DeviceReport::Connected { .. })
+        })
         .await?;
     let gw2 = cluster.gateway_client(1).await?;
     let rotated = eventually(Duration::from_secs(20), "rotate-key answered", || {
@@ -412,7 +442,9 @@ async fn a_device_rotates_its_key_and_the_old_one_is_refused() -> anyhow::Result
     // The device reconnects under the new key: promoted, audited.
     let mut fleet = Fleet::start(dir.path(), std::slice::from_ref(&id), &gw1)?;
     fleet
-        .wait_for(1, "reconnect", |r| matches!(r, DeviceReport::Connected { .. }))
+        .wait_for(1, "reconnect", |r| {
+            matches!(r, DeviceReport::Connected { .. })
+        })
         .await?;
     let after = kv
         .get_device(GetDeviceRequest {

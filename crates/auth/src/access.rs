@@ -373,8 +373,11 @@ mod tests {
         // Device key rotation: devices:admin; a caller who may only call
         // functions is refused.
         let rotate = "/trellis.v1.DeviceService/RotateDeviceKey";
-        let e = check(rotate, &caller(vec![Scope::DevicesRead, Scope::DevicesCall]))
-            .expect_err("refused");
+        let e = check(
+            rotate,
+            &caller(vec![Scope::DevicesRead, Scope::DevicesCall]),
+        )
+        .expect_err("refused");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("devices:admin"), "{}", e.message());
         assert!(check(rotate, &caller(vec![Scope::DevicesAdmin])).is_ok());
@@ -387,14 +390,26 @@ mod tests {
             "UnretireCloudKey",
         ] {
             let path = format!("/trellis.v1.KeyVault/{m}");
-            assert!(check(&path, &caller(crate::Role::Owner.scopes())).is_err(), "{m}");
-            assert!(check(&path, &caller(vec![Scope::ClusterAdmin])).is_ok(), "{m}");
+            assert!(
+                check(&path, &caller(crate::Role::Owner.scopes())).is_err(),
+                "{m}"
+            );
+            assert!(
+                check(&path, &caller(vec![Scope::ClusterAdmin])).is_ok(),
+                "{m}"
+            );
         }
         // What gateways ask of keyvault: their service credential only.
         for m in ["GetCloudKeyAnnouncement", "RegisterNextDeviceKey"] {
             let path = format!("/trellis.v1.KeyVault/{m}");
-            assert!(check(&path, &caller(crate::Role::Owner.scopes())).is_err(), "{m}");
-            assert!(check(&path, &caller(vec![Scope::ServiceGateway])).is_ok(), "{m}");
+            assert!(
+                check(&path, &caller(crate::Role::Owner.scopes())).is_err(),
+                "{m}"
+            );
+            assert!(
+                check(&path, &caller(vec![Scope::ServiceGateway])).is_ok(),
+                "{m}"
+            );
         }
     }
 }

@@ -77,12 +77,12 @@ impl DeviceKeys {
                 })?;
                 let text = fs::read_to_string(&version_path).map_err(io(&version_path))?;
                 keys.cloud_key_version =
-                    text.trim()
-                        .parse()
-                        .map_err(|e: std::num::ParseIntError| IdentityError::PublicKey {
+                    text.trim().parse().map_err(|e: std::num::ParseIntError| {
+                        IdentityError::PublicKey {
                             path: version_path.clone(),
                             message: format!("not a cloud key version: {e}"),
-                        })?;
+                        }
+                    })?;
             }
         }
         Ok(keys)
@@ -135,8 +135,8 @@ impl DeviceKeys {
     /// `dk`: makes a new RSA-1024 key, kept pending, and the offer (signed
     /// by the current key) to answer with.
     pub fn start_rotation(&mut self) -> Result<Vec<u8>, String> {
-        let new = crate::identity::generate_device_key(&mut rand::rng())
-            .map_err(|e| e.to_string())?;
+        let new =
+            crate::identity::generate_device_key(&mut rand::rng()).map_err(|e| e.to_string())?;
         let der = new
             .to_public_key()
             .to_public_key_der()

@@ -678,7 +678,9 @@ impl Session {
                         .commit_rotation(&key_sha256);
                     match committed {
                         Ok(()) => {
-                            tracing::info!("device key rotated; the new key is used from the next handshake");
+                            tracing::info!(
+                                "device key rotated; the new key is used from the next handshake"
+                            );
                             on_event(SessionEvent::DeviceKeyCommitted);
                             vec![ack(code::CHANGED)]
                         }

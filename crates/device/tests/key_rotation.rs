@@ -172,7 +172,11 @@ async fn a_device_stores_a_genuine_announcement_refuses_a_forged_one_and_rotates
     assert_eq!(answer.code, code::FORBIDDEN, "{answer:?}");
     let reason = String::from_utf8_lossy(&answer.payload).to_string();
     assert!(reason.contains("signature"), "{reason}");
-    assert!(!dir.path().join(format!("{}.cloud.version", identity.device_id)).exists());
+    assert!(
+        !dir.path()
+            .join(format!("{}.cloud.version", identity.device_id))
+            .exists()
+    );
     assert_eq!(keys.lock().expect("lock").cloud_key_version, 1);
 
     // Genuine, but not newer than what the device holds: refused too.
@@ -214,7 +218,11 @@ async fn a_device_stores_a_genuine_announcement_refuses_a_forged_one_and_rotates
     let saved = std::fs::read_to_string(dir.path().join(format!("{}.pem", identity.device_id)))
         .expect("pem");
     let saved = PrivateKey::from_pkcs8_pem(&saved).expect("saved key");
-    assert_eq!(saved.to_public_key(), new_device_pub, "the new key is saved");
+    assert_eq!(
+        saved.to_public_key(),
+        new_device_pub,
+        "the new key is saved"
+    );
     stop.cancel();
     let _ = device.await;
     drop(s);
@@ -224,7 +232,10 @@ async fn a_device_stores_a_genuine_announcement_refuses_a_forged_one_and_rotates
     // offers the new device key; Hello says version 2.
     let mut fleet = trellis_device::load_fleet(dir.path(), None, None).expect("fleet");
     let reloaded_identity = fleet.pop().expect("one device");
-    assert_eq!(reloaded_identity.private_key.to_public_key(), new_device_pub);
+    assert_eq!(
+        reloaded_identity.private_key.to_public_key(),
+        new_device_pub
+    );
     let reloaded = DeviceKeys::load(&reloaded_identity, Some(dir.path())).expect("reload");
     assert_eq!(reloaded.cloud_key_version, 2);
     let stop = CancellationToken::new();

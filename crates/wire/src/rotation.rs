@@ -60,8 +60,7 @@ pub struct CloudKeyAnnouncement {
 
 impl CloudKeyAnnouncement {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(4 + self.public_key_der.len() + self.signature.len());
+        let mut out = Vec::with_capacity(4 + self.public_key_der.len() + self.signature.len());
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&self.public_key_der);
         out.extend_from_slice(&self.signature);

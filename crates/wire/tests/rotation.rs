@@ -87,7 +87,10 @@ fn rotation_messages_have_exact_bytes() {
     let mut want = hx("4102000102b26e6bff");
     want.extend_from_slice(&[0x11; 32]);
     assert_eq!(nk.encode(), want);
-    assert_eq!(request(&nk.encode()), Request::CommitDeviceKey(vec![0x11; 32]));
+    assert_eq!(
+        request(&nk.encode()),
+        Request::CommitDeviceKey(vec![0x11; 32])
+    );
 
     let changed = message::piggybacked(0x0005, &[7], code::CHANGED, b"");
     assert_eq!(changed.encode(), hx("6144000507"));
@@ -157,7 +160,10 @@ fn device_key_offer_layout_and_signature() {
     let offer = DeviceKeyOffer::sign(&old, id, der.as_bytes()).expect("signs");
     let bytes = offer.encode();
     let len = der.as_bytes().len();
-    assert_eq!(&bytes[..2], &u16::try_from(len).expect("fits").to_be_bytes());
+    assert_eq!(
+        &bytes[..2],
+        &u16::try_from(len).expect("fits").to_be_bytes()
+    );
     assert_eq!(&bytes[2..2 + len], der.as_bytes());
     assert_eq!(bytes.len(), 2 + len + 128);
     let mut signed = b"trellis-device-key-rotation-v1".to_vec();

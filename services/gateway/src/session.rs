@@ -468,6 +468,16 @@ impl Session {
         if let Err(e) = device_state::record_hello(&mut redis, &self.device_id, &hello).await {
             tracing::warn!(device = %self.device_id, error = %e, "could not store the device's Hello");
         }
+        // What cloud key version it holds (Hello extension 0x03; none:
+        // version 1, no rotation support), recorded before any answer.
+        self.device_cloud_key = hello.cloud_key_version;
+        crate::cloud_keys::record_holding(
+            &self.gw,
+            &self.device_id,
+            hello.cloud_key_version.unwrap_or(1),
+            hello.cloud_key_version.is_some(),
+        )
+        .await;
         self.tell_scheduler(&hello);
         let token = self.take_token();
         let id = self.outgoing.next();
@@ -478,16 +488,8 @@ impl Session {
         self.pending.insert(token, Pending::Describe);
         let id = self.outgoing.next();
         self.send(&message::describe(id, token)).await?;
-        // Cloud key rotation (docs/protocol.md §6.7): what the device holds,
-        // and the current key if it holds an older one.
-        self.device_cloud_key = hello.cloud_key_version;
-        crate::cloud_keys::record_holding(
-            &self.gw,
-            &self.device_id,
-            hello.cloud_key_version.unwrap_or(1),
-            hello.cloud_key_version.is_some(),
-        )
-        .await;
+        // Cloud key rotation (docs/protocol.md §6.7): the current key if
+        // the device holds an older one.
         self.announce_cloud_key().await
     }
 
@@ -724,8 +726,14 @@ impl Session {
                 } else {
                     let reason = reason_text(&msg.payload);
                     tracing::warn!(device = %self.device_id, version, code = %code_text(msg.code), %reason, "device refused the cloud key announcement");
-                    crate::cloud_keys::audit(&self.gw, &self.device_id, version, "refused", &reason)
-                        .await;
+                    crate::cloud_keys::audit(
+                        &self.gw,
+                        &self.device_id,
+                        version,
+                        "refused",
+                        &reason,
+                    )
+                    .await;
                 }
             }
             Pending::Function { reply, .. } => {

@@ -241,11 +241,7 @@ fn opened(meta: VersionMeta, key: &CloudKey) -> Result<RingKey> {
 
 /// `trellis keys rotate cloud`: makes version N+1 (N the newest version,
 /// live or retired), seals and stores it, records it. Audited.
-pub async fn rotate(
-    redis: &mut Redis,
-    shared: &SharedKeyring,
-    actor: &str,
-) -> Result<VersionMeta> {
+pub async fn rotate(redis: &mut Redis, shared: &SharedKeyring, actor: &str) -> Result<VersionMeta> {
     shared.reload(redis).await?;
     let ring = shared.snapshot();
     let newest = ring.keys.keys().next_back().copied().unwrap_or(0);
@@ -256,7 +252,8 @@ pub async fn rotate(
         .map_err(key_error)?;
     let slot = cloud_slot(version);
     let sealed = key.seal_in(slot, shared.master()).map_err(key_error)?;
-    let json = serde_json::to_string(&sealed).map_err(|e| KeyvaultError::Internal(e.to_string()))?;
+    let json =
+        serde_json::to_string(&sealed).map_err(|e| KeyvaultError::Internal(e.to_string()))?;
     let created: Option<String> = redis::cmd("SET")
         .arg(slot.location)
         .arg(json)

@@ -798,9 +798,7 @@ async fn refuse_offer(
             .with("reason", reason.clone()),
     )
     .await;
-    KeyvaultError::FailedPrecondition(format!(
-        "device {device_id}'s new key is refused: {reason}"
-    ))
+    KeyvaultError::FailedPrecondition(format!("device {device_id}'s new key is refused: {reason}"))
 }
 
 /// Makes the device's next key its key (its first handshake under it);
@@ -821,7 +819,10 @@ pub async fn promote_next_key(
     audit_write(
         redis,
         AuditRecord::new("keyvault", "device_key_promote", &record.device_id, "ok")
-            .with("retired_key_id", trellis_core::keys::key_id(&record.public_key_der))
+            .with(
+                "retired_key_id",
+                trellis_core::keys::key_id(&record.public_key_der),
+            )
             .with(
                 "key_id",
                 trellis_core::keys::key_id(&record.next_public_key_der),

@@ -682,7 +682,11 @@ impl KeyVault for KeyVaultService {
     ) -> Result<Response<pb::CloudKeyVersion>, Status> {
         let actor = trellis_auth::Principal::of(&request)?.actor();
         let req = request.into_inner();
-        let span = tracing::info_span!("keyvault.retire_cloud_key", version = req.version, force = req.force);
+        let span = tracing::info_span!(
+            "keyvault.retire_cloud_key",
+            version = req.version,
+            force = req.force
+        );
         let mut redis = self.redis.clone();
         let ring = self.ring.clone();
         let grace = self.retire_grace_days;
@@ -748,8 +752,10 @@ impl KeyVault for KeyVaultService {
                         req.signing_version
                     ))
                 })?;
-            let message =
-                trellis_wire::rotation::cloud_key_signed_bytes(target.meta.version, &target.public_der);
+            let message = trellis_wire::rotation::cloud_key_signed_bytes(
+                target.meta.version,
+                &target.public_der,
+            );
             let signature = pool
                 .sign_with(signer.ops.clone(), cloud_keys::pkcs1_sha256_input(&message))
                 .await

@@ -120,7 +120,11 @@ pub async fn open_session(
     // dropped unworked.
     let dummy = [0u8; NONCE_LEN];
     let mut found: Option<(HandshakePlaintext, std::sync::Arc<RingKey>)> = None;
-    for (i, key) in ring.candidates(req.cloud_key_version_hint).into_iter().enumerate() {
+    for (i, key) in ring
+        .candidates(req.cloud_key_version_hint)
+        .into_iter()
+        .enumerate()
+    {
         let decrypted = match pool
             .decrypt_with(key.ops.clone(), req.ciphertext.clone(), deadline, i > 0)
             .await

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use trellis_keyvault::cloud_key::{self, read_record_in};
-use trellis_keyvault::master_key::MasterKey;
 use trellis_keyvault::cloud_keys;
+use trellis_keyvault::master_key::MasterKey;
 use trellis_keyvault::rewrap::{Outcome, RewrapError, SLOTS, rewrap_all, rewrap_slot, slots};
 
 fn key(byte: u8) -> MasterKey {
