@@ -21,6 +21,9 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(3);
 /// Peers whose last cloud key version is remembered as a handshake hint.
 const MAX_HINTS: usize = 65_536;
 
+/// Signed `ck` payloads by (session's version, announced version).
+type Announcements = HashMap<(u32, u32), Arc<Vec<u8>>>;
+
 /// Current version, signed announcements, handshake hints.
 #[derive(Debug, Default)]
 pub struct CloudKeys {
@@ -29,7 +32,7 @@ pub struct CloudKeys {
     /// `ck` payloads by (session's version, announced version): the same
     /// bytes for every session opened under one version (PKCS#1 v1.5
     /// signatures are deterministic), so keyvault signs each once.
-    announcements: Mutex<HashMap<(u32, u32), Arc<Vec<u8>>>>,
+    announcements: Mutex<Announcements>,
     /// The version each peer address last made a handshake under: tried
     /// first next time (the device id is inside the ciphertext, so the
     /// address is all the gateway knows before keyvault decrypts).

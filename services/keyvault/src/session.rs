@@ -190,11 +190,10 @@ pub async fn open_session(
         && !record.next_public_key_der.is_empty()
         && !same_key(offered, &record.public_key_der)
         && same_key(offered, &record.next_public_key_der)
+        && let Some(promoted) = registry::promote_next_key(redis, &record).await?
     {
-        if let Some(promoted) = registry::promote_next_key(redis, &record).await? {
-            notes.promoted_key_id = Some(trellis_core::keys::key_id(&promoted.public_key_der));
-            record = promoted;
-        }
+        notes.promoted_key_id = Some(trellis_core::keys::key_id(&promoted.public_key_der));
+        record = promoted;
     }
     if let Some(offered) = &plaintext.public_key_der
         && !same_key(offered, &record.public_key_der)
