@@ -340,6 +340,7 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
         platform_id: 6,
         firmware_sha256: Some([0; 32]),
         command_policy: None,
+        cloud_key_version: None,
         ..Default::default()
     };
     let sources = util::source_addrs(8);

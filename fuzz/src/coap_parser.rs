@@ -79,6 +79,11 @@ pub fn run(data: &[u8]) {
         Request::GetTime => message::get_time(id, token),
         Request::UpdateDone => message::update_done(id, token),
         Request::TrustPolicy(bytes) => message::trust_policy(id, token, bytes),
+        Request::CloudKey(p) => message::cloud_key_announcement(id, token, p),
+        Request::RotateDeviceKey => message::device_key_rotate(id, token),
+        // The parser takes any payload; the builder makes the 32 bytes a
+        // commit carries, and other lengths are put in its place.
+        Request::CommitDeviceKey(p) => message::device_key_commit(id, token, &[0; 32]).with_payload(p),
     };
     let again = CoapMessage::decode(&rebuilt.encode()).expect("a built message decodes");
     assert_eq!(

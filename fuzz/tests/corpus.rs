@@ -165,6 +165,7 @@ fn write_seeds() {
             last_sequence: 42,
         }),
         trust_policy: None,
+        cloud_key_version: None,
     };
     let describe = Describe {
         functions: vec!["add".into(), "reboot".into()],

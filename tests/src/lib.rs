@@ -383,6 +383,7 @@ impl RawDevice {
             firmware_sha256: Some(sha),
             command_policy: None,
             trust_policy: None,
+            cloud_key_version: None,
         };
         let id = self.take_id();
         self.send(&trellis_wire::message::hello_device(id, &hello))

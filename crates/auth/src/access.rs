@@ -79,6 +79,19 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/trellis.v1.KeyVault/GetSigningKey", Public),
     ("/trellis.v1.KeyVault/ListAudit", Scope(AuditRead)),
     ("/trellis.v1.KeyVault/ListRefusals", Scope(AuditRead)),
+    // Cloud key versions are the installation's, not an organisation's.
+    ("/trellis.v1.KeyVault/RotateCloudKey", Scope(ClusterAdmin)),
+    ("/trellis.v1.KeyVault/CloudKeyStatus", Scope(ClusterAdmin)),
+    ("/trellis.v1.KeyVault/RetireCloudKey", Scope(ClusterAdmin)),
+    ("/trellis.v1.KeyVault/UnretireCloudKey", Scope(ClusterAdmin)),
+    (
+        "/trellis.v1.KeyVault/GetCloudKeyAnnouncement",
+        Service(ServiceGateway),
+    ),
+    (
+        "/trellis.v1.KeyVault/RegisterNextDeviceKey",
+        Service(ServiceGateway),
+    ),
     // Organisations, users, tokens (served by keyvault).
     ("/trellis.v1.Access/WhoAmI", Authenticated),
     ("/trellis.v1.Access/CreateOrg", Scope(ClusterAdmin)),
@@ -107,6 +120,10 @@ pub const RULES: &[(&str, Rule)] = &[
     // Events from users and apps, seen by their organisation only.
     ("/trellis.v1.DeviceService/PublishEvent", Scope(DevicesCall)),
     ("/trellis.v1.DeviceService/SignalDevice", Scope(DevicesCall)),
+    (
+        "/trellis.v1.DeviceService/RotateDeviceKey",
+        Scope(DevicesAdmin),
+    ),
     // Signer: images, releases, policies.
     ("/trellis.v1.Signer/UploadImage", Scope(FirmwareWrite)),
     (
@@ -354,5 +371,57 @@ mod tests {
         assert!(Rule::Service(Scope::ServiceSigner).check(&gateway).is_err());
         assert!(Rule::Scope(Scope::DevicesRead).check(&gateway).is_err());
         assert!(gateway.sees("any-org") && !viewer.sees("other"));
+    }
+
+    #[test]
+    fn key_rotation_needs_its_scopes() {
+        let caller = |scopes: Vec<Scope>| Principal {
+            token_id: "t".into(),
+            org: "o".into(),
+            user: "u".into(),
+            scopes,
+        };
+        let check = |path: &str, p: &Principal| rule_for(path).expect("a rule").check(p);
+        // Device key rotation: devices:admin; a caller who may only call
+        // functions is refused.
+        let rotate = "/trellis.v1.DeviceService/RotateDeviceKey";
+        let e = check(
+            rotate,
+            &caller(vec![Scope::DevicesRead, Scope::DevicesCall]),
+        )
+        .expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("devices:admin"), "{}", e.message());
+        assert!(check(rotate, &caller(vec![Scope::DevicesAdmin])).is_ok());
+        // Cloud key versions: the installation's admin only; an
+        // organisation's owner (every role scope) is refused.
+        for m in [
+            "RotateCloudKey",
+            "CloudKeyStatus",
+            "RetireCloudKey",
+            "UnretireCloudKey",
+        ] {
+            let path = format!("/trellis.v1.KeyVault/{m}");
+            assert!(
+                check(&path, &caller(crate::Role::Owner.scopes())).is_err(),
+                "{m}"
+            );
+            assert!(
+                check(&path, &caller(vec![Scope::ClusterAdmin])).is_ok(),
+                "{m}"
+            );
+        }
+        // What gateways ask of keyvault: their service credential only.
+        for m in ["GetCloudKeyAnnouncement", "RegisterNextDeviceKey"] {
+            let path = format!("/trellis.v1.KeyVault/{m}");
+            assert!(
+                check(&path, &caller(crate::Role::Owner.scopes())).is_err(),
+                "{m}"
+            );
+            assert!(
+                check(&path, &caller(vec![Scope::ServiceGateway])).is_ok(),
+                "{m}"
+            );
+        }
     }
 }

@@ -24,6 +24,26 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub keys: KeysConfig,
+}
+
+/// Key lifecycle (cloud key rotation, docs/protocol.md §6.7).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// `trellis keys retire cloud N` refuses (unless `--force`) while a
+    /// device whose last Hello is within this many days holds version N or
+    /// older, i.e. has not acknowledged a newer cloud key. A device that has
+    /// been away longer is expected to need the documented recovery.
+    pub retire_grace_days: u32,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            retire_grace_days: 30,
+        }
+    }
 }
 
 /// Whether services talk to each other over mutual TLS.
@@ -515,6 +535,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            keys: KeysConfig::default(),
         }
     }
 }

@@ -272,8 +272,22 @@ pub mod keys {
     /// Sorted set: pending device ids by their last attempt (ms); members
     /// whose record expired are dropped when listed.
     pub const PENDING_INDEX: &str = "trellis:pendings";
-    /// String: the sealed cloud key record.
+    /// String: the sealed cloud key record (version 1).
     pub const CLOUD_KEY: &str = "trellis:cloudkey:v1";
+    /// String: the sealed record of cloud key `version` (version 1 is
+    /// [`CLOUD_KEY`], where it always was).
+    pub fn cloud_key_record(version: u32) -> String {
+        format!("trellis:cloudkey:v{version}")
+    }
+    /// Hash: cloud key version -> JSON (version, key_id, created_ms,
+    /// retired_ms) (keyvault). Version 1 has an entry once anything about
+    /// it changed; without one it is live.
+    pub const CLOUD_KEY_VERSIONS: &str = "trellis:cloudkey:versions";
+    /// Hash: device id -> `held|seen_ms|rotation` : the cloud key version
+    /// the device holds, when it last said so (Hello or acknowledgement),
+    /// and 1 if it supports rotation (Hello extension 0x03), else 0
+    /// (gateway; keyvault reads it for `keys status` and `keys retire`).
+    pub const CLOUD_KEY_DEVICES: &str = "trellis:cloudkey-devices";
     /// String: the sealed release-signing key record (keyvault, purpose "release").
     pub const RELEASE_KEY: &str = "trellis:releasekey:v1";
     /// String: a firmware image's bytes, content-addressed by its lowercase

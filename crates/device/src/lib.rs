@@ -8,6 +8,7 @@
 pub mod app;
 pub mod failover;
 pub mod identity;
+pub mod keys;
 pub mod session;
 pub mod sim;
 
@@ -16,5 +17,6 @@ pub use identity::{
     DeviceIdentity, IdentityError, POLICY_FILE, generate_device_key, load_fleet, load_trust_policy,
     write_cloud_key, write_identity, write_trust_policy,
 };
+pub use keys::{DeviceKeys, SharedKeys};
 pub use session::{Session, SessionConfig, SessionEnd, SessionError, SessionEvent};
 pub use sim::{DeviceReport, SimConfig, run_fleet};

@@ -26,6 +26,7 @@ use trellis_wire::{
 
 use crate::app::DeviceApp;
 use crate::identity::DeviceIdentity;
+use crate::keys::SharedKeys;
 
 /// How the device behaves on one connection.
 #[derive(Debug, Clone)]
@@ -60,6 +61,12 @@ pub struct SessionConfig {
     /// last accepted sequence survives reconnects. `None`: calls run
     /// unsigned, as with the original protocol.
     pub command_guard: Option<SharedCommandGuard>,
+    /// Key rotation (docs/protocol.md §6.7, §6.8): the keys this device
+    /// holds and changes, shared by its sessions. With them the device
+    /// announces Hello extension 0x03, accepts signed cloud key
+    /// announcements (`ck`) and rotates its own key when asked (`dk`,
+    /// `nk`). `None`: a legacy device (the identity's keys, fixed).
+    pub keys: Option<SharedKeys>,
 }
 
 /// One device's command guard, kept across its sessions.
@@ -97,6 +104,7 @@ impl Default for SessionConfig {
             version_floor: 0,
             max_image_size: ReceiverConfig::default().max_image_size,
             command_guard: None,
+            keys: None,
         }
     }
 }
@@ -123,6 +131,19 @@ pub enum SessionEvent {
         name: String,
         reason: String,
     },
+    /// A signed cloud key announcement was checked and the key stored.
+    CloudKeyStored {
+        version: u32,
+    },
+    /// A cloud key announcement was refused (answered 4.03 with `reason`).
+    CloudKeyRefused {
+        reason: String,
+    },
+    /// The device made a new key and offered it (`dk`).
+    DeviceKeyOffered,
+    /// The cloud registered the new key; it is used from the next
+    /// handshake (`nk`).
+    DeviceKeyCommitted,
     /// An update was refused; the device keeps its image. Also published as
     /// the private event `trellis/ota/rejected`, data `<reason_code>: <message>`.
     UpdateRejected {
@@ -221,6 +242,9 @@ pub struct Session {
     /// here and go out in one write instead of one each.
     outbox: Vec<u8>,
     batching: bool,
+    /// The cloud key this session was opened under: announcements must be
+    /// signed by it.
+    session_cloud_key: rsa::PublicKey,
 }
 
 async fn read_step(
@@ -244,10 +268,26 @@ impl Session {
         config: SessionConfig,
     ) -> Result<Self, SessionError> {
         stream.set_nodelay(true)?;
+        // A device with key rotation uses the keys it holds now.
+        let (device_key, cloud_key, cloud_key_version) = match &config.keys {
+            Some(keys) => {
+                let k = keys.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    k.private_key.clone(),
+                    k.cloud_public_key.clone(),
+                    Some(k.cloud_key_version),
+                )
+            }
+            None => (
+                identity.private_key.clone(),
+                identity.cloud_public_key.clone(),
+                None,
+            ),
+        };
         let mut handshake = DeviceHandshake::new(
             identity.device_id,
-            identity.private_key.clone(),
-            identity.cloud_public_key.clone(),
+            device_key,
+            cloud_key.clone(),
             config.send_public_key,
         );
         let mut nonce = [0u8; NONCE_LEN];
@@ -294,6 +334,7 @@ impl Session {
             applied: None,
             outbox: Vec::new(),
             batching: false,
+            session_cloud_key: cloud_key,
         };
         let hello = Hello {
             product_id: session.config.product_id,
@@ -316,6 +357,7 @@ impl Session {
                     sha256: p.sha256(),
                 }
             }),
+            cloud_key_version,
         };
         let id = session.out_ids.next();
         session.send(&message::hello_device(id, &hello)).await?;
@@ -657,6 +699,84 @@ impl Session {
                         message: reply,
                         keeps_id: true,
                     }]
+                }
+            },
+            Request::CloudKey(payload) => match &self.config.keys {
+                None => vec![ack(code::METHOD_NOT_ALLOWED)],
+                Some(keys) => {
+                    let stored = keys
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .accept_announcement(&self.session_cloud_key, &payload);
+                    match stored {
+                        Ok(version) => {
+                            tracing::info!(version, "cloud key announcement verified; key stored");
+                            on_event(SessionEvent::CloudKeyStored { version });
+                            vec![ack(code::CHANGED)]
+                        }
+                        Err(reason) => {
+                            tracing::warn!(%reason, "cloud key announcement refused");
+                            on_event(SessionEvent::CloudKeyRefused {
+                                reason: reason.clone(),
+                            });
+                            vec![CachedReply {
+                                message: message::piggybacked(
+                                    m.message_id,
+                                    token,
+                                    code::FORBIDDEN,
+                                    reason.as_bytes(),
+                                ),
+                                keeps_id: true,
+                            }]
+                        }
+                    }
+                }
+            },
+            Request::RotateDeviceKey => match &self.config.keys {
+                None => vec![ack(code::METHOD_NOT_ALLOWED)],
+                Some(keys) => {
+                    let offer = keys
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .start_rotation();
+                    let (code, payload) = match offer {
+                        Ok(offer) => {
+                            on_event(SessionEvent::DeviceKeyOffered);
+                            (code::CHANGED, offer)
+                        }
+                        Err(reason) => (code::FORBIDDEN, reason.into_bytes()),
+                    };
+                    vec![CachedReply {
+                        message: message::piggybacked(m.message_id, token, code, &payload),
+                        keeps_id: true,
+                    }]
+                }
+            },
+            Request::CommitDeviceKey(key_sha256) => match &self.config.keys {
+                None => vec![ack(code::METHOD_NOT_ALLOWED)],
+                Some(keys) => {
+                    let committed = keys
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .commit_rotation(&key_sha256);
+                    match committed {
+                        Ok(()) => {
+                            tracing::info!(
+                                "device key rotated; the new key is used from the next handshake"
+                            );
+                            on_event(SessionEvent::DeviceKeyCommitted);
+                            vec![ack(code::CHANGED)]
+                        }
+                        Err(reason) => vec![CachedReply {
+                            message: message::piggybacked(
+                                m.message_id,
+                                token,
+                                code::FORBIDDEN,
+                                reason.as_bytes(),
+                            ),
+                            keeps_id: true,
+                        }],
+                    }
                 }
             },
             Request::Subscribe { .. } | Request::GetTime | Request::ChunkMissed(_) => {

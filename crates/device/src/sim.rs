@@ -71,6 +71,13 @@ pub struct SimConfig {
     /// `trust_policy`. `None`: an accepted policy lasts until the process
     /// ends.
     pub state_dir: Option<PathBuf>,
+    /// Key rotation (docs/protocol.md §6.7, §6.8): devices announce Hello
+    /// extension 0x03, store announced cloud keys and rotate their own key
+    /// when asked. Off: legacy devices.
+    pub key_rotation: bool,
+    /// Where rotated keys are saved (the fleet's key directory), so they
+    /// survive a restart; `None`: in memory only.
+    pub keys_dir: Option<std::path::PathBuf>,
 }
 
 /// File (inside [`SimConfig::state_dir`]) holding a device's accepted
@@ -129,6 +136,8 @@ impl Default for SimConfig {
             home_return: None,
             max_turned_away: DEFAULT_MAX_TURNED_AWAY,
             state_dir: None,
+            key_rotation: false,
+            keys_dir: None,
         }
     }
 }
@@ -187,6 +196,20 @@ pub enum DeviceReport {
         device_id: DeviceId,
         reason_code: String,
         message: String,
+    },
+    /// A verified cloud key announcement was stored.
+    CloudKeyStored {
+        device_id: DeviceId,
+        version: u32,
+    },
+    /// A cloud key announcement was refused.
+    CloudKeyRefused {
+        device_id: DeviceId,
+        reason: String,
+    },
+    /// The device's new key was registered; used from the next handshake.
+    DeviceKeyCommitted {
+        device_id: DeviceId,
     },
 }
 
@@ -258,7 +281,21 @@ pub fn run_fleet(
     tokio::spawn(async move {
         let mut set = JoinSet::new();
         for identity in identities {
+            let keys = if config.key_rotation {
+                match crate::keys::DeviceKeys::load(&identity, config.keys_dir.as_deref()) {
+                    Ok(k) => Some(k.shared()),
+                    Err(e) => {
+                        tracing::warn!(device_id = %identity.device_id, error = %e, "cannot load the device's rotated keys; using its identity");
+                        crate::keys::DeviceKeys::load(&identity, None)
+                            .ok()
+                            .map(crate::keys::DeviceKeys::shared)
+                    }
+                }
+            } else {
+                None
+            };
             let device = Device {
+                keys,
                 identity,
                 config: config.clone(),
                 session_config: session_config.clone(),
@@ -274,6 +311,7 @@ pub fn run_fleet(
 
 struct Device {
     identity: DeviceIdentity,
+    keys: Option<crate::keys::SharedKeys>,
     config: Arc<SimConfig>,
     session_config: Arc<SessionConfig>,
     endpoints: Arc<Vec<String>>,
@@ -326,6 +364,7 @@ impl Device {
         });
         // A policy accepted in a session, for the sessions after it.
         let rotated: Arc<Mutex<Option<TrustPolicy>>> = Arc::new(Mutex::new(None));
+        session_config.keys = self.keys.clone();
         if self.endpoints.is_empty() {
             shutdown.cancelled().await;
             return;
@@ -448,6 +487,16 @@ impl Device {
                             reason_code,
                             message,
                         },
+                        SessionEvent::CloudKeyStored { version } => {
+                            DeviceReport::CloudKeyStored { device_id, version }
+                        }
+                        SessionEvent::CloudKeyRefused { reason } => {
+                            DeviceReport::CloudKeyRefused { device_id, reason }
+                        }
+                        SessionEvent::DeviceKeyOffered => return,
+                        SessionEvent::DeviceKeyCommitted => {
+                            DeviceReport::DeviceKeyCommitted { device_id }
+                        }
                         SessionEvent::UpdateRejected { reason_code, .. } => {
                             DeviceReport::EventPublished {
                                 device_id,

@@ -164,6 +164,11 @@ async fn fleet_connects_fails_over_and_shuts_down() {
             DeviceReport::PolicyAccepted { .. } | DeviceReport::PolicyRejected { .. } => {
                 panic!("nobody sent a trust policy")
             }
+            DeviceReport::CloudKeyStored { .. }
+            | DeviceReport::CloudKeyRefused { .. }
+            | DeviceReport::DeviceKeyCommitted { .. } => {
+                panic!("a device without key rotation changed its keys")
+            }
         }
     }
     assert_eq!(

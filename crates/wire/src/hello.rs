@@ -17,6 +17,12 @@ pub const EXT_FIRMWARE_SHA256: u8 = 0x01;
 pub const EXT_COMMAND_POLICY: u8 = 0x02;
 /// Length of the [`EXT_COMMAND_POLICY`] value.
 pub const COMMAND_POLICY_LEN: usize = 40;
+/// Extension type announcing cloud key rotation support (docs/protocol.md
+/// §6.7): the device accepts a signed cloud key announcement (`ck`). Value:
+/// the version of the cloud key the device holds (u32, big-endian).
+pub const EXT_CLOUD_KEY_VERSION: u8 = 0x03;
+/// Length of the [`EXT_CLOUD_KEY_VERSION`] value.
+pub const CLOUD_KEY_VERSION_LEN: usize = 4;
 
 /// Extension type announcing the device's firmware trust policy
 /// (docs/protocol.md §7.5): value = policy version (u64, big-endian), then
@@ -57,6 +63,9 @@ pub struct Hello {
     pub command_policy: Option<CommandPolicyReport>,
     /// Present when the device has a firmware trust policy (extension 0x04).
     pub trust_policy: Option<TrustPolicyReport>,
+    /// Present when the device supports cloud key rotation: the version of
+    /// the cloud key it holds.
+    pub cloud_key_version: Option<u32>,
 }
 
 fn be16(p: &[u8], at: usize) -> Option<u16> {
@@ -75,6 +84,7 @@ impl Hello {
             firmware_sha256: None,
             command_policy: None,
             trust_policy: None,
+            cloud_key_version: None,
         };
         let Some(id_len) = be16(payload, 8) else {
             return Ok(h);
@@ -151,6 +161,15 @@ impl Hello {
                     version: u64::from_be_bytes(version),
                     sha256,
                 });
+            } else if ext_type == EXT_CLOUD_KEY_VERSION {
+                let v = <[u8; CLOUD_KEY_VERSION_LEN]>::try_from(value).map_err(|_| {
+                    MessageError::HelloExtensionLength {
+                        ext_type,
+                        len,
+                        expected: CLOUD_KEY_VERSION_LEN,
+                    }
+                })?;
+                h.cloud_key_version = Some(u32::from_be_bytes(v));
             }
             at += 2 + len;
         }
@@ -162,7 +181,9 @@ impl Hello {
     /// extension without an id is sent with an all-zero id, since
     /// extensions only follow the id.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(22 + 34 + 2 + COMMAND_POLICY_LEN + 2 + TRUST_POLICY_LEN);
+        let mut out = Vec::with_capacity(
+            22 + 34 + 2 + COMMAND_POLICY_LEN + 2 + CLOUD_KEY_VERSION_LEN + 2 + TRUST_POLICY_LEN,
+        );
         out.extend_from_slice(&self.product_id.to_be_bytes());
         out.extend_from_slice(&self.firmware_version.to_be_bytes());
         out.push(self.reserved);
@@ -172,6 +193,7 @@ impl Hello {
             && self.firmware_sha256.is_none()
             && self.command_policy.is_none()
             && self.trust_policy.is_none()
+            && self.cloud_key_version.is_none()
         {
             return out;
         }
@@ -187,6 +209,11 @@ impl Hello {
             out.push(COMMAND_POLICY_LEN as u8);
             out.extend_from_slice(&policy.policy_sha256);
             out.extend_from_slice(&policy.last_sequence.to_be_bytes());
+        }
+        if let Some(version) = self.cloud_key_version {
+            out.push(EXT_CLOUD_KEY_VERSION);
+            out.push(CLOUD_KEY_VERSION_LEN as u8);
+            out.extend_from_slice(&version.to_be_bytes());
         }
         if let Some(policy) = &self.trust_policy {
             out.push(EXT_TRUST_POLICY);

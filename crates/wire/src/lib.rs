@@ -12,6 +12,7 @@ pub mod hello;
 pub mod id;
 pub mod message;
 pub mod ota;
+pub mod rotation;
 
 pub use coap::{CoapMessage, MessageType};
 pub use counter::{IncomingCounter, OutgoingCounter};

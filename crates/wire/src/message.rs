@@ -297,6 +297,44 @@ pub fn trust_policy_reply(
     }
 }
 
+/// Cloud key announcement (docs/protocol.md §6.7): CON POST `ck`, payload
+/// `version (u32 BE) || public key DER || signature (256 bytes)`
+/// ([`crate::rotation::CloudKeyAnnouncement`]). The device answers ACK 2.04
+/// (stored) or ACK 4.03 with its reason as UTF-8 payload.
+pub fn cloud_key_announcement(id: u16, token: u8, payload: &[u8]) -> CoapMessage {
+    CoapMessage::new(CON, code::POST, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"ck")
+        .with_payload(payload)
+}
+
+/// Device key rotation request (§6.8): CON POST `dk`, no payload. The
+/// device answers ACK 2.04 whose payload is its signed new key
+/// ([`crate::rotation::DeviceKeyOffer`]), or ACK 4.03 with a reason.
+pub fn device_key_rotate(id: u16, token: u8) -> CoapMessage {
+    CoapMessage::new(CON, code::POST, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"dk")
+}
+
+/// Device key commit (§6.8): CON POST `nk`, payload the SHA-256 of the new
+/// key's DER (32 bytes): keyvault registered it as the device's next key,
+/// and the device uses it from its next handshake. ACK 2.04 or 4.03.
+pub fn device_key_commit(id: u16, token: u8, key_sha256: &[u8; 32]) -> CoapMessage {
+    CoapMessage::new(CON, code::POST, id)
+        .with_token(&[token])
+        .with_option(OPTION_URI_PATH, b"nk")
+        .with_payload(key_sha256)
+}
+
+/// A piggybacked answer to a CON request: ACK with `code`, the request's id
+/// and token, and `payload` (a key offer, or a refusal's reason).
+pub fn piggybacked(request_id: u16, token: &[u8], code: u8, payload: &[u8]) -> CoapMessage {
+    CoapMessage::new(ACK, code, request_id)
+        .with_token(token)
+        .with_payload(payload)
+}
+
 /// A request, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -330,6 +368,12 @@ pub enum Request {
     /// A signed trust policy to replace the device's (§7.5): the
     /// `SignedPolicy` bytes, judged only by the device.
     TrustPolicy(Vec<u8>),
+    /// A cloud key announcement (`ck`), its payload as sent.
+    CloudKey(Vec<u8>),
+    /// Rotate the device key (`dk`).
+    RotateDeviceKey,
+    /// Switch to the new device key (`nk`), its payload as sent.
+    CommitDeviceKey(Vec<u8>),
 }
 
 impl Request {
@@ -350,6 +394,9 @@ impl Request {
             Request::ChunkMissed(_) => "chunk_missed",
             Request::UpdateDone => "update_done",
             Request::TrustPolicy(_) => "trust_policy",
+            Request::CloudKey(_) => "cloud_key",
+            Request::RotateDeviceKey => "rotate_device_key",
+            Request::CommitDeviceKey(_) => "commit_device_key",
         }
     }
 }
@@ -437,6 +484,9 @@ pub fn classify(m: &CoapMessage) -> Result<Incoming, MessageError> {
         (code::PUT, b"u") => Request::UpdateDone,
         (code::POST, b"tp") => Request::TrustPolicy(m.payload.clone()),
         (code::POST, b"c") => Request::Chunk(parse_chunk(m)?),
+        (code::POST, b"ck") => Request::CloudKey(m.payload.clone()),
+        (code::POST, b"dk") => Request::RotateDeviceKey,
+        (code::POST, b"nk") => Request::CommitDeviceKey(m.payload.clone()),
         (code::GET, b"c") => {
             if !m.payload.len().is_multiple_of(2) {
                 return Err(MessageError::ChunkMissedLength {

@@ -315,6 +315,7 @@ fn hello_accepts_every_prefix() {
         firmware_sha256: Some([0xab; 32]),
         command_policy: None,
         trust_policy: None,
+        cloud_key_version: None,
     };
     let bytes = full.encode();
     assert_eq!(bytes.len(), 56);
@@ -369,6 +370,7 @@ fn hello_accepts_every_prefix() {
         firmware_sha256: None,
         command_policy: None,
         trust_policy: None,
+        cloud_key_version: None,
         ..full
     };
     assert_eq!(short.encode(), hx("0006000200010006"));
@@ -402,6 +404,7 @@ fn hello_command_policy_extension() {
             last_sequence: 0x0102_0304_0506_0708,
         }),
         trust_policy: None,
+        cloud_key_version: None,
     };
     let bytes = hello.encode();
     let mut want = hx("0006000200000006000c0123456789abcdef01234567");
@@ -889,6 +892,7 @@ fn hello_trust_policy_extension() {
             version: 0x0102_0304_0506_0708,
             sha256: [0x22; 32],
         }),
+        cloud_key_version: None,
     };
     let bytes = hello.encode();
     let mut want = hx("0006000200000006000c0123456789abcdef01234567");

@@ -169,13 +169,14 @@ proptest! {
         platform_id in any::<u16>(), id in proptest::option::of(any::<[u8; 12]>()), sha in proptest::option::of(any::<[u8; 32]>()),
         commands in proptest::option::of((any::<[u8; 32]>(), any::<u64>())),
         policy in proptest::option::of((any::<u64>(), any::<[u8; 32]>())),
+        cloud_key_version in proptest::option::of(any::<u32>()),
     ) {
         let command_policy = commands.map(|(policy_sha256, last_sequence)| CommandPolicyReport { policy_sha256, last_sequence });
         let trust_policy = policy.map(|(version, sha256)| trellis_wire::hello::TrustPolicyReport { version, sha256 });
-        let mut h = Hello { product_id, firmware_version, reserved, flags, platform_id, device_id: id.map(DeviceId), firmware_sha256: sha, command_policy, trust_policy };
+        let mut h = Hello { product_id, firmware_version, reserved, flags, platform_id, device_id: id.map(DeviceId), firmware_sha256: sha, command_policy, trust_policy, cloud_key_version };
         let back = Hello::parse(&h.encode()).expect("parses");
         // Extensions without an id travel with an all-zero id.
-        if h.device_id.is_none() && (h.firmware_sha256.is_some() || h.command_policy.is_some() || h.trust_policy.is_some()) {
+        if h.device_id.is_none() && (h.firmware_sha256.is_some() || h.command_policy.is_some() || h.trust_policy.is_some() || h.cloud_key_version.is_some()) {
             h.device_id = Some(DeviceId::default());
         }
         prop_assert_eq!(back, h);

@@ -202,6 +202,7 @@ fn protocol_v1_conversation() {
         firmware_sha256: Some(sha),
         command_policy: None,
         trust_policy: None,
+        cloud_key_version: None,
     };
     let built = [
         message::hello_device(1000, &hello),

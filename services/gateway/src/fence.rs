@@ -130,5 +130,6 @@ pub fn describe(action: &crate::routing::Action) -> String {
         Action::GetVariable { name } => format!("variable {name}"),
         Action::Signal { on } => format!("signal {}", if *on { "on" } else { "off" }),
         Action::DeliverUpdate { release_id, .. } => format!("firmware update {release_id}"),
+        Action::RotateDeviceKey => "device key rotation".to_string(),
     }
 }

@@ -351,6 +351,31 @@ impl DeviceService for DeviceApi {
         }
     }
 
+    #[tracing::instrument(name = "rpc.rotate_device_key", skip_all, fields(device))]
+    async fn rotate_device_key(
+        &self,
+        request: Request<RotateDeviceKeyRequest>,
+    ) -> Result<Response<RotateDeviceKeyResponse>, Status> {
+        let principal = Principal::of(&request)?;
+        let req = request.into_inner();
+        let id = parse_device_id(&req.device_id)?;
+        tracing::Span::current().record("device", id.as_str());
+        self.orgs.check(&self.gw, &principal, &id).await?;
+        match self
+            .gw
+            .router
+            .execute(&id, Action::RotateDeviceKey, self.timeout(req.timeout_ms))
+            .await
+        {
+            Ok(Output::KeyRotated { next_key_id }) => Ok(Response::new(RotateDeviceKeyResponse {
+                gateway_id: self.gw.id.clone(),
+                next_key_id,
+            })),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(f) => Err(failure_status(f)),
+        }
+    }
+
     #[tracing::instrument(name = "rpc.get_variable", skip_all, fields(device, variable))]
     async fn get_variable(
         &self,

@@ -18,6 +18,8 @@ pub struct Established {
     pub device_id: String,
     pub product_id: u32,
     pub cipher: SessionCipher,
+    /// The cloud key version the handshake was made under.
+    pub cloud_key_version: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,7 @@ async fn steps(
         ciphertext: ciphertext.to_vec(),
         gateway_id: gw.id.clone(),
         peer_addr: peer.to_string(),
+        cloud_key_version_hint: gw.cloud_keys.hint(peer.ip()),
     };
     // The deadline travels as grpc-timeout: keyvault drops the request
     // unworked if it is still queued when we would have given up anyway.
@@ -124,10 +127,12 @@ async fn steps(
                 .accept(material, &grant.reply)
                 .map_err(|e| HandshakeFailure::Keyvault(format!("bad reply: {e}")))?;
             stream.write_all(&reply).await?;
+            gw.cloud_keys.remember(peer.ip(), grant.cloud_key_version);
             Ok(Established {
                 device_id: grant.device_id,
                 product_id: grant.product_id,
                 cipher,
+                cloud_key_version: grant.cloud_key_version,
             })
         }
         Some(Outcome::Refused(refusal)) => Err(HandshakeFailure::Refused {

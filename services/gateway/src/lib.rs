@@ -4,6 +4,7 @@
 //! routing to the owning gateway when it is not this one. It keeps no state
 //! another gateway could not rebuild.
 pub mod clones;
+pub mod cloud_keys;
 pub mod commands;
 pub mod device_state;
 pub mod fence;
@@ -61,6 +62,8 @@ pub struct Gateway {
     pub handshakes_in_flight: Option<Arc<tokio::sync::Semaphore>>,
     /// Verified firmware images, shared by the deliveries of this gateway.
     pub(crate) releases: release::Cache,
+    /// Cloud key versions: the current one, announcements, hints.
+    pub cloud_keys: cloud_keys::CloudKeys,
 }
 
 fn admission(config: &GatewayConfig) -> Option<governor::DefaultDirectRateLimiter> {
@@ -214,6 +217,7 @@ pub async fn serve_with_listeners(
             ))
         }),
         releases: release::Cache::default(),
+        cloud_keys: cloud_keys::CloudKeys::default(),
     });
     let addrs = BoundAddrs {
         devices: devices.local_addr()?,
@@ -226,6 +230,7 @@ pub async fn serve_with_listeners(
     let (inbox_stop, inbox_shutdown) = Shutdown::new();
     let refresher = tokio::spawn(refresher::run(Arc::clone(&gw), inbox_shutdown.clone()));
     let inbox = tokio::spawn(router.run_inbox(redis_url, inbox_shutdown.clone()));
+    let cloud_key_watch = tokio::spawn(cloud_keys::watch(Arc::clone(&gw), inbox_shutdown.clone()));
     let revocations = tokio::spawn(revocations::run(
         gw.durable.clone(),
         Arc::clone(&gw.local),
@@ -269,6 +274,7 @@ pub async fn serve_with_listeners(
     inbox_stop.trigger();
     let _ = refresher.await;
     let _ = revocations.await;
+    let _ = cloud_key_watch.await;
     if tokio::time::timeout(Duration::from_secs(3), inbox)
         .await
         .is_err()
@@ -447,6 +453,7 @@ async fn connection(
         device_id,
         product_id,
         cipher,
+        cloud_key_version,
     } = established;
     tracing::Span::current().record("device", device_id.as_str());
 
@@ -500,6 +507,7 @@ async fn connection(
         peer,
         stream,
         cipher,
+        cloud_key_version,
     ));
     // Labels made at each end rather than held: the session's task keeps
     // whatever lives across `run` for as long as the device is connected.

@@ -22,6 +22,9 @@ pub enum SessionCommand {
     Close {
         reason: String,
     },
+    /// The current cloud key version changed: tell the device if it holds
+    /// an older one (cloud_keys.rs).
+    CloudKeyChanged,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +192,15 @@ impl LocalSessions {
             let _ = h.inbox.push(SessionCommand::Close {
                 reason: reason.into(),
             });
+        }
+    }
+
+    /// Sends a command to every session (one each, made by `make`); a
+    /// session whose queue is full misses it.
+    pub fn broadcast(&self, make: impl Fn() -> SessionCommand) {
+        let handles: Vec<Handle> = self.lock().values().cloned().collect();
+        for h in handles {
+            let _ = h.inbox.push(make());
         }
     }
 

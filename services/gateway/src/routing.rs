@@ -57,6 +57,8 @@ pub enum Action {
         release_id: String,
         rollout_id: String,
     },
+    /// Ask the device to rotate its key (docs/protocol.md §6.8).
+    RotateDeviceKey,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +78,10 @@ pub enum Output {
         reason: String,
         message: String,
         bytes_sent: u64,
+    },
+    /// The device's new key is registered as its next key and committed.
+    KeyRotated {
+        next_key_id: String,
     },
 }
 
@@ -139,6 +145,7 @@ impl Router {
             Action::GetVariable { .. } => "variable",
             Action::Signal { .. } => "signal",
             Action::DeliverUpdate { .. } => "update",
+            Action::RotateDeviceKey => "rotate_key",
         };
         let outcome = self.route(device_id, action, timeout).await;
         metrics::metrics().routed_command_duration.record(
@@ -394,6 +401,9 @@ impl Router {
                 fields.push(("action", "deliver".into()));
                 fields.push(("name", release_id.clone()));
                 fields.push(("argument", rollout_id.clone()));
+            }
+            Action::RotateDeviceKey => {
+                fields.push(("action", "rotate_key".into()));
             }
         }
         if let Err(e) = xadd(
@@ -694,6 +704,10 @@ impl Router {
             Ok(Output::Signaled) => {
                 fields.push(("result", "signaled".into()));
             }
+            Ok(Output::KeyRotated { next_key_id }) => {
+                fields.push(("result", "key_rotated".into()));
+                fields.push(("value", next_key_id));
+            }
             Ok(Output::Variable { raw, var_type }) => {
                 fields.push(("result", "variable".into()));
                 fields.push(("raw", hex::encode(raw)));
@@ -812,6 +826,7 @@ impl InboxEntry {
                             release_id: need("name")?,
                             rollout_id: get("argument").unwrap_or_default(),
                         },
+                        "rotate_key" => Action::RotateDeviceKey,
                         other => return Err(format!("unknown action {other}")),
                     };
                     Ok(Self::Command {
@@ -837,6 +852,9 @@ impl InboxEntry {
                             need("value")?.parse().map_err(|_| "bad function value")?,
                         )),
                         "signaled" => Ok(Output::Signaled),
+                        "key_rotated" => Ok(Output::KeyRotated {
+                            next_key_id: need("value")?,
+                        }),
                         "delivery" => Ok(Output::Delivery {
                             outcome: need("value")?.parse().map_err(|_| "bad delivery outcome")?,
                             reason: get("reason").unwrap_or_default(),

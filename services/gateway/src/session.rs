@@ -102,6 +102,22 @@ enum Pending {
         reply: oneshot::Sender<Outcome>,
         deadline: Instant,
     },
+    /// A device key rotation asked (`dk`): the device's offer comes next.
+    RotateKey {
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
+    /// A registered next key sent for the device to commit (`nk`).
+    CommitKey {
+        next_key_id: String,
+        reply: oneshot::Sender<Outcome>,
+        deadline: Instant,
+    },
+    /// A cloud key announcement (`ck`) of this version.
+    CloudKey {
+        version: u32,
+        deadline: Instant,
+    },
 }
 
 pub struct Session {
@@ -126,6 +142,11 @@ pub struct Session {
     transfer: Option<Box<Transfer>>,
     /// The transfer took answers that the next pump acts on.
     pump_deferred: bool,
+    /// The cloud key version the session was opened under.
+    cloud_key_version: u32,
+    /// The version the device holds (Hello extension 0x03, then its
+    /// acknowledgements); `None`: no rotation support.
+    device_cloud_key: Option<u32>,
 }
 
 /// A firmware transfer in progress on this session (one at a time).
@@ -151,6 +172,7 @@ impl Session {
         peer: SocketAddr,
         stream: TcpStream,
         cipher: SessionCipher,
+        cloud_key_version: u32,
     ) -> Self {
         Self {
             gw,
@@ -169,6 +191,8 @@ impl Session {
             last_received: Instant::now(),
             transfer: None,
             pump_deferred: false,
+            cloud_key_version,
+            device_cloud_key: None,
         }
     }
 
@@ -190,7 +214,9 @@ impl Session {
         for (_, p) in self.pending.drain() {
             if let Pending::Function { reply, .. }
             | Pending::Variable { reply, .. }
-            | Pending::Signal { reply, .. } = p
+            | Pending::Signal { reply, .. }
+            | Pending::RotateKey { reply, .. }
+            | Pending::CommitKey { reply, .. } = p
             {
                 let _ = reply.send(Err(Failure::new(
                     FailureKind::SessionLost,
@@ -299,10 +325,17 @@ impl Session {
                         }
                     }
                     Some(SessionCommand::Close { reason }) => return SessionEnd::Closed(reason),
+                    Some(SessionCommand::CloudKeyChanged) => {
+                        if !draining && self.hello_seen
+                            && let Err(end) = Box::pin(self.announce_cloud_key()).await
+                        {
+                            return end;
+                        }
+                    }
                     None => return SessionEnd::Shutdown,
                 },
                 () = &mut tick => {
-                    if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota)) {
+                    if draining && self.pending.values().all(|p| matches!(p, Pending::Describe | Pending::Ota | Pending::CloudKey { .. })) {
                         let span = drain_span.get_or_insert_with(|| self.drain_span());
                         span.in_scope(|| tracing::info!("in-flight commands answered; closing for the drain"));
                         return SessionEnd::Shutdown;
@@ -342,7 +375,7 @@ impl Session {
                 }
                 _ = shutdown.wait(), if !draining => {
                     draining = true;
-                    let in_flight = self.pending.values().filter(|p| !matches!(p, Pending::Describe | Pending::Ota)).count();
+                    let in_flight = self.pending.values().filter(|p| !matches!(p, Pending::Describe | Pending::Ota | Pending::CloudKey { .. })).count();
                     drain_span.get_or_insert_with(|| self.drain_span()).in_scope(|| tracing::info!(in_flight, "draining"));
                     if in_flight == 0 {
                         return SessionEnd::Shutdown;
@@ -442,6 +475,16 @@ impl Session {
         if let Err(e) = device_state::record_hello(&mut redis, &self.device_id, &hello).await {
             tracing::warn!(device = %self.device_id, error = %e, "could not store the device's Hello");
         }
+        // What cloud key version it holds (Hello extension 0x03; none:
+        // version 1, no rotation support), recorded before any answer.
+        self.device_cloud_key = hello.cloud_key_version;
+        crate::cloud_keys::record_holding(
+            &self.gw,
+            &self.device_id,
+            hello.cloud_key_version.unwrap_or(1),
+            hello.cloud_key_version.is_some(),
+        )
+        .await;
         self.tell_scheduler(&hello);
         let token = self.take_token();
         let id = self.outgoing.next();
@@ -451,7 +494,52 @@ impl Session {
         let token = self.take_token();
         self.pending.insert(token, Pending::Describe);
         let id = self.outgoing.next();
-        self.send(&message::describe(id, token)).await
+        self.send(&message::describe(id, token)).await?;
+        // Cloud key rotation (docs/protocol.md §6.7): the current key if
+        // the device holds an older one.
+        self.announce_cloud_key().await
+    }
+
+    /// Sends the signed announcement of the current cloud key if the device
+    /// supports rotation, holds an older version, and is not being told
+    /// already. A keyvault that cannot sign it now is logged; the next
+    /// Hello or version change tries again.
+    async fn announce_cloud_key(&mut self) -> Result<(), SessionEnd> {
+        let Some(held) = self.device_cloud_key else {
+            return Ok(());
+        };
+        let current = self.gw.cloud_keys.current();
+        if current <= held
+            || self
+                .pending
+                .values()
+                .any(|p| matches!(p, Pending::CloudKey { .. }))
+        {
+            return Ok(());
+        }
+        let (version, payload) = match self
+            .gw
+            .cloud_keys
+            .announcement(&self.gw, self.cloud_key_version)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(device = %self.device_id, error = %e, "cannot get the cloud key announcement from keyvault");
+                return Ok(());
+            }
+        };
+        if version <= held {
+            return Ok(());
+        }
+        tracing::info!(device = %self.device_id, held, version, session_version = self.cloud_key_version, "announcing the cloud key");
+        let token = self.take_token();
+        let deadline = Instant::now() + Duration::from_millis(self.gw.config.command_timeout_ms);
+        self.pending
+            .insert(token, Pending::CloudKey { version, deadline });
+        let id = self.outgoing.next();
+        self.send(&message::cloud_key_announcement(id, token, &payload))
+            .await
     }
 
     async fn on_request(&mut self, msg: &CoapMessage, req: Request) -> Result<(), SessionEnd> {
@@ -563,6 +651,103 @@ impl Session {
                 }
             }
             Pending::Ota => {}
+            Pending::RotateKey { reply, deadline } => {
+                if msg.code != code::CHANGED {
+                    let _ = reply.send(Err(Failure::new(
+                        FailureKind::Refused,
+                        format!(
+                            "device answered {}: {}",
+                            code_text(msg.code),
+                            reason_text(&msg.payload)
+                        ),
+                    )));
+                    return;
+                }
+                // The device's offer: keyvault checks its signature by the
+                // registered key and records it as the next key.
+                let mut keyvault = self.gw.keyvault.clone();
+                let registered = keyvault
+                    .register_next_device_key(trellis_proto::v1::RegisterNextDeviceKeyRequest {
+                        device_id: self.device_id.clone(),
+                        offer: msg.payload.clone(),
+                        gateway_id: self.gw.id.clone(),
+                    })
+                    .await;
+                let device = match registered {
+                    Ok(d) => d.into_inner(),
+                    Err(status) => {
+                        tracing::warn!(device = %self.device_id, error = %status.message(), "keyvault refused the device's new key");
+                        let _ = reply.send(Err(Failure::new(
+                            FailureKind::Refused,
+                            format!("keyvault refused the new key: {}", status.message()),
+                        )));
+                        return;
+                    }
+                };
+                let Some(sha) = hex::decode(&device.next_key_id)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                else {
+                    let _ = reply.send(Err(Failure::new(
+                        FailureKind::Internal,
+                        format!("keyvault answered a next key id {:?}", device.next_key_id),
+                    )));
+                    return;
+                };
+                let token = self.take_token();
+                let id = self.outgoing.next();
+                self.pending.insert(
+                    token,
+                    Pending::CommitKey {
+                        next_key_id: device.next_key_id.clone(),
+                        reply,
+                        deadline,
+                    },
+                );
+                if let Err(e) = self
+                    .send(&message::device_key_commit(id, token, &sha))
+                    .await
+                {
+                    tracing::warn!(device = %self.device_id, error = %e, "cannot send the key commit");
+                }
+            }
+            Pending::CommitKey {
+                next_key_id, reply, ..
+            } => {
+                let _ = reply.send(if msg.code == code::CHANGED {
+                    tracing::info!(device = %self.device_id, %next_key_id, "device committed its new key");
+                    Ok(Output::KeyRotated { next_key_id })
+                } else {
+                    Err(Failure::new(
+                        FailureKind::Refused,
+                        format!(
+                            "device answered {}: {}",
+                            code_text(msg.code),
+                            reason_text(&msg.payload)
+                        ),
+                    ))
+                });
+            }
+            Pending::CloudKey { version, .. } => {
+                if msg.code == code::CHANGED {
+                    tracing::info!(device = %self.device_id, version, "device acknowledged the cloud key");
+                    self.device_cloud_key = Some(version);
+                    crate::cloud_keys::record_holding(&self.gw, &self.device_id, version, true)
+                        .await;
+                    crate::cloud_keys::audit(&self.gw, &self.device_id, version, "ok", "").await;
+                } else {
+                    let reason = reason_text(&msg.payload);
+                    tracing::warn!(device = %self.device_id, version, code = %code_text(msg.code), %reason, "device refused the cloud key announcement");
+                    crate::cloud_keys::audit(
+                        &self.gw,
+                        &self.device_id,
+                        version,
+                        "refused",
+                        &reason,
+                    )
+                    .await;
+                }
+            }
             Pending::Function { reply, .. } => {
                 let outcome = if msg.code == code::FORBIDDEN {
                     // A device with signed commands refused the call; its
@@ -702,6 +887,13 @@ impl Session {
                     .insert(token, Pending::Signal { reply, deadline });
                 return self.send(&message::signal(id, token, on)).await;
             }
+            Action::RotateDeviceKey => {
+                let token = self.take_token();
+                let id = self.outgoing.next();
+                self.pending
+                    .insert(token, Pending::RotateKey { reply, deadline });
+                return self.send(&message::device_key_rotate(id, token)).await;
+            }
         };
         let token = self.take_token();
         let id = self.outgoing.next();
@@ -744,7 +936,10 @@ impl Session {
                 Pending::Function { deadline, .. }
                 | Pending::Variable { deadline, .. }
                 | Pending::Signal { deadline, .. }
-                | Pending::Policy { deadline, .. } => *deadline <= now,
+                | Pending::Policy { deadline, .. }
+                | Pending::RotateKey { deadline, .. }
+                | Pending::CommitKey { deadline, .. }
+                | Pending::CloudKey { deadline, .. } => *deadline <= now,
                 Pending::Describe | Pending::Ota => false,
             })
             .map(|(t, _)| *t)
@@ -754,7 +949,9 @@ impl Session {
                 Pending::Function { reply, .. }
                 | Pending::Variable { reply, .. }
                 | Pending::Signal { reply, .. }
-                | Pending::Policy { reply, .. },
+                | Pending::Policy { reply, .. }
+                | Pending::RotateKey { reply, .. }
+                | Pending::CommitKey { reply, .. },
             ) = self.pending.remove(&t)
             {
                 let _ = reply.send(Err(Failure::new(
@@ -1170,6 +1367,20 @@ fn read_into_decoder(
     let n = stream.try_read(&mut scratch)?;
     decoder.push(&scratch[..n]);
     Ok(n)
+}
+
+/// A device's refusal reason (a UTF-8 payload), printable and short.
+fn reason_text(payload: &[u8]) -> String {
+    let reason: String = String::from_utf8_lossy(payload)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(80)
+        .collect();
+    if reason.is_empty() {
+        "no reason given".into()
+    } else {
+        reason
+    }
 }
 
 fn code_text(code: u8) -> String {

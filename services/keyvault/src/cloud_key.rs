@@ -15,7 +15,7 @@ use trellis_core::keys::key_id;
 use trellis_core::redis_conn::{Redis, keys};
 use zeroize::Zeroizing;
 
-/// The version of the cloud key this keyvault makes (rotation: later).
+/// The version of the first cloud key (later ones: `cloud_keys::rotate`).
 pub const CLOUD_KEY_VERSION: u32 = 1;
 
 /// Where a sealed key lives and what it is called. The cloud key and the
@@ -39,6 +39,33 @@ pub const CLOUD_SLOT: KeySlot = KeySlot {
     what: "cloud key",
 };
 const CLOUD_KEY_BITS: u32 = 2048;
+
+/// The slot of cloud key `version`: version 1 is [`CLOUD_SLOT`], where it
+/// always was; version N lives at `trellis:cloudkey:vN`, sealed with the
+/// same label (the version is in the associated data too).
+pub fn cloud_slot(version: u32) -> KeySlot {
+    if version == CLOUD_KEY_VERSION {
+        return CLOUD_SLOT;
+    }
+    static LOCATIONS: std::sync::Mutex<Vec<(u32, &'static str)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut known = LOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let location = match known.iter().find(|(v, _)| *v == version) {
+        Some((_, l)) => *l,
+        None => {
+            // One small string per cloud key version, ever: rotations are
+            // rare operator actions.
+            let l: &'static str = Box::leak(keys::cloud_key_record(version).into_boxed_str());
+            known.push((version, l));
+            l
+        }
+    };
+    KeySlot {
+        location,
+        label: CLOUD_SLOT.label,
+        what: CLOUD_SLOT.what,
+    }
+}
 const RECORD_FORMAT: u32 = 1;
 
 /// What is stored at `keys::CLOUD_KEY` (JSON). Only `ciphertext` is secret,
@@ -109,10 +136,15 @@ impl CloudKey {
 
     /// Makes a new key pair (not stored).
     pub fn generate() -> Result<Self, CloudKeyError> {
+        Self::generate_version(CLOUD_KEY_VERSION)
+    }
+
+    /// Makes a new key pair for cloud key `version` (not stored).
+    pub fn generate_version(version: u32) -> Result<Self, CloudKeyError> {
         let private_pkcs8 = generate_pkcs8_der(CLOUD_KEY_BITS)?;
         let public_der = public_der_of(&private_pkcs8)?;
         Ok(Self {
-            version: CLOUD_KEY_VERSION,
+            version,
             key_id: key_id(&public_der),
             public_der,
             private_pkcs8,

@@ -6,6 +6,7 @@
 //!
 //! - [`master_key`]: the one secret not kept in Redis;
 //! - [`cloud_key`]: the RSA-2048 cloud key, sealed in Redis;
+//! - [`cloud_keys`]: its versions (rotation, retirement);
 //! - [`release_key`]: the RSA-2048 release-signing key, sealed the same way;
 //! - [`signing`]: Sign and GetSigningKey (purpose "release"), audited;
 //! - [`backend`]: which RSA library does the private operations (OpenSSL);
@@ -15,6 +16,7 @@
 //! - [`service`]: the gRPC edge.
 pub mod backend;
 pub mod cloud_key;
+pub mod cloud_keys;
 pub mod error;
 pub mod master_key;
 pub mod pool;
@@ -55,6 +57,23 @@ pub async fn serve_with_listener(
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let service = build(&config).await?;
+    // Other keyvaults' rotations and retirements show here within a reload.
+    let reloader = service.keyring().clone();
+    let mut reload_redis = service.durable();
+    let mut reload_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cloud_keys::RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = reload_stop.wait() => return,
+            }
+            if let Err(e) = reloader.reload(&mut reload_redis).await {
+                tracing::warn!(error = %e, "cannot reload the cloud key versions; keeping the ones loaded");
+            }
+        }
+    });
     let addr = listener.local_addr().ok();
     tracing::info!(
         listen = ?addr,
@@ -108,21 +127,29 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     let mut redis = trellis_core::redis_conn::connect_durable(&config.redis)
         .await
         .context("keyvault needs Redis for durable records: set redis.url in trellis.toml or TRELLIS_REDIS__URL (e.g. redis://127.0.0.1:6379/), or redis.durable_url / redis.sentinels")?;
-    let cloud = cloud_key::load_or_create(&mut redis, &master).await?;
+    let ring = cloud_keys::load(&mut redis, &master, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load the cloud key versions: {e}"))?;
     let release = release_key::load_or_create(&mut redis, &master).await?;
-    drop(master);
-    let backend = backend::OpensslBackend::from_pkcs8_der(cloud.private_pkcs8_der())?;
-    let public = service::CloudPublic::from(&cloud);
-    drop(cloud);
-    tracing::info!(key_id = %public.key_id, version = public.version, "cloud key loaded");
+    let first = ring
+        .get(cloud_key::CLOUD_KEY_VERSION)
+        .context("cloud key version 1 is missing")?;
+    // The pool's own key (Sign uses its own; handshakes pick a version).
+    let backend = first.ops.clone();
+    if let Some(current) = ring.current() {
+        tracing::info!(key_id = %current.meta.key_id, version = current.meta.version, versions = ring.all().count(), "cloud keys loaded");
+    }
     tracing::info!(key_id = %release.public().key_id, "release key loaded");
+    // The master key stays in memory: rotation seals new versions with it.
+    let ring = cloud_keys::SharedKeyring::new(ring, master);
     let pool = Pool::new(
-        Arc::new(backend),
+        backend,
         config.keyvault.workers,
         config.keyvault.queue_depth,
     )
     .context("cannot start keyvault's private-key worker threads")?;
-    Ok(KeyVaultService::new(pool, redis, public)
+    Ok(KeyVaultService::new(pool, redis, ring)
+        .with_retire_grace_days(config.keys.retire_grace_days)
         .with_release_key(Arc::new(release))
         .with_max_queue_wait(std::time::Duration::from_millis(
             config.keyvault.max_queue_wait_ms,

@@ -234,6 +234,45 @@ impl Pool {
         r
     }
 
+    /// Decrypts with another key than the pool's own (a cloud key version,
+    /// `cloud_keys`). The first decryption of a handshake is an admission;
+    /// a further one for the same handshake (`admitted`: trying the next
+    /// cloud key version) is a continuation, served first.
+    pub async fn decrypt_with(
+        &self,
+        key: std::sync::Arc<dyn PrivateOps>,
+        ciphertext: Vec<u8>,
+        deadline: Option<Instant>,
+        admitted: bool,
+    ) -> Result<Zeroizing<Vec<u8>>, PoolError> {
+        let started = std::time::Instant::now();
+        let class = if admitted {
+            Class::Continuation
+        } else {
+            Class::Admission
+        };
+        let r = self
+            .run(class, deadline, move |_| key.decrypt(&ciphertext))
+            .await;
+        record_op("decrypt", started);
+        r
+    }
+
+    /// Signs with another key than the pool's own, for an admitted
+    /// handshake (a continuation).
+    pub async fn sign_with(
+        &self,
+        key: std::sync::Arc<dyn PrivateOps>,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, PoolError> {
+        let started = std::time::Instant::now();
+        let r = self
+            .run(Class::Continuation, None, move |_| key.sign_raw(&data))
+            .await;
+        record_op("sign", started);
+        r
+    }
+
     /// Signs for an admitted handshake (a continuation: served first).
     pub async fn sign_raw(&self, data: Vec<u8>) -> Result<Vec<u8>, PoolError> {
         let started = std::time::Instant::now();

@@ -42,6 +42,9 @@ pub struct DeviceRecord {
     pub tags: Vec<String>,
     /// Empty: none ([`parse_name`]).
     pub name: String,
+    /// Device key rotation: the key the device offered, signed by its
+    /// registered key, not yet used in a handshake (empty: none).
+    pub next_public_key_der: Vec<u8>,
 }
 
 impl DeviceRecord {
@@ -56,6 +59,13 @@ impl DeviceRecord {
             revoked_at_ms: self.revoked_at_ms,
             tags: self.tags.clone(),
             name: self.name.clone(),
+            key_id: trellis_core::keys::key_id(&self.public_key_der),
+            next_public_key_der: self.next_public_key_der.clone(),
+            next_key_id: if self.next_public_key_der.is_empty() {
+                String::new()
+            } else {
+                trellis_core::keys::key_id(&self.next_public_key_der)
+            },
         }
     }
 
@@ -71,6 +81,10 @@ impl DeviceRecord {
             ("revoke_reason", self.revoke_reason.clone()),
             ("tags", self.tags.join(",")),
             ("name", self.name.clone()),
+            (
+                "next_public_key_der",
+                hex::encode(&self.next_public_key_der),
+            ),
         ]
     }
 
@@ -111,6 +125,8 @@ impl DeviceRecord {
                 .map(str::to_string)
                 .collect(),
             name: get("name").to_string(),
+            next_public_key_der: hex::decode(get("next_public_key_der"))
+                .map_err(|_| damaged("next_public_key_der"))?,
         })
     }
 }
@@ -239,6 +255,7 @@ pub async fn register(
         // A revoked device registered again in its organisation keeps its
         // name (the organisation's name index still points at this id).
         name: kept_name,
+        next_public_key_der: Vec::new(),
     };
     let mut script = PUT_IF_UNCHANGED.prepare_invoke();
     script
@@ -674,6 +691,146 @@ pub async fn drop_pending(redis: &mut Redis, device_id: &str) -> Result<bool> {
         .query_async(redis)
         .await?;
     Ok(removed > 0)
+}
+
+// Device key rotation. KEYS: the record. ARGV: the current key hex the
+// caller checked the offer against, the new key hex. 0: the record changed
+// (or is revoked, or gone).
+static SET_NEXT_KEY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'public_key_der') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'revoked') == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'next_public_key_der', ARGV[2])
+return 1
+"#,
+    )
+});
+
+// KEYS: the record. ARGV: the next key hex seen. Promotes it: 0 when the
+// record no longer has that next key (another handshake promoted it).
+static PROMOTE_NEXT_KEY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'next_public_key_der') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'revoked') == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'public_key_der', ARGV[1], 'next_public_key_der', '')
+return 1
+"#,
+    )
+});
+
+/// Device key rotation (docs/protocol.md §6.8): checks the device's offer
+/// (its new RSA-1024 key, signed by its registered key over the domain-
+/// separated message) and records the new key as the device's next key.
+/// Audited, refusals too.
+pub async fn register_next_key(
+    redis: &mut Redis,
+    device_id: &str,
+    offer: &[u8],
+    actor: &str,
+) -> Result<DeviceRecord> {
+    let device_id = parse_device_id(device_id)?;
+    let record = get_device(redis, &device_id).await?;
+    if record.revoked {
+        return Err(KeyvaultError::FailedPrecondition(format!(
+            "device {device_id} is revoked"
+        )));
+    }
+    let parsed = match trellis_wire::rotation::DeviceKeyOffer::parse(offer) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse_offer(redis, actor, &device_id, e.to_string()).await),
+    };
+    let registered = trellis_core::keys::parse_public_key(&record.public_key_der).map_err(|e| {
+        KeyvaultError::Internal(format!(
+            "the registered key of device {device_id} does not parse ({e})"
+        ))
+    })?;
+    let id: DeviceId = device_id
+        .parse()
+        .map_err(|e| KeyvaultError::InvalidArgument(format!("device_id: {e}")))?;
+    if let Err(e) = parsed.verify(&registered, id) {
+        return Err(refuse_offer(redis, actor, &device_id, e.to_string()).await);
+    }
+    let der = match trellis_core::keys::public_key_der(&parsed.public_key_der) {
+        Ok(d) => d,
+        Err(e) => return Err(refuse_offer(redis, actor, &device_id, e.to_string()).await),
+    };
+    if der == record.public_key_der {
+        return Err(refuse_offer(
+            redis,
+            actor,
+            &device_id,
+            "the new key is the registered key".into(),
+        )
+        .await);
+    }
+    let written: i64 = SET_NEXT_KEY
+        .key(keys::device(&device_id))
+        .arg(hex::encode(&record.public_key_der))
+        .arg(hex::encode(&der))
+        .invoke_async(redis)
+        .await?;
+    if written != 1 {
+        return Err(KeyvaultError::FailedPrecondition(format!(
+            "device {device_id} was changed by another request at the same time; retry"
+        )));
+    }
+    audit_write(
+        redis,
+        AuditRecord::new(actor, "device_key_offer", &device_id, "ok")
+            .with("key_id", trellis_core::keys::key_id(&record.public_key_der))
+            .with("next_key_id", trellis_core::keys::key_id(&der)),
+    )
+    .await;
+    get_device(redis, &device_id).await
+}
+
+async fn refuse_offer(
+    redis: &mut Redis,
+    actor: &str,
+    device_id: &str,
+    reason: String,
+) -> KeyvaultError {
+    audit_write(
+        redis,
+        AuditRecord::new(actor, "device_key_offer", device_id, "refused")
+            .with("reason", reason.clone()),
+    )
+    .await;
+    KeyvaultError::FailedPrecondition(format!("device {device_id}'s new key is refused: {reason}"))
+}
+
+/// Makes the device's next key its key (its first handshake under it);
+/// the old key is refused from then on. Audited. `None`: someone else
+/// promoted it first (the caller reads the record again).
+pub async fn promote_next_key(
+    redis: &mut Redis,
+    record: &DeviceRecord,
+) -> Result<Option<DeviceRecord>> {
+    let promoted: i64 = PROMOTE_NEXT_KEY
+        .key(keys::device(&record.device_id))
+        .arg(hex::encode(&record.next_public_key_der))
+        .invoke_async(redis)
+        .await?;
+    if promoted != 1 {
+        return get(redis, &record.device_id).await;
+    }
+    audit_write(
+        redis,
+        AuditRecord::new("keyvault", "device_key_promote", &record.device_id, "ok")
+            .with(
+                "retired_key_id",
+                trellis_core::keys::key_id(&record.public_key_der),
+            )
+            .with(
+                "key_id",
+                trellis_core::keys::key_id(&record.next_public_key_der),
+            ),
+    )
+    .await;
+    tracing::info!(device_id = %record.device_id, "device key rotated: next key promoted, old key retired");
+    get(redis, &record.device_id).await
 }
 
 /// Appends an audit record; a failure is logged loudly but does not fail the

@@ -1,5 +1,5 @@
 //! `trellis keyvault rewrap --new-master-key FILE`: re-seals every sealed
-//! key (the cloud key, the release key) under a new master key.
+//! key (every cloud key version, the release key) under a new master key.
 //!
 //! Atomic per key: each record is replaced by one compare-and-set script
 //! that writes only if the record is still the one read, so a record is
@@ -13,15 +13,36 @@
 //! them with the new master key once the rewrap has finished (a keyvault
 //! started with the old key after the rewrap refuses to start, as with any
 //! wrong master key).
-use crate::cloud_key::{CLOUD_SLOT, CloudKeyError, KeySlot, SealedCloudKey, read_record_in};
+use crate::cloud_key::{
+    CLOUD_KEY_VERSION, CLOUD_SLOT, CloudKeyError, KeySlot, SealedCloudKey, cloud_slot,
+    read_record_in,
+};
 use crate::master_key::MasterKey;
 use crate::release_key::RELEASE_SLOT;
 use std::sync::LazyLock;
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::redis_conn::Redis;
 
-/// Every sealed key, in the order they are rewrapped.
+/// The sealed keys every installation has, in the order they are
+/// rewrapped; cloud key versions after the first follow ([`slots`]).
 pub const SLOTS: [KeySlot; 2] = [CLOUD_SLOT, RELEASE_SLOT];
+
+/// Every sealed key: [`SLOTS`], then each later cloud key version recorded
+/// in `keys::CLOUD_KEY_VERSIONS`, oldest first.
+pub async fn slots(redis: &mut Redis) -> Result<Vec<KeySlot>, RewrapError> {
+    let fields: Vec<String> =
+        redis::AsyncCommands::hkeys(redis, trellis_core::redis_conn::keys::CLOUD_KEY_VERSIONS)
+            .await?;
+    let mut versions: Vec<u32> = fields
+        .iter()
+        .filter_map(|f| f.parse().ok())
+        .filter(|v| *v != CLOUD_KEY_VERSION)
+        .collect();
+    versions.sort_unstable();
+    let mut out = SLOTS.to_vec();
+    out.extend(versions.into_iter().map(cloud_slot));
+    Ok(out)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -121,9 +142,10 @@ pub async fn rewrap_all(
     if old.as_bytes() == new.as_bytes() {
         return Err(RewrapError::SameKey);
     }
+    let slots = slots(redis).await?;
     // Before anything is written: the old key (or the new one, on a
     // resumed run) must open every record.
-    for slot in SLOTS {
+    for slot in slots.iter().copied() {
         if let Some(record) = read_record_in(redis, slot).await?
             && record.open_in(slot, new).is_err()
         {
@@ -131,13 +153,15 @@ pub async fn rewrap_all(
         }
     }
     let mut done = Vec::new();
-    for slot in SLOTS {
+    for slot in slots {
         let outcome = rewrap_slot(redis, slot, old, new).await?;
         progress(slot, &outcome);
         if outcome == Outcome::Rewrapped {
             audit::append_logged(
                 redis,
-                &AuditRecord::new(actor, "master_key_rewrap", "", "ok").with("key", slot.what),
+                &AuditRecord::new(actor, "master_key_rewrap", "", "ok")
+                    .with("key", slot.what)
+                    .with("location", slot.location),
             )
             .await;
         }

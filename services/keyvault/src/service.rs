@@ -1,6 +1,6 @@
 //! The gRPC edge: the `KeyVault` service, one tracing span per RPC, typed
 //! errors turned into statuses here and nowhere else.
-use crate::cloud_key::CloudKey;
+use crate::cloud_keys::{self, SharedKeyring};
 use crate::error::KeyvaultError;
 use crate::pool::{Pool, PoolError};
 use crate::registry;
@@ -20,29 +20,14 @@ use trellis_proto::v1::key_vault_server::KeyVault;
 const DEFAULT_AUDIT_LIMIT: usize = 100;
 const MAX_AUDIT_LIMIT: usize = 10_000;
 
-/// The public facts about the cloud key (the private part stays in the pool).
-#[derive(Debug, Clone)]
-pub struct CloudPublic {
-    pub public_der: Vec<u8>,
-    pub key_id: String,
-    pub version: u32,
-}
-
-impl From<&CloudKey> for CloudPublic {
-    fn from(k: &CloudKey) -> Self {
-        Self {
-            public_der: k.public_der.clone(),
-            key_id: k.key_id.clone(),
-            version: k.version,
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct KeyVaultService {
     pool: Pool,
     redis: Redis,
-    cloud: Arc<CloudPublic>,
+    /// Every cloud key version (cloud_keys.rs).
+    ring: SharedKeyring,
+    /// `keys.retire_grace_days`.
+    retire_grace_days: u32,
     release: Option<Arc<ReleaseKey>>,
     /// `keyvault.max_queue_wait_ms` (None: only the caller's deadline).
     max_queue_wait: Option<Duration>,
@@ -52,17 +37,18 @@ impl std::fmt::Debug for KeyVaultService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyVaultService")
             .field("pool", &self.pool)
-            .field("cloud_key_id", &self.cloud.key_id)
+            .field("ring", &self.ring)
             .finish_non_exhaustive()
     }
 }
 
 impl KeyVaultService {
-    pub fn new(pool: Pool, redis: Redis, cloud: CloudPublic) -> Self {
+    pub fn new(pool: Pool, redis: Redis, ring: SharedKeyring) -> Self {
         Self {
             pool,
             redis,
-            cloud: Arc::new(cloud),
+            ring,
+            retire_grace_days: trellis_core::config::KeysConfig::default().retire_grace_days,
             release: None,
             max_queue_wait: None,
         }
@@ -73,6 +59,17 @@ impl KeyVaultService {
     pub fn with_max_queue_wait(mut self, wait: Duration) -> Self {
         self.max_queue_wait = (!wait.is_zero()).then_some(wait);
         self
+    }
+
+    /// `keys.retire_grace_days`.
+    pub fn with_retire_grace_days(mut self, days: u32) -> Self {
+        self.retire_grace_days = days;
+        self
+    }
+
+    /// The cloud key versions.
+    pub fn keyring(&self) -> &SharedKeyring {
+        &self.ring
     }
 
     /// Enables Sign and GetSigningKey for purpose "release".
@@ -417,10 +414,14 @@ impl KeyVault for KeyVaultService {
         &self,
         _request: Request<pb::GetCloudPublicKeyRequest>,
     ) -> Result<Response<pb::CloudPublicKey>, Status> {
+        let ring = self.ring.snapshot();
+        let current = ring
+            .current()
+            .ok_or_else(|| Status::internal("no live cloud key version"))?;
         Ok(Response::new(pb::CloudPublicKey {
-            public_key_der: self.cloud.public_der.clone(),
-            key_id: self.cloud.key_id.clone(),
-            version: self.cloud.version,
+            public_key_der: current.public_der.clone(),
+            key_id: current.meta.key_id.clone(),
+            version: current.meta.version,
         }))
     }
 
@@ -446,8 +447,11 @@ impl KeyVault for KeyVaultService {
         );
         let mut redis = self.redis.clone();
         let pool = self.pool.clone();
+        let ring = self.ring.snapshot();
         async move {
-            let result = session::open_session(&pool, &mut redis, &req, deadline).await;
+            let mut notes = session::Notes::default();
+            let result =
+                session::open_session(&pool, &ring, &mut redis, &req, deadline, &mut notes).await;
             let span = tracing::Span::current();
             match result {
                 Ok((response, outcome, device_id)) => {
@@ -456,7 +460,7 @@ impl KeyVault for KeyVaultService {
                     if outcome == session::Outcome::Ok {
                         registry::audit_write(
                             &mut redis,
-                            session::audit_record(&req, &device_id, outcome),
+                            session::audit_record(&req, &device_id, outcome, &notes),
                         )
                         .await;
                     } else {
@@ -626,6 +630,205 @@ impl KeyVault for KeyVaultService {
                 })
                 .collect(),
         }))
+    }
+    async fn rotate_cloud_key(
+        &self,
+        request: Request<pb::RotateCloudKeyRequest>,
+    ) -> Result<Response<pb::CloudKeyVersion>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let span = tracing::info_span!("keyvault.rotate_cloud_key", version = field::Empty);
+        let mut redis = self.redis.clone();
+        let ring = self.ring.clone();
+        async move {
+            let meta = cloud_keys::rotate(&mut redis, &ring, &actor)
+                .await
+                .map_err(status)?;
+            tracing::Span::current().record("version", meta.version);
+            Ok(Response::new(version_proto(&ring, meta.version, None)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn cloud_key_status(
+        &self,
+        _request: Request<pb::CloudKeyStatusRequest>,
+    ) -> Result<Response<pb::CloudKeyStatusResponse>, Status> {
+        let span = tracing::debug_span!("keyvault.cloud_key_status");
+        let mut redis = self.redis.clone();
+        let ring = self.ring.clone();
+        let grace = self.retire_grace_days;
+        async move {
+            ring.reload(&mut redis).await.map_err(status)?;
+            let holdings = cloud_keys::holdings(&mut redis).await.map_err(status)?;
+            let counts = cloud_keys::count(&holdings, grace, trellis_core::time::now_ms());
+            let snapshot = ring.snapshot();
+            let versions = snapshot
+                .all()
+                .map(|k| version_proto(&ring, k.meta.version, counts.get(&k.meta.version)))
+                .collect();
+            Ok(Response::new(pb::CloudKeyStatusResponse {
+                versions,
+                retire_grace_days: grace,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn retire_cloud_key(
+        &self,
+        request: Request<pb::RetireCloudKeyRequest>,
+    ) -> Result<Response<pb::CloudKeyVersion>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.retire_cloud_key",
+            version = req.version,
+            force = req.force
+        );
+        let mut redis = self.redis.clone();
+        let ring = self.ring.clone();
+        let grace = self.retire_grace_days;
+        async move {
+            let meta = cloud_keys::retire(&mut redis, &ring, req.version, req.force, grace, &actor)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(version_proto(&ring, meta.version, None)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn unretire_cloud_key(
+        &self,
+        request: Request<pb::UnretireCloudKeyRequest>,
+    ) -> Result<Response<pb::CloudKeyVersion>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let span = tracing::info_span!("keyvault.unretire_cloud_key", version = req.version);
+        let mut redis = self.redis.clone();
+        let ring = self.ring.clone();
+        async move {
+            let meta = cloud_keys::unretire(&mut redis, &ring, req.version, &actor)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(version_proto(&ring, meta.version, None)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_cloud_key_announcement(
+        &self,
+        request: Request<pb::GetCloudKeyAnnouncementRequest>,
+    ) -> Result<Response<pb::CloudKeyAnnouncement>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.get_cloud_key_announcement",
+            gateway_id = %req.gateway_id,
+            signing_version = req.signing_version,
+            version = req.version,
+        );
+        let mut redis = self.redis.clone();
+        let pool = self.pool.clone();
+        let ring = self.ring.snapshot();
+        async move {
+            let target = if req.version == 0 {
+                ring.current()
+            } else {
+                ring.get(req.version)
+            }
+            .filter(|k| k.live())
+            .ok_or_else(|| {
+                Status::not_found(format!("cloud key version {} is not live", req.version))
+            })?;
+            let signer = ring
+                .get(req.signing_version)
+                .filter(|k| k.live())
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "cloud key version {} (the session's) is not live",
+                        req.signing_version
+                    ))
+                })?;
+            let message = trellis_wire::rotation::cloud_key_signed_bytes(
+                target.meta.version,
+                &target.public_der,
+            );
+            let signature = pool
+                .sign_with(signer.ops.clone(), cloud_keys::pkcs1_sha256_input(&message))
+                .await
+                .map_err(|e| status(e.into()))?;
+            let payload = trellis_wire::rotation::CloudKeyAnnouncement {
+                version: target.meta.version,
+                public_key_der: target.public_der.clone(),
+                signature,
+            }
+            .encode();
+            registry::audit_write(
+                &mut redis,
+                AuditRecord::new(&req.gateway_id, "cloud_key_announcement", "", "ok")
+                    .with("version", target.meta.version.to_string())
+                    .with("signing_version", signer.meta.version.to_string()),
+            )
+            .await;
+            Ok(Response::new(pb::CloudKeyAnnouncement {
+                version: target.meta.version,
+                payload,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn register_next_device_key(
+        &self,
+        request: Request<pb::RegisterNextDeviceKeyRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.register_next_device_key",
+            device_id = %req.device_id,
+            gateway_id = %req.gateway_id,
+        );
+        let mut redis = self.redis.clone();
+        async move {
+            registry::register_next_key(&mut redis, &req.device_id, &req.offer, &req.gateway_id)
+                .await
+                .map(|r| Response::new(r.to_proto()))
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// One version for `keys status` and the key commands' answers.
+fn version_proto(
+    ring: &SharedKeyring,
+    version: u32,
+    counts: Option<&cloud_keys::Counts>,
+) -> pb::CloudKeyVersion {
+    let snapshot = ring.snapshot();
+    let current = snapshot.current().map(|c| c.meta.version);
+    let counts = counts.cloned().unwrap_or_default();
+    match snapshot.get(version) {
+        Some(k) => pb::CloudKeyVersion {
+            version,
+            key_id: k.meta.key_id.clone(),
+            created_ms: k.meta.created_ms,
+            retired_ms: k.meta.retired_ms,
+            current: current == Some(version),
+            devices: counts.devices,
+            legacy_devices: counts.legacy,
+            recent_devices: counts.recent,
+            public_key_der: k.public_der.clone(),
+        },
+        None => pb::CloudKeyVersion {
+            version,
+            ..Default::default()
+        },
     }
 }
 

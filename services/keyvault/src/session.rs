@@ -10,6 +10,7 @@
 //! the nonce check like any wrong nonce. A plaintext too short to parse, a
 //! ciphertext the backend refuses, and a wrong nonce all end in the same
 //! refusal (BAD_HANDSHAKE, one message, no device id) after the same work.
+use crate::cloud_keys::{Keyring, RingKey};
 use crate::error::{KeyvaultError, Result};
 use crate::pool::Pool;
 use crate::registry::{self, DeviceRecord};
@@ -72,13 +73,29 @@ fn refused(outcome: Outcome, device_id: &str, message: String) -> pb::OpenSessio
     }
 }
 
+/// What one OpenSession did besides its answer, for the audit record.
+#[derive(Debug, Clone, Default)]
+pub struct Notes {
+    /// The cloud key version the handshake was made under.
+    pub cloud_key_version: u32,
+    /// The device's next key became its key (device key rotation).
+    pub promoted_key_id: Option<String>,
+}
+
 /// Runs one OpenSession; returns the response and the outcome (for the
 /// span and the audit record, which the caller writes).
+///
+/// Cloud key versions: the live versions are tried in
+/// [`Keyring::candidates`] order (the gateway's hint first, then newest
+/// first) until one decrypts to the nonce. A refusal tries them all, so
+/// every refusal costs the same work whatever the device sent.
 pub async fn open_session(
     pool: &Pool,
+    ring: &Keyring,
     redis: &mut Redis,
     req: &pb::OpenSessionRequest,
     deadline: Option<std::time::Instant>,
+    notes: &mut Notes,
 ) -> Result<(pb::OpenSessionResponse, Outcome, String)> {
     let nonce: [u8; NONCE_LEN] = req.nonce.as_slice().try_into().map_err(|_| {
         KeyvaultError::InvalidArgument(format!(
@@ -97,35 +114,51 @@ pub async fn open_session(
     // now, before any RSA work.
     let _slot = pool.reserve_handshake()?;
 
-    // Step 3: decrypt on the pool. A backend error (a ciphertext not below
-    // the modulus) is treated exactly like bad padding.
-    // A request still queued at `deadline` is dropped unworked.
-    let decrypted = match pool.decrypt_by(req.ciphertext.clone(), deadline).await {
-        Ok(plaintext) => Some(plaintext),
-        Err(crate::pool::PoolError::Backend(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let parsed = decrypted
-        .as_deref()
-        .and_then(|p| HandshakePlaintext::parse(p).ok());
-    // Compare in constant time in every case, against a dummy when nothing parsed.
+    // Step 3: decrypt on the pool, under each live cloud key version in
+    // turn. A backend error (a ciphertext not below the modulus) is treated
+    // exactly like bad padding. A request still queued at `deadline` is
+    // dropped unworked.
     let dummy = [0u8; NONCE_LEN];
-    let got = parsed.as_ref().map_or(&dummy, |p| &p.nonce);
-    let nonce_ok = nonce_matches(&nonce, got) & parsed.is_some();
-    let plaintext = match parsed {
-        Some(p) if nonce_ok => p,
-        _ => {
-            return Ok((
-                refused(Outcome::BadHandshake, "", BAD_HANDSHAKE_MESSAGE.into()),
-                Outcome::BadHandshake,
-                String::new(),
-            ));
+    let mut found: Option<(HandshakePlaintext, std::sync::Arc<RingKey>)> = None;
+    for (i, key) in ring
+        .candidates(req.cloud_key_version_hint)
+        .into_iter()
+        .enumerate()
+    {
+        let decrypted = match pool
+            .decrypt_with(key.ops.clone(), req.ciphertext.clone(), deadline, i > 0)
+            .await
+        {
+            Ok(plaintext) => Some(plaintext),
+            Err(crate::pool::PoolError::Backend(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let parsed = decrypted
+            .as_deref()
+            .and_then(|p| HandshakePlaintext::parse(p).ok());
+        // Compare in constant time in every case, against a dummy when
+        // nothing parsed.
+        let got = parsed.as_ref().map_or(&dummy, |p| &p.nonce);
+        let nonce_ok = nonce_matches(&nonce, got) & parsed.is_some();
+        if let Some(p) = parsed
+            && nonce_ok
+        {
+            found = Some((p, key));
+            break;
         }
+    }
+    let Some((plaintext, cloud_key)) = found else {
+        return Ok((
+            refused(Outcome::BadHandshake, "", BAD_HANDSHAKE_MESSAGE.into()),
+            Outcome::BadHandshake,
+            String::new(),
+        ));
     };
+    notes.cloud_key_version = cloud_key.meta.version;
     let device_id = plaintext.device_id.to_string();
 
     let (record, quarantine_left) = registry::get_with_quarantine(redis, &device_id).await?;
-    let Some(record) = record else {
+    let Some(mut record) = record else {
         if let Some(der) = &plaintext.public_key_der {
             registry::keep_pending(redis, &device_id, der, &req.gateway_id, &req.peer_addr).await?;
         }
@@ -150,6 +183,17 @@ pub async fn open_session(
             Outcome::Revoked,
             device_id,
         ));
+    }
+    // Device key rotation: the first handshake under the registered next
+    // key makes it the device's key, and the old one is refused from now on.
+    if let Some(offered) = &plaintext.public_key_der
+        && !record.next_public_key_der.is_empty()
+        && !same_key(offered, &record.public_key_der)
+        && same_key(offered, &record.next_public_key_der)
+        && let Some(promoted) = registry::promote_next_key(redis, &record).await?
+    {
+        notes.promoted_key_id = Some(trellis_core::keys::key_id(&promoted.public_key_der));
+        record = promoted;
     }
     if let Some(offered) = &plaintext.public_key_der
         && !same_key(offered, &record.public_key_der)
@@ -185,8 +229,8 @@ pub async fn open_session(
         ));
     }
 
-    // Step 4.
-    let grant = grant(pool, &record).await?;
+    // Step 4, signed with the version the device encrypted to.
+    let grant = grant(pool, &cloud_key, &record).await?;
     Ok((
         pb::OpenSessionResponse {
             outcome: Some(pb::open_session_response::Outcome::Granted(grant)),
@@ -196,7 +240,7 @@ pub async fn open_session(
     ))
 }
 
-async fn grant(pool: &Pool, record: &DeviceRecord) -> Result<pb::SessionGrant> {
+async fn grant(pool: &Pool, key: &RingKey, record: &DeviceRecord) -> Result<pb::SessionGrant> {
     let device_key = trellis_core::keys::parse_public_key(&record.public_key_der).map_err(|e| {
         KeyvaultError::Internal(format!(
             "the registered key of device {} does not parse ({e}); re-register it",
@@ -214,7 +258,7 @@ async fn grant(pool: &Pool, record: &DeviceRecord) -> Result<pb::SessionGrant> {
         ))
     })?;
     let hmac = session_hmac(&material, &encrypted);
-    let signature = pool.sign_raw(hmac.to_vec()).await?;
+    let signature = pool.sign_with(key.ops.clone(), hmac.to_vec()).await?;
     let reply = assemble_server_reply(&encrypted, &signature).map_err(|e| {
         KeyvaultError::FailedPrecondition(format!(
             "device {}: {e} (devices must have RSA-1024 keys)",
@@ -227,6 +271,7 @@ async fn grant(pool: &Pool, record: &DeviceRecord) -> Result<pb::SessionGrant> {
         reply: reply.to_vec(),
         product_id: record.product_id,
         organization: record.organization.clone(),
+        cloud_key_version: key.meta.version,
     })
 }
 
@@ -249,7 +294,13 @@ pub fn audit_record(
     req: &pb::OpenSessionRequest,
     device_id: &str,
     outcome: Outcome,
+    notes: &Notes,
 ) -> AuditRecord {
-    AuditRecord::new(&req.gateway_id, "open_session", device_id, outcome.as_str())
+    let mut r = AuditRecord::new(&req.gateway_id, "open_session", device_id, outcome.as_str())
         .with("peer_addr", &req.peer_addr)
+        .with("cloud_key_version", notes.cloud_key_version.to_string());
+    if let Some(k) = &notes.promoted_key_id {
+        r = r.with("promoted_key_id", k.clone());
+    }
+    r
 }

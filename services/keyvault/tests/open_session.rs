@@ -11,6 +11,7 @@ fn request(nonce: &[u8; 40], ciphertext: Vec<u8>) -> pb::OpenSessionRequest {
         ciphertext,
         gateway_id: "gw-test".into(),
         peer_addr: "192.0.2.7:40000".into(),
+        cloud_key_version_hint: 0,
     }
 }
 

@@ -1,13 +1,15 @@
-//! Master key rewrap: interrupted half way (one key re-sealed, the other
-//! not) and run again, every key opens under the new master key and none
+//! Master key rewrap: interrupted half way (one key re-sealed, the others
+//! not) and run again, every key (every cloud key version too) opens under
+//! the new master key and none
 //! under the old; the keys themselves never change; a wrong old key
 //! changes nothing; keyvault then starts with the new key only.
 mod common;
 
 use common::*;
 use trellis_keyvault::cloud_key::{self, read_record_in};
+use trellis_keyvault::cloud_keys;
 use trellis_keyvault::master_key::MasterKey;
-use trellis_keyvault::rewrap::{Outcome, RewrapError, SLOTS, rewrap_all, rewrap_slot};
+use trellis_keyvault::rewrap::{Outcome, RewrapError, SLOTS, rewrap_all, rewrap_slot, slots};
 
 fn key(byte: u8) -> MasterKey {
     MasterKey::from_bytes([byte; 32])
@@ -28,11 +30,22 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
             .unwrap();
         public.push(made.key_id.clone());
     }
+    // A rotated cloud key: version 2, sealed under the old key too.
+    let ring = cloud_keys::SharedKeyring::new(
+        cloud_keys::load(&mut conn, &old, None).await.unwrap(),
+        key(0x11),
+    );
+    let v2 = cloud_keys::rotate(&mut conn, &ring, "test").await.unwrap();
+    assert_eq!(v2.version, 2);
+    public.push(v2.key_id.clone());
+    let all = slots(&mut conn).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2].location, "trellis:cloudkey:v2");
 
     // A wrong "old" key: refused before anything is written.
     let before: Vec<_> = {
         let mut v = Vec::new();
-        for slot in SLOTS {
+        for slot in all.iter().copied() {
             v.push(read_record_in(&mut conn, slot).await.unwrap());
         }
         v
@@ -41,7 +54,7 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
         .await
         .expect_err("a wrong current master key");
     assert!(matches!(err, RewrapError::Key(_)), "{err}");
-    for (slot, was) in SLOTS.iter().zip(&before) {
+    for (slot, was) in all.iter().zip(&before) {
         assert_eq!(
             &read_record_in(&mut conn, *slot).await.unwrap(),
             was,
@@ -66,15 +79,16 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
     })
     .await
     .unwrap();
-    assert_eq!(done.len(), 2);
+    assert_eq!(done.len(), 3);
     assert_eq!(
         seen,
         [
             (SLOTS[0].what, Outcome::AlreadyNew),
-            (SLOTS[1].what, Outcome::Rewrapped)
+            (SLOTS[1].what, Outcome::Rewrapped),
+            (all[2].what, Outcome::Rewrapped)
         ]
     );
-    for (slot, key_id) in SLOTS.iter().zip(&public) {
+    for (slot, key_id) in all.iter().zip(&public) {
         let record = read_record_in(&mut conn, *slot).await.unwrap().unwrap();
         let opened = record
             .open_in(*slot, &new)
@@ -104,6 +118,8 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cloud.key_id, public[0]);
+    // Version 2 is the current one, and it opened under the new key.
+    assert_eq!(cloud.key_id, public[2]);
+    assert_eq!(cloud.version, 2);
     kv.stop().await.unwrap();
 }

@@ -1,5 +1,5 @@
 //! Command-line surface. Every command and flag is documented in the README.
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -91,6 +91,10 @@ pub enum Command {
     /// Provision, register, inspect, call and revoke devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Cloud key versions: rotate, status, retire, unretire
+    /// (docs/protocol.md §6.7).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Device events.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -218,6 +222,12 @@ pub struct SimArgs {
     /// starts at the address that last worked).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub home_return_secs: u64,
+    /// Key rotation (docs/protocol.md §6.7, §6.8): devices announce Hello
+    /// extension 0x03, store announced cloud keys and rotate their own key
+    /// when asked, saving both in --keys (`<id>.cloud.pub.pem`,
+    /// `<id>.cloud.version`, `<id>.pem`).
+    #[arg(long)]
+    pub key_rotation: bool,
     /// Stop after this many seconds (0: run until Ctrl-C). With --smoke: the
     /// time the whole check may take (0: 60).
     #[arg(long, default_value_t = 0)]
@@ -255,6 +265,39 @@ pub enum PendingCommand {
     },
     /// Drop the pending key (needs cluster:admin).
     Reject { id: String },
+}
+
+/// Which key a `trellis keys` command is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyKind {
+    /// The cloud key devices encrypt their handshake to.
+    Cloud,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make cloud key version N+1 (audited). It becomes the current one:
+    /// gateways announce it to every device with rotation support.
+    Rotate { which: KeyKind },
+    /// Every cloud key version (id, created, live/retired) and how many
+    /// devices hold each (legacy devices: version 1, no rotation support).
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retire a version: never used for a handshake again. Refused while a
+    /// device seen within keys.retire_grace_days has not acknowledged a
+    /// newer version, unless --force.
+    Retire {
+        which: KeyKind,
+        version: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a retired version live again: the recovery for devices that
+    /// missed the rotation and came back after the retirement (audited).
+    Unretire { which: KeyKind, version: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,8 +342,17 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One device's state.
+    /// One device's state, its key id and its pending next key (if any).
     Show { id: String },
+    /// Ask a connected device to rotate its key (docs/protocol.md §6.8):
+    /// it makes a new key pair, keyvault registers the new public key
+    /// (signed by the old key) as its next key, and the device uses it
+    /// from its next handshake; the old key is refused after that.
+    RotateKey {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u32,
+    },
     /// Call a function on a device (through any gateway).
     Call {
         id: String,
@@ -431,6 +483,7 @@ impl Command {
                 DeviceCommand::Register { .. } => "device register",
                 DeviceCommand::List { .. } => "device list",
                 DeviceCommand::Show { .. } => "device show",
+                DeviceCommand::RotateKey { .. } => "device rotate-key",
                 DeviceCommand::Call { .. } => "device call",
                 DeviceCommand::Get { .. } => "device get",
                 DeviceCommand::Revoke { .. } => "device revoke",
@@ -445,6 +498,10 @@ impl Command {
                 DeviceCommand::Rename { .. } => "device rename",
                 DeviceCommand::Signal { .. } => "device signal",
             },
+            Command::Keys(KeysCommand::Rotate { .. }) => "keys rotate",
+            Command::Keys(KeysCommand::Status { .. }) => "keys status",
+            Command::Keys(KeysCommand::Retire { .. }) => "keys retire",
+            Command::Keys(KeysCommand::Unretire { .. }) => "keys unretire",
             Command::Events(_) => "events tail",
             Command::Audit(AuditCommand::Tail { .. }) => "audit tail",
             Command::Audit(AuditCommand::Refusals { .. }) => "audit refusals",

@@ -1,7 +1,8 @@
 //! Operator commands: thin gRPC clients of keyvault and any gateway.
 use crate::cli::Command;
 use crate::cli::{
-    AuditCommand, DeviceCommand, Endpoints, EventsCommand, PendingCommand, QuarantineCommand,
+    AuditCommand, DeviceCommand, Endpoints, EventsCommand, KeyKind, KeysCommand, PendingCommand,
+    QuarantineCommand,
 };
 use anyhow::{Context, bail};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -59,6 +60,7 @@ pub async fn run(endpoints: &Endpoints, command: Command) -> anyhow::Result<()> 
     match command {
         Command::Device(cmd) => device(endpoints, cmd).await,
         Command::Events(cmd) => events(endpoints, cmd).await,
+        Command::Keys(cmd) => keys(endpoints, cmd).await,
         Command::Audit(cmd) => audit(endpoints, cmd).await,
         other => anyhow::bail!("{} is not an operator command", other.name()),
     }
@@ -202,11 +204,38 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
         DeviceCommand::Show { id } => {
             let mut gw = gateway_client(&endpoints.gateway_url).await?;
             let state = gw
-                .get_device_state(GetDeviceStateRequest { device_id: id })
+                .get_device_state(GetDeviceStateRequest {
+                    device_id: id.clone(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("{}", serde_json::to_string_pretty(&state_json(&state))?);
+            let mut json = state_json(&state);
+            // The key and a rotated one not yet used, from the registry.
+            let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+            let record = kv
+                .get_device(GetDeviceRequest { device_id: id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            json["key_id"] = serde_json::json!(record.key_id);
+            json["next_key_id"] = serde_json::json!(record.next_key_id);
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        DeviceCommand::RotateKey { id, timeout_ms } => {
+            let mut gw = gateway_client(&endpoints.gateway_url).await?;
+            let r = gw
+                .rotate_device_key(RotateDeviceKeyRequest {
+                    device_id: id.clone(),
+                    timeout_ms,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{id}: new key {} registered as the next key (via {}); the device uses it from its next handshake",
+                r.next_key_id, r.gateway_id
+            );
         }
         DeviceCommand::Call {
             id,
@@ -403,6 +432,127 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// `trellis keys ...` (cloud key versions, keyvault).
+pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()> {
+    let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
+    match cmd {
+        KeysCommand::Rotate {
+            which: KeyKind::Cloud,
+        } => {
+            let v = kv
+                .rotate_cloud_key(RotateCloudKeyRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "cloud key version {} made (key id {}); it is the current one. Gateways announce it to devices with rotation support; follow with `trellis keys status`",
+                v.version, v.key_id
+            );
+        }
+        KeysCommand::Status { json } => {
+            let s = kv
+                .cloud_key_status(CloudKeyStatusRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                let rows: Vec<serde_json::Value> = s
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "version": v.version,
+                            "key_id": v.key_id,
+                            "created": ms_text(v.created_ms),
+                            "state": version_state(v),
+                            "current": v.current,
+                            "devices": v.devices,
+                            "legacy_devices": v.legacy_devices,
+                            "recent_devices": v.recent_devices,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "retire_grace_days": s.retire_grace_days,
+                        "versions": rows,
+                    }))?
+                );
+            } else {
+                println!(
+                    "{:<8} {:<18} {:<25} {:<17} {:>8} {:>8} {:>8}",
+                    "VERSION", "KEY ID", "CREATED", "STATE", "DEVICES", "LEGACY", "RECENT"
+                );
+                for v in &s.versions {
+                    println!(
+                        "{:<8} {:<18} {:<25} {:<17} {:>8} {:>8} {:>8}",
+                        v.version,
+                        v.key_id.get(..16).unwrap_or(&v.key_id),
+                        ms_text(v.created_ms),
+                        version_state(v),
+                        v.devices,
+                        v.legacy_devices,
+                        v.recent_devices
+                    );
+                }
+                println!(
+                    "(devices: holding that version now; legacy: of those, without rotation support; recent: seen within keys.retire_grace_days = {})",
+                    s.retire_grace_days
+                );
+            }
+        }
+        KeysCommand::Retire {
+            which: KeyKind::Cloud,
+            version,
+            force,
+        } => {
+            let v = kv
+                .retire_cloud_key(RetireCloudKeyRequest { version, force })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "cloud key version {} retired{}; handshakes under it are refused from now on",
+                v.version,
+                if force { " (forced)" } else { "" }
+            );
+        }
+        KeysCommand::Unretire {
+            which: KeyKind::Cloud,
+            version,
+        } => {
+            let v = kv
+                .unretire_cloud_key(UnretireCloudKeyRequest { version })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "cloud key version {} is live again: devices holding it can connect, and are told of the current version",
+                v.version
+            );
+        }
+    }
+    Ok(())
+}
+
+fn version_state(v: &CloudKeyVersion) -> String {
+    if v.retired_ms != 0 {
+        format!("retired {}", ms_text(v.retired_ms))
+    } else if v.current {
+        "live (current)".into()
+    } else {
+        "live".into()
+    }
+}
+
+fn ms_text(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    trellis_api::iso_time(ms)
 }
 
 pub fn format_value(r: &GetVariableResponse) -> String {

@@ -33,6 +33,8 @@ pub fn sim_config(args: &SimArgs) -> anyhow::Result<SimConfig> {
         // A rotated trust policy is kept beside the device's keys
         // (`<id>.policy.bin`) and used instead of policy.json from then on.
         state_dir: Some(args.keys.clone()),
+        key_rotation: args.key_rotation,
+        keys_dir: args.key_rotation.then(|| args.keys.clone()),
         ..SimConfig::default()
     })
 }
@@ -146,6 +148,15 @@ pub fn print_report(report: &DeviceReport) {
             reason_code,
             message,
         } => println!("device {device_id}: trust policy refused: {reason_code}: {message}"),
+        DeviceReport::CloudKeyStored { device_id, version } => {
+            println!("device {device_id}: stored cloud key version {version}")
+        }
+        DeviceReport::CloudKeyRefused { device_id, reason } => {
+            println!("device {device_id}: refused a cloud key announcement: {reason}")
+        }
+        DeviceReport::DeviceKeyCommitted { device_id } => {
+            println!("device {device_id}: new device key committed (used from the next handshake)")
+        }
     }
 }
 

@@ -422,6 +422,9 @@ async fn demo(
         event_interval: 5,
         keepalive: config.gateway.keepalive_secs.max(1),
         home_return_secs: 0,
+        // Demo devices support key rotation: `trellis keys rotate cloud`
+        // and `trellis device rotate-key` work on them.
+        key_rotation: true,
         duration: 0,
         smoke: false,
     };

@@ -109,8 +109,9 @@ impl RedisUser {
                     keys::AUDIT_REFUSALS,
                     keys::AUDIT_REFUSAL_COUNTS,
                 ]),
-                // Sign signs only a manifest the signer stored.
-                read: vec!["trellis:release:*"],
+                // Sign signs only a manifest the signer stored; cloud key
+                // status and retirement count what the gateways recorded.
+                read: vec!["trellis:release:*", keys::CLOUD_KEY_DEVICES],
                 append: &[],
             },
             Self::Gateway => Grants {
@@ -126,6 +127,7 @@ impl RedisUser {
                     "trellis:clones:*",
                     "trellis:home:*",
                     "trellis:quarantine:*",
+                    keys::CLOUD_KEY_DEVICES,
                     TOKEN_USE,
                     keys::AUDIT_REFUSALS,
                     keys::AUDIT_REFUSAL_COUNTS,
@@ -289,6 +291,9 @@ mod tests {
             (keys::PENDING_INDEX.into(), vec![Keyvault]),
             (keys::CLOUD_KEY.into(), vec![Keyvault]),
             (keys::RELEASE_KEY.into(), vec![Keyvault]),
+            (keys::cloud_key_record(2), vec![Keyvault]),
+            (keys::CLOUD_KEY_VERSIONS.into(), vec![Keyvault]),
+            (keys::CLOUD_KEY_DEVICES.into(), vec![Gateway]),
             (keys::image("ab"), vec![Signer]),
             (keys::image_meta("ab"), vec![Signer]),
             (keys::IMAGE_INDEX.into(), vec![Signer]),

@@ -24,6 +24,7 @@ pub fn samples() -> Vec<(&'static str, CoapMessage)> {
         firmware_sha256: Some([0x5a; 32]),
         command_policy: None,
         trust_policy: None,
+        cloud_key_version: None,
     };
     let data = vec![0xab_u8; 256];
     let chunk = Chunk {
