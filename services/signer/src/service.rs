@@ -111,9 +111,7 @@ impl SignerService {
         };
         let product_id = validate::product_id(header.product_id)?;
         guard_product(&self.redis, principal, product_id, || {
-            SignerError::NotFound(format!(
-                "product {product_id} is not one of your organisation's: `trellis product create {product_id}` first"
-            ))
+            not_your_product(product_id)
         })
         .await?;
         let organization = trellis_auth::store::product_org(&mut self.redis.clone(), product_id)
@@ -833,6 +831,14 @@ async fn load_release(redis: &mut Redis, release_id: &str) -> Result<ReleaseReco
 /// organisation's), every product for a service. Refused with `hidden`,
 /// the error a missing record gives, so another organisation's releases
 /// and policies cannot be told apart from none.
+/// What a caller is told about a product of another organisation (or none):
+/// the same as for a product that does not exist.
+fn not_your_product(product: u32) -> SignerError {
+    SignerError::NotFound(format!(
+        "product {product} is not one of your organisation's: `trellis product create {product}` first"
+    ))
+}
+
 async fn guard_product(
     redis: &Redis,
     principal: &trellis_auth::Principal,
@@ -942,9 +948,7 @@ impl Signer for SignerService {
         let req = request.into_inner();
         let product = req.product_id;
         guard_product(&self.redis, &principal, product, || {
-            SignerError::NotFound(format!(
-                "product {product} is not one of your organisation's: `trellis product create {product}` first"
-            ))
+            not_your_product(product)
         })
         .await?;
         let span = tracing::info_span!(
@@ -1058,9 +1062,7 @@ impl Signer for SignerService {
             .map(|p| p.product_id)
             .unwrap_or_default();
         guard_product(&self.redis, &principal, product, || {
-            SignerError::NotFound(format!(
-                "product {product} is not one of your organisation's: `trellis product create {product}` first"
-            ))
+            not_your_product(product)
         })
         .await?;
         let span = tracing::info_span!(
@@ -1120,9 +1122,7 @@ impl Signer for SignerService {
         let req = request.into_inner();
         let product = req.product_id;
         guard_product(&self.redis, &principal, product, || {
-            SignerError::NotFound(format!(
-                "product {product} is not one of your organisation's: `trellis product create {product}` first"
-            ))
+            not_your_product(product)
         })
         .await?;
         let span = tracing::info_span!("signer.create_policy_release", product_id = product);
