@@ -103,6 +103,50 @@ where
     (Latencies::new(lat), failed.load(Ordering::Relaxed), errors)
 }
 
+/// A simulated device's session task.
+pub(crate) type DeviceTask = tokio::task::JoinHandle<
+    Result<trellis_device::session::SessionEnd, trellis_device::session::SessionError>,
+>;
+
+/// Connects one simulated device (the demo app: `add`, variables) per id to
+/// `addr` and runs each session until `stop`: the devices that routed and
+/// scale call functions on.
+pub(crate) async fn demo_devices(
+    addr: std::net::SocketAddr,
+    ids: &[trellis_wire::DeviceId],
+    key: &rsa::PrivateKey,
+    cloud_public_key: &rsa::PublicKey,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<DeviceTask>> {
+    let app = Arc::new(DemoApp::default());
+    let mut device_tasks = Vec::new();
+    for id in ids {
+        let identity = DeviceIdentity {
+            device_id: *id,
+            private_key: key.clone(),
+            cloud_public_key: cloud_public_key.clone(),
+        };
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let session = Session::connect(
+            stream,
+            &identity,
+            SessionConfig {
+                product_id: 6,
+                platform_id: 6,
+                firmware_version: 1,
+                event_interval: None,
+                ..SessionConfig::default()
+            },
+        )
+        .await?;
+        let (app, stop) = (app.clone(), stop.clone());
+        device_tasks.push(tokio::spawn(async move {
+            session.run(&*app, stop, |_| {}).await
+        }));
+    }
+    Ok(device_tasks)
+}
+
 fn line(name: &str, l: &Latencies, failed: u64) -> String {
     format!(
         "{name:<22} n={:<6} failed={failed:<4} p50 {:>7.3} ms  p99 {:>7.3} ms  p999 {:>7.3} ms  max {:>7.3} ms",
@@ -139,33 +183,14 @@ pub async fn run(args: &Args, trellis_bin: Option<std::path::PathBuf>) -> anyhow
     let key = crate::handshake::device_key()?;
     let ids = cluster.register_many(&key, args.devices.max(1), 8).await?;
     let stop = CancellationToken::new();
-    let app = Arc::new(DemoApp::default());
-    let gw_a = cluster.gateways[0].devices;
-    let mut device_tasks = Vec::new();
-    for id in &ids {
-        let identity = DeviceIdentity {
-            device_id: *id,
-            private_key: key.clone(),
-            cloud_public_key: cluster.cloud_public_key.clone(),
-        };
-        let stream = tokio::net::TcpStream::connect(gw_a).await?;
-        let session = Session::connect(
-            stream,
-            &identity,
-            SessionConfig {
-                product_id: 6,
-                platform_id: 6,
-                firmware_version: 1,
-                event_interval: None,
-                ..SessionConfig::default()
-            },
-        )
-        .await?;
-        let (app, stop) = (app.clone(), stop.clone());
-        device_tasks.push(tokio::spawn(async move {
-            session.run(&*app, stop, |_| {}).await
-        }));
-    }
+    let device_tasks = demo_devices(
+        cluster.gateways[0].devices,
+        &ids,
+        &key,
+        &cluster.cloud_public_key,
+        &stop,
+    )
+    .await?;
     // Ready when gateway B sees every device online on A with its Describe.
     let mut b = cluster.gateway_client(1).await?;
     let ready = Instant::now();

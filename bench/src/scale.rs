@@ -21,9 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use trellis_device::DemoApp;
-use trellis_device::identity::DeviceIdentity;
-use trellis_device::session::{Session, SessionConfig};
 use trellis_proto::v1::{CallFunctionRequest, GetDeviceStateRequest};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -392,33 +389,15 @@ async fn measure(
     // Devices that stay connected, spread by HAProxy; calls made on every
     // gateway in turn.
     let stop = CancellationToken::new();
-    let app = Arc::new(DemoApp::default());
     let call_ids = &ids[..args.devices.max(1).min(ids.len())];
-    let mut device_tasks = Vec::new();
-    for id in call_ids {
-        let identity = DeviceIdentity {
-            device_id: *id,
-            private_key: key.clone(),
-            cloud_public_key: cluster.cloud_public_key.clone(),
-        };
-        let stream = tokio::net::TcpStream::connect(balancer.addr).await?;
-        let session = Session::connect(
-            stream,
-            &identity,
-            SessionConfig {
-                product_id: 6,
-                platform_id: 6,
-                firmware_version: 1,
-                event_interval: None,
-                ..SessionConfig::default()
-            },
-        )
-        .await?;
-        let (app, stop) = (app.clone(), stop.clone());
-        device_tasks.push(tokio::spawn(async move {
-            session.run(&*app, stop, |_| {}).await
-        }));
-    }
+    let device_tasks = crate::routed::demo_devices(
+        balancer.addr,
+        call_ids,
+        &key,
+        &cluster.cloud_public_key,
+        &stop,
+    )
+    .await?;
     let mut clients = Vec::new();
     for n in 0..gateways {
         clients.push(cluster.gateway_client(n).await?);
