@@ -137,7 +137,6 @@ pub async fn watch(gw: Arc<Gateway>, mut shutdown: Shutdown) {
 /// Records what a device holds: in its state (`cloud_key_version`,
 /// `cloud_key_rotation`) and in the durable holdings keyvault counts.
 pub async fn record_holding(gw: &Gateway, device_id: &str, held: u32, rotation: bool) {
-    let now = now_ms();
     let mut redis = gw.redis.clone();
     let state: redis::RedisResult<()> = redis::cmd("HSET")
         .arg(keys::device_state(device_id))
@@ -150,8 +149,15 @@ pub async fn record_holding(gw: &Gateway, device_id: &str, held: u32, rotation: 
     if let Err(e) = state {
         tracing::warn!(device = %device_id, error = %e, "cannot record the cloud key version in the device state");
     }
+    record_durable_holding(gw, device_id, held, rotation).await;
+}
+
+/// The durable half of [`record_holding`] (`keys::CLOUD_KEY_DEVICES`, what
+/// `keys status` and `keys retire` count). At Hello the device state half
+/// rides with the Hello's own write (`device_state::record_hello`).
+pub async fn record_durable_holding(gw: &Gateway, device_id: &str, held: u32, rotation: bool) {
     let mut durable = gw.durable.clone();
-    let value = format!("{held}|{now}|{}", u8::from(rotation));
+    let value = format!("{held}|{}|{}", now_ms(), u8::from(rotation));
     let mut cmd = redis::cmd("HSET");
     cmd.arg(keys::CLOUD_KEY_DEVICES).arg(device_id).arg(value);
     let write = cmd.query_async::<()>(&mut durable);

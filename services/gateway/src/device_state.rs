@@ -59,6 +59,16 @@ pub async fn record_hello(
             ("command_sequence", command_sequence),
             ("trust_policy_version", trust_version),
             ("trust_policy_sha256", trust_sha),
+            // The cloud key version held (extension 0x03; none: version 1,
+            // no rotation support), in the same write as the rest.
+            (
+                "cloud_key_version",
+                hello.cloud_key_version.unwrap_or(1).to_string(),
+            ),
+            (
+                "cloud_key_rotation",
+                u8::from(hello.cloud_key_version.is_some()).to_string(),
+            ),
             ("last_seen", now_ms().to_string()),
         ])
         .query_async(redis)

@@ -476,9 +476,10 @@ impl Session {
             tracing::warn!(device = %self.device_id, error = %e, "could not store the device's Hello");
         }
         // What cloud key version it holds (Hello extension 0x03; none:
-        // version 1, no rotation support), recorded before any answer.
+        // version 1, no rotation support), recorded before any answer: in
+        // the device state with the Hello above, and in the durable count.
         self.device_cloud_key = hello.cloud_key_version;
-        crate::cloud_keys::record_holding(
+        crate::cloud_keys::record_durable_holding(
             &self.gw,
             &self.device_id,
             hello.cloud_key_version.unwrap_or(1),
