@@ -136,12 +136,7 @@ impl PolicyReleaseRecord {
         if policy.is_empty() {
             return Err(damaged("no policy bytes"));
         }
-        let signatures_text = text("signatures")?;
-        let signatures = if signatures_text.is_empty() {
-            Vec::new()
-        } else {
-            parse_signatures_json(&signatures_text).map_err(|e| damaged(&e))?
-        };
+        let signatures = parse_signatures_json(&text("signatures")?).map_err(|e| damaged(&e))?;
         Ok(Self {
             release_id: release_id.to_string(),
             product_id: text("product_id")?

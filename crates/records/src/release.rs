@@ -177,12 +177,7 @@ impl ReleaseRecord {
         if manifest.is_empty() {
             return Err(damaged("no manifest"));
         }
-        let signatures_text = text("signatures")?;
-        let signatures = if signatures_text.is_empty() {
-            Vec::new()
-        } else {
-            parse_signatures_json(&signatures_text).map_err(|e| damaged(&e))?
-        };
+        let signatures = parse_signatures_json(&text("signatures")?).map_err(|e| damaged(&e))?;
         Ok(Self {
             release_id: release_id.to_string(),
             product_id: text("product_id")?
@@ -213,8 +208,9 @@ pub fn signatures_json(signatures: &[ManifestSignature]) -> Result<String> {
 }
 
 pub fn parse_signatures_json(text: &str) -> Result<Vec<ManifestSignature>, String> {
-    // Lua's cjson writes an empty table as `{}`.
-    if text.trim() == "{}" {
+    // Lua's cjson writes an empty table as `{}`; a record not signed yet
+    // has no field at all.
+    if text.trim().is_empty() || text.trim() == "{}" {
         return Ok(Vec::new());
     }
     let list: Vec<SignatureJson> =
