@@ -285,21 +285,18 @@ async fn measure(
         firmware_sha256: Some([0; 32]),
         ..Default::default()
     };
-    let pids_of = |which: &str| -> Vec<u32> {
-        match which {
-            "gw" => cluster.gateways.iter().map(|g| g.proc.pid()).collect(),
-            "kv" => std::iter::once(cluster.keyvault.pid())
-                .chain(cluster.more_keyvaults.iter().map(|(p, _)| p.pid()))
-                .collect(),
-            "redis" => vec![cluster.redis.pid()],
-            _ => vec![balancer.proc.pid()],
-        }
-    };
+    // CPU is summed per group: gateways, keyvaults, Redis, HAProxy.
     let groups = [
-        pids_of("gw"),
-        pids_of("kv"),
-        pids_of("redis"),
-        pids_of("haproxy"),
+        cluster
+            .gateways
+            .iter()
+            .map(|g| g.proc.pid())
+            .collect::<Vec<_>>(),
+        std::iter::once(cluster.keyvault.pid())
+            .chain(cluster.more_keyvaults.iter().map(|(p, _)| p.pid()))
+            .collect(),
+        vec![cluster.redis.pid()],
+        vec![balancer.proc.pid()],
     ];
     let all: Vec<u32> = groups.iter().flatten().copied().collect();
 
@@ -429,7 +426,7 @@ async fn measure(
     let call_ids: Arc<Vec<String>> = Arc::new(call_ids.iter().map(|i| i.to_string()).collect());
     let n = (args.call_rate * args.call_seconds).round().max(1.0) as u64;
     let period = Duration::from_secs_f64(1.0 / args.call_rate);
-    let call_groups = [pids_of_gw(&cluster), vec![cluster.redis.pid()]];
+    let call_groups = [groups[0].clone(), groups[2].clone()];
     let call_pids: Vec<u32> = call_groups.iter().flatten().copied().collect();
     let cpu0 = util::sample_cpu(&call_pids)?;
     let start = tokio::time::Instant::now() + Duration::from_millis(10);
@@ -487,8 +484,4 @@ async fn measure(
         call_cpu: [cc[0], cc[1]],
         spread,
     })
-}
-
-fn pids_of_gw(cluster: &Cluster) -> Vec<u32> {
-    cluster.gateways.iter().map(|g| g.proc.pid()).collect()
 }
