@@ -208,6 +208,7 @@ async fn signed_release(
     let cloud = kv
         .get_signing_key(GetSigningKeyRequest {
             purpose: "release".into(),
+            version: 0,
         })
         .await
         .context("keyvault's release key")?

@@ -196,6 +196,7 @@ impl ReleaseKeys {
             .await?
             .get_signing_key(GetSigningKeyRequest {
                 purpose: "release".into(),
+                version: 0,
             })
             .await?
             .into_inner()

@@ -493,6 +493,7 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
             purpose: "release".into(),
             data: bytes.clone(),
             actor: "test".into(),
+            key_id: String::new(),
         })
         .await?
         .into_inner();
@@ -533,6 +534,7 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
                 purpose: "release".into(),
                 data: p.canonical_bytes()?,
                 actor: "test".into(),
+                key_id: String::new(),
             })
             .await?
             .into_inner();
@@ -560,6 +562,7 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
                     purpose: "release".into(),
                     data: rotated(7)?.canonical_bytes()?,
                     actor: "test".into(),
+                    key_id: String::new(),
                 })
                 .await?
                 .into_inner();
@@ -625,6 +628,7 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
             purpose: "release".into(),
             data: good.canonical_bytes()?,
             actor: "test".into(),
+            key_id: String::new(),
         })
         .await?
         .into_inner();
@@ -683,4 +687,340 @@ async fn futures_answers(
         });
     }
     out
+}
+
+/// A release signed with `cloud` (a release key version, by key id) and the
+/// customer key, written straight into the release record as a forger with
+/// Redis access would: what the devices judge, whatever the signer thinks.
+async fn release_signed_with(
+    cluster: &Cluster,
+    stack: &trellis_tests::ota::OtaStack,
+    customer: &rsa::PrivateKey,
+    cloud_key_id: &str,
+    version: u32,
+) -> anyhow::Result<String> {
+    let mut signer = stack.signer_client().await?;
+    let image = test_image(PRODUCT, version, 8 * 1024);
+    let mut parts = vec![UploadImageRequest {
+        part: Some(upload_image_request::Part::Header(UploadImageHeader {
+            product_id: PRODUCT,
+            size: image.len() as u64,
+            organization: String::new(),
+        })),
+    }];
+    parts.push(UploadImageRequest {
+        part: Some(upload_image_request::Part::Data(image.clone())),
+    });
+    let uploaded = signer
+        .upload_image(tokio_stream::iter(parts))
+        .await?
+        .into_inner();
+    let release = signer
+        .create_release(CreateReleaseRequest {
+            product_id: PRODUCT,
+            version,
+            image_sha256: uploaded.sha256,
+        })
+        .await?
+        .into_inner();
+    let manifest = release.signed.unwrap_or_default().manifest;
+    let cloud = cluster
+        .keyvault_client()
+        .await?
+        .sign(SignRequest {
+            purpose: "release".into(),
+            data: manifest.clone(),
+            actor: "test".into(),
+            key_id: cloud_key_id.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        cloud.key_id, cloud_key_id,
+        "keyvault signed with the version asked for"
+    );
+    let sigs = vec![
+        sign_manifest(customer, &manifest)?,
+        trellis_firmware::ManifestSignature {
+            key_id: cloud.key_id,
+            signature: cloud.signature,
+        },
+    ];
+    let mut redis = cluster.redis().await?;
+    let _: () = redis::AsyncCommands::hset(
+        &mut redis,
+        trellis_core::redis_conn::keys::release(&release.release_id),
+        "signatures",
+        trellis_records::release::signatures_json(&sigs)?,
+    )
+    .await?;
+    Ok(release.release_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_release_key_rotates_through_a_policy_rotation_and_the_old_one_is_refused()
+-> anyhow::Result<()> {
+    let (cluster, stack) = Cluster::start_with_ota(1, |_| {}).await?;
+    let keys = ReleaseKeys::provision(&cluster, &stack, &[PRODUCT]).await?;
+    let config = device_config(PRODUCT, 1, &keys.policy);
+    let fleet = Fleet::start(
+        &cluster,
+        6,
+        PRODUCT,
+        config,
+        vec![cluster.gateways[0].devices.to_string()],
+    )
+    .await?;
+    let ids = fleet.ids();
+    all_online(&cluster, &ids, Duration::from_secs(60)).await?;
+    let mut kv = cluster.keyvault_client().await?;
+    let release_versions = |list: ListSigningKeysResponse| -> Vec<(u32, String, bool, bool)> {
+        list.keys
+            .into_iter()
+            .map(|k| (k.version, k.key_id, k.current, k.retired_ms == 0))
+            .collect()
+    };
+    let before = release_versions(
+        kv.list_signing_keys(ListSigningKeysRequest {
+            purpose: "release".into(),
+        })
+        .await?
+        .into_inner(),
+    );
+    assert_eq!(before.len(), 1, "{before:?}");
+    let v1_id = before[0].1.clone();
+    assert_eq!(keys.policy.keys()[1].key_id, v1_id);
+
+    // Rotate: version 2 is made and becomes the current one.
+    let v2 = kv
+        .rotate_signing_key(RotateSigningKeyRequest {
+            purpose: "release".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((v2.version, v2.current), (2, true));
+    assert_ne!(v2.key_id, v1_id);
+    let after = release_versions(
+        kv.list_signing_keys(ListSigningKeysRequest {
+            purpose: "release".into(),
+        })
+        .await?
+        .into_inner(),
+    );
+    assert_eq!(
+        after,
+        vec![
+            (1, v1_id.clone(), false, true),
+            (2, v2.key_id.clone(), true, true)
+        ]
+    );
+    // Neither version can be retired yet: v2 is current, and product 11's
+    // policy (what its devices hold) still trusts v1.
+    let refused = kv
+        .retire_signing_key(RetireSigningKeyRequest {
+            purpose: "release".into(),
+            version: 2,
+            force: false,
+        })
+        .await
+        .expect_err("the current version");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("current"),
+        "{}",
+        refused.message()
+    );
+    let refused = kv
+        .retire_signing_key(RetireSigningKeyRequest {
+            purpose: "release".into(),
+            version: 1,
+            force: false,
+        })
+        .await
+        .expect_err("a version a product's policy trusts");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(&PRODUCT.to_string())
+            && refused.message().contains("still trusts"),
+        "{}",
+        refused.message()
+    );
+
+    // Until the product's policy moves, its releases are signed with v1
+    // (the version its devices trust), not the current v2.
+    let mut signer = stack.signer_client().await?;
+    let image = test_image(PRODUCT, 2, 8 * 1024);
+    let (before_move, _) = make_release(&stack, &keys, PRODUCT, 2, &image, Signers::Both).await?;
+    let r = signer
+        .get_release(GetReleaseRequest {
+            release_id: before_move,
+        })
+        .await?
+        .into_inner();
+    let signed_by: Vec<String> = r
+        .signed
+        .unwrap_or_default()
+        .signatures
+        .iter()
+        .map(|s| s.key_id.clone())
+        .collect();
+    assert!(signed_by.contains(&v1_id), "{signed_by:?}");
+    assert!(!signed_by.contains(&v2.key_id), "{signed_by:?}");
+
+    // The policy rotation: same customer key, the cloud's v2 in place of v1.
+    let cloud_v2 = trellis_firmware::public_key_from_pem(&v2.public_key_pem)?;
+    let new_policy = TrustPolicy::new(
+        vec![
+            TrustedKey::new("customer", keys.customer.to_public_key())?,
+            TrustedKey::new("cloud-release", cloud_v2)?,
+        ],
+        2,
+    )?
+    .with_version(2);
+    let created = signer
+        .create_policy_release(CreatePolicyReleaseRequest {
+            product_id: PRODUCT,
+            policy_json: new_policy.to_json()?,
+            allow_cloud_only: false,
+        })
+        .await?
+        .into_inner();
+    let bytes = created.signed.clone().unwrap_or_default().policy;
+    signer
+        .add_policy_signature(AddSignatureRequest {
+            release_id: created.release_id.clone(),
+            signature: Some(sign_policy(&keys.customer, &bytes)?),
+        })
+        .await?;
+    // One request: keyvault signs with v1 (the current policy's) and v2
+    // (the new one's).
+    let signed = signer
+        .sign_policy_release(SignReleaseRequest {
+            release_id: created.release_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert!(signed.complete, "{signed:?}");
+    let policy_signers: Vec<String> = signed
+        .signed
+        .clone()
+        .unwrap_or_default()
+        .signatures
+        .iter()
+        .map(|s| s.key_id.clone())
+        .collect();
+    assert!(policy_signers.contains(&v1_id), "{policy_signers:?}");
+    assert!(policy_signers.contains(&v2.key_id), "{policy_signers:?}");
+
+    let mut ota = stack.ota_client().await?;
+    let rollout = ota
+        .create_rollout(CreateRolloutRequest {
+            release_id: created.release_id.clone(),
+            stages: vec![stage("all", 0, 100, 0)],
+            max_failure_ratio: 0.1,
+            max_concurrent: 10,
+            apply_timeout_secs: 60,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let done = rollout_until(
+        &stack,
+        &rollout.rollout_id,
+        &[RolloutState::Completed, RolloutState::Aborted],
+        Duration::from_secs(90),
+    )
+    .await?;
+    assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
+    let (accepted, rejected) = policy_reports(&fleet);
+    assert_eq!(accepted.len(), ids.len(), "{rejected:?}");
+
+    // Now v1 can be retired: no product's policy trusts it any more.
+    let retired = kv
+        .retire_signing_key(RetireSigningKeyRequest {
+            purpose: "release".into(),
+            version: 1,
+            force: false,
+        })
+        .await?
+        .into_inner();
+    assert_ne!(retired.retired_ms, 0);
+
+    // A release signed by the customer and the new key installs everywhere.
+    let rotated = ReleaseKeys {
+        customer: keys.customer,
+        cloud_pem: v2.public_key_pem.clone(),
+        policy: new_policy.clone(),
+    };
+    let image = test_image(PRODUCT, 3, 16 * 1024);
+    let (release, sha) = make_release(&stack, &rotated, PRODUCT, 3, &image, Signers::Both).await?;
+    let r = ota
+        .create_rollout(CreateRolloutRequest {
+            release_id: release,
+            stages: vec![stage("all", 0, 100, 0)],
+            max_failure_ratio: 0.5,
+            max_concurrent: 10,
+            apply_timeout_secs: 60,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let done = rollout_until(
+        &stack,
+        &r.rollout_id,
+        &[RolloutState::Completed, RolloutState::Aborted],
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
+    let states = device_states(&cluster).await?;
+    for id in &ids {
+        let st = states.iter().find(|s| &s.device_id == id);
+        assert_eq!(
+            st.map(|s| s.firmware_sha256.as_str()),
+            Some(sha.as_str()),
+            "{id}"
+        );
+    }
+
+    // The old key is refused: keyvault no longer signs with retired v1 ...
+    let retired_sign = kv
+        .sign(SignRequest {
+            purpose: "release".into(),
+            data: new_policy.canonical_bytes()?,
+            actor: "test".into(),
+            key_id: v1_id.clone(),
+        })
+        .await
+        .expect_err("a retired version signs nothing");
+    assert_eq!(retired_sign.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        retired_sign.message().contains("retired"),
+        "{}",
+        retired_sign.message()
+    );
+    // ... and a release the customer signed with a v1 signature beside it
+    // (made while v1 was unretired for the purpose) is refused by every
+    // device: its policy no longer trusts v1.
+    kv.unretire_signing_key(UnretireSigningKeyRequest {
+        purpose: "release".into(),
+        version: 1,
+    })
+    .await?;
+    let forged = release_signed_with(&cluster, &stack, &rotated.customer, &v1_id, 4).await?;
+    let gateway = cluster.gateway_client(0).await?;
+    for (id, answer) in ids
+        .iter()
+        .zip(futures_answers(&gateway, &ids, &forged).await)
+    {
+        let answer = answer?;
+        assert_eq!(
+            answer.outcome(),
+            DeliveryOutcome::Rejected,
+            "{id}: {answer:?}"
+        );
+        assert_eq!(answer.reason, "unknown_key", "{id}: {}", answer.message);
+    }
+    fleet.stop().await;
+    Ok(())
 }

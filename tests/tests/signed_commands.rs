@@ -458,6 +458,7 @@ async fn a_cloud_side_attacker_cannot_make_the_device_run_a_function() -> anyhow
             purpose: "release".into(),
             data: e.to_bytes()?,
             actor: "attacker".into(),
+            key_id: String::new(),
         })
         .await;
     assert!(cloud.is_err(), "keyvault signed an arbitrary envelope");

@@ -77,6 +77,14 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/trellis.v1.KeyVault/OpenSession", Service(ServiceGateway)),
     ("/trellis.v1.KeyVault/Sign", Service(ServiceSigner)),
     ("/trellis.v1.KeyVault/GetSigningKey", Public),
+    ("/trellis.v1.KeyVault/ListSigningKeys", Public),
+    // Release key versions are the installation's, like the cloud key's.
+    ("/trellis.v1.KeyVault/RotateSigningKey", Scope(ClusterAdmin)),
+    ("/trellis.v1.KeyVault/RetireSigningKey", Scope(ClusterAdmin)),
+    (
+        "/trellis.v1.KeyVault/UnretireSigningKey",
+        Scope(ClusterAdmin),
+    ),
     ("/trellis.v1.KeyVault/ListAudit", Scope(AuditRead)),
     ("/trellis.v1.KeyVault/ListRefusals", Scope(AuditRead)),
     // Cloud key versions are the installation's, not an organisation's.
@@ -400,6 +408,9 @@ mod tests {
             "CloudKeyStatus",
             "RetireCloudKey",
             "UnretireCloudKey",
+            "RotateSigningKey",
+            "RetireSigningKey",
+            "UnretireSigningKey",
         ] {
             let path = format!("/trellis.v1.KeyVault/{m}");
             assert!(

@@ -288,8 +288,17 @@ pub mod keys {
     /// and 1 if it supports rotation (Hello extension 0x03), else 0
     /// (gateway; keyvault reads it for `keys status` and `keys retire`).
     pub const CLOUD_KEY_DEVICES: &str = "trellis:cloudkey-devices";
-    /// String: the sealed release-signing key record (keyvault, purpose "release").
+    /// String: the sealed release-signing key record, version 1 (keyvault,
+    /// purpose "release").
     pub const RELEASE_KEY: &str = "trellis:releasekey:v1";
+    /// String: the sealed record of release key `version` (version 1 is
+    /// [`RELEASE_KEY`], where it always was).
+    pub fn release_key_record(version: u32) -> String {
+        format!("trellis:releasekey:v{version}")
+    }
+    /// Hash: release key version -> JSON, as [`CLOUD_KEY_VERSIONS`] is for
+    /// the cloud key (keyvault).
+    pub const RELEASE_KEY_VERSIONS: &str = "trellis:releasekey:versions";
     /// String: a firmware image's bytes, content-addressed by its lowercase
     /// hex SHA-256 (signer; written once, SET NX).
     pub fn image(sha256_hex: &str) -> String {
@@ -324,6 +333,8 @@ pub mod keys {
     pub fn policy(product_id: u32) -> String {
         format!("trellis:policy:{product_id}")
     }
+    /// Every product's [`policy`] (SCAN MATCH).
+    pub const POLICY_PATTERN: &str = "trellis:policy:*";
     /// Stream: the security audit log (private-key uses, registry, policy
     /// and rollout changes, session events). Refusals never go here.
     pub const AUDIT: &str = "trellis:audit";

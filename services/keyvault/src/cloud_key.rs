@@ -44,27 +44,7 @@ const CLOUD_KEY_BITS: u32 = 2048;
 /// always was; version N lives at `trellis:cloudkey:vN`, sealed with the
 /// same label (the version is in the associated data too).
 pub fn cloud_slot(version: u32) -> KeySlot {
-    if version == CLOUD_KEY_VERSION {
-        return CLOUD_SLOT;
-    }
-    static LOCATIONS: std::sync::Mutex<Vec<(u32, &'static str)>> =
-        std::sync::Mutex::new(Vec::new());
-    let mut known = LOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
-    let location = match known.iter().find(|(v, _)| *v == version) {
-        Some((_, l)) => *l,
-        None => {
-            // One small string per cloud key version, ever: rotations are
-            // rare operator actions.
-            let l: &'static str = Box::leak(keys::cloud_key_record(version).into_boxed_str());
-            known.push((version, l));
-            l
-        }
-    };
-    KeySlot {
-        location,
-        label: CLOUD_SLOT.label,
-        what: CLOUD_SLOT.what,
-    }
+    crate::keyring::versioned_slot(CLOUD_SLOT, version, keys::cloud_key_record)
 }
 const RECORD_FORMAT: u32 = 1;
 

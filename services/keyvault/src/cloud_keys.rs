@@ -1,307 +1,57 @@
-//! Cloud key versions (docs/protocol.md §6.7). Version 1 is the cloud key
-//! made at first start, sealed at `keys::CLOUD_KEY` as it always was;
-//! `trellis keys rotate cloud` makes version N+1, sealed the same way at
-//! `keys::cloud_key_record(N+1)`. `keys::CLOUD_KEY_VERSIONS` records when
-//! each was made and whether it is retired. Every live version opens
-//! handshakes; the newest live one is *current*: the one gateways announce
-//! to devices. A retired version is never used again.
-//!
-//! Each keyvault holds every version's private key in memory (OpenSSL) and
-//! the master key (it seals new versions); it reloads the versions from
-//! Redis after its own changes and every few seconds, so several keyvaults
-//! agree within one reload.
+//! Cloud key versions (docs/protocol.md §6.7): the cloud key's
+//! [`Family`]. Version 1 is the cloud key made at first start, sealed at
+//! `keys::CLOUD_KEY` as it always was; `trellis keys rotate cloud` makes
+//! version N+1 at `keys::cloud_key_record(N+1)`, recorded in
+//! `keys::CLOUD_KEY_VERSIONS`. Every live version opens handshakes; the
+//! current one is what gateways announce to devices. What is particular to
+//! the cloud key is here: which devices hold which version, and the
+//! retirement check that counts them.
 use crate::backend::{BackendError, OpensslBackend, PrivateOps};
-use crate::cloud_key::{self, CLOUD_KEY_VERSION, CloudKey, CloudKeyError, cloud_slot};
+use crate::cloud_key::{CloudKey, cloud_slot};
 use crate::error::{KeyvaultError, Result};
-use crate::master_key::MasterKey;
-use crate::registry;
+use crate::keyring::{self, Family};
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
-use trellis_core::audit::AuditRecord;
+use std::sync::Arc;
 use trellis_core::redis_conn::{Redis, keys};
 use trellis_core::time::now_ms;
 
-/// How often a keyvault reloads the versions other keyvaults may have
-/// changed.
-pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+pub use crate::keyring::{RELOAD_EVERY, VersionMeta};
 
-/// What `keys::CLOUD_KEY_VERSIONS` holds for one version (JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VersionMeta {
-    pub version: u32,
-    pub key_id: String,
-    /// 0: unknown (version 1 from before versions were recorded).
-    pub created_ms: i64,
-    /// 0: live.
-    pub retired_ms: i64,
+/// The cloud key: every version does raw RSA for handshakes.
+pub static CLOUD: Family<dyn PrivateOps> = Family {
+    name: "cloud",
+    what: "cloud key",
+    versions_key: keys::CLOUD_KEY_VERSIONS,
+    slot: cloud_slot,
+    open: open_ops,
+};
+
+fn open_ops(key: &CloudKey) -> std::result::Result<Arc<dyn PrivateOps>, BackendError> {
+    Ok(Arc::new(OpensslBackend::from_pkcs8_der(
+        key.private_pkcs8_der(),
+    )?))
 }
 
-/// One version, opened.
-pub struct RingKey {
-    pub meta: VersionMeta,
-    pub public_der: Vec<u8>,
-    pub ops: Arc<dyn PrivateOps>,
-}
-
-impl std::fmt::Debug for RingKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RingKey")
-            .field("meta", &self.meta)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RingKey {
-    pub fn live(&self) -> bool {
-        self.meta.retired_ms == 0
-    }
-}
-
+/// One cloud key version, opened.
+pub type RingKey = keyring::RingKey<dyn PrivateOps>;
 /// Every cloud key version this keyvault holds.
-#[derive(Debug, Default)]
-pub struct Keyring {
-    keys: BTreeMap<u32, Arc<RingKey>>,
-}
+pub type Keyring = keyring::Keyring<dyn PrivateOps>;
+/// The cloud keyring, shared by the service and its reloader.
+pub type SharedKeyring = keyring::SharedKeyring<dyn PrivateOps>;
 
-impl Keyring {
-    /// The newest live version (what devices are told of).
-    pub fn current(&self) -> Option<&Arc<RingKey>> {
-        self.keys.values().rev().find(|k| k.live())
-    }
-
-    pub fn get(&self, version: u32) -> Option<&Arc<RingKey>> {
-        self.keys.get(&version)
-    }
-
-    pub fn all(&self) -> impl Iterator<Item = &Arc<RingKey>> {
-        self.keys.values()
-    }
-
-    /// The live versions in the order a handshake tries them: `hint`
-    /// first (when live), then the others newest first.
-    pub fn candidates(&self, hint: u32) -> Vec<Arc<RingKey>> {
-        let mut out: Vec<Arc<RingKey>> = Vec::with_capacity(self.keys.len());
-        if let Some(k) = self.keys.get(&hint).filter(|k| k.live()) {
-            out.push(k.clone());
-        }
-        for k in self.keys.values().rev() {
-            if k.live() && k.meta.version != hint {
-                out.push(k.clone());
-            }
-        }
-        out
-    }
-}
-
-/// The keyring, shared by the service and its reloader.
-#[derive(Clone)]
-pub struct SharedKeyring {
-    ring: Arc<RwLock<Arc<Keyring>>>,
-    master: Arc<MasterKey>,
-}
-
-impl std::fmt::Debug for SharedKeyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedKeyring")
-            .field("ring", &self.snapshot())
-            .finish_non_exhaustive()
-    }
-}
-
-impl SharedKeyring {
-    pub fn new(ring: Keyring, master: MasterKey) -> Self {
-        Self {
-            ring: Arc::new(RwLock::new(Arc::new(ring))),
-            master: Arc::new(master),
-        }
-    }
-
-    /// The versions as of now (cheap: one Arc).
-    pub fn snapshot(&self) -> Arc<Keyring> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Reads every version from Redis again.
-    pub async fn reload(&self, redis: &mut Redis) -> Result<()> {
-        let old = self.snapshot();
-        let ring = load(redis, &self.master, Some(&old)).await?;
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring);
-        Ok(())
-    }
-
-    pub fn master(&self) -> &MasterKey {
-        &self.master
-    }
-}
-
-fn key_error(e: CloudKeyError) -> KeyvaultError {
-    KeyvaultError::Internal(e.to_string())
-}
-
-fn backend_error(e: BackendError) -> KeyvaultError {
-    KeyvaultError::Internal(e.to_string())
-}
-
-/// Every version's record, as stored.
-async fn read_metas(redis: &mut Redis) -> Result<BTreeMap<u32, VersionMeta>> {
-    let raw: HashMap<String, String> = redis.hgetall(keys::CLOUD_KEY_VERSIONS).await?;
-    let mut out = BTreeMap::new();
-    for (field, json) in raw {
-        let meta: VersionMeta = serde_json::from_str(&json).map_err(|e| {
-            KeyvaultError::Internal(format!(
-                "{} field {field} is damaged ({e}); restore it from a backup",
-                keys::CLOUD_KEY_VERSIONS
-            ))
-        })?;
-        out.insert(meta.version, meta);
-    }
-    Ok(out)
-}
-
-/// Opens version 1 (making it on a first start) and every recorded later
-/// version. Versions already open in `previous` with the same key id are
-/// kept as they are (no unsealing again).
+/// Opens every cloud key version (making version 1 on a first start).
 pub async fn load(
     redis: &mut Redis,
-    master: &MasterKey,
+    master: &crate::MasterKey,
     previous: Option<&Keyring>,
 ) -> Result<Keyring> {
-    let mut metas = read_metas(redis).await?;
-    let mut ring = Keyring::default();
-    let mut versions: Vec<u32> = metas.keys().copied().collect();
-    if !versions.contains(&CLOUD_KEY_VERSION) {
-        versions.insert(0, CLOUD_KEY_VERSION);
-    }
-    for version in versions {
-        let recorded = metas.remove(&version);
-        if let Some(prev) = previous.and_then(|p| p.get(version))
-            && recorded
-                .as_ref()
-                .is_none_or(|m| m.key_id == prev.meta.key_id)
-        {
-            let meta = recorded.unwrap_or_else(|| prev.meta.clone());
-            ring.keys.insert(
-                version,
-                Arc::new(RingKey {
-                    meta,
-                    public_der: prev.public_der.clone(),
-                    ops: prev.ops.clone(),
-                }),
-            );
-            continue;
-        }
-        let key = if version == CLOUD_KEY_VERSION {
-            cloud_key::load_or_create(redis, master)
-                .await
-                .map_err(key_error)?
-        } else {
-            match cloud_key::read_record_in(redis, cloud_slot(version))
-                .await
-                .map_err(key_error)?
-            {
-                Some(sealed) => sealed
-                    .open_in(cloud_slot(version), master)
-                    .map_err(key_error)?,
-                None => {
-                    return Err(KeyvaultError::Internal(format!(
-                        "cloud key version {version} is recorded in {} but its sealed record {} is missing; restore it from a backup",
-                        keys::CLOUD_KEY_VERSIONS,
-                        keys::cloud_key_record(version)
-                    )));
-                }
-            }
-        };
-        let meta = recorded.unwrap_or_else(|| VersionMeta {
-            version,
-            key_id: key.key_id.clone(),
-            created_ms: 0,
-            retired_ms: 0,
-        });
-        if meta.key_id != key.key_id {
-            return Err(KeyvaultError::Internal(format!(
-                "cloud key version {version}: the record says key {} but the sealed key is {}",
-                meta.key_id, key.key_id
-            )));
-        }
-        ring.keys.insert(version, Arc::new(opened(meta, &key)?));
-    }
-    Ok(ring)
+    keyring::load(&CLOUD, redis, master, previous).await
 }
 
-fn opened(meta: VersionMeta, key: &CloudKey) -> Result<RingKey> {
-    let ops = OpensslBackend::from_pkcs8_der(key.private_pkcs8_der()).map_err(backend_error)?;
-    Ok(RingKey {
-        meta,
-        public_der: key.public_der.clone(),
-        ops: Arc::new(ops),
-    })
-}
-
-/// `trellis keys rotate cloud`: makes version N+1 (N the newest version,
-/// live or retired), seals and stores it, records it. Audited.
+/// `trellis keys rotate cloud`. Audited.
 pub async fn rotate(redis: &mut Redis, shared: &SharedKeyring, actor: &str) -> Result<VersionMeta> {
-    shared.reload(redis).await?;
-    let ring = shared.snapshot();
-    let newest = ring.keys.keys().next_back().copied().unwrap_or(0);
-    let version = newest + 1;
-    let key = tokio::task::spawn_blocking(move || CloudKey::generate_version(version))
-        .await
-        .map_err(|e| KeyvaultError::Internal(format!("key generation task failed: {e}")))?
-        .map_err(key_error)?;
-    let slot = cloud_slot(version);
-    let sealed = key.seal_in(slot, shared.master()).map_err(key_error)?;
-    let json =
-        serde_json::to_string(&sealed).map_err(|e| KeyvaultError::Internal(e.to_string()))?;
-    let created: Option<String> = redis::cmd("SET")
-        .arg(slot.location)
-        .arg(json)
-        .arg("NX")
-        .query_async(redis)
-        .await?;
-    if created.is_none() {
-        return Err(KeyvaultError::FailedPrecondition(format!(
-            "cloud key version {version} was made by another rotation at the same time; look at `trellis keys status`"
-        )));
-    }
-    let meta = VersionMeta {
-        version,
-        key_id: key.key_id.clone(),
-        created_ms: now_ms(),
-        retired_ms: 0,
-    };
-    write_meta(redis, &meta).await?;
-    // Version 1's entry, so status shows it next to the others.
-    if let Some(first) = ring.get(CLOUD_KEY_VERSION) {
-        let json = serde_json::to_string(&first.meta)
-            .map_err(|e| KeyvaultError::Internal(e.to_string()))?;
-        let _: bool = redis
-            .hset_nx(
-                keys::CLOUD_KEY_VERSIONS,
-                CLOUD_KEY_VERSION.to_string(),
-                json,
-            )
-            .await?;
-    }
-    shared.reload(redis).await?;
-    registry::audit_write(
-        redis,
-        AuditRecord::new(actor, "cloud_key_rotate", "", "ok")
-            .with("version", version.to_string())
-            .with("key_id", meta.key_id.clone()),
-    )
-    .await;
-    tracing::info!(version, key_id = %meta.key_id, "cloud key rotated");
-    Ok(meta)
-}
-
-async fn write_meta(redis: &mut Redis, meta: &VersionMeta) -> Result<()> {
-    let json = serde_json::to_string(meta).map_err(|e| KeyvaultError::Internal(e.to_string()))?;
-    let _: () = redis
-        .hset(keys::CLOUD_KEY_VERSIONS, meta.version.to_string(), json)
-        .await?;
-    Ok(())
+    keyring::rotate(redis, shared, actor).await
 }
 
 /// One device as the gateways recorded it (`keys::CLOUD_KEY_DEVICES`).
@@ -373,21 +123,11 @@ pub async fn retire(
     grace_days: u32,
     actor: &str,
 ) -> Result<VersionMeta> {
-    shared.reload(redis).await?;
-    let ring = shared.snapshot();
-    let key = ring.get(version).ok_or_else(|| {
-        KeyvaultError::NotFound(format!(
-            "there is no cloud key version {version} (`trellis keys status`)"
-        ))
-    })?;
+    let key = keyring::fresh_version(redis, shared, version).await?;
     if !key.live() {
         return Ok(key.meta.clone());
     }
-    if ring.current().map(|c| c.meta.version) == Some(version) {
-        return Err(KeyvaultError::FailedPrecondition(format!(
-            "cloud key version {version} is the current one; rotate first (`trellis keys rotate cloud`) so devices have a newer one to move to"
-        )));
-    }
+    keyring::refuse_current(shared, version)?;
     let since = now_ms() - i64::from(grace_days) * 86_400_000;
     let blockers: Vec<DeviceHolding> = holdings(redis)
         .await?
@@ -406,20 +146,18 @@ pub async fn retire(
             some.join(", ")
         )));
     }
-    let mut meta = key.meta.clone();
-    meta.retired_ms = now_ms();
-    write_meta(redis, &meta).await?;
-    shared.reload(redis).await?;
-    registry::audit_write(
+    keyring::set_retired(
         redis,
-        AuditRecord::new(actor, "cloud_key_retire", "", "ok")
-            .with("version", version.to_string())
-            .with("forced", force.to_string())
-            .with("unacknowledged_recent", blockers.len().to_string()),
+        shared,
+        &key,
+        true,
+        actor,
+        &[
+            ("forced", force.to_string()),
+            ("unacknowledged_recent", blockers.len().to_string()),
+        ],
     )
-    .await;
-    tracing::info!(version, force, "cloud key retired");
-    Ok(meta)
+    .await
 }
 
 /// `trellis keys unretire cloud N`: the documented recovery for devices
@@ -430,28 +168,7 @@ pub async fn unretire(
     version: u32,
     actor: &str,
 ) -> Result<VersionMeta> {
-    shared.reload(redis).await?;
-    let ring = shared.snapshot();
-    let key = ring.get(version).ok_or_else(|| {
-        KeyvaultError::NotFound(format!(
-            "there is no cloud key version {version} (`trellis keys status`)"
-        ))
-    })?;
-    let mut meta = key.meta.clone();
-    if meta.retired_ms == 0 {
-        return Ok(meta);
-    }
-    meta.retired_ms = 0;
-    write_meta(redis, &meta).await?;
-    shared.reload(redis).await?;
-    registry::audit_write(
-        redis,
-        AuditRecord::new(actor, "cloud_key_unretire", "", "ok")
-            .with("version", version.to_string()),
-    )
-    .await;
-    tracing::info!(version, "cloud key unretired");
-    Ok(meta)
+    keyring::unretire(redis, shared, version, actor).await
 }
 
 /// DigestInfo of SHA-256 (RFC 8017 §9.2 note 1): with the raw PKCS#1 v1.5

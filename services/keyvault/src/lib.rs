@@ -6,9 +6,12 @@
 //!
 //! - [`master_key`]: the one secret not kept in Redis;
 //! - [`cloud_key`]: the RSA-2048 cloud key, sealed in Redis;
-//! - [`cloud_keys`]: its versions (rotation, retirement);
-//! - [`release_key`]: the RSA-2048 release-signing key, sealed the same way;
-//! - [`signing`]: Sign and GetSigningKey (purpose "release"), audited;
+//! - [`keyring`]: versions of a sealed key (rotation, retirement, reload);
+//! - [`cloud_keys`]: the cloud key's versions and who holds which;
+//! - [`release_key`]: the RSA-2048 release-signing key, sealed the same way,
+//!   versioned the same way;
+//! - [`signing`]: Sign, GetSigningKey, ListSigningKeys (purpose "release"),
+//!   audited;
 //! - [`backend`]: which RSA library does the private operations (OpenSSL);
 //! - [`pool`]: the threads and bounded queue those operations run on;
 //! - [`session`]: OpenSession (handshake steps 3 and 4);
@@ -18,6 +21,7 @@ pub mod backend;
 pub mod cloud_key;
 pub mod cloud_keys;
 pub mod error;
+pub mod keyring;
 pub mod master_key;
 pub mod pool;
 pub mod registry;
@@ -59,6 +63,7 @@ pub async fn serve_with_listener(
     let service = build(&config).await?;
     // Other keyvaults' rotations and retirements show here within a reload.
     let reloader = service.keyring().clone();
+    let release_reloader = service.release_keyring().cloned();
     let mut reload_redis = service.durable();
     let mut reload_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -71,6 +76,11 @@ pub async fn serve_with_listener(
             }
             if let Err(e) = reloader.reload(&mut reload_redis).await {
                 tracing::warn!(error = %e, "cannot reload the cloud key versions; keeping the ones loaded");
+            }
+            if let Some(release) = &release_reloader
+                && let Err(e) = release.reload(&mut reload_redis).await
+            {
+                tracing::warn!(error = %e, "cannot reload the release key versions; keeping the ones loaded");
             }
         }
     });
@@ -130,18 +140,24 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     let ring = cloud_keys::load(&mut redis, &master, None)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load the cloud key versions: {e}"))?;
-    let release = release_key::load_or_create(&mut redis, &master).await?;
+    let release = release_key::load(&mut redis, &master)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load the release key versions: {e}"))?;
     let first = ring
         .get(cloud_key::CLOUD_KEY_VERSION)
         .context("cloud key version 1 is missing")?;
     // The pool's own key (Sign uses its own; handshakes pick a version).
-    let backend = first.ops.clone();
+    let backend = first.key.clone();
     if let Some(current) = ring.current() {
         tracing::info!(key_id = %current.meta.key_id, version = current.meta.version, versions = ring.all().count(), "cloud keys loaded");
     }
-    tracing::info!(key_id = %release.public().key_id, "release key loaded");
+    if let Some(current) = release.current() {
+        tracing::info!(key_id = %current.meta.key_id, version = current.meta.version, versions = release.all().count(), "release keys loaded");
+    }
     // The master key stays in memory: rotation seals new versions with it.
-    let ring = cloud_keys::SharedKeyring::new(ring, master);
+    let master = Arc::new(master);
+    let ring = cloud_keys::SharedKeyring::new(&cloud_keys::CLOUD, ring, master.clone());
+    let release = release_key::SharedReleaseKeyring::new(&release_key::RELEASE, release, master);
     let pool = Pool::new(
         backend,
         config.keyvault.workers,
@@ -150,7 +166,7 @@ pub async fn build(config: &Config) -> anyhow::Result<KeyVaultService> {
     .context("cannot start keyvault's private-key worker threads")?;
     Ok(KeyVaultService::new(pool, redis, ring)
         .with_retire_grace_days(config.keys.retire_grace_days)
-        .with_release_key(Arc::new(release))
+        .with_release_keys(release)
         .with_max_queue_wait(std::time::Duration::from_millis(
             config.keyvault.max_queue_wait_ms,
         )))

@@ -6,16 +6,26 @@
 //! It is never the handshake key: a device's trust policy names it on its
 //! own, next to the customer's offline key.
 //!
+//! It rotates like the cloud key (`trellis keys rotate release`, the
+//! [`RELEASE`] family of [`crate::keyring`]): version N+1 is sealed at
+//! `keys::release_key_record(N+1)`; the signer signs a product's firmware
+//! with the version that product's trust policy names, and a policy
+//! rotation carries the new version to devices (docs/protocol.md §7.5).
+//!
 //! Signing runs on the private-key pool's threads (see [`crate::pool`]), as
 //! an admission: release signing is rare and must never starve handshakes
 //! that are already under way.
 use crate::backend::BackendError;
 use crate::cloud_key::{CloudKey, CloudKeyError, KeySlot, load_or_create_in};
+use crate::error::{KeyvaultError, Result};
+use crate::keyring::{self, Family, VersionMeta};
 use crate::master_key::MasterKey;
 use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
 use openssl::rsa::Padding;
 use openssl::sign::{RsaPssSaltlen, Signer};
+use redis::AsyncCommands;
+use std::sync::Arc;
 use trellis_core::redis_conn::{Redis, keys};
 
 /// The only purpose keyvault signs for today.
@@ -31,6 +41,29 @@ pub const RELEASE_SLOT: KeySlot = KeySlot {
     label: "trellis-release-key",
     what: "release key",
 };
+
+/// Where release key `version` is sealed (version 1: [`RELEASE_SLOT`]).
+pub fn release_slot(version: u32) -> KeySlot {
+    keyring::versioned_slot(RELEASE_SLOT, version, keys::release_key_record)
+}
+
+/// The release key's versions.
+pub static RELEASE: Family<ReleaseKey> = Family {
+    name: "release",
+    what: "release key",
+    versions_key: keys::RELEASE_KEY_VERSIONS,
+    slot: release_slot,
+    open: open_release,
+};
+
+fn open_release(key: &CloudKey) -> std::result::Result<Arc<ReleaseKey>, BackendError> {
+    Ok(Arc::new(ReleaseKey::from_opened(key)?))
+}
+
+/// Every release key version this keyvault holds.
+pub type ReleaseKeyring = keyring::Keyring<ReleaseKey>;
+/// The release keyring, shared by the service and its reloader.
+pub type SharedReleaseKeyring = keyring::SharedKeyring<ReleaseKey>;
 
 /// The public facts about the release key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,13 +132,89 @@ impl ReleaseKey {
 }
 
 /// Loads the release key from Redis, or makes and seals one on first start
-/// (SET NX: two keyvaults starting at once keep one key).
+/// (SET NX: two keyvaults starting at once keep one key). Version 1 only:
+/// the keyvault service loads every version with [`load`].
 pub async fn load_or_create(
     redis: &mut Redis,
     master: &MasterKey,
-) -> Result<ReleaseKey, CloudKeyError> {
+) -> std::result::Result<ReleaseKey, CloudKeyError> {
     let opened = load_or_create_in(redis, RELEASE_SLOT, master).await?;
     Ok(ReleaseKey::from_opened(&opened)?)
+}
+
+/// Opens every release key version (making version 1 on a first start).
+pub async fn load(redis: &mut Redis, master: &MasterKey) -> Result<ReleaseKeyring> {
+    keyring::load(&RELEASE, redis, master, None).await
+}
+
+/// The products whose current trust policy (`keys::policy`, the signer's)
+/// trusts `key_id`, by product id.
+async fn products_trusting(redis: &mut Redis, key_id: &str) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let names: Vec<String> = {
+        let mut iter: redis::AsyncIter<String> = redis.scan_match(keys::POLICY_PATTERN).await?;
+        let mut names = Vec::new();
+        while let Some(name) = iter.next_item().await {
+            names.push(name?);
+        }
+        names
+    };
+    for name in names {
+        let Some(json): Option<String> = redis.get(&name).await? else {
+            continue;
+        };
+        let product = name.rsplit(':').next().unwrap_or(&name).to_string();
+        match trellis_firmware::TrustPolicy::from_json(&json) {
+            Ok(policy) if policy.key(key_id).is_some() => found.push(product),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(KeyvaultError::FailedPrecondition(format!(
+                    "product {product}'s policy ({name}) cannot be read ({e}), so whether it trusts release key {key_id} is unknown; fix it with `trellis policy set`, or retire with --force"
+                )));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// `trellis keys retire release N [--force]`: keyvault stops signing with
+/// version N. Refused while a product's current policy trusts it (unless
+/// forced): such a product could no longer get the cloud's signature on a
+/// release, nor on the policy rotation that would move it to a newer key.
+/// Audited.
+pub async fn retire(
+    redis: &mut Redis,
+    shared: &SharedReleaseKeyring,
+    version: u32,
+    force: bool,
+    actor: &str,
+) -> Result<VersionMeta> {
+    let key = keyring::fresh_version(redis, shared, version).await?;
+    if !key.live() {
+        return Ok(key.meta.clone());
+    }
+    keyring::refuse_current(shared, version)?;
+    let trusting = products_trusting(redis, &key.meta.key_id).await?;
+    if !trusting.is_empty() && !force {
+        return Err(KeyvaultError::FailedPrecondition(format!(
+            "the policy of product(s) {} still trusts release key version {version} ({}): retired, it could sign neither their releases nor the policy rotation that moves them off it. Rotate their policies to the current release key first (`trellis policy rotate`, then a rollout), or retire with --force",
+            trusting.join(", "),
+            key.meta.key_id
+        )));
+    }
+    keyring::set_retired(
+        redis,
+        shared,
+        &key,
+        true,
+        actor,
+        &[
+            ("forced", force.to_string()),
+            ("trusting_products", trusting.join(",")),
+        ],
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `trellis keyvault rewrap --new-master-key FILE`: re-seals every sealed
-//! key (every cloud key version, the release key) under a new master key.
+//! key (every cloud key version, every release key version) under a new
+//! master key.
 //!
 //! Atomic per key: each record is replaced by one compare-and-set script
 //! that writes only if the record is still the one read, so a record is
@@ -14,33 +15,49 @@
 //! started with the old key after the rewrap refuses to start, as with any
 //! wrong master key).
 use crate::cloud_key::{
-    CLOUD_KEY_VERSION, CLOUD_SLOT, CloudKeyError, KeySlot, SealedCloudKey, cloud_slot,
-    read_record_in,
+    CLOUD_SLOT, CloudKeyError, KeySlot, SealedCloudKey, cloud_slot, read_record_in,
 };
+use crate::keyring::FIRST_VERSION;
 use crate::master_key::MasterKey;
-use crate::release_key::RELEASE_SLOT;
+use crate::release_key::{RELEASE_SLOT, release_slot};
 use std::sync::LazyLock;
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::redis_conn::Redis;
 
 /// The sealed keys every installation has, in the order they are
-/// rewrapped; cloud key versions after the first follow ([`slots`]).
+/// rewrapped; later versions of each follow ([`slots`]).
 pub const SLOTS: [KeySlot; 2] = [CLOUD_SLOT, RELEASE_SLOT];
 
-/// Every sealed key: [`SLOTS`], then each later cloud key version recorded
-/// in `keys::CLOUD_KEY_VERSIONS`, oldest first.
-pub async fn slots(redis: &mut Redis) -> Result<Vec<KeySlot>, RewrapError> {
-    let fields: Vec<String> =
-        redis::AsyncCommands::hkeys(redis, trellis_core::redis_conn::keys::CLOUD_KEY_VERSIONS)
-            .await?;
+/// Later versions recorded in a versions hash, oldest first.
+async fn later_versions(redis: &mut Redis, versions_key: &str) -> Result<Vec<u32>, RewrapError> {
+    let fields: Vec<String> = redis::AsyncCommands::hkeys(redis, versions_key).await?;
     let mut versions: Vec<u32> = fields
         .iter()
         .filter_map(|f| f.parse().ok())
-        .filter(|v| *v != CLOUD_KEY_VERSION)
+        .filter(|v| *v != FIRST_VERSION)
         .collect();
     versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Every sealed key: [`SLOTS`], then each later cloud key version recorded
+/// in `keys::CLOUD_KEY_VERSIONS`, then each later release key version
+/// recorded in `keys::RELEASE_KEY_VERSIONS`, oldest first.
+pub async fn slots(redis: &mut Redis) -> Result<Vec<KeySlot>, RewrapError> {
+    use trellis_core::redis_conn::keys;
     let mut out = SLOTS.to_vec();
-    out.extend(versions.into_iter().map(cloud_slot));
+    out.extend(
+        later_versions(redis, keys::CLOUD_KEY_VERSIONS)
+            .await?
+            .into_iter()
+            .map(cloud_slot),
+    );
+    out.extend(
+        later_versions(redis, keys::RELEASE_KEY_VERSIONS)
+            .await?
+            .into_iter()
+            .map(release_slot),
+    );
     Ok(out)
 }
 

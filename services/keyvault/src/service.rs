@@ -4,10 +4,10 @@ use crate::cloud_keys::{self, SharedKeyring};
 use crate::error::KeyvaultError;
 use crate::pool::{Pool, PoolError};
 use crate::registry;
-use crate::release_key::ReleaseKey;
+use crate::release_key::{self, SharedReleaseKeyring};
 use crate::session;
 use crate::signing;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, field};
@@ -28,7 +28,8 @@ pub struct KeyVaultService {
     ring: SharedKeyring,
     /// `keys.retire_grace_days`.
     retire_grace_days: u32,
-    release: Option<Arc<ReleaseKey>>,
+    /// Every release key version (release_key.rs).
+    release: Option<SharedReleaseKeyring>,
     /// `keyvault.max_queue_wait_ms` (None: only the caller's deadline).
     max_queue_wait: Option<Duration>,
 }
@@ -72,10 +73,23 @@ impl KeyVaultService {
         &self.ring
     }
 
-    /// Enables Sign and GetSigningKey for purpose "release".
-    pub fn with_release_key(mut self, release: Arc<ReleaseKey>) -> Self {
+    /// Enables Sign and the signing key RPCs for purpose "release".
+    pub fn with_release_keys(mut self, release: SharedReleaseKeyring) -> Self {
         self.release = Some(release);
         self
+    }
+
+    /// The release key versions.
+    pub fn release_keyring(&self) -> Option<&SharedReleaseKeyring> {
+        self.release.as_ref()
+    }
+
+    fn release_keys(&self) -> Result<SharedReleaseKeyring, Status> {
+        self.release.clone().ok_or_else(|| {
+            status(KeyvaultError::FailedPrecondition(
+                "this keyvault was started without release keys; restart it (version 1 is made on first start)".into(),
+            ))
+        })
     }
 
     /// The private-key pool (queue depth for metrics).
@@ -526,7 +540,7 @@ impl KeyVault for KeyVaultService {
         );
         let mut redis = self.redis.clone();
         let pool = self.pool.clone();
-        let release = self.release.clone();
+        let release = self.release_keys()?.snapshot();
         async move {
             let response = signing::sign(&pool, &mut redis, release, req, &actor)
                 .await
@@ -545,9 +559,108 @@ impl KeyVault for KeyVaultService {
         let req = request.into_inner();
         let span = tracing::debug_span!("keyvault.get_signing_key", purpose = %req.purpose);
         let _enter = span.enter();
-        signing::signing_key(self.release.as_deref(), &req.purpose)
+        signing::signing_key(&self.release_keys()?.snapshot(), &req.purpose, req.version)
             .map(Response::new)
             .map_err(status)
+    }
+
+    async fn list_signing_keys(
+        &self,
+        request: Request<pb::ListSigningKeysRequest>,
+    ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("keyvault.list_signing_keys", purpose = %req.purpose);
+        let ring = self.release_keys()?;
+        let mut redis = self.redis.clone();
+        async move {
+            // Fresh: another keyvault may have rotated a moment ago.
+            ring.reload(&mut redis).await.map_err(status)?;
+            signing::signing_keys(&ring.snapshot(), &req.purpose)
+                .map(Response::new)
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.rotate_signing_key",
+            purpose = %req.purpose,
+            version = field::Empty
+        );
+        let ring = self.release_keys()?;
+        let mut redis = self.redis.clone();
+        async move {
+            signing::known_purpose(&req.purpose).map_err(status)?;
+            let meta = crate::keyring::rotate(&mut redis, &ring, &actor)
+                .await
+                .map_err(status)?;
+            tracing::Span::current().record("version", meta.version);
+            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
+                .map(Response::new)
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn retire_signing_key(
+        &self,
+        request: Request<pb::RetireSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.retire_signing_key",
+            purpose = %req.purpose,
+            version = req.version,
+            force = req.force
+        );
+        let ring = self.release_keys()?;
+        let mut redis = self.redis.clone();
+        async move {
+            signing::known_purpose(&req.purpose).map_err(status)?;
+            let meta = release_key::retire(&mut redis, &ring, req.version, req.force, &actor)
+                .await
+                .map_err(status)?;
+            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
+                .map(Response::new)
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn unretire_signing_key(
+        &self,
+        request: Request<pb::UnretireSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKey>, Status> {
+        let actor = trellis_auth::Principal::of(&request)?.actor();
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "keyvault.unretire_signing_key",
+            purpose = %req.purpose,
+            version = req.version
+        );
+        let ring = self.release_keys()?;
+        let mut redis = self.redis.clone();
+        async move {
+            signing::known_purpose(&req.purpose).map_err(status)?;
+            let meta = crate::keyring::unretire(&mut redis, &ring, req.version, &actor)
+                .await
+                .map_err(status)?;
+            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
+                .map(Response::new)
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
     }
 
     async fn list_audit(
@@ -757,7 +870,7 @@ impl KeyVault for KeyVaultService {
                 &target.public_der,
             );
             let signature = pool
-                .sign_with(signer.ops.clone(), cloud_keys::pkcs1_sha256_input(&message))
+                .sign_with(signer.key.clone(), cloud_keys::pkcs1_sha256_input(&message))
                 .await
                 .map_err(|e| status(e.into()))?;
             let payload = trellis_wire::rotation::CloudKeyAnnouncement {

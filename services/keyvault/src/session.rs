@@ -126,7 +126,7 @@ pub async fn open_session(
         .enumerate()
     {
         let decrypted = match pool
-            .decrypt_with(key.ops.clone(), req.ciphertext.clone(), deadline, i > 0)
+            .decrypt_with(key.key.clone(), req.ciphertext.clone(), deadline, i > 0)
             .await
         {
             Ok(plaintext) => Some(plaintext),
@@ -258,7 +258,7 @@ async fn grant(pool: &Pool, key: &RingKey, record: &DeviceRecord) -> Result<pb::
         ))
     })?;
     let hmac = session_hmac(&material, &encrypted);
-    let signature = pool.sign_with(key.ops.clone(), hmac.to_vec()).await?;
+    let signature = pool.sign_with(key.key.clone(), hmac.to_vec()).await?;
     let reply = assemble_server_reply(&encrypted, &signature).map_err(|e| {
         KeyvaultError::FailedPrecondition(format!(
             "device {}: {e} (devices must have RSA-1024 keys)",

@@ -1,14 +1,18 @@
-//! Sign and GetSigningKey: signatures with cloud-held keys that are not the
-//! handshake key. Today one purpose exists, "release" (firmware release
-//! manifests, RSA-PSS-SHA256). The private key never leaves keyvault.
+//! Sign, GetSigningKey and ListSigningKeys: signatures with cloud-held keys
+//! that are not the handshake key. Today one purpose exists, "release"
+//! (firmware release manifests and trust policies, RSA-PSS-SHA256), with
+//! versions ([`crate::release_key::RELEASE`]): Sign uses the version the
+//! caller names by key id, or the current one. The private key never
+//! leaves keyvault.
 //!
 //! Every Sign request is audited, refusals included: actor, purpose, key id,
 //! the SHA-256 and length of the signed bytes, and the outcome. A signature
 //! whose audit record cannot be written is not handed out: an unaudited use
 //! of the release key is worse than a failed request.
 use crate::error::{KeyvaultError, Result};
+use crate::keyring::RingKey;
 use crate::pool::Pool;
-use crate::release_key::{PURPOSE_RELEASE, PURPOSES, ReleaseKey};
+use crate::release_key::{PURPOSE_RELEASE, PURPOSES, ReleaseKey, ReleaseKeyring};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use trellis_core::audit::{self, AuditRecord};
@@ -31,27 +35,78 @@ fn unknown_purpose(purpose: &str) -> KeyvaultError {
     ))
 }
 
-fn release_key<'a>(release: Option<&'a ReleaseKey>, purpose: &str) -> Result<&'a ReleaseKey> {
-    if purpose != PURPOSE_RELEASE {
-        return Err(unknown_purpose(purpose));
+pub fn known_purpose(purpose: &str) -> Result<()> {
+    if purpose == PURPOSE_RELEASE {
+        Ok(())
+    } else {
+        Err(unknown_purpose(purpose))
     }
-    release.ok_or_else(|| {
-        KeyvaultError::FailedPrecondition(
-            "this keyvault was started without a release key; restart it (the key is made on \
-             first start)"
-                .into(),
-        )
-    })
 }
 
-/// GetSigningKey: the public half of the key for `purpose`.
-pub fn signing_key(release: Option<&ReleaseKey>, purpose: &str) -> Result<pb::SigningKey> {
-    let key = release_key(release, purpose)?.public();
-    Ok(pb::SigningKey {
-        purpose: purpose.to_string(),
-        key_id: key.key_id.clone(),
-        public_key_der: key.public_der.clone(),
-        public_key_pem: key.public_pem.clone(),
+/// The version `key_id` names (empty: the current one), live.
+fn signing_version<'a>(
+    ring: &'a ReleaseKeyring,
+    purpose: &str,
+    key_id: &str,
+) -> Result<&'a Arc<RingKey<ReleaseKey>>> {
+    known_purpose(purpose)?;
+    if key_id.is_empty() {
+        return ring.current().ok_or_else(|| {
+            KeyvaultError::FailedPrecondition(
+                "every release key version is retired; unretire one (`trellis keys unretire release N`) or rotate (`trellis keys rotate release`)".into(),
+            )
+        });
+    }
+    let key = ring.by_key_id(key_id).ok_or_else(|| {
+        KeyvaultError::NotFound(format!(
+            "keyvault has no release key {key_id} (`trellis keys status` lists the versions)"
+        ))
+    })?;
+    if !key.live() {
+        return Err(KeyvaultError::FailedPrecondition(format!(
+            "release key version {} ({key_id}) is retired; sign with a live version, or unretire it (`trellis keys unretire release {}`)",
+            key.meta.version, key.meta.version
+        )));
+    }
+    Ok(key)
+}
+
+/// One version's public facts.
+pub fn key_proto(ring: &ReleaseKeyring, key: &RingKey<ReleaseKey>) -> pb::SigningKey {
+    let public = key.key.public();
+    pb::SigningKey {
+        purpose: PURPOSE_RELEASE.to_string(),
+        key_id: key.meta.key_id.clone(),
+        public_key_der: public.public_der.clone(),
+        public_key_pem: public.public_pem.clone(),
+        version: key.meta.version,
+        current: ring.current().map(|c| c.meta.version) == Some(key.meta.version),
+        created_ms: key.meta.created_ms,
+        retired_ms: key.meta.retired_ms,
+    }
+}
+
+/// GetSigningKey: the public half of version `version` (0: the current
+/// one) of the key for `purpose`.
+pub fn signing_key(ring: &ReleaseKeyring, purpose: &str, version: u32) -> Result<pb::SigningKey> {
+    let key = if version == 0 {
+        signing_version(ring, purpose, "")?
+    } else {
+        known_purpose(purpose)?;
+        ring.get(version).ok_or_else(|| {
+            KeyvaultError::NotFound(format!(
+                "there is no release key version {version} (`trellis keys status`)"
+            ))
+        })?
+    };
+    Ok(key_proto(ring, key))
+}
+
+/// ListSigningKeys: every version, oldest first.
+pub fn signing_keys(ring: &ReleaseKeyring, purpose: &str) -> Result<pb::ListSigningKeysResponse> {
+    known_purpose(purpose)?;
+    Ok(pb::ListSigningKeysResponse {
+        keys: ring.all().map(|k| key_proto(ring, k)).collect(),
     })
 }
 
@@ -130,7 +185,7 @@ async fn stored_policy(
 pub async fn sign(
     pool: &Pool,
     redis: &mut Redis,
-    release: Option<Arc<ReleaseKey>>,
+    ring: Arc<ReleaseKeyring>,
     req: pb::SignRequest,
     actor: &str,
 ) -> Result<pb::SignResponse> {
@@ -144,12 +199,16 @@ pub async fn sign(
             .with("sha256", digest.clone())
             .with("data_len", req.data.len().to_string())
     };
-    let allowed = match checked(&req).and_then(|()| release_key(release.as_deref(), &req.purpose)) {
-        Ok(_) => stored_manifest(redis, &req.data).await,
+    let allowed = match checked(&req)
+        .and_then(|()| signing_version(&ring, &req.purpose, req.key_id.trim()))
+    {
+        Ok(key) => stored_manifest(redis, &req.data)
+            .await
+            .map(|()| key.clone()),
         Err(e) => Err(e),
     };
-    let key = match allowed {
-        Ok(()) => release.expect("checked by release_key"),
+    let version = match allowed {
+        Ok(key) => key,
         Err(e) => {
             // Refusals are audited too; their failure to be written is only logged.
             crate::registry::audit_write(
@@ -160,7 +219,8 @@ pub async fn sign(
             return Err(e);
         }
     };
-    let key_id = key.public().key_id.clone();
+    let key_id = version.meta.key_id.clone();
+    let key = version.key.clone();
     let data = req.data.clone();
     let signed = pool
         .run_admission("sign_release", move || key.sign_pss(&data))
@@ -177,7 +237,11 @@ pub async fn sign(
         }
     };
     // No audit record, no signature.
-    audit::append(redis, &record("ok", &key_id)).await?;
-    tracing::info!(key_id = %key_id, sha256 = %digest, actor = %req.actor, "signed for release");
+    audit::append(
+        redis,
+        &record("ok", &key_id).with("version", version.meta.version.to_string()),
+    )
+    .await?;
+    tracing::info!(key_id = %key_id, version = version.meta.version, sha256 = %digest, actor = %req.actor, "signed for release");
     Ok(pb::SignResponse { key_id, signature })
 }

@@ -1,5 +1,6 @@
 //! Master key rewrap: interrupted half way (one key re-sealed, the others
-//! not) and run again, every key (every cloud key version too) opens under
+//! not) and run again, every key (every cloud and release key version too)
+//! opens under
 //! the new master key and none
 //! under the old; the keys themselves never change; a wrong old key
 //! changes nothing; keyvault then starts with the new key only.
@@ -8,7 +9,9 @@ mod common;
 use common::*;
 use trellis_keyvault::cloud_key::{self, read_record_in};
 use trellis_keyvault::cloud_keys;
+use trellis_keyvault::keyring;
 use trellis_keyvault::master_key::MasterKey;
+use trellis_keyvault::release_key;
 use trellis_keyvault::rewrap::{Outcome, RewrapError, SLOTS, rewrap_all, rewrap_slot, slots};
 
 fn key(byte: u8) -> MasterKey {
@@ -32,15 +35,26 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
     }
     // A rotated cloud key: version 2, sealed under the old key too.
     let ring = cloud_keys::SharedKeyring::new(
+        &cloud_keys::CLOUD,
         cloud_keys::load(&mut conn, &old, None).await.unwrap(),
-        key(0x11),
+        std::sync::Arc::new(key(0x11)),
     );
     let v2 = cloud_keys::rotate(&mut conn, &ring, "test").await.unwrap();
     assert_eq!(v2.version, 2);
     public.push(v2.key_id.clone());
+    // A rotated release key: version 2, under the old key too.
+    let release = release_key::SharedReleaseKeyring::new(
+        &release_key::RELEASE,
+        release_key::load(&mut conn, &old).await.unwrap(),
+        std::sync::Arc::new(key(0x11)),
+    );
+    let r2 = keyring::rotate(&mut conn, &release, "test").await.unwrap();
+    assert_eq!(r2.version, 2);
+    public.push(r2.key_id.clone());
     let all = slots(&mut conn).await.unwrap();
-    assert_eq!(all.len(), 3);
+    assert_eq!(all.len(), 4);
     assert_eq!(all[2].location, "trellis:cloudkey:v2");
+    assert_eq!(all[3].location, "trellis:releasekey:v2");
 
     // A wrong "old" key: refused before anything is written.
     let before: Vec<_> = {
@@ -79,13 +93,14 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
     })
     .await
     .unwrap();
-    assert_eq!(done.len(), 3);
+    assert_eq!(done.len(), 4);
     assert_eq!(
         seen,
         [
             (SLOTS[0].what, Outcome::AlreadyNew),
             (SLOTS[1].what, Outcome::Rewrapped),
-            (all[2].what, Outcome::Rewrapped)
+            (all[2].what, Outcome::Rewrapped),
+            (all[3].what, Outcome::Rewrapped)
         ]
     );
     for (slot, key_id) in all.iter().zip(&public) {
@@ -121,5 +136,20 @@ async fn an_interrupted_rewrap_resumes_and_every_key_opens() {
     // Version 2 is the current one, and it opened under the new key.
     assert_eq!(cloud.key_id, public[2]);
     assert_eq!(cloud.version, 2);
+    // Release key version 2 is the current one, opened under the new key.
+    let release = kv
+        .client
+        .get_signing_key(trellis_proto::v1::GetSigningKeyRequest {
+            purpose: "release".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (release.key_id.as_str(), release.version),
+        (public[3].as_str(), 2)
+    );
+    assert!(release.current);
     kv.stop().await.unwrap();
 }

@@ -12,8 +12,10 @@
 //! - [`service`]: the gRPC `Signer` service and its rules;
 //! - [`delivery`]: what a gateway reads to deliver a release;
 //! - [`rotation`]: trust policy rotations (policy releases);
+//! - [`cloud_keys`]: keyvault's release key versions, and which one signs;
 //! - [`validate`]: operator input checks;
 //! - [`error`]: errors and their gRPC codes.
+pub mod cloud_keys;
 pub mod delivery;
 pub mod error;
 pub mod rotation;

@@ -16,7 +16,9 @@ use sha2::{Digest, Sha256};
 use trellis_core::audit::{self, AuditRecord};
 use trellis_core::time::now_ms;
 use trellis_firmware::rotation::decode_policy;
-use trellis_firmware::{ManifestSignature, PolicyReport, TrustPolicy, verify_signature};
+use trellis_firmware::{
+    ManifestSignature, PolicyReport, TrustPolicy, TrustedKey, verify_signature,
+};
 use trellis_proto::v1 as pb;
 use trellis_records::policy_release::{
     PolicyReleaseRecord, get_policy_release, list_policy_releases, make_policy_release_id,
@@ -113,12 +115,8 @@ impl SignerService {
                 current.policy.version() + 1
             )));
         }
-        if let Ok(cloud) = self.cloud_release_key().await {
-            let held = new
-                .keys()
-                .iter()
-                .filter(|k| k.key_id == cloud.key_id)
-                .count();
+        if let Ok(cloud) = self.cloud_release_keys().await {
+            let held = cloud.held_in(&new).len();
             if held >= new.threshold() && !req.allow_cloud_only {
                 return Err(bad(format!(
                     "the cloud alone could release firmware with it (threshold {}, the cloud \
@@ -217,44 +215,64 @@ impl SignerService {
     }
 
     /// SignPolicyRelease: the cloud release key signs through keyvault,
-    /// where the previous or the new policy trusts it.
+    /// with every live version the previous or the new policy trusts (a
+    /// release key rotation is signed by the version devices trust now and
+    /// by the version they are moving to).
     pub async fn sign_policy_release(
         &self,
         release_id: &str,
         on_behalf_of: &str,
     ) -> Result<PolicyReleaseRecord> {
-        let record = self.get_policy_release(release_id).await?;
-        let cloud = self.cloud_release_key().await?;
+        let mut record = self.get_policy_release(release_id).await?;
+        let cloud = self.cloud_release_keys().await?;
         let (previous, new) = policies(&record)?;
-        if previous.key(&cloud.key_id).is_none() && new.key(&cloud.key_id).is_none() {
-            return Err(SignerError::FailedPrecondition(format!(
-                "neither policy of {} trusts the cloud release key ({}); sign with the \
-                 customer's keys (`trellis policy sign {} --key KEY.pem`)",
-                record.release_id, cloud.key_id, record.release_id
-            )));
+        let signers: Vec<TrustedKey> = cloud
+            .for_rotation(&previous, &new)
+            .into_iter()
+            .map(|v| v.key.clone())
+            .collect();
+        if signers.is_empty() {
+            let named = cloud.held_in(&previous).len() + cloud.held_in(&new).len();
+            return Err(SignerError::FailedPrecondition(if named > 0 {
+                format!(
+                    "the release key versions the policies of {} trust are all retired; unretire one (`trellis keys unretire release N`) or sign with the customer's keys (`trellis policy sign {} --key KEY.pem`)",
+                    record.release_id, record.release_id
+                )
+            } else {
+                format!(
+                    "neither policy of {} trusts the cloud release key; sign with the \
+                     customer's keys (`trellis policy sign {} --key KEY.pem`)",
+                    record.release_id, record.release_id
+                )
+            }));
         }
-        if record.signatures.iter().any(|s| s.key_id == cloud.key_id) {
-            return Ok(record);
+        for cloud in signers {
+            if record.signatures.iter().any(|s| s.key_id == cloud.key_id) {
+                continue;
+            }
+            let signed = self
+                .keyvault()
+                .sign(pb::SignRequest {
+                    purpose: RELEASE_PURPOSE.into(),
+                    data: record.policy.clone(),
+                    actor: format!("{ACTOR} for {on_behalf_of}"),
+                    key_id: cloud.key_id.clone(),
+                })
+                .await
+                .map_err(|e| SignerError::keyvault(self.keyvault_url(), &e))?
+                .into_inner();
+            let signature = ManifestSignature {
+                key_id: signed.key_id,
+                signature: signed.signature,
+            };
+            verify_signature(&cloud.public_key, &record.policy, &signature).map_err(|e| {
+                SignerError::Internal(format!("keyvault's policy signature does not check: {e}"))
+            })?;
+            record = self
+                .store_policy_signature(record, &signature, on_behalf_of)
+                .await?;
         }
-        let signed = self
-            .keyvault()
-            .sign(pb::SignRequest {
-                purpose: RELEASE_PURPOSE.into(),
-                data: record.policy.clone(),
-                actor: format!("{ACTOR} for {on_behalf_of}"),
-            })
-            .await
-            .map_err(|e| SignerError::keyvault(self.keyvault_url(), &e))?
-            .into_inner();
-        let signature = ManifestSignature {
-            key_id: signed.key_id,
-            signature: signed.signature,
-        };
-        verify_signature(&cloud.public_key, &record.policy, &signature).map_err(|e| {
-            SignerError::Internal(format!("keyvault's policy signature does not check: {e}"))
-        })?;
-        self.store_policy_signature(record, &signature, on_behalf_of)
-            .await
+        Ok(record)
     }
 
     /// Stores a checked signature; when the rotation is complete, advances
@@ -281,14 +299,8 @@ impl SignerService {
             let (_, new) = policies(&record)?;
             match current {
                 Some(c) if c.policy.version() == record.previous_version => {
-                    let cloud_only = match self.cloud_release_key().await {
-                        Ok(cloud) => {
-                            new.keys()
-                                .iter()
-                                .filter(|k| k.key_id == cloud.key_id)
-                                .count()
-                                >= new.threshold()
-                        }
+                    let cloud_only = match self.cloud_release_keys().await {
+                        Ok(cloud) => cloud.meet_alone(&new),
                         Err(_) => c.allow_cloud_only,
                     };
                     store::put_policy(
@@ -334,15 +346,8 @@ impl SignerService {
         let (under_current, under_new) = reports(record)?;
         let (_, new) = policies(record)?;
         let complete = under_current.satisfied() && under_new.satisfied();
-        let warning = match self.cloud_release_key().await {
-            Ok(cloud)
-                if new
-                    .keys()
-                    .iter()
-                    .filter(|k| k.key_id == cloud.key_id)
-                    .count()
-                    >= new.threshold() =>
-            {
+        let warning = match self.cloud_release_keys().await {
+            Ok(cloud) if cloud.meet_alone(&new) => {
                 format!(
                     "policy version {} can be met by the cloud's keys alone: releases under it \
                      do not need the customer's offline key",

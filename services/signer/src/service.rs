@@ -1,10 +1,10 @@
 //! The `Signer` gRPC service: the rules of each RPC, one tracing span per
 //! RPC, typed errors turned into statuses at the edge.
+use crate::cloud_keys::CloudReleaseKeys;
 use crate::error::{Result, SignerError};
 use crate::store::{self, Added, Created, ImageMeta, ReleaseRecord, StoredPolicy};
 use crate::validate;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -24,8 +24,7 @@ use trellis_proto::v1::signer_server::Signer;
 pub const ACTOR: &str = "signer";
 /// Keyvault's purpose for release manifests.
 pub const RELEASE_PURPOSE: &str = "release";
-/// The name the cloud release key goes by when the signer names it.
-pub const CLOUD_RELEASE_KEY_NAME: &str = "cloud-release";
+pub use crate::cloud_keys::CLOUD_RELEASE_KEY_NAME;
 
 #[derive(Clone)]
 pub struct SignerService {
@@ -33,8 +32,6 @@ pub struct SignerService {
     keyvault: KeyVaultClient<TracedChannel>,
     keyvault_url: String,
     max_image_bytes: u64,
-    /// Keyvault's release public key, fetched once.
-    release_key: Arc<tokio::sync::OnceCell<TrustedKey>>,
 }
 
 impl std::fmt::Debug for SignerService {
@@ -69,7 +66,6 @@ impl SignerService {
             keyvault,
             keyvault_url: keyvault_url.into(),
             max_image_bytes,
-            release_key: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -290,35 +286,48 @@ impl SignerService {
         load_release(&mut self.redis.clone(), &release_id).await
     }
 
-    /// Keyvault's release public key, as a trusted key named "cloud-release".
-    pub async fn cloud_release_key(&self) -> Result<TrustedKey> {
-        self.release_key
-            .get_or_try_init(|| async {
-                let key = self
-                    .keyvault
-                    .clone()
+    /// Keyvault's release key versions, each a trusted key named
+    /// "cloud-release". Asked each time (release operations are rare, and
+    /// a rotation must show at once); a keyvault from before release key
+    /// versions answers with its one key.
+    pub async fn cloud_release_keys(&self) -> Result<CloudReleaseKeys> {
+        let mut keyvault = self.keyvault.clone();
+        let listed = keyvault
+            .list_signing_keys(pb::ListSigningKeysRequest {
+                purpose: RELEASE_PURPOSE.into(),
+            })
+            .await;
+        let keys = match listed {
+            Ok(list) => list.into_inner().keys,
+            Err(e) if e.code() == tonic::Code::Unimplemented => {
+                let mut one = keyvault
                     .get_signing_key(pb::GetSigningKeyRequest {
                         purpose: RELEASE_PURPOSE.into(),
+                        version: 0,
                     })
                     .await
                     .map_err(|e| SignerError::keyvault(&self.keyvault_url, &e))?
                     .into_inner();
-                let public = public_key_from_pem(&key.public_key_pem).map_err(|e| {
-                    SignerError::Internal(format!("keyvault's release public key: {e}"))
-                })?;
-                let trusted = TrustedKey::new(CLOUD_RELEASE_KEY_NAME, public).map_err(|e| {
-                    SignerError::Internal(format!("keyvault's release public key: {e}"))
-                })?;
-                if trusted.key_id != key.key_id {
-                    return Err(SignerError::Internal(format!(
-                        "keyvault names its release key {} but the key's id is {}",
-                        key.key_id, trusted.key_id
-                    )));
-                }
-                Ok(trusted)
+                one.current = true;
+                vec![one]
+            }
+            Err(e) => return Err(SignerError::keyvault(&self.keyvault_url, &e)),
+        };
+        CloudReleaseKeys::from_proto(keys)
+    }
+
+    /// Keyvault's current release key (what a new policy names with
+    /// `--cloud-release-key`).
+    pub async fn cloud_release_key(&self) -> Result<TrustedKey> {
+        self.cloud_release_keys()
+            .await?
+            .current()
+            .map(|c| c.key.clone())
+            .ok_or_else(|| {
+                SignerError::FailedPrecondition(
+                    "keyvault has no live release key version (`trellis keys status`)".into(),
+                )
             })
-            .await
-            .cloned()
     }
 
     /// SignRelease: keyvault signs the exact manifest bytes with the cloud
@@ -330,10 +339,15 @@ impl SignerService {
         release_id: &str,
         on_behalf_of: &str,
     ) -> Result<ReleaseRecord> {
-        let (release_id, _, _) = validate::release_id(release_id)?;
+        let (release_id, product_id, _) = validate::release_id(release_id)?;
         let mut redis = self.redis.clone();
         let release = load_release(&mut redis, &release_id).await?;
-        let cloud = self.cloud_release_key().await?;
+        let policy = store::get_policy(&mut redis, product_id).await?;
+        let keys = self.cloud_release_keys().await?;
+        let cloud = &keys
+            .for_policy(policy.as_ref().map(|p| &p.policy))
+            .map_err(SignerError::FailedPrecondition)?
+            .key;
         if release.signatures.iter().any(|s| s.key_id == cloud.key_id) {
             return Ok(release);
         }
@@ -344,6 +358,7 @@ impl SignerService {
                 purpose: RELEASE_PURPOSE.into(),
                 data: release.manifest.clone(),
                 actor: format!("{ACTOR} for {on_behalf_of}"),
+                key_id: cloud.key_id.clone(),
             })
             .await
             .map_err(|e| SignerError::keyvault(&self.keyvault_url, &e))?
@@ -488,9 +503,9 @@ impl SignerService {
         // Which keys are the cloud's: keyvault's release key. Without
         // knowing it the policy cannot be checked, so it is refused, unless
         // the operator allowed a cloud-only policy anyway.
-        let cloud_only = match self.cloud_release_key().await {
+        let cloud_only = match self.cloud_release_keys().await {
             Ok(cloud) => {
-                let held = cloud_held(&checked, &cloud);
+                let held = cloud.held_in(&checked);
                 let cloud_only = held.len() >= checked.threshold();
                 if cloud_only && !allow_cloud_only {
                     return Err(bad(format!(
@@ -588,8 +603,8 @@ impl SignerService {
     /// keyvault's release key; when keyvault cannot be asked, the stored
     /// `allow_cloud_only` decides.
     async fn cloud_only(&self, stored: &StoredPolicy) -> bool {
-        match self.cloud_release_key().await {
-            Ok(cloud) => cloud_held(&stored.policy, &cloud).len() >= stored.policy.threshold(),
+        match self.cloud_release_keys().await {
+            Ok(cloud) => cloud.meet_alone(&stored.policy),
             Err(_) => stored.allow_cloud_only,
         }
     }
@@ -714,14 +729,6 @@ fn name_of(k: &KeyRef) -> String {
 
 /// The keys of `policy` whose private half the cloud holds: keyvault's
 /// release key (the only key keyvault signs releases with).
-fn cloud_held<'a>(policy: &'a TrustPolicy, cloud: &TrustedKey) -> Vec<&'a TrustedKey> {
-    policy
-        .keys()
-        .iter()
-        .filter(|k| k.key_id == cloud.key_id)
-        .collect()
-}
-
 /// "1 signature", "2 signatures".
 fn signatures(n: usize) -> String {
     if n == 1 {

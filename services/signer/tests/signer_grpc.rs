@@ -74,6 +74,7 @@ impl Stack {
         let mut kv = connect_keyvault(keyvault).await?;
         kv.get_signing_key(pb::GetSigningKeyRequest {
             purpose: "release".into(),
+            version: 0,
         })
         .await?;
         Ok(Self {
@@ -101,6 +102,7 @@ impl Stack {
             .await?
             .get_signing_key(pb::GetSigningKeyRequest {
                 purpose: "release".into(),
+                version: 0,
             })
             .await?
             .into_inner();

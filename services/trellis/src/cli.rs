@@ -272,31 +272,41 @@ pub enum PendingCommand {
 pub enum KeyKind {
     /// The cloud key devices encrypt their handshake to.
     Cloud,
+    /// The cloud release key: keyvault's signature on firmware releases
+    /// and policy rotations.
+    Release,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Make cloud key version N+1 (audited). It becomes the current one:
+    /// Make version N+1 (audited); it becomes the current one. cloud:
     /// gateways announce it to every device with rotation support.
+    /// release: products move to it by a policy rotation (`trellis policy
+    /// rotate` naming it, then a rollout); until then each product's
+    /// releases are signed with the version its policy trusts.
     Rotate { which: KeyKind },
     /// Every cloud key version (id, created, live/retired) and how many
-    /// devices hold each (legacy devices: version 1, no rotation support).
+    /// devices hold each (legacy devices: version 1, no rotation support),
+    /// then every release key version.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Retire a version: never used for a handshake again. Refused while a
-    /// device seen within keys.retire_grace_days has not acknowledged a
-    /// newer version, unless --force.
+    /// Retire a version. cloud: never used for a handshake again; refused
+    /// while a device seen within keys.retire_grace_days has not
+    /// acknowledged a newer version. release: keyvault stops signing with
+    /// it; refused while a product's policy trusts it. The current version
+    /// is never retired; --force overrides the other checks.
     Retire {
         which: KeyKind,
         version: u32,
         #[arg(long)]
         force: bool,
     },
-    /// Make a retired version live again: the recovery for devices that
-    /// missed the rotation and came back after the retirement (audited).
+    /// Make a retired version live again (audited). cloud: the recovery for
+    /// devices that missed the rotation and came back after the
+    /// retirement.
     Unretire { which: KeyKind, version: u32 },
 }
 

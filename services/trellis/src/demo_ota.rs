@@ -69,6 +69,7 @@ pub async fn provision_trust(
     let cloud = keyvault
         .get_signing_key(GetSigningKeyRequest {
             purpose: "release".into(),
+            version: 0,
         })
         .await
         .map_err(|e| anyhow::anyhow!("keyvault has no release key: {}", e.message()))?

@@ -192,6 +192,12 @@ pub enum PolicyCommand {
         /// current version + 1.
         #[arg(long = "new", value_name = "POLICY.json")]
         new_policy: PathBuf,
+        /// The new policy trusts keyvault's CURRENT release key, as
+        /// "cloud-release", in place of any older release key version it
+        /// names: how a product moves to a rotated release key (`trellis
+        /// keys rotate release`).
+        #[arg(long)]
+        cloud_release_key: bool,
         /// As `policy set --allow-cloud-only`, for the new policy.
         #[arg(long)]
         allow_cloud_only: bool,
@@ -861,6 +867,45 @@ pub(crate) fn parse_key_arg(arg: &str) -> anyhow::Result<(String, PathBuf)> {
     Ok((name, path))
 }
 
+/// `policy_json` with every key that is a version of keyvault's release key
+/// (`versions`) replaced by the current version, named "cloud-release".
+fn with_current_release_key(
+    policy_json: &str,
+    versions: &[pb::SigningKey],
+) -> anyhow::Result<String> {
+    let current = versions
+        .iter()
+        .find(|k| k.current)
+        .context("keyvault has no live release key version (`trellis keys status`)")?;
+    let mut doc: serde_json::Value = serde_json::from_str(policy_json).context("not JSON")?;
+    let keys = doc
+        .get_mut("keys")
+        .and_then(|k| k.as_array_mut())
+        .context("no \"keys\" list")?;
+    let mut kept = Vec::with_capacity(keys.len() + 1);
+    for k in keys.drain(..) {
+        let pem = k.get("public_key").and_then(|p| p.as_str()).unwrap_or("");
+        let key_id = public_key_from_pem(pem)
+            .ok()
+            .and_then(|p| trellis_firmware::TrustedKey::new("k", p).ok())
+            .map(|t| t.key_id);
+        let is_cloud = key_id
+            .as_deref()
+            .is_some_and(|id| versions.iter().any(|v| v.key_id == id));
+        let name = k.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        if !is_cloud && name != CLOUD_RELEASE_NAME {
+            kept.push(k);
+        }
+    }
+    kept.push(serde_json::json!({
+        "name": CLOUD_RELEASE_NAME,
+        "key_id": current.key_id,
+        "public_key": current.public_key_pem,
+    }));
+    *keys = kept;
+    Ok(serde_json::to_string_pretty(&doc)?)
+}
+
 pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Set {
@@ -895,6 +940,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                 let key = kv
                     .get_signing_key(pb::GetSigningKeyRequest {
                         purpose: "release".into(),
+                        version: 0,
                     })
                     .await
                     .map_err(status)?
@@ -948,9 +994,26 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
         PolicyCommand::Rotate {
             product,
             new_policy,
+            cloud_release_key,
             allow_cloud_only,
         } => {
-            let text = read_text(&new_policy, "the new policy")?;
+            let mut text = read_text(&new_policy, "the new policy")?;
+            if cloud_release_key {
+                let mut kv = KeyVaultClient::new(
+                    crate::ops::channel(&endpoints.keyvault_url, "keyvault", "--keyvault-url")
+                        .await?,
+                );
+                let versions = kv
+                    .list_signing_keys(pb::ListSigningKeysRequest {
+                        purpose: "release".into(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .keys;
+                text = with_current_release_key(&text, &versions)
+                    .with_context(|| format!("{}", new_policy.display()))?;
+            }
             // Checked here too, so a typo is caught before the network.
             TrustPolicy::from_json(&text)
                 .with_context(|| format!("{} is not a trust policy", new_policy.display()))?;

@@ -434,10 +434,65 @@ pub async fn device(endpoints: &Endpoints, cmd: DeviceCommand) -> anyhow::Result
     Ok(())
 }
 
-/// `trellis keys ...` (cloud key versions, keyvault).
+/// Keyvault's purpose for the release key.
+const RELEASE_PURPOSE: &str = "release";
+
+/// `trellis keys ...` (cloud and release key versions, keyvault).
 pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()> {
     let mut kv = keyvault_client(&endpoints.keyvault_url).await?;
     match cmd {
+        KeysCommand::Rotate {
+            which: KeyKind::Release,
+        } => {
+            let v = kv
+                .rotate_signing_key(RotateSigningKeyRequest {
+                    purpose: RELEASE_PURPOSE.into(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "release key version {} made (key id {}); it is the current one. Each product's releases are still signed with the version its policy trusts: move a product to it with `trellis policy rotate --product P --new POLICY.json --cloud-release-key` and a rollout, then retire the old version (`trellis keys retire release N`)",
+                v.version, v.key_id
+            );
+        }
+        KeysCommand::Retire {
+            which: KeyKind::Release,
+            version,
+            force,
+        } => {
+            let v = kv
+                .retire_signing_key(RetireSigningKeyRequest {
+                    purpose: RELEASE_PURPOSE.into(),
+                    version,
+                    force,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "release key version {} retired{}; keyvault no longer signs with it",
+                v.version,
+                if force { " (forced)" } else { "" }
+            );
+        }
+        KeysCommand::Unretire {
+            which: KeyKind::Release,
+            version,
+        } => {
+            let v = kv
+                .unretire_signing_key(UnretireSigningKeyRequest {
+                    purpose: RELEASE_PURPOSE.into(),
+                    version,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "release key version {} is live again: keyvault signs with it for products whose policy trusts it",
+                v.version
+            );
+        }
         KeysCommand::Rotate {
             which: KeyKind::Cloud,
         } => {
@@ -457,7 +512,27 @@ pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status)?
                 .into_inner();
+            let release = kv
+                .list_signing_keys(ListSigningKeysRequest {
+                    purpose: RELEASE_PURPOSE.into(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .keys;
             if json {
+                let release_rows: Vec<serde_json::Value> = release
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "version": k.version,
+                            "key_id": k.key_id,
+                            "created": ms_text(k.created_ms),
+                            "state": key_state(k.retired_ms, k.current),
+                            "current": k.current,
+                        })
+                    })
+                    .collect();
                 let rows: Vec<serde_json::Value> = s
                     .versions
                     .iter()
@@ -479,9 +554,11 @@ pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()>
                     serde_json::to_string_pretty(&serde_json::json!({
                         "retire_grace_days": s.retire_grace_days,
                         "versions": rows,
+                        "release_versions": release_rows,
                     }))?
                 );
             } else {
+                println!("cloud key");
                 println!(
                     "{:<8} {:<18} {:<25} {:<17} {:>8} {:>8} {:>8}",
                     "VERSION", "KEY ID", "CREATED", "STATE", "DEVICES", "LEGACY", "RECENT"
@@ -502,6 +579,21 @@ pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()>
                     "(devices: holding that version now; legacy: of those, without rotation support; recent: seen within keys.retire_grace_days = {})",
                     s.retire_grace_days
                 );
+                println!();
+                println!("release key");
+                println!(
+                    "{:<8} {:<18} {:<25} {:<17}",
+                    "VERSION", "KEY ID", "CREATED", "STATE"
+                );
+                for k in &release {
+                    println!(
+                        "{:<8} {:<18} {:<25} {:<17}",
+                        k.version,
+                        k.key_id.get(..16).unwrap_or(&k.key_id),
+                        ms_text(k.created_ms),
+                        key_state(k.retired_ms, k.current)
+                    );
+                }
             }
         }
         KeysCommand::Retire {
@@ -539,9 +631,13 @@ pub async fn keys(endpoints: &Endpoints, cmd: KeysCommand) -> anyhow::Result<()>
 }
 
 fn version_state(v: &CloudKeyVersion) -> String {
-    if v.retired_ms != 0 {
-        format!("retired {}", ms_text(v.retired_ms))
-    } else if v.current {
+    key_state(v.retired_ms, v.current)
+}
+
+fn key_state(retired_ms: i64, current: bool) -> String {
+    if retired_ms != 0 {
+        format!("retired {}", ms_text(retired_ms))
+    } else if current {
         "live (current)".into()
     } else {
         "live".into()

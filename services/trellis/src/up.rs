@@ -213,19 +213,13 @@ pub async fn run(mut config: Config, args: UpArgs) -> anyhow::Result<()> {
     let mut grpc_addrs = Vec::new();
     for n in 0..gateway_count {
         let mut gw_config = service_config(&config, RedisUser::Gateway);
-        let device_listen = offset_port(&config.gateway.device_listen, n)?;
-        let grpc_listen = offset_port(&config.gateway.grpc_listen, n)?;
         if gw_config.gateway.id.is_empty() {
             gw_config.gateway.id = format!("gw-{}", n + 1);
         } else if gateway_count > 1 {
             gw_config.gateway.id = format!("{}-{}", gw_config.gateway.id, n + 1);
         }
-        let devices = TcpListener::bind(device_listen)
-            .await
-            .with_context(|| format!("gateway cannot listen for devices on {device_listen}"))?;
-        let grpc = TcpListener::bind(grpc_listen)
-            .await
-            .with_context(|| format!("gateway cannot listen for gRPC on {grpc_listen}"))?;
+        let devices = bind_gateway(&config.gateway.device_listen, n, "devices").await?;
+        let grpc = bind_gateway(&config.gateway.grpc_listen, n, "gRPC").await?;
         println!(
             "gateway {}: devices on {}, gRPC on {}",
             gw_config.gateway.id,
@@ -356,6 +350,34 @@ fn url_of(addr: SocketAddr) -> String {
         });
     }
     format!("http://{addr}")
+}
+
+/// Gateway `n`'s listener: the configured address with the port moved up
+/// by `n`. The first gateway's port is what devices are told, so it must be
+/// free; a later gateway whose port is taken (by anything else on the
+/// machine) gets one from the operating system instead, and says so.
+async fn bind_gateway(configured: &str, n: usize, what: &str) -> anyhow::Result<TcpListener> {
+    let addr = offset_port(configured, n)?;
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if n > 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let mut any = addr;
+            any.set_port(0);
+            let l = TcpListener::bind(any)
+                .await
+                .with_context(|| format!("gateway cannot listen for {what} on {any}"))?;
+            println!(
+                "gateway {}: {addr} is in use; {what} on {} instead",
+                n + 1,
+                l.local_addr()?
+            );
+            Ok(l)
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("gateway cannot listen for {what} on {addr}")))
+        }
+    }
 }
 
 /// `host:port` with the port moved up by `n` (port 0 stays 0).

@@ -417,6 +417,7 @@ async fn every_rpc_checks_who_calls() -> anyhow::Result<()> {
                 purpose: "release".into(),
                 data,
                 actor: "test".into(),
+                key_id: String::new(),
             });
             if let Some(token) = token {
                 request

@@ -461,6 +461,7 @@ async fn release_policy(
         .await?
         .get_signing_key(GetSigningKeyRequest {
             purpose: "release".into(),
+            version: 0,
         })
         .await?
         .into_inner()

@@ -110,8 +110,14 @@ impl RedisUser {
                     keys::AUDIT_REFUSAL_COUNTS,
                 ]),
                 // Sign signs only a manifest the signer stored; cloud key
-                // status and retirement count what the gateways recorded.
-                read: vec!["trellis:release:*", keys::CLOUD_KEY_DEVICES],
+                // status and retirement count what the gateways recorded;
+                // retiring a release key checks no product's policy still
+                // trusts it.
+                read: vec![
+                    "trellis:release:*",
+                    keys::CLOUD_KEY_DEVICES,
+                    keys::POLICY_PATTERN,
+                ],
                 append: &[],
             },
             Self::Gateway => Grants {
@@ -293,6 +299,8 @@ mod tests {
             (keys::RELEASE_KEY.into(), vec![Keyvault]),
             (keys::cloud_key_record(2), vec![Keyvault]),
             (keys::CLOUD_KEY_VERSIONS.into(), vec![Keyvault]),
+            (keys::release_key_record(2), vec![Keyvault]),
+            (keys::RELEASE_KEY_VERSIONS.into(), vec![Keyvault]),
             (keys::CLOUD_KEY_DEVICES.into(), vec![Gateway]),
             (keys::image("ab"), vec![Signer]),
             (keys::image_meta("ab"), vec![Signer]),
