@@ -137,7 +137,7 @@ mod tests {
     use trellis_firmware::public_key_to_pem;
 
     fn version(v: u32, live: bool, current: bool) -> (rsa::PrivateKey, pb::SigningKey) {
-        let private = rsa::PrivateKey::new(&mut rand::rng(), 1024).unwrap();
+        let private = rsa::PrivateKey::new(&mut rand::rng(), 2048).unwrap();
         let pem = public_key_to_pem(&private.to_public_key()).unwrap();
         let key = TrustedKey::new("x", private.to_public_key()).unwrap();
         let proto = pb::SigningKey {

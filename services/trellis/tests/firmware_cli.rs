@@ -61,6 +61,32 @@ fn refused(out: Output, needles: &[&str]) -> String {
     stdout(&out)
 }
 
+/// `firmware keygen` of a 2048-bit key at `out` (and `.pub.pem` beside it).
+fn keygen(env: &Env, out: &Path) {
+    ok(trellis(
+        env,
+        &["firmware", "keygen", "--out", p(out), "--bits", "2048"],
+    ));
+}
+
+/// `d/customer.pem` made, and `product`'s policy set to it and the cloud
+/// release key (2 of 2).
+fn customer_and_cloud_policy(env: &Env, d: &Path, product: &str) {
+    keygen(env, &d.join("customer.pem"));
+    ok(trellis(
+        env,
+        &[
+            "policy",
+            "set",
+            "--product",
+            product,
+            "--key",
+            p(&d.join("customer.pub.pem")),
+            "--cloud-release-key",
+        ],
+    ));
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
@@ -547,30 +573,11 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     for name in ["customer", "customer-2027", "stranger"] {
-        ok(trellis(
-            &env,
-            &[
-                "firmware",
-                "keygen",
-                "--out",
-                p(&d.join(format!("{name}.pem"))),
-                "--bits",
-                "2048",
-            ],
-        ));
+        if name != "customer" {
+            keygen(&env, &d.join(format!("{name}.pem")));
+        }
     }
-    ok(trellis(
-        &env,
-        &[
-            "policy",
-            "set",
-            "--product",
-            "9",
-            "--key",
-            p(&d.join("customer.pub.pem")),
-            "--cloud-release-key",
-        ],
-    ));
+    customer_and_cloud_policy(&env, d, "9");
     let mut shown: serde_json::Value = serde_json::from_str(&ok(trellis(
         &env,
         &["policy", "show", "--product", "9", "--json"],
@@ -646,6 +653,116 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
         ),
         &["version 2 is not above the current version 2"],
     );
+
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// The release key rotation as an operator runs it: `keys rotate release`,
+/// `keys status`, retirement refused while a product's policy trusts the
+/// old version, `policy rotate --cloud-release-key`, `policy sign --cloud`
+/// (keyvault signs with both versions), then retirement allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_key_rotation_through_the_cli() -> anyhow::Result<()> {
+    let cluster = Cluster::start(0).await?;
+    let (env, trigger, signer_task) = start_signer(&cluster).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    customer_and_cloud_policy(&env, d, "12");
+    let out = ok(trellis(&env, &["keys", "rotate", "release"]));
+    assert!(out.contains("release key version 2 made"), "{out}");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(trellis(&env, &["keys", "status", "--json"])))?;
+    let versions = status["release_versions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(versions.len(), 2, "{status}");
+    assert_eq!(versions[1]["version"], 2);
+    assert_eq!(versions[1]["current"], true);
+    assert_eq!(versions[0]["state"], "live");
+    let v1 = versions[0]["key_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let v2 = versions[1]["key_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let table = ok(trellis(&env, &["keys", "status"]));
+    assert!(
+        table.contains("release key") && table.contains("live (current)"),
+        "{table}"
+    );
+
+    refused(
+        trellis(&env, &["keys", "retire", "release", "1"]),
+        &["product(s) 12 still trusts release key version 1"],
+    );
+    refused(
+        trellis(&env, &["keys", "retire", "release", "2"]),
+        &["is the current one"],
+    );
+
+    // The product moves to v2: its shown policy, the cloud key swapped.
+    let mut shown: serde_json::Value = serde_json::from_str(&ok(trellis(
+        &env,
+        &["policy", "show", "--product", "12", "--json"],
+    )))?;
+    assert_eq!(shown["keys"][1]["key_id"], v1.as_str());
+    shown.as_object_mut().map(|o| o.remove("version"));
+    let file = d.join("policy.json");
+    std::fs::write(&file, shown.to_string())?;
+    let out = ok(trellis(
+        &env,
+        &[
+            "policy",
+            "rotate",
+            "--product",
+            "12",
+            "--new",
+            p(&file),
+            "--cloud-release-key",
+        ],
+    ));
+    assert!(out.contains("policy release tp-12-2"), "{out}");
+    ok(trellis(
+        &env,
+        &[
+            "policy",
+            "sign",
+            "tp-12-2",
+            "--key",
+            p(&d.join("customer.pem")),
+        ],
+    ));
+    let out = ok(trellis(&env, &["policy", "sign", "tp-12-2", "--cloud"]));
+    assert!(
+        out.contains("complete: devices on the current policy accept it"),
+        "{out}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&ok(trellis(
+        &env,
+        &["policy", "show", "--product", "12", "--json"],
+    )))?;
+    assert_eq!(shown["version"], 2);
+    assert_eq!(shown["keys"][1]["key_id"], v2.as_str());
+
+    // No product trusts v1 now: it retires, and comes back when asked.
+    let out = ok(trellis(&env, &["keys", "retire", "release", "1"]));
+    assert!(out.contains("release key version 1 retired"), "{out}");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(trellis(&env, &["keys", "status", "--json"])))?;
+    assert!(
+        status["release_versions"][0]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("retired")),
+        "{status}"
+    );
+    let out = ok(trellis(&env, &["keys", "unretire", "release", "1"]));
+    assert!(out.contains("live again"), "{out}");
 
     trigger.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
