@@ -660,12 +660,14 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The release key rotation as an operator runs it: `keys rotate release`,
-/// `keys status`, retirement refused while a product's policy trusts the
-/// old version, `policy rotate --cloud-release-key`, `policy sign --cloud`
-/// (keyvault signs with both versions), then retirement allowed.
+/// Key rotation as an operator runs it: `keys rotate release`, `keys
+/// status`, retirement refused while a product's policy trusts the old
+/// version, `policy rotate --cloud-release-key`, `policy sign --cloud`
+/// (keyvault signs with both versions), then retirement allowed; and the
+/// cloud key's rotate, retire (refused for the current version and an
+/// unknown one) and unretire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_key_rotation_through_the_cli() -> anyhow::Result<()> {
+async fn key_rotation_through_the_cli() -> anyhow::Result<()> {
     let cluster = Cluster::start(0).await?;
     let (env, trigger, signer_task) = start_signer(&cluster).await?;
     let dir = tempfile::tempdir()?;
@@ -763,6 +765,33 @@ async fn release_key_rotation_through_the_cli() -> anyhow::Result<()> {
     );
     let out = ok(trellis(&env, &["keys", "unretire", "release", "1"]));
     assert!(out.contains("live again"), "{out}");
+
+    // The cloud key's commands, with no device holding any version.
+    let out = ok(trellis(&env, &["keys", "rotate", "cloud"]));
+    assert!(out.contains("cloud key version 2 made"), "{out}");
+    refused(
+        trellis(&env, &["keys", "retire", "cloud", "2"]),
+        &["is the current one"],
+    );
+    refused(
+        trellis(&env, &["keys", "retire", "cloud", "7"]),
+        &["there is no cloud key version 7"],
+    );
+    let out = ok(trellis(&env, &["keys", "retire", "cloud", "1"]));
+    assert!(out.contains("cloud key version 1 retired"), "{out}");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(trellis(&env, &["keys", "status", "--json"])))?;
+    let cloud = status["versions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(cloud.len(), 2, "{status}");
+    assert!(
+        cloud[0]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("retired")),
+        "{status}"
+    );
+    assert_eq!(cloud[1]["current"], true);
+    let out = ok(trellis(&env, &["keys", "unretire", "cloud", "1"]));
+    assert!(out.contains("cloud key version 1 is live again"), "{out}");
 
     trigger.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(10), signer_task).await;
