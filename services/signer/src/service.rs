@@ -316,20 +316,6 @@ impl SignerService {
         CloudReleaseKeys::from_proto(keys)
     }
 
-    /// Keyvault's current release key (what a new policy names with
-    /// `--cloud-release-key`).
-    pub async fn cloud_release_key(&self) -> Result<TrustedKey> {
-        self.cloud_release_keys()
-            .await?
-            .current()
-            .map(|c| c.key.clone())
-            .ok_or_else(|| {
-                SignerError::FailedPrecondition(
-                    "keyvault has no live release key version (`trellis keys status`)".into(),
-                )
-            })
-    }
-
     /// SignRelease: keyvault signs the exact manifest bytes with the cloud
     /// release key; the signature is checked, then stored.
     /// Signs with the cloud release key through keyvault, which audits the
