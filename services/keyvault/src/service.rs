@@ -540,9 +540,13 @@ impl KeyVault for KeyVaultService {
         );
         let mut redis = self.redis.clone();
         let pool = self.pool.clone();
-        let release = self.release_keys()?.snapshot();
+        let release = self.release_keys()?;
         async move {
-            let response = signing::sign(&pool, &mut redis, release, req, &actor)
+            // Fresh: another keyvault may have rotated or retired a version
+            // a moment ago, and a retired version must not sign (one
+            // HGETALL; signing is rare).
+            release.reload(&mut redis).await.map_err(status)?;
+            let response = signing::sign(&pool, &mut redis, release.snapshot(), req, &actor)
                 .await
                 .map_err(status)?;
             tracing::Span::current().record("key_id", response.key_id.as_str());
