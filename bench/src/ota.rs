@@ -232,6 +232,7 @@ async fn signed_release(
                 threshold: 1,
                 cloud_only: false,
                 version: 0,
+                policy_json: String::new(),
             }),
             // The benchmark signs with the cloud release key only.
             allow_cloud_only: true,

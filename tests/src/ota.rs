@@ -233,6 +233,7 @@ impl ReleaseKeys {
                         threshold: 2,
                         cloud_only: false,
                         version: 0,
+                        policy_json: String::new(),
                     }),
                     allow_cloud_only: false,
                 })

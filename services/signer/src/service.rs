@@ -810,6 +810,9 @@ fn policy_to_proto(
         version: policy.version(),
         threshold: u32::try_from(policy.threshold()).unwrap_or(u32::MAX),
         cloud_only,
+        policy_json: policy
+            .to_json()
+            .map_err(|e| SignerError::Internal(e.to_string()))?,
     })
 }
 

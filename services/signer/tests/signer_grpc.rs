@@ -666,6 +666,7 @@ async fn release_signed_by_customer_and_cloud_meets_policy_and_is_delivered() ->
                 threshold: 2,
                 cloud_only: false,
                 version: 0,
+                policy_json: String::new(),
             }),
             allow_cloud_only: false,
         })
@@ -893,6 +894,7 @@ async fn bad_policies_are_refused() -> anyhow::Result<()> {
             threshold,
             cloud_only: false,
             version: 0,
+            policy_json: String::new(),
         }),
         allow_cloud_only: false,
     };
@@ -958,6 +960,7 @@ async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Re
                 threshold,
                 cloud_only: false,
                 version: 0,
+                policy_json: String::new(),
             }),
             allow_cloud_only,
         };

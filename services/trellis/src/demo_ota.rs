@@ -103,6 +103,7 @@ pub async fn provision_trust(
                 threshold: 2,
                 cloud_only: false,
                 version: 0,
+                policy_json: String::new(),
             }),
             allow_cloud_only: false,
         })

@@ -964,6 +964,7 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                         threshold,
                         cloud_only: false,
                         version: 0,
+                        policy_json: String::new(),
                     }),
                     allow_cloud_only,
                 })
@@ -1127,8 +1128,13 @@ pub async fn policy(endpoints: &Endpoints, cmd: PolicyCommand) -> anyhow::Result
                 .await
                 .map_err(status)?
                 .into_inner();
-            if json {
-                // The firmware crate's policy file: what a device is given.
+            if json && !p.policy_json.is_empty() {
+                // The firmware crate's policy file, command policy included:
+                // what a device is given, and what `policy rotate` starts from.
+                println!("{}", p.policy_json);
+                cloud_only_warning(&p);
+            } else if json {
+                // A signer from before policy_json: keys and threshold only.
                 let v = serde_json::json!({
                     "version": p.version,
                     "threshold": p.threshold,

@@ -572,7 +572,7 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
     let (env, trigger, signer_task) = start_signer(&cluster).await?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    for name in ["customer", "customer-2027", "stranger"] {
+    for name in ["customer", "customer-2027", "stranger", "operator"] {
         if name != "customer" {
             keygen(&env, &d.join(format!("{name}.pem")));
         }
@@ -587,6 +587,17 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
     let new_pem = std::fs::read_to_string(d.join("customer-2027.pub.pem"))?;
     shown["keys"][0] = serde_json::json!({ "name": "customer-2027", "public_key": new_pem });
     shown.as_object_mut().map(|o| o.remove("version"));
+    // ... and a command policy (signed commands), which `policy show
+    // --json` must carry on to the next rotation.
+    shown["commands"] = serde_json::json!({
+        "threshold": 1,
+        "keys": [{
+            "name": "operator",
+            "public_key": std::fs::read_to_string(d.join("operator.pub.pem"))?,
+        }],
+        "protected": "all",
+        "max_validity_secs": 300,
+    });
     let new_file = d.join("policy.json");
     std::fs::write(&new_file, shown.to_string())?;
 
@@ -643,6 +654,15 @@ async fn policy_rotate_sign_show_and_list() -> anyhow::Result<()> {
     let out = ok(trellis(&env, &["policy", "show", "--product", "9"]));
     assert!(out.contains("policy version 2"), "{out}");
     assert!(out.contains("customer-2027"), "{out}");
+    let advanced: serde_json::Value = serde_json::from_str(&ok(trellis(
+        &env,
+        &["policy", "show", "--product", "9", "--json"],
+    )))?;
+    assert_eq!(advanced["version"], 2, "{advanced}");
+    assert_eq!(
+        advanced["commands"]["keys"][0]["name"], "operator",
+        "the command policy is in the shown policy file: {advanced}"
+    );
     // A rotation that is not above the current version is refused.
     shown["version"] = serde_json::json!(2);
     std::fs::write(&new_file, shown.to_string())?;

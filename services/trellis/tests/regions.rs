@@ -497,6 +497,7 @@ async fn release_policy(
                 threshold: 2,
                 cloud_only: false,
                 version: 0,
+                policy_json: String::new(),
             }),
             allow_cloud_only: false,
         })
