@@ -21,6 +21,11 @@ cargo machete
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 disk_report "after cargo test"
+# The test executables cargo just ran (about 3.4 GB; nothing later runs
+# them) go, for the same reason as the release build below: the CI
+# machine's disk is small.
+{ grep -o '(target/debug/deps/[^)]*)' target/test-output.txt || true; } | tr -d '()' | sort -u | xargs -r rm -f
+disk_report "after removing the test executables"
 echo "== trellis up --demo (smoke)"
 scripts/smoke.sh
 # The README's first command exactly as a new user runs it: from the clone,
