@@ -254,6 +254,39 @@ pub enum Signers {
     CloudOnly,
 }
 
+/// Uploads `image` and creates release `product`-`version` from it,
+/// unsigned: the signer's answer (manifest bytes included).
+pub async fn upload_release(
+    stack: &OtaStack,
+    product: u32,
+    version: u32,
+    image: &[u8],
+) -> anyhow::Result<Release> {
+    let mut signer = stack.signer_client().await?;
+    let mut parts = vec![UploadImageRequest {
+        part: Some(Part::Header(UploadImageHeader {
+            product_id: product,
+            size: image.len() as u64,
+            organization: String::new(),
+        })),
+    }];
+    parts.extend(image.chunks(32 * 1024).map(|c| UploadImageRequest {
+        part: Some(Part::Data(c.to_vec())),
+    }));
+    let uploaded = signer
+        .upload_image(tokio_stream::iter(parts))
+        .await?
+        .into_inner();
+    Ok(signer
+        .create_release(CreateReleaseRequest {
+            product_id: product,
+            version,
+            image_sha256: uploaded.sha256.clone(),
+        })
+        .await?
+        .into_inner())
+}
+
 /// A recognisable image of `size` bytes for product/version.
 pub fn test_image(product: u32, version: u32, size: usize) -> Vec<u8> {
     let mut image =
@@ -279,29 +312,8 @@ pub async fn make_release(
     image: &[u8],
     signers: Signers,
 ) -> anyhow::Result<(String, String)> {
+    let release = upload_release(stack, product, version, image).await?;
     let mut signer = stack.signer_client().await?;
-    let mut parts = vec![UploadImageRequest {
-        part: Some(Part::Header(UploadImageHeader {
-            product_id: product,
-            size: image.len() as u64,
-            organization: String::new(),
-        })),
-    }];
-    parts.extend(image.chunks(32 * 1024).map(|c| UploadImageRequest {
-        part: Some(Part::Data(c.to_vec())),
-    }));
-    let uploaded = signer
-        .upload_image(tokio_stream::iter(parts))
-        .await?
-        .into_inner();
-    let release = signer
-        .create_release(CreateReleaseRequest {
-            product_id: product,
-            version,
-            image_sha256: uploaded.sha256.clone(),
-        })
-        .await?
-        .into_inner();
     if signers == Signers::Both {
         let manifest = release
             .signed
@@ -321,7 +333,7 @@ pub async fn make_release(
             release_id: release.release_id.clone(),
         })
         .await?;
-    Ok((release.release_id, uploaded.sha256))
+    Ok((release.release_id, release.image_sha256))
 }
 
 /// A simulated fleet and what its devices report.

@@ -86,6 +86,51 @@ async fn reported_policies(
         .collect())
 }
 
+/// A release of `version` signed with `keys` (customer and cloud), rolled
+/// out to everyone: it completes and every device in `ids` runs it. The
+/// image's SHA-256 (hex).
+async fn install_everywhere(
+    cluster: &Cluster,
+    stack: &OtaStack,
+    keys: &ReleaseKeys,
+    version: u32,
+    ids: &[String],
+) -> anyhow::Result<String> {
+    let image = test_image(PRODUCT, version, 16 * 1024);
+    let (release, sha) = make_release(stack, keys, PRODUCT, version, &image, Signers::Both).await?;
+    let r = stack
+        .ota_client()
+        .await?
+        .create_rollout(CreateRolloutRequest {
+            release_id: release,
+            stages: vec![stage("all", 0, 100, 0)],
+            max_failure_ratio: 0.5,
+            max_concurrent: 10,
+            apply_timeout_secs: 60,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let done = rollout_until(
+        stack,
+        &r.rollout_id,
+        &[RolloutState::Completed, RolloutState::Aborted],
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
+    let states = device_states(cluster).await?;
+    for id in ids {
+        let st = states.iter().find(|s| &s.device_id == id);
+        assert_eq!(
+            st.map(|s| s.firmware_sha256.as_str()),
+            Some(sha.as_str()),
+            "{id}"
+        );
+    }
+    Ok(sha)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyhow::Result<()> {
     let (cluster, stack) = Cluster::start_with_ota(2, |_| {}).await?;
@@ -300,36 +345,7 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
         cloud_pem: keys.cloud_pem.clone(),
         policy: new_policy,
     };
-    let image = test_image(PRODUCT, 2, 16 * 1024);
-    let (release, sha) = make_release(&stack, &rotated, PRODUCT, 2, &image, Signers::Both).await?;
-    let r = ota
-        .create_rollout(CreateRolloutRequest {
-            release_id: release,
-            stages: vec![stage("all", 0, 100, 0)],
-            max_failure_ratio: 0.5,
-            max_concurrent: 10,
-            apply_timeout_secs: 60,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let done = rollout_until(
-        &stack,
-        &r.rollout_id,
-        &[RolloutState::Completed, RolloutState::Aborted],
-        Duration::from_secs(120),
-    )
-    .await?;
-    assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
-    let states = device_states(&cluster).await?;
-    for id in &ids {
-        let st = states.iter().find(|s| &s.device_id == id);
-        assert_eq!(
-            st.map(|s| s.firmware_sha256.as_str()),
-            Some(sha.as_str()),
-            "{id}"
-        );
-    }
+    let sha = install_everywhere(&cluster, &stack, &rotated, 2, &ids).await?;
 
     // One signed with the OLD customer key (and the cloud) only: the signer
     // no longer takes that signature, so it is written straight into the
@@ -694,35 +710,13 @@ async fn futures_answers(
 /// Redis access would: what the devices judge, whatever the signer thinks.
 async fn release_signed_with(
     cluster: &Cluster,
-    stack: &trellis_tests::ota::OtaStack,
+    stack: &OtaStack,
     customer: &rsa::PrivateKey,
     cloud_key_id: &str,
     version: u32,
 ) -> anyhow::Result<String> {
-    let mut signer = stack.signer_client().await?;
     let image = test_image(PRODUCT, version, 8 * 1024);
-    let mut parts = vec![UploadImageRequest {
-        part: Some(upload_image_request::Part::Header(UploadImageHeader {
-            product_id: PRODUCT,
-            size: image.len() as u64,
-            organization: String::new(),
-        })),
-    }];
-    parts.push(UploadImageRequest {
-        part: Some(upload_image_request::Part::Data(image.clone())),
-    });
-    let uploaded = signer
-        .upload_image(tokio_stream::iter(parts))
-        .await?
-        .into_inner();
-    let release = signer
-        .create_release(CreateReleaseRequest {
-            product_id: PRODUCT,
-            version,
-            image_sha256: uploaded.sha256,
-        })
-        .await?
-        .into_inner();
+    let release = upload_release(stack, PRODUCT, version, &image).await?;
     let manifest = release.signed.unwrap_or_default().manifest;
     let cloud = cluster
         .keyvault_client()
@@ -952,36 +946,7 @@ async fn the_release_key_rotates_through_a_policy_rotation_and_the_old_one_is_re
         cloud_pem: v2.public_key_pem.clone(),
         policy: new_policy.clone(),
     };
-    let image = test_image(PRODUCT, 3, 16 * 1024);
-    let (release, sha) = make_release(&stack, &rotated, PRODUCT, 3, &image, Signers::Both).await?;
-    let r = ota
-        .create_rollout(CreateRolloutRequest {
-            release_id: release,
-            stages: vec![stage("all", 0, 100, 0)],
-            max_failure_ratio: 0.5,
-            max_concurrent: 10,
-            apply_timeout_secs: 60,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let done = rollout_until(
-        &stack,
-        &r.rollout_id,
-        &[RolloutState::Completed, RolloutState::Aborted],
-        Duration::from_secs(120),
-    )
-    .await?;
-    assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
-    let states = device_states(&cluster).await?;
-    for id in &ids {
-        let st = states.iter().find(|s| &s.device_id == id);
-        assert_eq!(
-            st.map(|s| s.firmware_sha256.as_str()),
-            Some(sha.as_str()),
-            "{id}"
-        );
-    }
+    install_everywhere(&cluster, &stack, &rotated, 3, &ids).await?;
 
     // The old key is refused: keyvault no longer signs with retired v1 ...
     let retired_sign = kv

@@ -123,11 +123,10 @@ pub async fn retire(
     grace_days: u32,
     actor: &str,
 ) -> Result<VersionMeta> {
-    let key = keyring::fresh_version(redis, shared, version).await?;
-    if !key.live() {
-        return Ok(key.meta.clone());
-    }
-    keyring::refuse_current(shared, version)?;
+    let key = match keyring::retirable(redis, shared, version).await? {
+        Ok(key) => key,
+        Err(already) => return Ok(already),
+    };
     let since = now_ms() - i64::from(grace_days) * 86_400_000;
     let blockers: Vec<DeviceHolding> = holdings(redis)
         .await?

@@ -443,15 +443,26 @@ pub async fn set_retired<K: ?Sized>(
     Ok(meta)
 }
 
-/// Refuses to retire the current version: nothing newer to move to.
-pub fn refuse_current<K: ?Sized>(shared: &SharedKeyring<K>, version: u32) -> Result<()> {
+/// The first steps of every retirement: version `version` as of a fresh
+/// reload (NotFound if there is none), `Ok(Err(meta))` when it is retired
+/// already (nothing to do), refused when it is the current one
+/// (nothing newer to move to). The family's own checks come after.
+pub async fn retirable<K: ?Sized>(
+    redis: &mut Redis,
+    shared: &SharedKeyring<K>,
+    version: u32,
+) -> Result<std::result::Result<Arc<RingKey<K>>, VersionMeta>> {
+    let key = fresh_version(redis, shared, version).await?;
+    if !key.live() {
+        return Ok(Err(key.meta.clone()));
+    }
     if shared.snapshot().current().map(|c| c.meta.version) == Some(version) {
         return Err(KeyvaultError::FailedPrecondition(format!(
             "{} version {version} is the current one; rotate first (`trellis keys rotate {}`) so there is a newer one to move to",
             shared.family.what, shared.family.name
         )));
     }
-    Ok(())
+    Ok(Ok(key))
 }
 
 /// `trellis keys unretire <family> N`. Audited.

@@ -190,11 +190,10 @@ pub async fn retire(
     force: bool,
     actor: &str,
 ) -> Result<VersionMeta> {
-    let key = keyring::fresh_version(redis, shared, version).await?;
-    if !key.live() {
-        return Ok(key.meta.clone());
-    }
-    keyring::refuse_current(shared, version)?;
+    let key = match keyring::retirable(redis, shared, version).await? {
+        Ok(key) => key,
+        Err(already) => return Ok(already),
+    };
     let trusting = products_trusting(redis, &key.meta.key_id).await?;
     if !trusting.is_empty() && !force {
         return Err(KeyvaultError::FailedPrecondition(format!(

@@ -92,6 +92,27 @@ impl KeyVaultService {
         })
     }
 
+    /// Rotate, retire or unretire a signing key version: checks the
+    /// purpose, runs `change`, answers with the version it changed.
+    async fn change_signing_key<Fut>(
+        &self,
+        purpose: &str,
+        change: impl FnOnce(Redis, SharedReleaseKeyring) -> Fut,
+    ) -> Result<Response<pb::SigningKey>, Status>
+    where
+        Fut: std::future::Future<Output = crate::error::Result<crate::keyring::VersionMeta>>,
+    {
+        signing::known_purpose(purpose).map_err(status)?;
+        let ring = self.release_keys()?;
+        let meta = change(self.redis.clone(), ring.clone())
+            .await
+            .map_err(status)?;
+        tracing::Span::current().record("version", meta.version);
+        signing::signing_key(&ring.snapshot(), purpose, meta.version)
+            .map(Response::new)
+            .map_err(status)
+    }
+
     /// The private-key pool (queue depth for metrics).
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -598,18 +619,9 @@ impl KeyVault for KeyVaultService {
             purpose = %req.purpose,
             version = field::Empty
         );
-        let ring = self.release_keys()?;
-        let mut redis = self.redis.clone();
-        async move {
-            signing::known_purpose(&req.purpose).map_err(status)?;
-            let meta = crate::keyring::rotate(&mut redis, &ring, &actor)
-                .await
-                .map_err(status)?;
-            tracing::Span::current().record("version", meta.version);
-            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
-                .map(Response::new)
-                .map_err(status)
-        }
+        self.change_signing_key(&req.purpose, move |mut redis, ring| async move {
+            crate::keyring::rotate(&mut redis, &ring, &actor).await
+        })
         .instrument(span)
         .await
     }
@@ -626,17 +638,10 @@ impl KeyVault for KeyVaultService {
             version = req.version,
             force = req.force
         );
-        let ring = self.release_keys()?;
-        let mut redis = self.redis.clone();
-        async move {
-            signing::known_purpose(&req.purpose).map_err(status)?;
-            let meta = release_key::retire(&mut redis, &ring, req.version, req.force, &actor)
-                .await
-                .map_err(status)?;
-            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
-                .map(Response::new)
-                .map_err(status)
-        }
+        let (version, force) = (req.version, req.force);
+        self.change_signing_key(&req.purpose, move |mut redis, ring| async move {
+            release_key::retire(&mut redis, &ring, version, force, &actor).await
+        })
         .instrument(span)
         .await
     }
@@ -652,17 +657,10 @@ impl KeyVault for KeyVaultService {
             purpose = %req.purpose,
             version = req.version
         );
-        let ring = self.release_keys()?;
-        let mut redis = self.redis.clone();
-        async move {
-            signing::known_purpose(&req.purpose).map_err(status)?;
-            let meta = crate::keyring::unretire(&mut redis, &ring, req.version, &actor)
-                .await
-                .map_err(status)?;
-            signing::signing_key(&ring.snapshot(), &req.purpose, meta.version)
-                .map(Response::new)
-                .map_err(status)
-        }
+        let version = req.version;
+        self.change_signing_key(&req.purpose, move |mut redis, ring| async move {
+            crate::keyring::unretire(&mut redis, &ring, version, &actor).await
+        })
         .instrument(span)
         .await
     }
