@@ -67,6 +67,22 @@ fn policy_reports(fleet: &Fleet) -> (HashSet<String>, Vec<(String, String)>) {
     (accepted, rejected)
 }
 
+/// The policy reports once `settled` holds for them. A device sends its
+/// answer before it records the report, so a test that has just seen the
+/// answer waits for the report rather than racing it. After 10 s it returns
+/// what there is, for the caller's assertion to show.
+async fn policy_reports_once(
+    fleet: &Fleet,
+    settled: impl Fn(&HashSet<String>, &[(String, String)]) -> bool,
+) -> (HashSet<String>, Vec<(String, String)>) {
+    trellis_tests::eventually(Duration::from_secs(10), "policy reports", || async {
+        let (accepted, rejected) = policy_reports(fleet);
+        settled(&accepted, &rejected).then_some((accepted, rejected))
+    })
+    .await
+    .unwrap_or_else(|_| policy_reports(fleet))
+}
+
 /// The policy each online device reports (version, sha256 hex).
 async fn reported_policies(
     cluster: &Cluster,
@@ -314,7 +330,7 @@ async fn twenty_devices_rotate_to_a_new_customer_key_through_a_rollout() -> anyh
             d.reason
         );
     }
-    let (accepted, rejected) = policy_reports(&fleet);
+    let (accepted, rejected) = policy_reports_once(&fleet, |a, _| a.len() >= 20).await;
     assert_eq!(accepted.len(), 20, "every device accepted once");
     assert!(rejected.is_empty(), "{rejected:?}");
 
@@ -611,7 +627,8 @@ async fn policies_that_break_the_rule_are_refused_by_every_device_with_the_reaso
         }
     }
     // Each device said why, as an event and a report, once per case.
-    let (accepted, rejected) = policy_reports(&fleet);
+    let want_reports = ids.len() * cases.len();
+    let (accepted, rejected) = policy_reports_once(&fleet, |_, r| r.len() >= want_reports).await;
     assert!(accepted.is_empty(), "{accepted:?}");
     for id in &ids {
         let mine: Vec<&str> = rejected
@@ -926,7 +943,7 @@ async fn the_release_key_rotates_through_a_policy_rotation_and_the_old_one_is_re
     )
     .await?;
     assert_eq!(done.state(), RolloutState::Completed, "{}", done.message);
-    let (accepted, rejected) = policy_reports(&fleet);
+    let (accepted, rejected) = policy_reports_once(&fleet, |a, _| a.len() >= ids.len()).await;
     assert_eq!(accepted.len(), ids.len(), "{rejected:?}");
 
     // Now v1 can be retired: no product's policy trusts it any more.
