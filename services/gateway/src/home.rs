@@ -79,56 +79,73 @@ pub fn record_claim(gw: &Gateway, device_id: &str, epoch: u64, peer: &str) {
 }
 
 /// The cross-region check for many live sessions at once (refresher.rs):
-/// one pipelined read of their home records (a read, so this region's
-/// replica answers it while the durable primary is away), then, per
-/// session, what `superseded_by` says: closed, audited, and flagged as a
-/// suspected clone when the newer claim came from another address. Under
-/// the `quarantine` policy a quarantined identity's session closes too.
-/// An unreadable store keeps every session (as a failed refresh does).
+/// one pipelined read of their home records' epochs (a read, so this
+/// region's replica answers it while the durable primary is away), then,
+/// for the few whose home names a newer epoch, the whole record and what
+/// `superseded_by` says: closed, audited, and flagged as a suspected clone
+/// when the newer claim came from another address. Under the `quarantine`
+/// policy a quarantined identity's session closes too. An unreadable store
+/// keeps every session (as a failed refresh does).
+///
+/// Only the epoch first: this runs for every session every half keepalive,
+/// and four fields per session were most of the gateway's idle CPU spent
+/// on Redis replies (BENCHMARKS.md, idle sessions).
 pub async fn check_many(gw: &Gateway, sessions: &[(String, u64, std::net::SocketAddr)]) {
     let quarantine = gw.config.clone_policy == trellis_core::config::ClonePolicy::Quarantine;
     for chunk in sessions.chunks(crate::refresher::BATCH) {
         let mut pipe = redis::pipe();
         for (device, _, _) in chunk {
+            pipe.cmd("HGET").arg(keys::home(device)).arg("epoch");
+            if quarantine {
+                pipe.cmd("EXISTS").arg(keys::quarantine(device));
+            }
+        }
+        let Some(values) = durable_read(gw, &pipe).await else {
+            continue;
+        };
+        let per = if quarantine { 2 } else { 1 };
+        let mut newer_home = Vec::new();
+        for (session, answer) in chunk.iter().zip(values.chunks(per)) {
+            let (device, epoch, _) = session;
+            let home_epoch = redis::from_redis_value_ref::<Option<u64>>(&answer[0])
+                .ok()
+                .flatten();
+            let quarantined = quarantine
+                && answer
+                    .get(1)
+                    .and_then(|v| redis::from_redis_value_ref::<bool>(v).ok())
+                    .unwrap_or(false);
+            if home_epoch.is_some_and(|e| e > *epoch) {
+                newer_home.push((session, quarantined));
+            } else if quarantined {
+                tracing::warn!(device = %device, "identity quarantined (suspected clone); closing");
+                gw.local
+                    .close(device, *epoch, "quarantined: suspected clone");
+            }
+        }
+        if newer_home.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for ((device, _, _), _) in &newer_home {
             pipe.cmd("HMGET")
                 .arg(keys::home(device))
                 .arg("region")
                 .arg("gateway")
                 .arg("epoch")
                 .arg("peer");
-            if quarantine {
-                pipe.cmd("EXISTS").arg(keys::quarantine(device));
-            }
         }
-        let mut durable = gw.durable.clone();
-        let read: redis::RedisResult<Vec<redis::Value>> = match tokio::time::timeout(
-            DURABLE_WRITE_BUDGET,
-            pipe.query_async(&mut durable),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::debug!("home records: read timed out (durable store failing over)");
-                continue;
-            }
+        let Some(values) = durable_read(gw, &pipe).await else {
+            continue;
         };
-        let values = match read {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "home records unreadable");
-                continue;
-            }
-        };
-        let per = if quarantine { 2 } else { 1 };
-        for ((device, epoch, peer), answer) in chunk.iter().zip(values.chunks(per)) {
+        for (((device, epoch, peer), quarantined), answer) in newer_home.into_iter().zip(values) {
             type Fields = (
                 Option<String>,
                 Option<String>,
                 Option<String>,
                 Option<String>,
             );
-            let home: Option<Fields> = redis::from_redis_value_ref(&answer[0]).ok();
+            let home: Option<Fields> = redis::from_redis_value_ref(&answer).ok();
             let home = match home {
                 Some((Some(region), Some(gateway), Some(e), peer)) => {
                     e.parse().ok().map(|epoch| Home {
@@ -140,11 +157,6 @@ pub async fn check_many(gw: &Gateway, sessions: &[(String, u64, std::net::Socket
                 }
                 _ => None,
             };
-            let quarantined = quarantine
-                && answer
-                    .get(1)
-                    .and_then(|v| redis::from_redis_value_ref::<bool>(v).ok())
-                    .unwrap_or(false);
             if let Some(newer) = home
                 .as_ref()
                 .and_then(|h| superseded_by(h, &gw.region, *epoch))
@@ -168,6 +180,24 @@ pub async fn check_many(gw: &Gateway, sessions: &[(String, u64, std::net::Socket
                 gw.local
                     .close(device, *epoch, "quarantined: suspected clone");
             }
+        }
+    }
+}
+
+/// One pipelined read from the durable store within its write budget;
+/// `None` (logged) when it times out or fails: the caller keeps every
+/// session.
+async fn durable_read(gw: &Gateway, pipe: &redis::Pipeline) -> Option<Vec<redis::Value>> {
+    let mut durable = gw.durable.clone();
+    match tokio::time::timeout(DURABLE_WRITE_BUDGET, pipe.query_async(&mut durable)).await {
+        Ok(Ok(values)) => Some(values),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "home records unreadable");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("home records: read timed out (durable store failing over)");
+            None
         }
     }
 }

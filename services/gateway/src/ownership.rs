@@ -141,9 +141,14 @@ pub async fn refresh(
 /// pipeline must start with [`load_refresh`], so a restarted Redis needs
 /// nothing else.
 pub fn refresh_in(pipe: &mut redis::Pipeline, device_id: &str, epoch: u64, ttl_secs: u64) {
-    let mut invocation = REFRESH_SCRIPT.key(keys::session(device_id));
-    invocation.arg(epoch.to_string()).arg(ttl_secs);
-    pipe.invoke_script(&invocation);
+    // EVALSHA written out rather than through a `ScriptInvocation`, which
+    // allocates its key and argument lists per session per pass.
+    pipe.cmd("EVALSHA")
+        .arg(REFRESH_SCRIPT.get_hash())
+        .arg(1)
+        .arg(keys::session(device_id))
+        .arg(epoch)
+        .arg(ttl_secs);
 }
 
 /// Loads the refresh script first in a pipeline of [`refresh_in`] calls

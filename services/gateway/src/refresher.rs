@@ -59,8 +59,9 @@ async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) {
     }
     let ttl = ownership::session_ttl_secs(gw.config.keepalive_secs);
     let mut redis = gw.redis.clone();
-    let mut kept: Vec<(String, u64, SocketAddr)> = Vec::with_capacity(sessions.len());
-    for chunk in sessions.chunks(BATCH) {
+    // Which sessions this pass keeps, by index: no copy of their ids.
+    let mut keep = vec![false; sessions.len()];
+    for (chunk_index, chunk) in sessions.chunks(BATCH).enumerate() {
         // One round trip: each session's refresh (answered, in order) and
         // its `last_seen` touch (not answered).
         let now = trellis_core::time::now_ms();
@@ -77,10 +78,10 @@ async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) {
                 continue;
             }
         };
-        for (session, current) in chunk.iter().zip(currents) {
+        for (i, (session, current)) in chunk.iter().zip(currents).enumerate() {
             let (device, epoch, _) = session;
             if current == *epoch {
-                kept.push(session.clone());
+                keep[chunk_index * BATCH + i] = true;
             } else if current > *epoch {
                 let key = (device.clone(), *epoch);
                 if seen_before.contains(&key) {
@@ -97,6 +98,11 @@ async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) {
             }
         }
     }
+    let kept: Vec<(String, u64, SocketAddr)> = sessions
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(session, kept)| kept.then_some(session))
+        .collect();
     // Off the pass: a durable store failing over must not delay the next
     // regional refresh.
     let gw = Arc::clone(gw);

@@ -390,8 +390,37 @@ impl Session {
     }
 
     async fn send(&mut self, msg: &CoapMessage) -> Result<(), SessionEnd> {
-        let frame = self.cipher.encoder.encode(&msg.encode());
-        self.stream.write_all(&frame).await?;
+        // Built in this worker thread's scratch space and written at once
+        // when the socket takes it, as it nearly always does: a ping's ack
+        // then allocates nothing, and an idle fleet's pings are most of an
+        // idle gateway's work. Only what the socket did not take is copied
+        // out to wait for it.
+        let unwritten = SEND_SCRATCH.with_borrow_mut(|(plain, frame)| {
+            plain.clear();
+            frame.clear();
+            msg.encode_into(plain);
+            self.cipher
+                .encoder
+                .try_encode_into(plain, frame)
+                .map_err(|e| {
+                    SessionEnd::Protocol(format!("cannot frame a message to the device: {e}"))
+                })?;
+            let unwritten = match self.stream.try_write(frame) {
+                Ok(n) if n == frame.len() => None,
+                Ok(n) => Some(frame[n..].to_vec()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(frame.clone()),
+                Err(e) => return Err(SessionEnd::Io(e)),
+            };
+            // A firmware chunk's frame is kept; nothing bigger.
+            if frame.capacity() > SEND_SCRATCH_KEEP {
+                *plain = Vec::new();
+                *frame = Vec::new();
+            }
+            Ok(unwritten)
+        })?;
+        if let Some(rest) = unwritten {
+            self.stream.write_all(&rest).await?;
+        }
         Ok(())
     }
 
@@ -1360,14 +1389,41 @@ fn delivery_response(
 
 /// One non-blocking read of up to 4 KiB into `decoder`. The scratch buffer
 /// lives on this function's stack, never in the session's future.
+/// Largest scratch space `Session::send` keeps per worker thread.
+const SEND_SCRATCH_KEEP: usize = 16 * 1024;
+
+thread_local! {
+    /// `Session::send`'s plaintext and frame buffers.
+    static SEND_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 fn read_into_decoder(
     stream: &TcpStream,
     decoder: &mut trellis_wire::frame::FrameDecoder,
 ) -> std::io::Result<usize> {
     let mut scratch = [0u8; 4096];
-    let n = stream.try_read(&mut scratch)?;
-    decoder.push(&scratch[..n]);
-    Ok(n)
+    let mut got = 0;
+    // A read that did not fill the scratch space emptied the socket, so its
+    // readiness is cleared now (by answering WouldBlock to `try_io`), as
+    // tokio's own `poll_read` does on epoll: otherwise every ping costs a
+    // second read that only says EAGAIN. Should more bytes have arrived in
+    // between, the driver's newer readiness event is kept.
+    let read = stream.try_io(tokio::io::Interest::READABLE, || {
+        got = stream.try_read(&mut scratch)?;
+        if got > 0 && got < scratch.len() {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => {}
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    decoder.push(&scratch[..got]);
+    Ok(got)
 }
 
 /// A device's refusal reason (a UTF-8 payload), printable and short.
