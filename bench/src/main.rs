@@ -185,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         window: 30.0,
                         keepalive: 15,
                         concurrency: 48,
+                        hold: 0.0,
                     },
                 ),
                 bin,
