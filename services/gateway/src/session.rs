@@ -405,12 +405,16 @@ impl Session {
                 .map_err(|e| {
                     SessionEnd::Protocol(format!("cannot frame a message to the device: {e}"))
                 })?;
-            let unwritten = match self.stream.try_write(frame) {
-                Ok(n) if n == frame.len() => None,
-                Ok(n) => Some(frame[n..].to_vec()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(frame.clone()),
+            let written = match self.stream.try_write(frame) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err(SessionEnd::Io(e)),
             };
+            let unwritten = (written < frame.len()).then(|| {
+                let mut rest = std::mem::take(frame);
+                rest.drain(..written);
+                rest
+            });
             // A firmware chunk's frame is kept; nothing bigger.
             if frame.capacity() > SEND_SCRATCH_KEEP {
                 *plain = Vec::new();
@@ -1387,8 +1391,6 @@ fn delivery_response(
     }
 }
 
-/// One non-blocking read of up to 4 KiB into `decoder`. The scratch buffer
-/// lives on this function's stack, never in the session's future.
 /// Largest scratch space `Session::send` keeps per worker thread.
 const SEND_SCRATCH_KEEP: usize = 16 * 1024;
 
@@ -1398,6 +1400,8 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// One non-blocking read of up to 4 KiB into `decoder`. The scratch buffer
+/// lives on this function's stack, never in the session's future.
 fn read_into_decoder(
     stream: &TcpStream,
     decoder: &mut trellis_wire::frame::FrameDecoder,
