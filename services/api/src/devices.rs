@@ -356,7 +356,9 @@ pub async fn list_product_devices(
 
 /// `GET /v1/devices/:id`: the device with its functions and variables.
 #[utoipa::path(get, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id or name")),
+    params(("id" = String, Path, pattern = "^(?!events$)",
+        description = "Device id or name: any but `events`, which is the event stream of the \
+                       caller's devices (`GET /v1/devices/events`)")),
     responses((status = 200, description = "The device with its functions and variables", body = Device)))]
 pub async fn get_device(
     State(state): State<AppState>,
@@ -605,7 +607,9 @@ async fn read(
 /// `GET /v1/devices/:id/:variable` (`result`).
 #[utoipa::path(get, path = "/v1/devices/{id}/{name}", tag = "devices",
     params(("id" = String, Path, description = "Device id or name"),
-        ("name" = String, Path, description = "Variable name")),
+        ("name" = String, Path, pattern = "^(?!events$)",
+            description = "Variable name: any but `events`, which is the device's event stream \
+                           (`GET /v1/devices/{id}/events`), as on Particle's cloud")),
     responses(
         (status = 200, description = "The variable's value", body = VariableResult),
         (status = 404, description = "The device has no such variable", body = ErrorBody)))]

@@ -199,7 +199,9 @@ pub async fn delete_current(
 /// which would make the CLI forget the login of the user revoking another
 /// token.
 #[utoipa::path(delete, path = "/v1/access_tokens/{token}", tag = "tokens", security(()),
-    params(("token" = String, Path, description = "The whole token to revoke (it authenticates its own revocation)")),
+    params(("token" = String, Path, pattern = "^(?!current$)",
+        description = "The whole token to revoke (it authenticates its own revocation); \
+                       `current` is `DELETE /v1/access_tokens/current`, the caller's own token")),
     responses(
         (status = 200, description = "The token is revoked", body = OkReply),
         (status = 404, description = "No such live token", body = ErrorBody)))]

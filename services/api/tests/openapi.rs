@@ -238,6 +238,55 @@ async fn the_document_is_served_and_documents_every_route() -> anyhow::Result<()
             "{path}"
         );
     }
+    // A template whose last segment is a parameter must not promise its
+    // answer for a literal sibling that another operation answers
+    // (`GET /v1/devices/{id}/events` is a stream, not the variable
+    // `events`): the parameter's pattern excludes that literal, or a
+    // generated request reaches the sibling and gets an undocumented answer.
+    let overlaps = documented.iter().filter_map(|(path, method)| {
+        let (parent, last) = path.rsplit_once('/')?;
+        let name = last.strip_prefix('{')?.strip_suffix('}')?;
+        Some((path, method, parent, name))
+    });
+    let mut checked = 0;
+    let mut overlapping = Vec::new();
+    for (path, method, parent, name) in overlaps {
+        for (sibling, sibling_method) in &documented {
+            let Some(literal) = sibling
+                .strip_prefix(parent)
+                .and_then(|s| s.strip_prefix('/'))
+            else {
+                continue;
+            };
+            if sibling_method != method || literal.contains('/') || literal.starts_with('{') {
+                continue;
+            }
+            // A sibling that answers as the template does is the same
+            // operation under its own route (POST …/events calls the
+            // function `events`).
+            let success = |p: &str| &doc["paths"][p][method]["responses"]["200"]["content"];
+            if success(sibling) == success(path) {
+                continue;
+            }
+            let parameters = doc["paths"][path][method]["parameters"]
+                .as_array()
+                .expect("parameters");
+            let pattern = parameters
+                .iter()
+                .find(|p| p["name"] == name)
+                .and_then(|p| p["schema"]["pattern"].as_str())
+                .unwrap_or_default();
+            if !pattern.contains(&format!("(?!{literal}$)")) {
+                overlapping.push(format!(
+                    "{method} {path}: {{{name}}} = {literal:?} is {method} {sibling}, \
+                     but the pattern {pattern:?} allows it"
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no overlapping template found to check");
+    assert!(overlapping.is_empty(), "{overlapping:#?}");
     let put = &doc["paths"]["/v1/devices/{id}"]["put"]["requestBody"]["content"];
     assert!(put["multipart/form-data"]["schema"].is_object());
     let call = &doc["paths"]["/v1/devices/{id}/{name}"]["post"]["requestBody"]["content"];
