@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod heap;
 pub mod keys;
 pub mod local_redis;
 pub mod metrics;

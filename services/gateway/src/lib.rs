@@ -377,13 +377,50 @@ fn turn_away(gw: &Gateway, reason: &'static str) {
 
 /// One device connection from TCP accept to close. `handshake_slot` is
 /// held until the handshake ends, either way.
-async fn connection(
+///
+/// Not an async fn: an async fn's future keeps both its arguments and the
+/// locals they are moved into, and every session task keeps this future
+/// for the life of the session. The one-off steps (handshake, claim,
+/// audits) run boxed in [`open_session`] and are gone once the session
+/// runs; what stays is [`run_session`]'s future and the arguments
+/// (BENCHMARKS.md, idle sessions).
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn connection(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handshake_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        // `let else`, not `if let`: the scrutinee of an `if let` would stay
+        // in the future beside the running session.
+        let Some(open) = Box::pin(open_session(gw, stream, peer, handshake_slot)).await else {
+            return;
+        };
+        run_session(open, shutdown).await;
+    }
+}
+
+/// A session past its handshake, claim and clone check, registered in
+/// [`local::LocalSessions`], not running yet.
+struct OpenSession {
+    gw: Arc<Gateway>,
+    device_id: String,
+    epoch: u64,
+    peer: SocketAddr,
+    inbox: Arc<local::Inbox>,
+    session: Box<session::Session>,
+}
+
+/// The handshake, the ownership claim and the clone check; `None` when the
+/// connection ends there (refused, audited and counted as it should be).
+async fn open_session(
     gw: Arc<Gateway>,
     mut stream: TcpStream,
     peer: SocketAddr,
     handshake_slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    shutdown: Shutdown,
-) {
+) -> Option<OpenSession> {
     let started = std::time::Instant::now();
     let established = {
         let hs_span = tracing::info_span!(
@@ -393,10 +430,6 @@ async fn connection(
             device = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        // Boxed here and below: an async fn's future is as large as its
-        // largest await, and each session task keeps its future for life;
-        // boxing the one-off steps (handshake, claim, audits) keeps the idle
-        // session's task down to the session loop itself.
         let result = Box::pin(handshake::run(&gw, &mut stream, peer))
             .instrument(hs_span.clone())
             .await;
@@ -443,7 +476,7 @@ async fn connection(
                     )
                     .await;
                 }
-                return;
+                return None;
             }
         }
     };
@@ -478,7 +511,7 @@ async fn connection(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(device = %device_id, error = %e, "cannot record session ownership; closing");
-            return;
+            return None;
         }
     };
     // Reconnect or suspected clone: audited, counted, and the policy
@@ -487,7 +520,7 @@ async fn connection(
         Box::pin(clones::after_claim(&gw, &device_id, peer, &claim)).await
     {
         tracing::warn!(device = %device_id, %reason, "session refused after the handshake");
-        return;
+        return None;
     }
     // Cross-region: the newest claim anywhere names the device's home; a
     // session in another region sees it and closes (home.rs).
@@ -497,9 +530,6 @@ async fn connection(
     gw.local
         .insert(&device_id, claim.epoch, peer, Arc::clone(&inbox));
     tracing::info!(device = %device_id, epoch = claim.epoch, "session open");
-    // Boxed: an async fn keeps both its argument and the local it moves
-    // it into, so a Session passed by value sits twice in the task's
-    // future for the life of the session.
     let session = Box::new(session::Session::new(
         Arc::clone(&gw),
         device_id.clone(),
@@ -509,23 +539,51 @@ async fn connection(
         cipher,
         cloud_key_version,
     ));
-    // Labels made at each end rather than held: the session's task keeps
-    // whatever lives across `run` for as long as the device is connected.
-    let gauge_labels = |gw: &Gateway| {
-        [
-            kv("gateway", gw.id.clone()),
-            kv("region", gw.region.clone()),
-        ]
-    };
-    metrics().sessions_open.add(1, &gauge_labels(&gw));
-    let end = session.run(&inbox, shutdown).await;
-    metrics().sessions_open.add(-1, &gauge_labels(&gw));
-    // Session::run released the ownership record before closing the socket.
-    gw.local.remove(&device_id, claim.epoch);
-    if end.is_violation() {
-        Box::pin(session::Session::audit_end(&gw, &device_id, peer, &end)).await;
-        tracing::warn!(device = %device_id, reason = end.label(), error = %end, "session closed: protocol violation");
-    } else {
-        tracing::info!(device = %device_id, reason = end.label(), detail = %end, "session closed");
+    Some(OpenSession {
+        gw,
+        device_id,
+        epoch: claim.epoch,
+        peer,
+        inbox,
+        session,
+    })
+}
+
+/// Runs an open session to its end, then unregisters and audits it. An
+/// `async move` block, not an async fn, for the reason given at
+/// [`connection`]: the fields are used where they are, never re-bound.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn run_session(
+    open: OpenSession,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        // Labels made at each end rather than held: the session's task
+        // keeps whatever lives across `run` for as long as the device is
+        // connected.
+        let gauge_labels = |gw: &Gateway| {
+            [
+                kv("gateway", gw.id.clone()),
+                kv("region", gw.region.clone()),
+            ]
+        };
+        metrics().sessions_open.add(1, &gauge_labels(&open.gw));
+        let end = open.session.run(&open.inbox, shutdown).await;
+        let gw = &open.gw;
+        metrics().sessions_open.add(-1, &gauge_labels(gw));
+        // Session::run released the ownership record before closing the socket.
+        gw.local.remove(&open.device_id, open.epoch);
+        if end.is_violation() {
+            Box::pin(session::Session::audit_end(
+                gw,
+                &open.device_id,
+                open.peer,
+                &end,
+            ))
+            .await;
+            tracing::warn!(device = %open.device_id, reason = end.label(), error = %end, "session closed: protocol violation");
+        } else {
+            tracing::info!(device = %open.device_id, reason = end.label(), detail = %end, "session closed");
+        }
     }
 }

@@ -27,8 +27,13 @@ use tracing::Instrument;
 use trellis_core::shutdown::Shutdown;
 
 /// Sessions per pipelined round trip: big enough to amortise the round
-/// trip, small enough not to hold Redis for long.
-pub(crate) const BATCH: usize = 1000;
+/// trip (a few dozen round trips per pass at 20k sessions), small enough
+/// not to hold Redis for long, and small enough that the pass's transient
+/// buffers stay small: the redis connection keeps its write buffer at the
+/// largest pipeline it has sent, and 1,000 sessions' commands (~1.2 MB
+/// encoded, queued and answered) were a quarter of 1,000 idle sessions'
+/// heap (BENCHMARKS.md, idle sessions).
+pub(crate) const BATCH: usize = 256;
 
 pub async fn run(gw: Arc<Gateway>, mut shutdown: Shutdown) {
     let period = Duration::from_secs(gw.config.keepalive_secs.max(1)) / 2;
@@ -42,7 +47,8 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: Shutdown) {
             _ = tick.tick() => {
                 let span = tracing::debug_span!("gateway.refresh", gateway = %gw.id, sessions = tracing::field::Empty);
                 pass(&gw, &mut superseded).instrument(span).await;
-                release_free_heap();
+                // The pass's buffers, freed among the sessions' own.
+                trellis_core::heap::release_free();
             }
             _ = shutdown.wait() => return,
         }
@@ -111,19 +117,4 @@ async fn pass(gw: &Arc<Gateway>, superseded: &mut HashSet<(String, u64)>) {
         async move { crate::home::check_many(&gw, &kept).await }
             .instrument(tracing::debug_span!("gateway.home_check")),
     );
-}
-
-/// Gives the pages malloc holds free back to the system. glibc keeps the
-/// free memory between live allocations (the handshakes' and the passes'
-/// transient buffers, freed among long-lived sessions) for the life of
-/// the process: at 1,000 idle sessions that was more than a megabyte over
-/// what they hold (BENCHMARKS.md, idle sessions). Once per pass it costs
-/// a walk over the free chunks, well under a millisecond here.
-fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns unused pages to the kernel; it has
-    // no preconditions and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

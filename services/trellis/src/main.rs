@@ -22,6 +22,8 @@ use trellis_core::config::TelemetryConfig;
 use trellis_core::{Config, Shutdown, telemetry};
 
 fn main() -> ExitCode {
+    // Before any thread exists (crates/core/src/heap.rs).
+    trellis_core::heap::limit_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
