@@ -3,14 +3,13 @@
 //! freed among the transient buffers of handshakes and refresh passes.
 //!
 //! glibc gives every thread that contends for the heap an arena of its
-//! own, up to eight per core, and an arena keeps the free memory between
-//! its live allocations. With sessions spread over the main thread's arena
-//! (the accept loop spawns their tasks) and each worker's, that slack was
-//! about half a megabyte over what 1,000 idle sessions hold, an eighth of
-//! their heap (BENCHMARKS.md, idle sessions). One arena per core keeps the
-//! slack to a core's share while the workers (one per core) still rarely
-//! wait for each other: small allocations go through glibc's per-thread
-//! cache first.
+//! own, up to eight per core, and each arena keeps the free memory between
+//! its live allocations. At 1,000 idle sessions that was 4,170 B per
+//! session with glibc's count, 4,116 at one arena per core and 3,781 at
+//! one (BENCHMARKS.md, idle sessions). One per core is the default: a
+//! single arena cost the handshake 6-10 % of its servers' CPU, one per
+//! core nothing measurable, since the workers (one per core) serve most
+//! small allocations from glibc's per-thread cache.
 //!
 //! Elsewhere than glibc these are no-ops.
 
@@ -24,14 +23,22 @@ pub const OPERATOR_SETTINGS: [&str; 2] = ["MALLOC_ARENA_MAX", "GLIBC_TUNABLES"];
 /// thread starts: a thread's arena is chosen at its first allocation.
 /// Returns the cap applied, if any.
 pub fn limit_arenas() -> Option<usize> {
-    if OPERATOR_SETTINGS
-        .iter()
-        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
-    {
+    if operator_set() {
         return None;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cores();
     set_arena_max(cores).then_some(cores)
+}
+
+/// Whether one of [`OPERATOR_SETTINGS`] is set (an empty value is unset).
+fn operator_set() -> bool {
+    OPERATOR_SETTINGS
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -69,15 +76,11 @@ mod tests {
     fn an_operator_setting_is_left_alone() {
         // The test process's own environment: set by the operator (or CI)
         // means no cap; unset means a cap of one per core on glibc.
-        let operator = OPERATOR_SETTINGS
-            .iter()
-            .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
         let applied = limit_arenas();
-        if operator {
+        if operator_set() {
             assert_eq!(applied, None);
         } else if cfg!(all(target_os = "linux", target_env = "gnu")) {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            assert_eq!(applied, Some(cores));
+            assert_eq!(applied, Some(cores()));
         }
         release_free();
     }
