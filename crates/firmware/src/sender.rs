@@ -339,6 +339,37 @@ impl OtaSender {
         }
     }
 
+    /// Whether [`OtaSender::poll_transmit`] would give a message now,
+    /// without giving it: the gateway checks that it still owns the device
+    /// before anything is taken off the queue (and so before any token is
+    /// spent or the session's IV chain moves).
+    pub fn wants_transmit(&self) -> bool {
+        if !self.replies.is_empty() {
+            return true;
+        }
+        match self.phase {
+            Phase::Begin => true,
+            Phase::Sending => {
+                (self.in_flight.len() < self.config.window && !self.queue.is_empty())
+                    || (self.queue.is_empty() && self.in_flight.is_empty())
+            }
+            Phase::AwaitReady | Phase::AwaitDone | Phase::Finished => false,
+        }
+    }
+
+    /// Bytes the messages [`OtaSender::poll_transmit`] would give now take
+    /// at most, encoded and framed (a chunk's CoAP head is under 32 bytes,
+    /// its frame adds at most 18): room to reserve once for a whole pump.
+    pub fn transmit_size_hint(&self) -> usize {
+        let chunks = self
+            .config
+            .window
+            .saturating_sub(self.in_flight.len())
+            .min(self.queue.len());
+        let per_chunk = usize::from(self.config.chunk_size) + 32 + 18;
+        chunks * per_chunk + self.replies.len() * 64 + self.signed_manifest.len()
+    }
+
     fn next_transmit(&mut self, next_ids: &mut dyn FnMut() -> (u16, u8)) -> Option<Next> {
         if let Some(reply) = self.replies.pop_front() {
             return Some(Next::Message(reply));

@@ -75,7 +75,22 @@ fn run(mut sender: OtaSender, mut rx: OtaReceiver, faults: Faults, seed: u64) ->
             token = token.wrapping_add(1).max(1);
             (server_id, token)
         };
-        let Some(mut m) = sender.poll_transmit(&mut next) else {
+        // The gateway fences on `wants_transmit` before polling and
+        // reserves `transmit_size_hint` for what the poll gives: both must
+        // agree with the poll itself in every state these runs reach.
+        let wants = sender.wants_transmit();
+        let room = sender.transmit_size_hint();
+        let polled = sender.poll_transmit(&mut next);
+        assert_eq!(
+            wants,
+            polled.is_some(),
+            "wants_transmit disagrees with poll_transmit"
+        );
+        if let Some(m) = &polled {
+            let framed = (m.encode().len() / 16 + 1) * 16 + 2;
+            assert!(framed <= room, "{framed} bytes framed, {room} hinted");
+        }
+        let Some(mut m) = polled else {
             // Nothing to send and nothing coming back: the caller's timer.
             if std::env::var("OTA_DEBUG").is_ok() {
                 eprintln!("timeout {:?}", sender.progress());

@@ -3,7 +3,7 @@
 //! block of its last message). The decoder accepts any read boundary, even
 //! inside the length, and refuses a hostile length before buffering it.
 
-use aes::Aes128;
+use aes::{Aes128Dec, Aes128Enc};
 use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit, block_padding::Pkcs7};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -14,8 +14,10 @@ const BLOCK: usize = 16;
 /// The largest plaintext whose padded ciphertext still fits a u16 length.
 pub const MAX_PLAINTEXT_LEN: usize = (u16::MAX as usize / BLOCK) * BLOCK - 1;
 
-type Enc = cbc::Encryptor<Aes128>;
-type Dec = cbc::Decryptor<Aes128>;
+// One direction's key schedule only: the encryptor never decrypts, and
+// the full `Aes128` would also derive the inverse round keys per frame.
+type Enc = cbc::Encryptor<Aes128Enc>;
+type Dec = cbc::Decryptor<Aes128Dec>;
 
 fn first_block(ciphertext: &[u8]) -> Option<[u8; BLOCK]> {
     ciphertext
@@ -69,38 +71,73 @@ impl FrameEncoder {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), FrameError> {
-        let too_long = FrameError::PlaintextTooLong {
-            len: plaintext.len(),
-            max: MAX_PLAINTEXT_LEN,
-        };
         if plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(too_long);
+            return Err(FrameError::PlaintextTooLong {
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT_LEN,
+            });
         }
-        // PKCS#7 always adds 1..=16 bytes.
-        let padded = (plaintext.len() / BLOCK + 1) * BLOCK;
-        let len = u16::try_from(padded).map_err(|_| too_long.clone())?;
+        self.encode_with(out, |buf| {
+            buf.extend_from_slice(plaintext);
+            true
+        })
+        .map(|_| ())
+    }
+
+    /// Appends one framed, encrypted message whose plaintext `write`
+    /// appends to the buffer it is given, where it is then encrypted in
+    /// place: a firmware chunk goes from the image into its frame with one
+    /// copy. `write` returns false when it had nothing to send; then
+    /// nothing is appended, the IV chain does not move, and this returns
+    /// `Ok(false)`. On an error `out` is as it was.
+    pub fn encode_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        write: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> Result<bool, FrameError> {
         let start = out.len();
-        out.reserve(2 + padded);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(plaintext);
+        out.extend_from_slice(&[0, 0]);
+        if !write(out) {
+            out.truncate(start);
+            return Ok(false);
+        }
+        let len = out.len() - start - 2;
+        if len > MAX_PLAINTEXT_LEN {
+            out.truncate(start);
+            return Err(FrameError::PlaintextTooLong {
+                len,
+                max: MAX_PLAINTEXT_LEN,
+            });
+        }
+        // PKCS#7 always adds 1..=16 bytes; MAX_PLAINTEXT_LEN keeps the
+        // padded length within a u16.
+        let padded = (len / BLOCK + 1) * BLOCK;
+        let Ok(header) = u16::try_from(padded) else {
+            out.truncate(start);
+            return Err(FrameError::PlaintextTooLong {
+                len,
+                max: MAX_PLAINTEXT_LEN,
+            });
+        };
         out.resize(start + 2 + padded, 0);
-        let encrypted = Enc::new(&self.key.into(), &self.iv.into())
-            .encrypt_padded::<Pkcs7>(&mut out[start + 2..], plaintext.len())
-            .map(|c| first_block(c).ok_or(FrameError::Empty));
-        match encrypted {
-            Ok(Ok(iv)) => {
+        out[start..start + 2].copy_from_slice(&header.to_be_bytes());
+        let iv = Enc::new(&self.key.into(), &self.iv.into())
+            .encrypt_padded::<Pkcs7>(&mut out[start + 2..], len)
+            .ok()
+            .and_then(first_block);
+        match iv {
+            Some(iv) => {
                 self.iv = iv;
-                Ok(())
+                Ok(true)
             }
             // Cannot happen (the room is exactly the padded length); undo
             // rather than panic all the same.
-            Ok(Err(e)) => {
+            None => {
                 out.truncate(start);
-                Err(e)
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(too_long)
+                Err(FrameError::PlaintextTooLong {
+                    len,
+                    max: MAX_PLAINTEXT_LEN,
+                })
             }
         }
     }
@@ -222,27 +259,40 @@ impl FrameDecoder {
     /// The next complete message, `Ok(None)` while one is still arriving.
     /// Any error is final: the session must end.
     pub fn next_message(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        let mut plaintext = Vec::new();
+        Ok(self.next_message_into(&mut plaintext)?.then_some(plaintext))
+    }
+
+    /// [`FrameDecoder::next_message`] into `out` (cleared first): a caller
+    /// that reuses one buffer allocates nothing per message. `Ok(false)`
+    /// while a message is still arriving; any error is final.
+    pub fn next_message_into(&mut self, out: &mut Vec<u8>) -> Result<bool, FrameError> {
+        out.clear();
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         let len = match self.check_header() {
             Ok(Some(len)) => len,
-            Ok(None) => return Ok(None),
+            Ok(None) => return Ok(false),
             Err(e) => return Err(self.fail(e)),
         };
         let at = self.start + 2;
         let Some(ciphertext) = self.buf.get(at..at + len) else {
-            return Ok(None);
+            return Ok(false);
         };
         let Some(next_iv) = first_block(ciphertext) else {
             return Err(self.fail(FrameError::Empty));
         };
-        let plaintext = match Dec::new(&self.key.into(), &self.iv.into())
-            .decrypt_padded_vec::<Pkcs7>(ciphertext)
-        {
-            Ok(p) => p,
-            Err(_) => return Err(self.fail(FrameError::BadPadding)),
-        };
+        out.extend_from_slice(ciphertext);
+        let plain_len =
+            match Dec::new(&self.key.into(), &self.iv.into()).decrypt_padded::<Pkcs7>(out) {
+                Ok(p) => p.len(),
+                Err(_) => {
+                    out.zeroize();
+                    return Err(self.fail(FrameError::BadPadding));
+                }
+            };
+        out.truncate(plain_len);
         self.iv = next_iv;
         self.start = at + len;
         if self.start == self.buf.len() {
@@ -256,7 +306,7 @@ impl FrameDecoder {
                 self.buf.clear();
             }
         }
-        Ok(Some(plaintext))
+        Ok(true)
     }
 }
 
@@ -296,5 +346,64 @@ mod tests {
         // And the decoder still decodes what comes next, with the IV chain intact.
         dec.push(&enc.encode(b"next"));
         assert_eq!(dec.next_message().ok().flatten(), Some(b"next".to_vec()));
+    }
+
+    #[test]
+    fn a_frame_written_in_place_is_the_frame_of_its_plaintext_and_nothing_moves_without_one() {
+        let (key, iv) = ([3u8; 16], [5u8; 16]);
+        let mut copied = FrameEncoder::new(key, iv);
+        let mut in_place = FrameEncoder::new(key, iv);
+        let mut out = vec![0xEE];
+        // Nothing to write: nothing appended, the IV chain unmoved.
+        assert_eq!(in_place.encode_with(&mut out, |_| false), Ok(false));
+        assert_eq!((out.as_slice(), in_place.iv()), (&[0xEE][..], iv));
+        for len in [0usize, 1, 15, 16, 17, 512] {
+            let plain: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let expected = copied.encode(&plain);
+            let before = out.len();
+            let wrote = in_place.encode_with(&mut out, |buf| {
+                buf.extend_from_slice(&plain);
+                true
+            });
+            assert_eq!(wrote, Ok(true));
+            assert_eq!(&out[before..], expected.as_slice(), "{len} bytes");
+            assert_eq!(in_place.iv(), copied.iv());
+        }
+        // Too long: refused, and `out` as it was.
+        let before = out.clone();
+        let refused = in_place.encode_with(&mut out, |buf| {
+            buf.resize(buf.len() + MAX_PLAINTEXT_LEN + 1, 0);
+            true
+        });
+        assert!(matches!(refused, Err(FrameError::PlaintextTooLong { .. })));
+        assert_eq!(out, before);
+        assert_eq!(in_place.iv(), copied.iv());
+    }
+
+    #[test]
+    fn messages_decrypted_into_one_reused_buffer_are_the_messages() {
+        let (key, iv) = ([4u8; 16], [6u8; 16]);
+        let mut enc = FrameEncoder::new(key, iv);
+        let mut dec = FrameDecoder::new(key, iv, 4096);
+        let mut wire = Vec::new();
+        for m in [&b"first, longer than one block"[..], b"", b"third"] {
+            enc.try_encode_into(m, &mut wire).expect("frames");
+        }
+        dec.push(&wire);
+        let mut plain = vec![0xAA; 100];
+        for m in [&b"first, longer than one block"[..], b"", b"third"] {
+            assert_eq!(dec.next_message_into(&mut plain), Ok(true));
+            assert_eq!(plain, m);
+        }
+        assert_eq!(dec.next_message_into(&mut plain), Ok(false));
+        assert!(plain.is_empty());
+        // A frame under another key fails, and the buffer keeps nothing.
+        let mut stray = FrameEncoder::new([9; 16], enc.iv());
+        dec.push(&stray.encode(b"sent under another key"));
+        assert_eq!(
+            dec.next_message_into(&mut plain),
+            Err(FrameError::BadPadding)
+        );
+        assert!(plain.is_empty());
     }
 }

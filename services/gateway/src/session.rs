@@ -153,6 +153,9 @@ pub struct Session {
 struct Transfer {
     sender: OtaSender,
     release_id: String,
+    /// What the delivery fence names in a refusal and its audit record,
+    /// made once per transfer rather than once per pump.
+    fence_what: String,
     reply: oneshot::Sender<Outcome>,
     deadline: Instant,
     last_heard: Instant,
@@ -276,18 +279,29 @@ impl Session {
                     self.last_received = Instant::now();
                     let mut completed = false;
                     loop {
-                        match self.cipher.decoder.next_message() {
-                            Ok(Some(plain)) => {
-                                completed = true;
-                                // Boxed (here and below): the idle session's
-                                // task holds only the loop, not the largest
-                                // handler's state (lib.rs, `connection`).
-                                if let Err(end) = Box::pin(self.handle_message(&plain)).await {
-                                    return end;
-                                }
-                            }
+                        let msg = match self.next_message() {
+                            Ok(Some(msg)) => msg,
                             Ok(None) => break,
-                            Err(e) => return SessionEnd::BadFrame(e.to_string()),
+                            Err(end) => return end,
+                        };
+                        completed = true;
+                        // Pings and a transfer's answers, nearly all of what
+                        // devices send, are handled right here; the rest in
+                        // a boxed future (here and below), so the idle
+                        // session's task holds only the loop, not the
+                        // largest handler's state (lib.rs, `connection`).
+                        let handled = match self.triage(&msg) {
+                            Ok(Triage::Done) => Ok(()),
+                            Ok(Triage::Request(Request::Ping)) => match self.answer_ping(&msg) {
+                                Ok(None) => Ok(()),
+                                Ok(Some(rest)) => Box::pin(write_rest(&mut self.stream, rest)).await,
+                                Err(end) => Err(end),
+                            },
+                            Ok(triage) => Box::pin(self.handle_triaged(msg, triage)).await,
+                            Err(end) => Err(end),
+                        };
+                        if let Err(end) = handled {
+                            return end;
                         }
                     }
                     if self.cipher.decoder.buffered_len() == 0 {
@@ -390,12 +404,22 @@ impl Session {
     }
 
     async fn send(&mut self, msg: &CoapMessage) -> Result<(), SessionEnd> {
+        if let Some(rest) = self.send_now(msg)? {
+            self.stream.write_all(&rest).await?;
+        }
+        Ok(())
+    }
+
+    /// Frames `msg` and writes what the socket takes now, without waiting;
+    /// `Some(rest)` is what it did not take, to be written (in order,
+    /// before anything else) by the caller.
+    fn send_now(&mut self, msg: &CoapMessage) -> Result<Option<Vec<u8>>, SessionEnd> {
         // Built in this worker thread's scratch space and written at once
         // when the socket takes it, as it nearly always does: a ping's ack
         // then allocates nothing, and an idle fleet's pings are most of an
         // idle gateway's work. Only what the socket did not take is copied
         // out to wait for it.
-        let unwritten = SEND_SCRATCH.with_borrow_mut(|(plain, frame)| {
+        SEND_SCRATCH.with_borrow_mut(|(plain, frame)| {
             plain.clear();
             frame.clear();
             msg.encode_into(plain);
@@ -421,23 +445,11 @@ impl Session {
                 *frame = Vec::new();
             }
             Ok(unwritten)
-        })?;
-        if let Some(rest) = unwritten {
-            self.stream.write_all(&rest).await?;
-        }
-        Ok(())
+        })
     }
 
     fn take_token(&mut self) -> u8 {
-        // One-byte tokens, as the original server; skip those in flight.
-        for _ in 0..=u8::MAX {
-            let t = self.next_token;
-            self.next_token = self.next_token.wrapping_add(1).max(1);
-            if !self.pending.contains_key(&t) {
-                return t;
-            }
-        }
-        self.next_token
+        free_token(&mut self.next_token, &self.pending)
     }
 
     fn message_span(&self, msg: &CoapMessage, kind: &'static str) -> tracing::Span {
@@ -451,22 +463,42 @@ impl Session {
         )
     }
 
-    async fn handle_message(&mut self, plain: &[u8]) -> Result<(), SessionEnd> {
-        let msg = CoapMessage::decode(plain).map_err(|e| SessionEnd::BadCoap(e.to_string()))?;
+    /// The next complete message from the device, decrypted in this
+    /// worker thread's scratch space: no allocation per message beyond the
+    /// parsed message's own parts.
+    fn next_message(&mut self) -> Result<Option<CoapMessage>, SessionEnd> {
+        RECV_SCRATCH.with_borrow_mut(|plain| {
+            let parsed = match self.cipher.decoder.next_message_into(plain) {
+                Ok(true) => CoapMessage::decode(plain)
+                    .map(Some)
+                    .map_err(|e| SessionEnd::BadCoap(e.to_string())),
+                Ok(false) => Ok(None),
+                Err(e) => Err(SessionEnd::BadFrame(e.to_string())),
+            };
+            if plain.capacity() > SEND_SCRATCH_KEEP {
+                *plain = Vec::new();
+            }
+            parsed
+        })
+    }
+
+    /// Everything about a message from the device that needs no waiting:
+    /// the Hello rule, the message counter, a transfer's answers. What is
+    /// left is handled by [`Session::handle_triaged`].
+    fn triage(&mut self, msg: &CoapMessage) -> Result<Triage, SessionEnd> {
         let is_request_flow = matches!(
             msg.mtype,
             MessageType::Confirmable | MessageType::NonConfirmable
         );
         if is_request_flow {
             if !self.hello_seen {
-                let Ok(Incoming::Request(Request::Hello(hello))) = message::classify(&msg) else {
+                let Ok(Incoming::Request(Request::Hello(hello))) = message::classify(msg) else {
                     return Err(SessionEnd::Protocol(
                         "the first message must be Hello".into(),
                     ));
                 };
                 self.incoming.start(msg.message_id);
-                let span = self.message_span(&msg, "hello");
-                return self.on_hello(hello).instrument(span).await;
+                return Ok(Triage::Hello(hello));
             }
             self.incoming
                 .check(msg.message_id)
@@ -477,24 +509,43 @@ impl Session {
             ));
         }
         if let Some(t) = self.transfer.as_mut()
-            && t.sender.handle(&msg)
+            && t.sender.handle(msg)
         {
             t.last_heard = Instant::now();
             // Pumped once the frames already read are all handled.
             self.pump_deferred = true;
-            return Ok(());
+            return Ok(Triage::Done);
         }
-        let incoming = message::classify(&msg).map_err(|e| SessionEnd::Protocol(e.to_string()))?;
-        // One span per message handled (transfer acks above are the
-        // transfer's own: thousands per image, summed in its log line).
-        let kind = match &incoming {
-            Incoming::Request(req) => req.kind(),
-            Incoming::Response => "response",
-        };
-        let span = self.message_span(&msg, kind);
-        match incoming {
-            Incoming::Request(req) => self.on_request(&msg, req).instrument(span).await,
-            Incoming::Response => {
+        match message::classify(msg).map_err(|e| SessionEnd::Protocol(e.to_string()))? {
+            Incoming::Request(req) => Ok(Triage::Request(req)),
+            Incoming::Response => Ok(Triage::Response),
+        }
+    }
+
+    /// A keepalive answered without a future of its own: most of an idle
+    /// gateway's work is this, for every device every keepalive period.
+    /// `Some(rest)`: the part of the ack the socket did not take.
+    fn answer_ping(&mut self, msg: &CoapMessage) -> Result<Option<Vec<u8>>, SessionEnd> {
+        let span = self.message_span(msg, "ping");
+        let _entered = span.enter();
+        self.send_now(&message::ping_ack(msg.message_id, &msg.token))
+    }
+
+    async fn handle_triaged(&mut self, msg: CoapMessage, triage: Triage) -> Result<(), SessionEnd> {
+        // One span per message handled (transfer acks are the transfer's
+        // own: thousands per image, summed in its log line).
+        match triage {
+            Triage::Done => Ok(()),
+            Triage::Hello(hello) => {
+                let span = self.message_span(&msg, "hello");
+                self.on_hello(hello).instrument(span).await
+            }
+            Triage::Request(req) => {
+                let span = self.message_span(&msg, req.kind());
+                self.on_request(&msg, req).instrument(span).await
+            }
+            Triage::Response => {
+                let span = self.message_span(&msg, "response");
                 self.on_response(&msg).instrument(span).await;
                 Ok(())
             }
@@ -1171,6 +1222,7 @@ impl Session {
         tracing::info!(device = %self.device_id, release = %release_id, "firmware transfer starts");
         self.transfer = Some(Box::new(Transfer {
             sender,
+            fence_what: format!("firmware transfer of {release_id}"),
             release_id,
             reply,
             deadline,
@@ -1185,70 +1237,68 @@ impl Session {
         let Some(mut t) = self.transfer.take() else {
             return Ok(());
         };
-        // The CoAP bytes of everything the transfer sends now, one after the
-        // other (`ends` marks where each message stops). Framing waits for
-        // the fence: a frame advances the session's IV chain, so nothing is
-        // framed that might not be written.
-        let mut plain = Vec::new();
-        let mut ends = Vec::new();
-        {
-            let mut next_ids = || {
-                let token = self.take_token();
-                self.pending.insert(token, Pending::Ota);
-                (self.outgoing.next(), token)
-            };
-            while t.sender.poll_transmit_into(&mut next_ids, &mut plain) {
-                ends.push(plain.len());
-            }
-        }
-        // Tokens the transfer no longer waits on go back to the pool.
-        self.pending
-            .retain(|tok, p| !matches!(p, Pending::Ota) || t.sender.owns_token(*tok));
-        if !ends.is_empty()
-            && let Err(refusal) = crate::fence::before_delivery(
+        // Ownership is checked before anything is taken off the transfer's
+        // queue: a refused or unverifiable fence leaves the transfer as it
+        // was (no token spent, the IV chain unmoved) for the next pump or
+        // the step timer.
+        if t.sender.wants_transmit() {
+            if let Err(refusal) = crate::fence::before_delivery(
                 &self.gw,
                 &self.device_id,
                 self.epoch,
                 None,
-                &format!("firmware transfer of {}", t.release_id),
+                &t.fence_what,
             )
             .await
-        {
-            // Stale: the session ends and the transfer fails with it. Redis
-            // away: nothing is written now; the step timer sends it again.
-            self.transfer = Some(t);
-            return refusal
-                .end_session
-                .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
-        }
-        if !ends.is_empty() {
-            // One write for the whole pump: frames encoded in order, so the
-            // IV chain and message ids are what sending them one by one
-            // would give. Each frame is at most 2 + 16 bytes longer than
-            // its message.
-            let mut frames = Vec::with_capacity(plain.len() + 18 * ends.len());
-            let mut start = 0;
-            for &end in &ends {
-                if let Err(e) = self
-                    .cipher
-                    .encoder
-                    .try_encode_into(&plain[start..end], &mut frames)
-                {
-                    // The chunk size is checked against the frame limit at
-                    // start, so this is a bug, not a device's doing.
-                    tracing::error!(device = %self.device_id, error = %e, "cannot frame a firmware message");
-                    self.transfer = Some(t);
-                    return Err(SessionEnd::Closed(format!(
-                        "cannot frame a firmware message: {e}"
-                    )));
+            {
+                self.transfer = Some(t);
+                return refusal
+                    .end_session
+                    .map_or(Ok(()), |r| Err(SessionEnd::Closed(r)));
+            }
+            // Every message of this pump is encoded straight into its frame
+            // (a chunk goes from the shared image into the frame buffer in
+            // one copy, then is encrypted there) and written at once, in
+            // order, so the IV chain and message ids are what sending them
+            // one by one would give.
+            let mut frames = Vec::with_capacity(t.sender.transmit_size_hint());
+            let Session {
+                cipher,
+                pending,
+                outgoing,
+                next_token,
+                ..
+            } = self;
+            loop {
+                let mut next_ids = || {
+                    let token = free_token(next_token, pending);
+                    pending.insert(token, Pending::Ota);
+                    (outgoing.next(), token)
+                };
+                match cipher.encoder.encode_with(&mut frames, |buf| {
+                    t.sender.poll_transmit_into(&mut next_ids, buf)
+                }) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        // The chunk size is checked against the frame limit
+                        // at start, so this is a bug, not a device's doing.
+                        tracing::error!(device = %self.device_id, release = %t.release_id, error = %e, "cannot frame a firmware message");
+                        self.transfer = Some(t);
+                        return Err(SessionEnd::Closed(format!(
+                            "cannot frame a firmware message: {e}"
+                        )));
+                    }
                 }
-                start = end;
             }
             if let Err(e) = self.stream.write_all(&frames).await {
                 self.transfer = Some(t);
                 return Err(e.into());
             }
         }
+        // Tokens the transfer no longer waits on go back to the pool.
+        self.pending
+            .retain(|tok, p| !matches!(p, Pending::Ota) || t.sender.owns_token(*tok));
         if let Some(outcome) = t.sender.outcome().cloned() {
             self.pending.retain(|_, p| !matches!(p, Pending::Ota));
             let progress = t.sender.progress();
@@ -1391,13 +1441,47 @@ fn delivery_response(
     }
 }
 
-/// Largest scratch space `Session::send` keeps per worker thread.
+/// Largest scratch space `Session::send` or `Session::next_message`
+/// keeps per worker thread.
 const SEND_SCRATCH_KEEP: usize = 16 * 1024;
 
 thread_local! {
     /// `Session::send`'s plaintext and frame buffers.
     static SEND_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// `Session::next_message`'s plaintext: decrypted there and parsed
+    /// into an owned message at once, so no session holds it.
+    static RECV_SCRATCH: std::cell::RefCell<Vec<u8>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What [`Session::triage`] left to do with a message.
+enum Triage {
+    /// Nothing more (a transfer's answer, pumped after the read).
+    Done,
+    Hello(Hello),
+    Request(Request),
+    Response,
+}
+
+/// Writes what the socket did not take of a frame.
+async fn write_rest(stream: &mut TcpStream, rest: Vec<u8>) -> Result<(), SessionEnd> {
+    stream.write_all(&rest).await?;
+    Ok(())
+}
+
+/// The next one-byte token not in flight, as the original server's tokens
+/// (never 0). A free function so a transfer's pump can take tokens while
+/// the session's encoder is borrowed.
+fn free_token(next: &mut u8, pending: &HashMap<u8, Pending>) -> u8 {
+    for _ in 0..=u8::MAX {
+        let t = *next;
+        *next = next.wrapping_add(1).max(1);
+        if !pending.contains_key(&t) {
+            return t;
+        }
+    }
+    *next
 }
 
 /// One non-blocking read of up to 4 KiB into `decoder`. The scratch buffer
