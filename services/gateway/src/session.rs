@@ -7,6 +7,7 @@ use crate::routing::{Action, Failure, FailureKind, Outcome, Output};
 use crate::{Gateway, device_state, ownership};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -279,29 +280,21 @@ impl Session {
                     self.last_received = Instant::now();
                     let mut completed = false;
                     loop {
-                        let msg = match self.next_message() {
-                            Ok(Some(msg)) => msg,
-                            Ok(None) => break,
-                            Err(end) => return end,
-                        };
-                        completed = true;
                         // Pings and a transfer's answers, nearly all of what
-                        // devices send, are handled right here; the rest in
-                        // a boxed future (here and below), so the idle
-                        // session's task holds only the loop, not the
-                        // largest handler's state (lib.rs, `connection`).
-                        let handled = match self.triage(&msg) {
-                            Ok(Triage::Done) => Ok(()),
-                            Ok(Triage::Request(Request::Ping)) => match self.answer_ping(&msg) {
-                                Ok(None) => Ok(()),
-                                Ok(Some(rest)) => Box::pin(write_rest(&mut self.stream, rest)).await,
-                                Err(end) => Err(end),
-                            },
-                            Ok(triage) => Box::pin(self.handle_triaged(msg, triage)).await,
-                            Err(end) => Err(end),
-                        };
-                        if let Err(end) = handled {
-                            return end;
+                        // devices send, are handled inside `take_message`;
+                        // the rest in a boxed future (here and below), so
+                        // the idle session's task holds only the loop, not
+                        // the largest handler's state (lib.rs, `connection`).
+                        match self.take_message() {
+                            Ok(Taken::Nothing) => break,
+                            Ok(Taken::Handled) => completed = true,
+                            Ok(Taken::Await(step)) => {
+                                completed = true;
+                                if let Err(end) = step.await {
+                                    return end;
+                                }
+                            }
+                            Err(end) => return end,
                         }
                     }
                     if self.cipher.decoder.buffered_len() == 0 {
@@ -479,6 +472,23 @@ impl Session {
                 *plain = Vec::new();
             }
             parsed
+        })
+    }
+
+    /// Takes the next complete message from the device and does all of
+    /// its handling that needs no waiting. Not async, so none of this sits
+    /// in the session task's state between messages.
+    fn take_message(&mut self) -> Result<Taken<'_>, SessionEnd> {
+        let Some(msg) = self.next_message()? else {
+            return Ok(Taken::Nothing);
+        };
+        Ok(match self.triage(&msg)? {
+            Triage::Done => Taken::Handled,
+            Triage::Request(Request::Ping) => match self.answer_ping(&msg)? {
+                None => Taken::Handled,
+                Some(rest) => Taken::Await(Box::pin(write_rest(&mut self.stream, rest))),
+            },
+            triage => Taken::Await(Box::pin(self.handle_triaged(msg, triage))),
         })
     }
 
@@ -1453,6 +1463,15 @@ thread_local! {
     /// into an owned message at once, so no session holds it.
     static RECV_SCRATCH: std::cell::RefCell<Vec<u8>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What [`Session::take_message`] found.
+enum Taken<'a> {
+    /// No complete message is buffered.
+    Nothing,
+    Handled,
+    /// The rest of the handling, to be awaited.
+    Await(Pin<Box<dyn Future<Output = Result<(), SessionEnd>> + Send + 'a>>),
 }
 
 /// What [`Session::triage`] left to do with a message.
