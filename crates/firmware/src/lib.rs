@@ -46,3 +46,8 @@ pub use rotation::{
 };
 pub use sender::{OtaSender, Outcome, Progress, SendFailure, SenderConfig, SenderError, Step};
 pub use signing::{SignError, SignatureError, sign_manifest, verify_signature};
+
+/// A map keyed by a one-byte CoAP token. foldhash instead of SipHash:
+/// with 256 possible keys there is no flooding to defend against, and
+/// hashing was a visible share of a firmware transfer's CPU.
+pub type TokenMap<V> = std::collections::HashMap<u8, V, foldhash::fast::RandomState>;

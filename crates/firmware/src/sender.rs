@@ -17,13 +17,14 @@
 //! lost on the way (or its answer was): it leaves the window, and the device
 //! asks for it at UpdateDone if it really is missing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::message::{self, Incoming, Request};
 use trellis_wire::ota::{Chunk, UpdateBegin};
 
+use crate::TokenMap;
 use crate::rejection::parse_rejection_event;
 
 /// What `next_transmit` decided to send: a chunk is described, not
@@ -162,7 +163,7 @@ pub struct OtaSender {
     chunks_total: usize,
     phase: Phase,
     queue: VecDeque<u16>,
-    in_flight: HashMap<u8, Flight>,
+    in_flight: TokenMap<Flight>,
     begin_token: Option<u8>,
     done_token: Option<u8>,
     acked: Vec<bool>,
@@ -214,7 +215,7 @@ impl OtaSender {
             chunks_total,
             phase: Phase::Begin,
             queue: (0..chunks_total).map(|i| i as u16).collect(),
-            in_flight: HashMap::new(),
+            in_flight: TokenMap::default(),
             begin_token: None,
             done_token: None,
             acked: vec![false; chunks_total],

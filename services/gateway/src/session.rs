@@ -5,7 +5,7 @@
 use crate::local::{Inbox, SessionCommand};
 use crate::routing::{Action, Failure, FailureKind, Outcome, Output};
 use crate::{Gateway, device_state, ownership};
-use std::collections::HashMap;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 use trellis_core::Shutdown;
 use trellis_core::audit::{self, AuditRecord};
+use trellis_firmware::TokenMap;
 use trellis_firmware::{OtaSender, Outcome as SendOutcome, SenderConfig};
 use trellis_wire::coap::{CoapMessage, MessageType, code};
 use trellis_wire::counter::{IncomingCounter, OutgoingCounter};
@@ -132,7 +133,7 @@ pub struct Session {
     outgoing: OutgoingCounter,
     hello_seen: bool,
     next_token: u8,
-    pending: HashMap<u8, Pending>,
+    pending: TokenMap<Pending>,
     /// The variables' types from the device's Describe (a variable read
     /// answers with its type), and nothing else of it: the rest is in the
     /// device state in Redis, and every idle session carries this.
@@ -190,7 +191,7 @@ impl Session {
             outgoing: OutgoingCounter::new(rand::random()),
             hello_seen: false,
             next_token: 1,
-            pending: HashMap::new(),
+            pending: TokenMap::default(),
             variable_types: Box::default(),
             last_received: Instant::now(),
             transfer: None,
@@ -1018,7 +1019,7 @@ impl Session {
     /// the one its Describe needed (~240 bytes) for the rest of its life.
     fn release_empty_pending(&mut self) {
         if self.pending.is_empty() && self.pending.capacity() > 0 {
-            self.pending = HashMap::new();
+            self.pending = TokenMap::default();
         }
     }
 
@@ -1492,7 +1493,7 @@ async fn write_rest(stream: &mut TcpStream, rest: Vec<u8>) -> Result<(), Session
 /// The next one-byte token not in flight, as the original server's tokens
 /// (never 0). A free function so a transfer's pump can take tokens while
 /// the session's encoder is borrowed.
-fn free_token(next: &mut u8, pending: &HashMap<u8, Pending>) -> u8 {
+fn free_token(next: &mut u8, pending: &TokenMap<Pending>) -> u8 {
     for _ in 0..=u8::MAX {
         let t = *next;
         *next = next.wrapping_add(1).max(1);
