@@ -118,15 +118,6 @@ async fn clone_record(
 }
 
 /// One detail of an audit record ("" when absent).
-fn detail_of(record: &AuditRecord, key: &str) -> String {
-    record
-        .detail
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default()
-}
-
 async fn online_at(cluster: &Cluster, device: &str, host: IpAddr) -> anyhow::Result<()> {
     let prefix = format!("{host}:");
     eventually(Duration::from_secs(5), "device online", || async {
@@ -187,7 +178,7 @@ async fn a_key_used_from_two_addresses_is_flagged_and_a_reconnect_is_not() -> an
     eprintln!("clone detected {detected:?} after the second connect");
     assert!(detected < keepalive);
     assert_eq!(record.outcome, "previous_closed");
-    let detail = |k: &str| detail_of(&record, k);
+    let detail = |k: &str| record.detail(k).unwrap_or_default();
     assert!(detail("old_peer").starts_with("127.0.0.2:"), "{record:?}");
     assert!(detail("new_peer").starts_with("127.0.0.3:"), "{record:?}");
     assert_eq!(detail("old_gateway"), cluster.gateways[0].id);
@@ -374,7 +365,7 @@ async fn a_clone_in_another_region_is_flagged_within_one_keepalive() -> anyhow::
         started.elapsed()
     );
     assert!(started.elapsed() < keepalive);
-    let detail = |k: &str| detail_of(&record, k);
+    let detail = |k: &str| record.detail(k).unwrap_or_default();
     assert_eq!(detail("scope"), "cross_region");
     assert_eq!(detail("old_region"), region);
     assert_eq!(detail("new_region"), "clones-cross-b");

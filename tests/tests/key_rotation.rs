@@ -244,12 +244,7 @@ async fn a_fleet_of_20_goes_through_a_cloud_key_rotation() -> anyhow::Result<()>
         .await?
         .into_iter()
         .filter(|r| r.action == "open_session" && r.outcome == "ok")
-        .filter_map(|r| {
-            r.detail
-                .iter()
-                .find(|(k, _)| k == "cloud_key_version")
-                .map(|(_, v)| v.clone())
-        })
+        .filter_map(|r| r.detail("cloud_key_version").map(str::to_owned))
         .collect();
     assert!(
         early_sessions.iter().all(|v| v == "1"),

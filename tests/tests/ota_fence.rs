@@ -150,14 +150,7 @@ async fn a_transfer_stops_at_the_fence_once_another_session_owns_the_device() ->
         .iter()
         .find(|r| r.action == "stale_delivery")
         .context("no stale_delivery audit record")?;
-    let detail = |k: &str| {
-        refusal
-            .detail
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let detail = |k: &str| refusal.detail(k).unwrap_or_default();
     assert_eq!(detail("what"), format!("firmware transfer of {release}"));
     assert_eq!(detail("owner_gateway"), "gw-elsewhere");
     assert_eq!(detail("owner_epoch"), epoch.to_string());

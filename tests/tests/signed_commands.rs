@@ -350,12 +350,7 @@ async fn devices_run_only_calls_their_owners_signed() -> anyhow::Result<()> {
     let reasons: Vec<String> = audit
         .iter()
         .filter(|r| r.action == "command_refused")
-        .filter_map(|r| {
-            r.detail
-                .iter()
-                .find(|(k, _)| k == "reason")
-                .map(|(_, v)| v.clone())
-        })
+        .filter_map(|r| r.detail("reason").map(str::to_owned))
         .collect();
     for want in [
         "signature missing",

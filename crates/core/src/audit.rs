@@ -182,6 +182,14 @@ impl AuditRecord {
         self.detail.push((key.into(), value.into()));
         self
     }
+
+    /// The value of detail `key`, the first if it was given twice.
+    pub fn detail(&self, key: &str) -> Option<&str> {
+        self.detail
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Appends a record. Callers log and count a failure; an audit write that
@@ -289,6 +297,15 @@ pub async fn recent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detail_reads_the_first_value_of_a_key() {
+        let r = AuditRecord::new("gw-1", "stale_delivery", "dev", "refused")
+            .with("owner_gateway", "gw-2")
+            .with("owner_gateway", "gw-3");
+        assert_eq!(r.detail("owner_gateway"), Some("gw-2"));
+        assert_eq!(r.detail("owner_epoch"), None);
+    }
 
     #[test]
     fn aggregates_parse_back_and_keys_drop_the_port() {

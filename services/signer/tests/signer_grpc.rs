@@ -933,13 +933,6 @@ async fn policy_audit(stack: &Stack) -> anyhow::Result<Vec<audit::AuditRecord>> 
     Ok(records)
 }
 
-fn detail<'a>(r: &'a audit::AuditRecord, key: &str) -> Option<&'a str> {
-    r.detail
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
@@ -1033,8 +1026,8 @@ async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Re
     }
     let last = policy_audit(&stack).await?;
     let last = last.last().expect("audited");
-    assert_eq!(detail(last, "cloud_only"), Some("false"));
-    assert_eq!(detail(last, "allow_cloud_only"), Some("false"));
+    assert_eq!(last.detail("cloud_only"), Some("false"));
+    assert_eq!(last.detail("allow_cloud_only"), Some("false"));
 
     // A release made while the policy needs the customer: no warning.
     let image = image_bytes(5_000, 3);
@@ -1075,9 +1068,9 @@ async fn cloud_only_policies_need_allow_cloud_only_and_then_warn() -> anyhow::Re
     let audited = policy_audit(&stack).await?;
     let audited = audited.last().expect("audited");
     assert_eq!(audited.actor, "unauthenticated@default");
-    assert_eq!(detail(audited, "product_id"), Some("9"));
-    assert_eq!(detail(audited, "allow_cloud_only"), Some("true"));
-    assert_eq!(detail(audited, "cloud_only"), Some("true"));
+    assert_eq!(audited.detail("product_id"), Some("9"));
+    assert_eq!(audited.detail("allow_cloud_only"), Some("true"));
+    assert_eq!(audited.detail("cloud_only"), Some("true"));
 
     // Every release operation on the product now says so.
     let says_cloud_only = |w: &str| {
