@@ -3,8 +3,12 @@
 //! block of its last message). The decoder accepts any read boundary, even
 //! inside the length, and refuses a hostile length before buffering it.
 
+use aes::cipher::{
+    Block, BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser,
+    KeyInit, consts::U16,
+};
 use aes::{Aes128Dec, Aes128Enc};
-use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit, block_padding::Pkcs7};
+use cbc::cipher::{BlockModeDecrypt, KeyIvInit, block_padding::Pkcs7};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::error::FrameError;
@@ -14,10 +18,52 @@ const BLOCK: usize = 16;
 /// The largest plaintext whose padded ciphertext still fits a u16 length.
 pub const MAX_PLAINTEXT_LEN: usize = (u16::MAX as usize / BLOCK) * BLOCK - 1;
 
-// One direction's key schedule only: the encryptor never decrypts, and
-// the full `Aes128` would also derive the inverse round keys per frame.
-type Enc = cbc::Encryptor<Aes128Enc>;
+// One direction's key schedule only: the decryptor never encrypts, and
+// the full `Aes128` would also derive the other round keys per frame.
 type Dec = cbc::Decryptor<Aes128Dec>;
+
+/// CBC encryption of whole blocks in place, chaining from `iv`.
+///
+/// The `cbc` crate's encryptor keeps the chaining value in memory behind a
+/// reference, which puts two store-to-load forwards on the serial path of
+/// every block; here it stays in a local. Measured on this machine: 1,070
+/// MiB/s through `cbc`, against 1,360 for OpenSSL's CBC (see BENCHMARKS.md).
+/// Byte-equal to `cbc::Encryptor` (tested below); only whole blocks, the
+/// caller pads.
+struct CbcEncryptInPlace<'a> {
+    iv: [u8; BLOCK],
+    data: &'a mut [u8],
+}
+
+impl BlockSizeUser for CbcEncryptInPlace<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockCipherEncClosure for CbcEncryptInPlace<'_> {
+    #[inline(always)]
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
+        let mut chain = Block::<Self>::from(self.iv);
+        for chunk in self.data.chunks_exact_mut(BLOCK) {
+            let mut block = Block::<Self>::default();
+            for ((b, p), c) in block.iter_mut().zip(chunk.iter()).zip(chain.iter()) {
+                *b = p ^ c;
+            }
+            backend.encrypt_block((&mut block).into());
+            chunk.copy_from_slice(&block);
+            chain = block;
+        }
+    }
+}
+
+/// Pads `buf[..len]` with PKCS#7 to all of `buf` (whose length is the
+/// padded length) and encrypts it in place.
+fn encrypt_padded_in_place(key: &[u8; 16], iv: &[u8; 16], buf: &mut [u8], len: usize) {
+    let pad = buf.len() - len;
+    // PKCS#7: 1..=16 bytes, each the pad length.
+    buf[len..].fill(pad as u8);
+    let cipher = Aes128Enc::new(key.into());
+    cipher.encrypt_with_backend(CbcEncryptInPlace { iv: *iv, data: buf });
+}
 
 fn first_block(ciphertext: &[u8]) -> Option<[u8; BLOCK]> {
     ciphertext
@@ -121,10 +167,8 @@ impl FrameEncoder {
         };
         out.resize(start + 2 + padded, 0);
         out[start..start + 2].copy_from_slice(&header.to_be_bytes());
-        let iv = Enc::new(&self.key.into(), &self.iv.into())
-            .encrypt_padded::<Pkcs7>(&mut out[start + 2..], len)
-            .ok()
-            .and_then(first_block);
+        encrypt_padded_in_place(&self.key, &self.iv, &mut out[start + 2..], len);
+        let iv = first_block(&out[start + 2..]);
         match iv {
             Some(iv) => {
                 self.iv = iv;
@@ -328,6 +372,29 @@ impl SessionCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cbc::cipher::BlockModeEncrypt;
+
+    #[test]
+    fn the_in_place_cbc_is_the_cbc_crates_for_every_length() {
+        type CrateEnc = cbc::Encryptor<Aes128Enc>;
+        let key: [u8; 16] = core::array::from_fn(|i| (i * 7 + 1) as u8);
+        let iv: [u8; 16] = core::array::from_fn(|i| (i * 13 + 5) as u8);
+        for len in 0..=200usize {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+            let padded = (len / BLOCK + 1) * BLOCK;
+            let mut expected = plain.clone();
+            expected.resize(padded, 0);
+            let n = CrateEnc::new(&key.into(), &iv.into())
+                .encrypt_padded::<Pkcs7>(&mut expected, len)
+                .map(|c| c.len())
+                .ok();
+            assert_eq!(n, Some(padded));
+            let mut ours = plain.clone();
+            ours.resize(padded, 0);
+            encrypt_padded_in_place(&key, &iv, &mut ours, len);
+            assert_eq!(ours, expected, "{len} bytes");
+        }
+    }
 
     #[test]
     fn a_drained_decoder_gives_back_a_large_buffer_and_keeps_a_small_one() {
