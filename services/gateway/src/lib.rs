@@ -587,3 +587,33 @@ fn run_session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn returned_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle session keeps this future for its whole life, so a byte
+    /// here is a byte per device (issue 15's idle target: 4,096 B per
+    /// session with everything). A value held across an await inside the
+    /// session loop once grew it by 256 B and only the idle bench noticed.
+    ///
+    /// Measured 2026-12-04: 1,368 B in a release build and 1,376 B in a
+    /// debug one, with the span. tokio puts it in a 128-byte aligned cell
+    /// with its header and trailer: 1,536 B in release, and anything above
+    /// 1,408 B here makes that cell 1,664 B. If a change needs more,
+    /// measure the idle bench (`trellis-bench idle`) and raise the bound.
+    #[test]
+    fn the_session_task_future_stays_small() {
+        const BOUND: usize = 1_408;
+        let size = returned_size(connection) + std::mem::size_of::<tracing::Span>();
+        assert!(
+            size <= BOUND,
+            "the session task's future is {size} B, more than {BOUND} B: every idle session pays for it"
+        );
+    }
+}
