@@ -19,6 +19,7 @@ pub mod rejection;
 pub mod rotation;
 pub mod sender;
 pub mod signing;
+mod token_map;
 
 pub use command::{
     CommandEnvelope, CommandGuard, CommandPolicy, CommandRefusal, EnvelopeError, Protected,
@@ -46,8 +47,4 @@ pub use rotation::{
 };
 pub use sender::{OtaSender, Outcome, Progress, SendFailure, SenderConfig, SenderError, Step};
 pub use signing::{SignError, SignatureError, sign_manifest, verify_signature};
-
-/// A map keyed by a one-byte CoAP token. foldhash instead of SipHash:
-/// with 256 possible keys there is no flooding to defend against, and
-/// hashing was a visible share of a firmware transfer's CPU.
-pub type TokenMap<V> = std::collections::HashMap<u8, V, foldhash::fast::RandomState>;
+pub use token_map::TokenMap;
