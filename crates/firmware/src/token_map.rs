@@ -45,10 +45,7 @@ impl<V> TokenMap<V> {
     }
 
     pub fn get(&self, token: &u8) -> Option<&V> {
-        self.entries
-            .iter()
-            .find(|(t, _)| t == token)
-            .map(|(_, v)| v)
+        self.position(*token).map(|i| &self.entries[i].1)
     }
 
     pub fn contains_key(&self, token: &u8) -> bool {

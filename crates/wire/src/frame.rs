@@ -56,13 +56,25 @@ impl BlockCipherEncClosure for CbcEncryptInPlace<'_> {
 }
 
 /// Pads `buf[..len]` with PKCS#7 to all of `buf` (whose length is the
-/// padded length) and encrypts it in place.
-fn encrypt_padded_in_place(key: &[u8; 16], iv: &[u8; 16], buf: &mut [u8], len: usize) {
-    let pad = buf.len() - len;
+/// padded length), encrypts it in place and returns its first ciphertext
+/// block (spark's next IV). `None`, with nothing encrypted, unless `buf` is
+/// whole blocks and the padding 1..=16 bytes: the loop above skips a
+/// partial last block, which would otherwise go out in the clear.
+fn encrypt_padded_in_place(
+    key: &[u8; 16],
+    iv: &[u8; 16],
+    buf: &mut [u8],
+    len: usize,
+) -> Option<[u8; BLOCK]> {
+    let pad = buf.len().checked_sub(len)?;
+    if !buf.len().is_multiple_of(BLOCK) || !(1..=BLOCK).contains(&pad) {
+        return None;
+    }
     // PKCS#7: 1..=16 bytes, each the pad length.
     buf[len..].fill(pad as u8);
     let cipher = Aes128Enc::new(key.into());
     cipher.encrypt_with_backend(CbcEncryptInPlace { iv: *iv, data: buf });
+    first_block(buf)
 }
 
 fn first_block(ciphertext: &[u8]) -> Option<[u8; BLOCK]> {
@@ -167,9 +179,7 @@ impl FrameEncoder {
         };
         out.resize(start + 2 + padded, 0);
         out[start..start + 2].copy_from_slice(&header.to_be_bytes());
-        encrypt_padded_in_place(&self.key, &self.iv, &mut out[start + 2..], len);
-        let iv = first_block(&out[start + 2..]);
-        match iv {
+        match encrypt_padded_in_place(&self.key, &self.iv, &mut out[start + 2..], len) {
             Some(iv) => {
                 self.iv = iv;
                 Ok(true)
@@ -391,8 +401,9 @@ mod tests {
             assert_eq!(n, Some(padded));
             let mut ours = plain.clone();
             ours.resize(padded, 0);
-            encrypt_padded_in_place(&key, &iv, &mut ours, len);
+            let next_iv = encrypt_padded_in_place(&key, &iv, &mut ours, len);
             assert_eq!(ours, expected, "{len} bytes");
+            assert_eq!(next_iv, first_block(&expected));
         }
     }
 
